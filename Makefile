@@ -1,0 +1,23 @@
+# `make demo` and `make test` install everything into .venv first (about 2 minutes the first time).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export YOLO_OFFLINE := 1
+export YOLO_AUTOINSTALL := false
+
+.PHONY: install demo test bench
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/crossview demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/edge_bench.py

@@ -1,0 +1,195 @@
+"""Typed service configuration, validated once at load.
+
+| what            | how                                                                 |
+|-----------------|---------------------------------------------------------------------|
+| edge node       | `load_config("configs/edge.yaml", EdgeConfig)`                      |
+| errors          | `ConfigError` naming the file and the dotted key (`cameras.1.fps`)  |
+
+Every model forbids unknown keys, so a typo is an error instead of a silently ignored setting.
+Relative paths in a config file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CameraConfig(_Strict):
+    """One camera: a video file, an RTSP/HTTP URL or a USB device (`usb:0`)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str = Field(min_length=1)
+    fps: float = Field(5.0, gt=0, le=120, description="target detection frames per second")
+    loop: bool = Field(False, description="files only: start again at the end")
+    realtime: bool = Field(False, description="files only: pace reading at the file's own rate, like a live camera")
+    stall_timeout_s: float = Field(10.0, gt=0, description="live only: no frame for this long reopens the stream")
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @property
+    def is_file(self) -> bool:
+        return "://" not in self.source and not self.source.startswith("usb:")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "CameraConfig":
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class HogConfig(_Strict):
+    upscale: float = Field(1.6, ge=1.0, le=4.0, description="people ~30x80 px need upscaling for the 64x128 HOG window")
+    hit_threshold: float = 0.0
+    win_stride: int = Field(8, ge=4, le=32)
+    scale: float = Field(1.05, gt=1.0, le=1.5)
+    shrink: float = Field(0.1, ge=0.0, lt=0.5, description="HOG boxes carry margins: trim this share per side")
+
+
+class DetectorConfig(_Strict):
+    kind: Literal["auto", "yolo", "hog"] = Field("auto", description="auto: YOLO if weights exist, else HOG")
+    weights: Path | None = Field(None, description="local YOLO .pt or .onnx; never downloaded")
+    conf: float = Field(0.35, ge=0.0, le=1.0)
+    iou: float = Field(0.5, ge=0.0, le=1.0)
+    imgsz: int = Field(640, ge=32, le=4096)
+    min_box_height: int = Field(24, ge=1)
+    hog: HogConfig = HogConfig()
+
+    @field_validator("imgsz")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError("must be a multiple of 32")
+        return v
+
+
+class TrackerConfig(_Strict):
+    kind: Literal["bytetrack", "botsort"] = "bytetrack"
+    track_high_thresh: float = Field(0.25, ge=0, le=1)
+    track_low_thresh: float = Field(0.1, ge=0, le=1)
+    new_track_thresh: float = Field(0.25, ge=0, le=1)
+    match_thresh: float = Field(0.8, ge=0, le=1)
+    track_buffer: int = Field(30, ge=1, description="frames a lost track is kept")
+
+
+class EmbedderConfig(_Strict):
+    model: Path = Field(Path("models/mobilenetv2-imagenet.onnx"), description="ONNX re-ID model with crossview metadata")
+    batch_size: int = Field(32, ge=1, le=1024)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    reload_check_s: float = Field(2.0, gt=0, description="how often the model file is checked for a new version")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 lets it choose")
+
+
+class PublisherConfig(_Strict):
+    endpoint: str = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint")
+    hwm: int = Field(2000, ge=1, description="messages buffered while the matcher is slow or down; beyond, dropped")
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    thumbnails: bool = True
+    thumbnail_height: int = Field(128, ge=16, le=512)
+    jpeg_quality: int = Field(80, ge=10, le=100)
+    every_k: int = Field(1, ge=1, description="publish every k-th sighting of a track")
+
+
+class HarvestConfig(_Strict):
+    enabled: bool = False
+    dir: Path = Path("harvest")
+    every_k: int = Field(10, ge=1, description="save every k-th frame of a track")
+    min_height: int = Field(64, ge=1)
+    min_score: float = Field(0.5, ge=0, le=1)
+    quota_mb: float = Field(500.0, gt=0)
+    jpeg_quality: int = Field(95, ge=10, le=100)
+
+
+class MetricsConfig(_Strict):
+    port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 turns the server off")
+    host: str = "127.0.0.1"
+    log_interval_s: float = Field(10.0, gt=0)
+
+
+class EdgeConfig(_Strict):
+    node_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    cameras: list[CameraConfig] = Field(min_length=1)
+    detector: DetectorConfig = DetectorConfig()
+    tracker: TrackerConfig = TrackerConfig()
+    embedder: EmbedderConfig = EmbedderConfig()
+    publisher: PublisherConfig = PublisherConfig()
+    harvest: HarvestConfig = HarvestConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cams: list[CameraConfig]) -> list[CameraConfig]:
+        seen = [c.id for c in cams]
+        dups = sorted({i for i in seen if seen.count(i) > 1})
+        if dups:
+            raise ValueError(f"camera ids must be unique, repeated: {', '.join(dups)}")
+        return cams
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return f"{path}: invalid configuration\n" + "\n".join(lines)
+
+
+def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
+    """Make relative file paths in `raw` relative to the config file's folder."""
+    for key in keys:
+        node = raw
+        for k in key[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
+            p = Path(node[key[-1]]).expanduser()
+            node[key[-1]] = str(p if p.is_absolute() else base / p)
+
+
+def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -> C:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(origin, e)) from None
+
+
+EDGE_PATH_KEYS = [("detector", "weights"), ("embedder", "model"), ("harvest", "dir")]
+
+
+def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...]] | None = None) -> C:
+    """Read a YAML file into `model`; relative paths under `path_keys` are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(raw, dict):
+        _resolve_paths(raw, path.resolve().parent, path_keys or [])
+        for cam in raw.get("cameras") or []:
+            if isinstance(cam, dict) and isinstance(cam.get("source"), str):
+                src = cam["source"]
+                if "://" not in src and not src.startswith("usb:") and not Path(src).is_absolute():
+                    cam["source"] = str(path.resolve().parent / src)
+    return parse_config(raw, model, path)
+
+
+def load_edge_config(path: str | Path) -> EdgeConfig:
+    return load_config(path, EdgeConfig, EDGE_PATH_KEYS)

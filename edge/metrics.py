@@ -1,0 +1,58 @@
+"""Edge node metrics: Prometheus series plus the periodic log line, from one set of counters.
+
+| series                               | labels   |
+|--------------------------------------|----------|
+| `crossview_edge_frames_total`        | camera   |
+| `crossview_edge_detections_total`    | camera   |
+| `crossview_edge_published_total` / `_dropped_total` | camera |
+| `crossview_edge_reconnects_total`    | camera   |
+| `crossview_edge_fps`                 | camera   |
+| `crossview_edge_queue_depth`         | camera   |
+| `crossview_edge_detector_seconds`    | camera (histogram) |
+| `crossview_edge_embedder_seconds`    | (histogram, one batch of all cameras) |
+
+    >>> m = EdgeMetrics(); m.serve(9100)  # http://127.0.0.1:9100/metrics
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+class EdgeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("crossview_edge_frames", "Frames processed", ["camera"], registry=r)
+        self.detections = Counter("crossview_edge_detections", "Tracked person detections", ["camera"], registry=r)
+        self.published = Counter("crossview_edge_published", "Sightings sent to the matcher", ["camera"], registry=r)
+        self.dropped = Counter("crossview_edge_dropped", "Sightings dropped: matcher slow or down", ["camera"], registry=r)
+        self.reconnects = Counter("crossview_edge_reconnects", "Stream reopen attempts", ["camera"], registry=r)
+        self.fps = Gauge("crossview_edge_fps", "Processed frames per second", ["camera"], registry=r)
+        self.queue = Gauge("crossview_edge_queue_depth", "Frames waiting in the camera's buffer", ["camera"], registry=r)
+        self.det_s = Histogram("crossview_edge_detector_seconds", "Detector time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.emb_s = Histogram("crossview_edge_embedder_seconds", "Embedder time per batch", buckets=_LATENCY_BUCKETS, registry=r)
+        self._frame_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def frame_done(self, camera: str, detections: int, det_seconds: float) -> None:
+        now = time.monotonic()
+        times = self._frame_times[camera]
+        times.append(now)
+        self.frames.labels(camera).inc()
+        self.detections.labels(camera).inc(detections)
+        self.det_s.labels(camera).observe(det_seconds)
+        if len(times) > 1:
+            self.fps.labels(camera).set((len(times) - 1) / max(times[-1] - times[0], 1e-9))
+
+    def value(self, name: str, camera: str | None = None) -> float:
+        """Current value of a series (for logs, summaries and tests)."""
+        v = self.registry.get_sample_value(name, {"camera": camera} if camera else {})
+        return v or 0.0

@@ -1,0 +1,236 @@
+"""The edge node: every camera's frames through detection, tracking and embedding to the matcher.
+
+| stage      | module            | per                                  |
+|------------|-------------------|--------------------------------------|
+| capture    | `edge.sources`    | camera thread, newest frame for live |
+| detect     | `edge.detectors`  | frame                                |
+| track      | `edge.tracking`   | camera                               |
+| embed      | `edge.embedder`   | one batch of all cameras' crops      |
+| publish    | `edge.publisher`  | sighting                             |
+| harvest    | `edge.harvest`    | sampled sighting                     |
+
+    >>> node = EdgeNode(load_edge_config("configs/edge.yaml"))
+    >>> summary = node.run()           # until files end or stop() is called
+    $ crossview edge --config configs/edge.yaml
+
+A camera that fails (missing file, dead stream, decoder error) is logged and left out; the other
+cameras keep running. The embedding model is swapped between batches when its file changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from crossview.config import CameraConfig, EdgeConfig
+from crossview.wire import Sighting
+from edge.detections import Detections
+from edge.detectors import build_detector
+from edge.embedder import Embedder
+from edge.harvest import Harvester
+from edge.metrics import EdgeMetrics
+from edge.publisher import Publisher
+from edge.sources import CameraSource, Frame, SourceError
+from edge.tracking import Tracker, TrackGallery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CameraStats:
+    frames: int = 0
+    detections: int = 0
+    published: int = 0
+    dropped: int = 0
+    detector_seconds: float = 0.0
+    tracks: set[int] = field(default_factory=set)
+    status: str = "connecting"
+    error: str | None = None
+
+
+class Camera:
+    """One camera's capture, tracker and track appearances; live cameras are read at their target fps."""
+
+    def __init__(self, cfg: CameraConfig, tracker: Tracker):
+        self.cfg = cfg
+        self.source = CameraSource(cfg)
+        self.tracker = tracker
+        self.gallery = TrackGallery()
+        self.stats = CameraStats()
+        self.next_due = 0.0
+        self.reconnects_seen = 0
+        self.failure_logged = False
+
+    @property
+    def done(self) -> bool:
+        return self.source.status in ("finished", "failed")
+
+    def next_frame(self, now: float) -> Frame | None:
+        # Files (not realtime) hand out every strided frame in order; live sources only when due.
+        if not self.cfg.is_file or self.cfg.realtime:
+            if now < self.next_due:
+                return None
+            frame = self.source.read(timeout=0)
+            if frame is not None:
+                self.next_due = max(self.next_due + 1.0 / self.cfg.fps, now)
+            return frame
+        return self.source.read(timeout=0)
+
+
+def _crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return image[max(y1, 0) : y2, max(x1, 0) : x2]
+
+
+class EdgeNode:
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg = cfg
+        self.metrics = EdgeMetrics()
+        e = cfg.embedder
+        # Models load before any camera starts, so a wrong model fails fast and says which file.
+        self.embedder = Embedder(e.model, batch_size=e.batch_size, device=e.device, reload_check_s=e.reload_check_s, threads=e.threads)
+        self.detector = build_detector(cfg.detector, e.device)
+        self.cameras = {c.id: Camera(c, Tracker(cfg.tracker)) for c in cfg.cameras}
+        self.publisher = Publisher(cfg.publisher)
+        self.harvester = Harvester(cfg.harvest, cfg.node_id) if cfg.harvest.enabled else None
+        self._stop = threading.Event()
+        self._dtype = np.float16 if cfg.publisher.embedding_dtype == "float16" else np.float32
+        if cfg.metrics.port:
+            self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, max_seconds: float | None = None) -> dict[str, CameraStats]:
+        """Process until every file camera has ended (live cameras never end), stop() or max_seconds."""
+        self._start_cameras()
+        deadline = time.monotonic() + max_seconds if max_seconds else float("inf")
+        next_log = time.monotonic() + self.cfg.metrics.log_interval_s
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                batch = self._collect()
+                if batch:
+                    self._process(batch)
+                    self.embedder.maybe_reload()
+                elif all(cam.done for cam in self.cameras.values()):
+                    break
+                else:
+                    time.sleep(0.005)
+                if time.monotonic() >= next_log:
+                    self._log_status()
+                    next_log = time.monotonic() + self.cfg.metrics.log_interval_s
+        finally:
+            self._shutdown()
+        return {cid: cam.stats for cid, cam in self.cameras.items()}
+
+    def _start_cameras(self) -> None:
+        for cam in self.cameras.values():
+            try:
+                cam.source.check()
+            except SourceError as e:
+                log.error("camera %s left out: %s", cam.cfg.id, e)
+            cam.source.start()
+        log.info("edge node %s running %d camera(s)", self.cfg.node_id, len(self.cameras))
+
+    def _collect(self) -> list[tuple[Camera, Frame]]:
+        now = time.monotonic()
+        batch = []
+        for cam in self.cameras.values():
+            self._sync_source_state(cam)
+            frame = cam.next_frame(now)
+            if frame is not None:
+                batch.append((cam, frame))
+        return batch
+
+    def _sync_source_state(self, cam: Camera) -> None:
+        src, st = cam.source, cam.stats
+        st.status, st.error = src.status, src.error
+        if src.reconnects > cam.reconnects_seen:
+            self.metrics.reconnects.labels(cam.cfg.id).inc(src.reconnects - cam.reconnects_seen)
+            cam.reconnects_seen = src.reconnects
+        self.metrics.queue.labels(cam.cfg.id).set(src.queue_depth)
+        if src.status == "failed" and not cam.failure_logged:
+            cam.failure_logged = True
+            log.error("camera %s failed: %s (other cameras keep running)", cam.cfg.id, src.error)
+
+    def _detect(self, cam: Camera, frame: Frame) -> Detections:
+        t0 = time.perf_counter()
+        try:
+            dets = self.detector(frame.image)
+        except Exception:  # one bad frame must not take down the node
+            log.exception("camera %s frame %d: detector failed", cam.cfg.id, frame.index)
+            dets = Detections.empty()
+        dets = dets[dets.height >= self.cfg.detector.min_box_height]
+        tracked = cam.tracker.update(dets, frame.image)
+        seconds = time.perf_counter() - t0
+        self.metrics.frame_done(cam.cfg.id, len(tracked), seconds)
+        cam.gallery.expire(frame.ts)
+        cam.stats.detector_seconds += seconds
+        cam.stats.frames += 1
+        cam.stats.detections += len(tracked)
+        return tracked
+
+    def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
+        items, crops = [], []
+        for cam, frame in batch:
+            tracked = self._detect(cam, frame)
+            for box, score, tid in zip(tracked.xyxy, tracked.confidence, tracked.tracker_id):
+                crop = _crop(frame.image, box)
+                if crop.size:
+                    items.append((cam, frame, box, float(score), int(tid)))
+                    crops.append(crop)
+        if not crops:
+            return
+        t0 = time.perf_counter()
+        embeddings = self.embedder.embed(crops)
+        self.metrics.emb_s.observe(time.perf_counter() - t0)
+        for (cam, frame, box, score, tid), crop, emb in zip(items, crops, embeddings):
+            self._emit(cam, frame, box, score, tid, crop, emb)
+
+    def _emit(self, cam: Camera, frame: Frame, box, score: float, tid: int, crop: np.ndarray, emb: np.ndarray) -> None:
+        height = float(box[3] - box[1])
+        track = cam.gallery.add(tid, emb, TrackGallery.quality(score, height), frame.ts)
+        cam.stats.tracks.add(tid)
+        pub = self.cfg.publisher
+        if track.sightings % pub.every_k == 1 % pub.every_k:
+            sighting = Sighting(
+                node=self.cfg.node_id, camera=cam.cfg.id, ts=frame.ts, frame=frame.index, track=tid,
+                box=tuple(float(v) for v in box), score=score, embedding=track.mean.astype(self._dtype),
+                model=self.embedder.version, thumbnail=self._thumbnail(crop) if pub.thumbnails else None,
+            )
+            sent = self.publisher.send(sighting)
+            counter, stat = (self.metrics.published, "published") if sent else (self.metrics.dropped, "dropped")
+            counter.labels(cam.cfg.id).inc()
+            setattr(cam.stats, stat, getattr(cam.stats, stat) + 1)
+        if self.harvester and self.harvester.wants(track.sightings, height, score):
+            self.harvester.save(cam.cfg.id, tid, frame.index, frame.ts, crop, box, score, self.embedder.version)
+
+    def _thumbnail(self, crop: np.ndarray) -> bytes | None:
+        h = self.cfg.publisher.thumbnail_height
+        scale = h / crop.shape[0]
+        small = cv2.resize(crop, (max(1, round(crop.shape[1] * scale)), h), interpolation=cv2.INTER_AREA)
+        ok, jpg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.publisher.jpeg_quality])
+        return jpg.tobytes() if ok else None
+
+    def _log_status(self) -> None:
+        m = self.metrics
+        for cid, cam in self.cameras.items():
+            log.info(
+                "camera %s: %s, %.1f fps, %d frames, queue %d, detector %.0f ms/frame, published %d, dropped %d, reconnects %d",
+                cid, cam.stats.status, m.value("crossview_edge_fps", cid), cam.stats.frames, cam.source.queue_depth,
+                1000 * cam.stats.detector_seconds / max(cam.stats.frames, 1), cam.stats.published, cam.stats.dropped,
+                cam.source.reconnects,
+            )
+
+    def _shutdown(self) -> None:
+        for cam in self.cameras.values():
+            cam.source.stop()
+            self._sync_source_state(cam)
+        self.publisher.close()
+        self._log_status()

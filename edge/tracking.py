@@ -1,0 +1,105 @@
+"""Per-camera person tracking and per-track appearance aggregation.
+
+| what           | how                                                                    |
+|----------------|------------------------------------------------------------------------|
+| `Tracker`      | ultralytics' ByteTrack or BoT-SORT on our `Detections`; sets `tracker_id` |
+| `TrackGallery` | per track: quality-weighted mean embedding, sighting count, last seen   |
+
+    >>> tracker = Tracker(TrackerConfig())
+    >>> dets = tracker.update(dets, frame)  # dets.tracker_id filled, untracked boxes dropped
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from crossview.config import TrackerConfig
+from crossview.runtime import offline_env
+from edge.detections import Detections
+
+
+class _UltralyticsBoxes:
+    """The slice of ultralytics' `Boxes` interface its trackers read."""
+
+    def __init__(self, xyxy: np.ndarray, conf: np.ndarray):
+        self.xyxy, self.conf = xyxy, conf
+        self.cls = np.zeros(len(conf), np.float32)
+
+    @property
+    def xywh(self) -> np.ndarray:
+        wh = self.xyxy[:, 2:] - self.xyxy[:, :2]
+        return np.concatenate([self.xyxy[:, :2] + wh / 2, wh], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.conf)
+
+    def __getitem__(self, i) -> "_UltralyticsBoxes":
+        return _UltralyticsBoxes(self.xyxy[i], self.conf[i])
+
+
+class Tracker:
+    def __init__(self, cfg: TrackerConfig):
+        offline_env()
+        from ultralytics.trackers.bot_sort import BOTSORT
+        from ultralytics.trackers.byte_tracker import BYTETracker
+        from ultralytics.utils import IterableSimpleNamespace
+
+        args = IterableSimpleNamespace(
+            tracker_type=cfg.kind, track_high_thresh=cfg.track_high_thresh, track_low_thresh=cfg.track_low_thresh,
+            new_track_thresh=cfg.new_track_thresh, track_buffer=cfg.track_buffer, match_thresh=cfg.match_thresh,
+            fuse_score=True, gmc_method="none", proximity_thresh=0.5, appearance_thresh=0.8, with_reid=False, model="auto",
+        )
+        self._impl = BOTSORT(args) if cfg.kind == "botsort" else BYTETracker(args)
+
+    def update(self, dets: Detections, frame: np.ndarray) -> Detections:
+        """The detections that belong to a confirmed track, with `tracker_id` set."""
+        out = self._impl.update(_UltralyticsBoxes(dets.xyxy, dets.confidence), frame)
+        if len(out) == 0:
+            return Detections.empty()
+        idx = out[:, 7].astype(np.int64)
+        # The tracker's smoothed box is steadier than the raw one; the score stays the detector's.
+        return Detections(out[:, :4], dets.confidence[idx], out[:, 4].astype(np.int64))
+
+
+@dataclass
+class TrackState:
+    embedding: np.ndarray  # unnormalised weighted sum
+    weight: float
+    sightings: int
+    first_ts: float
+    last_ts: float
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.embedding / max(np.linalg.norm(self.embedding), 1e-12)
+
+
+class TrackGallery:
+    """Aggregated appearance per track; quality = detector score x how much of a full-size crop it is."""
+
+    def __init__(self, max_idle_s: float = 60.0):
+        self.tracks: dict[int, TrackState] = {}
+        self.max_idle_s = max_idle_s
+
+    @staticmethod
+    def quality(score: float, height: float, ref_height: float = 128.0) -> float:
+        return float(score) * min(1.0, float(height) / ref_height)
+
+    def add(self, track: int, emb: np.ndarray, quality: float, ts: float) -> TrackState:
+        st = self.tracks.get(track)
+        if st is None:
+            st = self.tracks[track] = TrackState(np.zeros_like(emb, dtype=np.float32), 0.0, 0, ts, ts)
+        st.embedding += quality * emb
+        st.weight += quality
+        st.sightings += 1
+        st.last_ts = ts
+        return st
+
+    def expire(self, now: float) -> list[int]:
+        """Forget tracks not seen for `max_idle_s`; returns their ids."""
+        gone = [t for t, st in self.tracks.items() if now - st.last_ts > self.max_idle_s]
+        for t in gone:
+            del self.tracks[t]
+        return gone

@@ -1,0 +1,26 @@
+"""Export a local YOLO `.pt` to the ONNX file the edge node's `YoloOnnx` runs; nothing is downloaded.
+
+    $ crossview export-detector yolo11n.pt --out models/yolo11n.onnx
+    >>> export_yolo(Path("yolo11n.pt"), Path("models/yolo11n.onnx"))
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from crossview.runtime import offline_env
+
+
+def export_yolo(weights: Path, out: Path, imgsz: int = 640) -> Path:
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{weights}: YOLO weights not found")
+    offline_env()
+    from ultralytics import YOLO
+
+    # simplify=False: onnxslim is optional and must not be pip-installed on the fly.
+    produced = Path(YOLO(str(weights), task="detect").export(format="onnx", imgsz=imgsz, simplify=False, dynamic=False, opset=17))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if produced.resolve() != out.resolve():
+        shutil.move(produced, out)
+    return out

@@ -1,0 +1,76 @@
+"""Shared fixtures: the shared data sets, the default embedder model (built once) and tiny models.
+
+Shared data lives beside the repository (`/work/shared/data` next to `/work/main`, as CI clones it);
+tests that need it are skipped with the reason when it is absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from crossview.modelmeta import ModelMeta
+from trainer.backbones import GapEmbedder
+from trainer.export import IMAGENET_MEAN, IMAGENET_STD, build_default_embedder, export_onnx
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TUD_CAMPUS = SHARED_DATA / "TUD-Campus"
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> Path:
+    """The default edge embedder (ImageNet MobileNetV2 + GAP, 256x128, 1280-d) as ONNX."""
+    path = tmp_path_factory.mktemp("models") / "mobilenetv2-imagenet.onnx"
+    build_default_embedder(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """`make(path, version, seed=0, dim=8) -> ModelMeta`: a small conv + GAP embedder at 32x16, exported."""
+
+    def make(path: Path, version: str, seed: int = 0, dim: int = 8) -> ModelMeta:
+        torch.manual_seed(seed)
+        meta = ModelMeta("tiny", version, 32, 16, IMAGENET_MEAN, IMAGENET_STD, dim, {"source": "test"})
+        export_onnx(GapEmbedder(nn.Conv2d(3, dim, 3, stride=2)), path, meta)
+        return meta
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tud_frames() -> list[np.ndarray]:
+    """All frames of TUD-Campus (640x480 BGR, 71 frames); frame number n is index n - 1."""
+    video = TUD_CAMPUS / "TUD-Campus.mp4"
+    if not video.is_file():
+        pytest.skip(f"shared data set absent: {video}")
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    while (frame := cap.read()[1]) is not None:
+        frames.append(frame)
+    cap.release()
+    assert frames, f"{video} decoded no frames"
+    return frames
+
+
+@pytest.fixture(scope="session")
+def tud_crops(tud_frames):
+    """`crops(frame) -> {person id: BGR crop}` from TUD-Campus ground truth (MOT format, frames from 1)."""
+    gt = np.loadtxt(TUD_CAMPUS / "gt" / "gt.txt", delimiter=",", ndmin=2)
+
+    def crops(frame: int) -> dict[int, np.ndarray]:
+        image = tud_frames[frame - 1]
+        out = {}
+        for _, pid, left, top, width, height in gt[gt[:, 0] == frame, :6].astype(int):
+            # Boxes may extend past the image; keep the visible part.
+            crop = image[max(top, 0):top + height, max(left, 0):left + width]
+            if crop.size:
+                out[pid] = crop
+        return out
+
+    return crops

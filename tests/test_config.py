@@ -1,0 +1,60 @@
+"""Configuration is validated once at load; every error names the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from crossview.config import ConfigError, load_edge_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "edge.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for name in ("edge.yaml", "demo.yaml"):
+        cfg = load_edge_config(REPO / "configs" / name)
+        assert cfg.cameras and all(Path(c.source).is_file() for c in cfg.cameras), name
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: clips/a.mp4}]\nembedder: {model: m.onnx}\n"))
+    assert cfg.cameras[0].source == str(tmp_path / "clips/a.mp4")
+    assert cfg.embedder.model == tmp_path / "m.onnx"
+
+
+def test_urls_and_usb_are_not_paths(tmp_path):
+    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://h/x'}, {id: b, source: 'usb:0'}]\n"))
+    assert [c.source for c in cfg.cameras] == ["rtsp://h/x", "usb:0"]
+    assert not any(c.is_file for c in cfg.cameras)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fsp: 5}]\n", "cameras.0.fsp: unknown key"),
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: fast}]\n", "cameras.0.fps"),
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: -1}]\n", "cameras.0.fps"),
+        ("node_id: n\ncameras: []\n", "cameras"),
+        ("cameras: [{id: a, source: x.mp4}]\n", "node_id: Field required"),
+        ("node_id: n\ncameras: [{id: a, source: x}, {id: a, source: y}]\n", "repeated: a"),
+        ("node_id: n\ncameras: [{id: a, source: x}]\ndetector: {imgsz: 650}\n", "detector.imgsz"),
+        ("node_id: n\ncameras: [{id: a, source: x}]\npublisher: {embedding_dtype: int8}\n", "publisher.embedding_dtype"),
+        ("- just\n- a list\n", "mapping at the top level"),
+        ("node_id: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_edge_config(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_edge_config(tmp_path / "nope.yaml")

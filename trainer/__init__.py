@@ -1,0 +1,1 @@
+"""Trainer: on-site domain adaptation (DAAM/DAAL) and ONNX export."""

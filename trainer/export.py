@@ -1,0 +1,128 @@
+"""Export an embedding model to ONNX with Crossview metadata, checked against PyTorch.
+
+| what                  | how                                                                        |
+|-----------------------|----------------------------------------------------------------------------|
+| export any embedder   | `export_onnx(model, "models/x.onnx", meta)` → max abs diff vs PyTorch       |
+| default edge embedder | `build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))`           |
+| graph contract        | input "images" (batch, 3, H, W) float, mean/std normalised RGB;              |
+|                       | output "embeddings" (batch, D), not L2-normalised; batch axis dynamic        |
+| metadata contract     | `crossview.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
+
+The file appears atomically (temp file + `os.replace`), so an edge node hot-reloading it never
+reads a half-written model.
+
+    >>> meta = build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))
+    >>> meta.version, meta.embedding_dim
+    ('mobilenetv2-imagenet-1', 1280)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from crossview.modelmeta import (  # noqa: F401  (re-exported: the contract lives beside the exporter)
+    KEY_DATE,
+    KEY_EMBEDDING_DIM,
+    KEY_INPUT_SIZE,
+    KEY_MEAN,
+    KEY_METRICS,
+    KEY_NAME,
+    KEY_SOURCE,
+    KEY_STD,
+    KEY_TARGET,
+    KEY_VERSION,
+    ModelMeta,
+)
+from trainer.backbones import GapEmbedder, mobilenet_v2_imagenet
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "embeddings"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int = 17, atol: float = 1e-4) -> float:
+    """Write `model` to `path` as ONNX with `meta`; return the max abs difference to PyTorch.
+
+    Raises ValueError, leaving any existing file at `path` untouched, when the output width is not
+    `meta.embedding_dim` or ONNX Runtime differs from PyTorch by more than `atol`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
+    was_training = model.training
+    model.eval()
+    try:
+        _torch_export(model, tmp, meta, opset)
+        proto = onnx.load(tmp)
+        for key, value in meta.to_props().items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        diff = _parity(model, tmp, meta, path)
+        if diff > atol:
+            raise ValueError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} > atol {atol:.0e}")
+        os.replace(tmp, path)
+        return diff
+    finally:
+        tmp.unlink(missing_ok=True)
+        model.train(was_training)
+
+
+def build_default_embedder(out: Path, input_size: tuple[int, int] = (256, 128)) -> ModelMeta:
+    """Export the default edge embedder: ImageNet MobileNetV2 features + GAP, 1280-d."""
+    meta = ModelMeta(
+        name="mobilenetv2-imagenet",
+        version="mobilenetv2-imagenet-1",
+        input_h=input_size[0],
+        input_w=input_size[1],
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding_dim=1280,
+        extra={"source": "imagenet"},
+    )
+    export_onnx(GapEmbedder(mobilenet_v2_imagenet()), out, meta)
+    return meta
+
+
+def _torch_export(model: nn.Module, path: Path, meta: ModelMeta, opset: int) -> None:
+    dummy = torch.zeros(2, 3, meta.input_h, meta.input_w, device=_device(model))
+    # The TorchScript exporter (dynamo=False) works offline without onnxscript; torch flags it as
+    # deprecated on every call, which would only be noise in the trainer's log.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (dummy,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def _parity(model: nn.Module, onnx_path: Path, meta: ModelMeta, name: Path) -> float:
+    """Max abs difference between PyTorch and ONNX Runtime (CPU) on a random batch of 4."""
+    x = torch.randn(4, 3, meta.input_h, meta.input_w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x.to(_device(model))).cpu().numpy()
+    if expected.shape != (4, meta.embedding_dim):
+        raise ValueError(
+            f"{name}: model outputs {list(expected.shape)} for a batch of 4, metadata says dim {meta.embedding_dim}"
+        )
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    return float(np.abs(got - expected).max())
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
