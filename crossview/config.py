@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -37,6 +44,13 @@ class CameraConfig(_Strict):
     stall_timeout_s: float = Field(10.0, gt=0, description="live only: no frame for this long reopens the stream")
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("source")
+    @classmethod
+    def _usb_index(cls, v: str) -> str:
+        if v.startswith("usb:") and not v[4:].isdigit():
+            raise ValueError(f"USB cameras are written usb:N with a device number, got {v!r}")
+        return v
 
     @property
     def is_file(self) -> bool:

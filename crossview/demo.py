@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 def ensure_default_embedder(path: Path) -> None:
     if path.is_file():
         return
-    from trainer.export import build_default_embedder  # torch is only needed to build it
+    from trainer.export import (
+        build_default_embedder,  # torch is only needed to build it
+    )
 
     log.info("building the default embedder (MobileNetV2, ImageNet weights) into %s", path)
     build_default_embedder(path)

@@ -117,7 +117,10 @@ class EdgeNode:
                 batch = self._collect()
                 if batch:
                     self._process(batch)
-                    self.embedder.maybe_reload()
+                    if self.embedder.maybe_reload():
+                        # Embeddings of two model versions do not mix: tracks start their means afresh.
+                        for cam in self.cameras.values():
+                            cam.gallery.tracks.clear()
                 elif all(cam.done for cam in self.cameras.values()):
                     break
                 else:

@@ -16,7 +16,12 @@ from torch import nn
 
 from crossview.modelmeta import ModelMeta
 from trainer.backbones import GapEmbedder
-from trainer.export import IMAGENET_MEAN, IMAGENET_STD, build_default_embedder, export_onnx
+from trainer.export import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_default_embedder,
+    export_onnx,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TUD_CAMPUS = SHARED_DATA / "TUD-Campus"

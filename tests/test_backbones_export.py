@@ -14,7 +14,11 @@ import torch
 from torch import nn
 
 from crossview.modelmeta import KEY_INPUT_SIZE, KEY_VERSION, ModelMeta
-from trainer.backbones import GapEmbedder, default_mobilenet_v2_weights, mobilenet_v2_imagenet
+from trainer.backbones import (
+    GapEmbedder,
+    default_mobilenet_v2_weights,
+    mobilenet_v2_imagenet,
+)
 from trainer.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
 
 

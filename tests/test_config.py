@@ -40,6 +40,7 @@ def test_urls_and_usb_are_not_paths(tmp_path):
         ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: fast}]\n", "cameras.0.fps"),
         ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: -1}]\n", "cameras.0.fps"),
         ("node_id: n\ncameras: []\n", "cameras"),
+        ("node_id: n\ncameras: [{id: a, source: 'usb:front'}]\n", "cameras.0.source"),
         ("cameras: [{id: a, source: x.mp4}]\n", "node_id: Field required"),
         ("node_id: n\ncameras: [{id: a, source: x}, {id: a, source: y}]\n", "repeated: a"),
         ("node_id: n\ncameras: [{id: a, source: x}]\ndetector: {imgsz: 650}\n", "detector.imgsz"),

@@ -3,35 +3,16 @@
 from __future__ import annotations
 
 import logging
-import warnings
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
+from helpers import TINY_META, raw_export
 from torch import nn
 
-from crossview.modelmeta import ModelMeta
 from edge.embedder import Embedder
 from edge.ort import ModelError, select_providers
 from trainer.backbones import GapEmbedder
-from trainer.export import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _raw_export(module: nn.Module, example: torch.Tensor, path: Path, meta: ModelMeta | None) -> None:
-    """Export without export_onnx's checks, to make models that break the contract."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module.eval(), (example,), str(path), input_names=["images"], dynamo=False)
-    if meta is not None:
-        proto = onnx.load(path)
-        for key, value in meta.to_props().items():
-            proto.metadata_props.add(key=key, value=value)
-        onnx.save(proto, path)
-
-
-TINY_META = ModelMeta("bad", "bad-1", 32, 16, IMAGENET_MEAN, IMAGENET_STD, 8)
 
 
 def test_select_providers():
@@ -82,14 +63,14 @@ def test_batch_size_does_not_change_embeddings(default_model, tud_crops):
 )
 def test_contract_breaking_model_is_rejected(tmp_path, module, example, error):
     path = tmp_path / "broken.onnx"
-    _raw_export(module, example, path, TINY_META)
+    raw_export(module, example, path, TINY_META)
     with pytest.raises(ModelError, match=f"broken.onnx: {error}"):
         Embedder(path)
 
 
 def test_model_without_metadata_is_rejected(tmp_path):
     path = tmp_path / "plain.onnx"
-    _raw_export(GapEmbedder(nn.Conv2d(3, 8, 3)), torch.zeros(1, 3, 32, 16), path, None)
+    raw_export(GapEmbedder(nn.Conv2d(3, 8, 3)), torch.zeros(1, 3, 32, 16), path, None)
     with pytest.raises(ModelError, match="plain.onnx: model metadata lacks crossview.name"):
         Embedder(path)
     with pytest.raises(ModelError, match="absent.onnx: model file not found"):

@@ -6,7 +6,14 @@ import msgpack
 import numpy as np
 import pytest
 
-from crossview.wire import MAX_MESSAGE_BYTES, SCHEMA_VERSION, Sighting, WireError, decode, encode
+from crossview.wire import (
+    MAX_MESSAGE_BYTES,
+    SCHEMA_VERSION,
+    Sighting,
+    WireError,
+    decode,
+    encode,
+)
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "sighting-v1.msgpack"
 JPEG = b"\xff\xd8\xff\xe0fakejpeg"

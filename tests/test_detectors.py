@@ -1,0 +1,110 @@
+"""Person detectors on real footage: OpenCV HOG, and the ultralytics YOLO path (.pt and exported .onnx).
+
+YOLO weights cannot be downloaded here, so the YOLO tests build YOLO11n from ultralytics' model YAML
+(random weights): the loading, export and inference code that real weights go through still runs.
+"""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import shared_data
+
+from crossview.config import DetectorConfig
+from edge.detections import Detections
+from edge.detectors import (
+    DetectorError,
+    HogDetector,
+    YoloOnnx,
+    YoloTorch,
+    build_detector,
+)
+from edge.ort import ModelError
+from edge.yolo_export import export_yolo
+
+
+@pytest.fixture(scope="module")
+def vtest_frames() -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(shared_data("vtest.avi")))
+    frames = [cap.read()[1] for _ in range(5)]
+    cap.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def yolo_files(tmp_path_factory) -> tuple[Path, Path]:
+    from crossview.runtime import offline_env
+
+    offline_env()
+    from ultralytics import YOLO
+
+    d = tmp_path_factory.mktemp("yolo")
+    pt = d / "yolo11n-random.pt"
+    YOLO("yolo11n.yaml").save(str(pt))
+    return pt, export_yolo(pt, d / "yolo11n-random.onnx", imgsz=320)
+
+
+def test_hog_finds_the_people_on_the_campus(vtest_frames):
+    det = build_detector(DetectorConfig(kind="hog"))
+    assert isinstance(det, HogDetector)
+    counts = []
+    for frame in vtest_frames:
+        d = det(frame)
+        assert isinstance(d, Detections)
+        assert (d.xyxy[:, 2] > d.xyxy[:, 0]).all() and (d.xyxy[:, 3] <= 576).all()
+        assert ((d.confidence > 0) & (d.confidence < 1)).all()
+        counts.append(len(d))
+    # PETS S2.L1 opens with about six people walking across; HOG at 1.6x upscale finds most of them.
+    assert 3 <= np.median(counts) <= 12, counts
+
+
+def test_auto_falls_back_to_hog_and_says_so(tmp_path, caplog):
+    det = build_detector(DetectorConfig(kind="auto", weights=tmp_path / "missing.onnx"))
+    assert isinstance(det, HogDetector)
+    assert "OpenCV HOG" in caplog.text and "missing.onnx" in caplog.text
+
+
+def test_explicit_yolo_without_weights_is_an_error(tmp_path):
+    with pytest.raises(DetectorError, match="missing.pt"):
+        build_detector(DetectorConfig(kind="yolo", weights=tmp_path / "missing.pt"))
+
+
+def test_exported_onnx_matches_the_pytorch_model(yolo_files, vtest_frames):
+    import torch
+    from ultralytics import YOLO
+
+    from edge.detectors import _letterbox
+
+    pt, onnx = yolo_files
+    img, _, _ = _letterbox(vtest_frames[0], 320)
+    x = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
+    model = YOLO(str(pt)).model.float().eval()
+    with torch.no_grad():
+        want = model(torch.from_numpy(x))[0].numpy()
+    det = YoloOnnx(DetectorConfig(kind="yolo", weights=onnx, imgsz=320))
+    got = det.session.run(None, {det.input_name: x})[0]
+    assert got.shape == want.shape == (1, 84, 2100)
+    assert np.abs(got - want).max() < 1e-2 * max(1.0, np.abs(want).max())
+
+
+def test_both_yolo_paths_give_detections_inside_the_frame(yolo_files, vtest_frames):
+    # Random weights score every box about 1.5e-4: a tiny threshold still runs decoding and NMS.
+    for weights in yolo_files:
+        det = build_detector(DetectorConfig(kind="yolo", weights=weights, conf=1e-4, imgsz=320))
+        d = det(vtest_frames[0])
+        assert isinstance(d, Detections) and len(d) > 0, weights
+        assert (d.xyxy >= 0).all() and (d.xyxy[:, [0, 2]] <= 768).all() and (d.xyxy[:, [1, 3]] <= 576).all()
+    assert isinstance(build_detector(DetectorConfig(kind="yolo", weights=yolo_files[0])), YoloTorch)
+
+
+def test_a_model_that_is_not_a_detector_is_refused(default_model):
+    with pytest.raises(DetectorError, match="not a YOLO"):
+        YoloOnnx(DetectorConfig(kind="yolo", weights=default_model))
+
+
+def test_corrupt_detector_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx at all")
+    with pytest.raises(ModelError, match="bad.onnx: cannot load ONNX model"):
+        build_detector(DetectorConfig(kind="yolo", weights=bad))
