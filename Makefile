@@ -17,6 +17,7 @@ demo: install
 	$(VENV)/bin/crossview demo
 
 test: install
+	$(VENV)/bin/ruff check crossview edge matcher trainer tests bench
 	$(PY) -m pytest -q
 
 bench: install

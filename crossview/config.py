@@ -11,6 +11,7 @@ Relative paths in a config file are resolved against the file's folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -171,7 +172,7 @@ def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
             p = Path(node[key[-1]]).expanduser()
-            node[key[-1]] = str(p if p.is_absolute() else base / p)
+            node[key[-1]] = os.path.normpath(p if p.is_absolute() else base / p)
 
 
 def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -> C:
@@ -201,7 +202,7 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
             if isinstance(cam, dict) and isinstance(cam.get("source"), str):
                 src = cam["source"]
                 if "://" not in src and not src.startswith("usb:") and not Path(src).is_absolute():
-                    cam["source"] = str(path.resolve().parent / src)
+                    cam["source"] = os.path.normpath(path.resolve().parent / src)
     return parse_config(raw, model, path)
 
 
