@@ -6,6 +6,7 @@
 | `demo`             | `crossview.demo`       | edge node + receiver on the shipped footage      |
 | `build-embedder`   | `trainer.export`       | build the default MobileNetV2 ONNX embedder      |
 | `export-detector`  | `edge.yolo_export`     | export a local YOLO .pt to ONNX, offline         |
+| `keys`             | `crossview.transport`  | CURVE key pair for an edge or the matcher        |
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def _export_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from crossview.transport import generate_keys
+
+    public, secret = generate_keys(args.out, args.name)
+    print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 600)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossview", description="Find a person across a site's cameras.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -77,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     x.add_argument("--imgsz", type=int, default=640)
     x.set_defaults(run=_export_detector)
+    k = sub.add_parser("keys", help="generate a CURVE key pair for an edge node or the matcher")
+    k.add_argument("--out", type=Path, default=Path("keys"), help="folder (default: %(default)s)")
+    k.add_argument("--name", required=True, help="e.g. matcher or the edge's node_id")
+    k.set_defaults(run=_keys)
     return p
 
 

@@ -106,6 +106,15 @@ class EmbedderConfig(_Strict):
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 lets it choose")
 
 
+class CurveConfig(_Strict):
+    """ZeroMQ transport security between edges and matcher. `mode: plain` must be said explicitly."""
+
+    mode: Literal["curve", "plain"] = "curve"
+    secret_key: Path | None = Field(None, description="this side's secret key file (crossview keys)")
+    server_key: Path | None = Field(None, description="edge only: the matcher's public key file")
+    allowed_clients: Path | None = Field(None, description="matcher only: folder of allowed edge public key files")
+
+
 class PublisherConfig(_Strict):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint")
     hwm: int = Field(2000, ge=1, description="messages buffered while the matcher is slow or down; beyond, dropped")
@@ -114,6 +123,15 @@ class PublisherConfig(_Strict):
     thumbnail_height: int = Field(128, ge=16, le=512)
     jpeg_quality: int = Field(80, ge=10, le=100)
     every_k: int = Field(1, ge=1, description="publish every k-th sighting of a track")
+    security: CurveConfig = CurveConfig()
+
+    @model_validator(mode="after")
+    def _curve_keys(self) -> "PublisherConfig":
+        sec = self.security
+        if sec.mode == "curve" and (sec.secret_key is None or sec.server_key is None):
+            raise ValueError("security: mode curve needs secret_key (this edge's) and server_key (the matcher's public key); "
+                             "or say mode: plain")
+        return self
 
 
 class HarvestConfig(_Strict):
@@ -138,7 +156,7 @@ class EdgeConfig(_Strict):
     detector: DetectorConfig = DetectorConfig()
     tracker: TrackerConfig = TrackerConfig()
     embedder: EmbedderConfig = EmbedderConfig()
-    publisher: PublisherConfig = PublisherConfig()
+    publisher: PublisherConfig  # required: where the matcher is and how to reach it securely
     harvest: HarvestConfig = HarvestConfig()
     metrics: MetricsConfig = MetricsConfig()
 
@@ -150,6 +168,60 @@ class EdgeConfig(_Strict):
         if dups:
             raise ValueError(f"camera ids must be unique, repeated: {', '.join(dups)}")
         return cams
+
+
+class IngestConfig(_Strict):
+    endpoint: str = "tcp://127.0.0.1:5555"
+    security: CurveConfig = CurveConfig()
+    batch_max: int = Field(1000, ge=1, description="sightings committed to disk in one transaction at most")
+    batch_wait_ms: float = Field(5.0, ge=0, description="longest a sighting waits for its batch to commit")
+    rcvhwm: int = Field(100000, ge=1)
+
+    @model_validator(mode="after")
+    def _curve_keys(self) -> "IngestConfig":
+        sec = self.security
+        if sec.mode == "curve" and (sec.secret_key is None or sec.allowed_clients is None):
+            raise ValueError("security: mode curve needs secret_key (the matcher's) and allowed_clients (folder of edge "
+                             "public keys); or say mode: plain")
+        return self
+
+
+class IndexConfig(_Strict):
+    exact_max: int = Field(50000, ge=1, description="a partition above this many vectors moves to an approximate index")
+    kind: Literal["ivf", "hnsw"] = "ivf"
+    nprobe: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_search: int = Field(128, ge=8)
+    snapshot_interval_s: float = Field(300.0, gt=0)
+
+
+class RetentionConfig(_Strict):
+    max_age_hours: float | None = Field(None, gt=0, description="sightings older than this are deleted")
+    max_per_camera: int | None = Field(None, ge=1, description="newest sightings kept per camera")
+    check_interval_s: float = Field(60.0, gt=0)
+
+
+class HttpConfig(_Strict):
+    host: str = Field("127.0.0.1", description="binds to localhost unless told otherwise")
+    port: int = Field(8080, ge=0, le=65535)
+    token: str | None = Field(None, min_length=16, description="bearer token; or token_file")
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "HttpConfig":
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("set exactly one of token and token_file")
+        return self
+
+
+class MatcherConfig(_Strict):
+    data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
+    ingest: IngestConfig  # required: the endpoint and its security
+    index: IndexConfig = IndexConfig()
+    retention: RetentionConfig = RetentionConfig()
+    http: HttpConfig
+    models: list[Path] = Field(default_factory=list, description="ONNX embedders for image queries, one per model version")
+    metrics: MetricsConfig = MetricsConfig()
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -184,7 +256,10 @@ def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -
         raise ConfigError(_format_errors(origin, e)) from None
 
 
-EDGE_PATH_KEYS = [("detector", "weights"), ("embedder", "model"), ("harvest", "dir")]
+EDGE_PATH_KEYS = [
+    ("detector", "weights"), ("embedder", "model"), ("harvest", "dir"),
+    ("publisher", "security", "secret_key"), ("publisher", "security", "server_key"),
+]
 
 
 def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...]] | None = None) -> C:
@@ -208,3 +283,13 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
     return load_config(path, EdgeConfig, EDGE_PATH_KEYS)
+
+
+MATCHER_PATH_KEYS = [
+    ("data_dir",), ("http", "token_file"),
+    ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
+]
+
+
+def load_matcher_config(path: str | Path) -> MatcherConfig:
+    return load_config(path, MatcherConfig, MATCHER_PATH_KEYS)

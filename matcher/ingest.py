@@ -5,7 +5,7 @@
 | valid      | handed to the consumer as a `crossview.wire.Sighting`                    |
 | malformed  | counted per reason, logged (rate-limited) with the sender, dropped; the receiver keeps going |
 
-    >>> rx = Receiver("tcp://127.0.0.1:5555")
+    >>> rx = Receiver("tcp://127.0.0.1:5555", security=cfg.ingest.security)  # CURVE + allow-list
     >>> for s in rx.iter(timeout=1.0): ...
 """
 
@@ -18,14 +18,20 @@ from collections.abc import Iterator
 
 import zmq
 
+from crossview.config import CurveConfig
+from crossview.transport import secure_server
 from crossview.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode
 
 log = logging.getLogger(__name__)
+PLAIN = CurveConfig(mode="plain")
 
 
 class Receiver:
-    def __init__(self, endpoint: str, context: zmq.Context | None = None, rcvhwm: int = 10000):
-        self.sock = (context or zmq.Context.instance()).socket(zmq.PULL)
+    def __init__(self, endpoint: str, security: CurveConfig = PLAIN, rcvhwm: int = 10000):
+        # A context of its own: ZeroMQ allows one CURVE authenticator per context.
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.PULL)
+        self.guard = secure_server(self.sock, security)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames are cut off by ZeroMQ itself
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -61,8 +67,16 @@ class Receiver:
             sender = _peer(frame)
             log.warning("dropped malformed message from %s (%d bytes): %s [%d rejected so far]", sender, len(frame.bytes), err, total)
 
+    @property
+    def denied(self) -> int:
+        """Connections refused because the edge's key is not on the allow-list."""
+        return self.guard.denied if self.guard else 0
+
     def close(self) -> None:
         self.sock.close()
+        if self.guard:
+            self.guard.stop()
+        self._ctx.term()
 
 
 def _peer(frame: zmq.Frame) -> str:

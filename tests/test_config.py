@@ -21,14 +21,18 @@ def test_shipped_configs_load():
         assert cfg.cameras and all(Path(c.source).is_file() for c in cfg.cameras), name
 
 
+PLAIN = "publisher: {security: {mode: plain}}\n"
+CAM = "node_id: n\ncameras: [{id: a, source: x}]\n"
+
+
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
-    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: clips/a.mp4}]\nembedder: {model: m.onnx}\n"))
+    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: clips/a.mp4}]\nembedder: {model: m.onnx}\n" + PLAIN))
     assert cfg.cameras[0].source == str(tmp_path / "clips/a.mp4")
     assert cfg.embedder.model == tmp_path / "m.onnx"
 
 
 def test_urls_and_usb_are_not_paths(tmp_path):
-    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://h/x'}, {id: b, source: 'usb:0'}]\n"))
+    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://h/x'}, {id: b, source: 'usb:0'}]\n" + PLAIN))
     assert [c.source for c in cfg.cameras] == ["rtsp://h/x", "usb:0"]
     assert not any(c.is_file for c in cfg.cameras)
 
@@ -36,16 +40,17 @@ def test_urls_and_usb_are_not_paths(tmp_path):
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("node_id: n\ncameras: [{id: a, source: x.mp4, fsp: 5}]\n", "cameras.0.fsp: unknown key"),
-        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: fast}]\n", "cameras.0.fps"),
-        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: -1}]\n", "cameras.0.fps"),
-        ("node_id: n\ncameras: []\n", "cameras"),
-        ("node_id: n\ncameras: [{id: a, source: 'usb:front'}]\n", "cameras.0.source"),
-        ("cameras: [{id: a, source: x.mp4}]\n", "node_id: Field required"),
-        ("node_id: n\ncameras: [{id: a, source: x}, {id: a, source: y}]\n", "repeated: a"),
-        ("node_id: n\ncameras: [{id: a, source: x}]\ndetector: {imgsz: 650}\n", "detector.imgsz"),
-        ("node_id: n\ncameras: [{id: a, source: x}]\npublisher: {embedding_dtype: int8}\n", "publisher.embedding_dtype"),
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fsp: 5}]\n" + PLAIN, "cameras.0.fsp: unknown key"),
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: fast}]\n" + PLAIN, "cameras.0.fps"),
+        ("node_id: n\ncameras: [{id: a, source: x.mp4, fps: -1}]\n" + PLAIN, "cameras.0.fps"),
+        ("node_id: n\ncameras: []\n" + PLAIN, "cameras"),
+        ("node_id: n\ncameras: [{id: a, source: 'usb:front'}]\n" + PLAIN, "cameras.0.source"),
+        ("cameras: [{id: a, source: x.mp4}]\n" + PLAIN, "node_id: Field required"),
+        ("node_id: n\ncameras: [{id: a, source: x}, {id: a, source: y}]\n" + PLAIN, "repeated: a"),
+        ("node_id: n\ncameras: [{id: a, source: x}]\ndetector: {imgsz: 650}\n" + PLAIN, "detector.imgsz"),
+        (CAM + "publisher: {embedding_dtype: int8, security: {mode: plain}}\n", "publisher.embedding_dtype"),
         ("- just\n- a list\n", "mapping at the top level"),
+        (CAM + "publisher: {security: {mode: curve}}\n", "publisher: Value error, security: mode curve needs secret_key"),
         ("node_id: [unclosed\n", "not valid YAML"),
     ],
 )
@@ -54,6 +59,11 @@ def test_bad_config_names_the_key(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_edge_config(path)
     assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_publisher_is_required(tmp_path):
+    with pytest.raises(ConfigError, match="publisher: Field required"):
+        load_edge_config(write(tmp_path, CAM))
 
 
 def test_missing_file(tmp_path):

@@ -41,7 +41,7 @@ def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0
         # People in TUD are large and vtest's are small: upscale only as much as the test needs.
         "detector": {"kind": "hog", "hog": {"upscale": 1.0}},
         "embedder": {"model": str(model), "reload_check_s": 0.2},
-        "publisher": {"endpoint": endpoint},
+        "publisher": {"endpoint": endpoint, "security": {"mode": "plain"}},
         "metrics": {"log_interval_s": 2},
     }
     for key, value in sections.items():
