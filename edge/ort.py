@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -53,7 +54,10 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0) -> 
     if not path.is_file():
         raise ModelError(f"{path}: model file not found")
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    # All cores, no busy-waiting: on a small edge box the spinning threads of the detector's and the
+    # embedder's sessions otherwise steal each other's (and the decoders') cores (bench/edge_bench.py).
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=select_providers(device))
     except Exception as e:  # ORT raises its own exception types for corrupt and invalid files
