@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/crossview demo
 
-test: install
+# The web page tests drive Debian's chromium headless (CI runs as root on Debian).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: install browser
 	$(VENV)/bin/ruff check crossview edge matcher trainer tests bench
 	$(PY) -m pytest -q
 

@@ -3,21 +3,28 @@
 | verb               | module                 | what                                             |
 |--------------------|------------------------|--------------------------------------------------|
 | `edge`             | `edge.node`            | run an edge node                                 |
-| `demo`             | `crossview.demo`       | edge node + receiver on the shipped footage      |
+| `demo`             | `crossview.demo`       | edge node + matcher + cross-camera query on the shipped footage |
 | `build-embedder`   | `trainer.export`       | build the default MobileNetV2 ONNX embedder      |
 | `export-detector`  | `edge.yolo_export`     | export a local YOLO .pt to ONNX, offline         |
 | `keys`             | `crossview.transport`  | CURVE key pair for an edge or the matcher        |
+| `matcher`          | `matcher.service`      | run the matcher: ingest, index, retention, and   |
+|                    | `matcher.api`          | its HTTP API and web page                        |
+| `query`            | `matcher.query`        | search a matcher's data directory, read-only; or |
+|                    | `matcher.client`       | with `--url`, a running matcher's HTTP API       |
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
+import threading
+from datetime import datetime
 from pathlib import Path
 
-from crossview.config import ConfigError, load_edge_config
+from crossview.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
 from crossview.runtime import offline_env, setup_logging
 
 log = logging.getLogger("crossview")
@@ -36,7 +43,7 @@ def _edge(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from crossview.demo import run_demo
 
-    return run_demo(args.config)
+    return run_demo(args.config, args.out, serve=args.serve)
 
 
 def _build_embedder(args: argparse.Namespace) -> int:
@@ -63,6 +70,110 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matcher(args: argparse.Namespace) -> int:
+    from matcher.api import serve
+    from matcher.service import Matcher
+
+    cfg = load_matcher_config(args.config)
+    matcher = Matcher(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    matcher.start()
+    server = None
+    try:
+        server = serve(matcher, cfg.http)
+        stop.wait(args.max_seconds)
+    finally:
+        if server is not None:
+            server.stop()
+        matcher.stop()
+    return 0
+
+
+def _when(text: str) -> float:
+    """Unix seconds, or an ISO 8601 date/time (local time unless it says otherwise)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not Unix seconds or an ISO date/time: {text!r}") from None
+
+
+def _track_ref(text: str) -> tuple[str, str, int]:
+    node, sep, rest = text.partition(":")
+    camera, sep2, track = rest.rpartition(":")
+    if not (sep and sep2 and node and camera and track.isdigit()):
+        raise argparse.ArgumentTypeError(f"a track is node:camera:track, e.g. edge-1:gate:17; got {text!r}")
+    return node, camera, int(track)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from matcher.query import Filters
+    from matcher.service import open_data
+
+    if args.image is not None and not args.model:
+        raise ValueError("--image needs --model VERSION: the embedding model version to search")
+    if args.url:
+        return _query_http(args)
+    cfg = load_matcher_config(args.config) if args.config else None
+    data_dir = args.data_dir or (cfg.data_dir if cfg else Path("var/matcher"))
+    models = [*(cfg.models if cfg else []), *args.embedder]
+    engine = open_data(data_dir, cfg.index if cfg else IndexConfig(), cfg.query if cfg else QueryConfig(), models, read_only=True)
+    filters = Filters(since=args.since, until=args.until, cameras=args.camera, min_score=args.min_score, top_k=args.top_k)
+    try:
+        result = _ask(engine, args, filters)
+    except LookupError as e:
+        log.error("%s", e.args[0])
+        return 1
+    finally:
+        engine.store.close()
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_text())
+    return 0
+
+
+def _ask(engine, args: argparse.Namespace, filters):
+    if args.sighting is not None:
+        return engine.search_sighting(args.sighting, filters)
+    if args.track is not None:
+        return engine.search_track(*args.track, args.model, filters)
+    import cv2
+
+    image = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"{args.image}: not a readable image")
+    return engine.search_image(image, args.model, filters)
+
+
+def _query_http(args: argparse.Namespace) -> int:
+    """`crossview query --url`: the same question to a running matcher's HTTP API."""
+    from matcher.client import MatcherClient, read_token, result_from_dict
+
+    if args.config or args.data_dir or args.embedder:
+        raise ValueError("--url asks a running matcher: --config, --data-dir and --embedder do not apply")
+    client = MatcherClient(args.url, read_token(args.token_file))
+    filters = {"since": args.since, "until": args.until, "cameras": args.camera, "min_score": args.min_score, "top_k": args.top_k}
+    try:
+        if args.image is not None:
+            answer = client.query_image(args.image.read_bytes(), args.image.name, args.model, filters)
+        elif args.sighting is not None:
+            answer = client.query({"sighting_id": args.sighting, **filters})
+        else:
+            node, camera, track = args.track
+            answer = client.query({"track": {"node": node, "camera": camera, "track": track, "model": args.model}, **filters})
+    except LookupError as e:
+        log.error("%s", e.args[0])
+        return 1
+    except (PermissionError, ConnectionError) as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps(answer, indent=2) if args.json else result_from_dict(answer).to_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossview", description="Find a person across a site's cameras.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -73,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
     e.set_defaults(run=_edge)
 
-    d = sub.add_parser("demo", help="run an edge node and a receiver on the shipped footage and summarise")
+    d = sub.add_parser("demo", help="edge node + matcher on the shipped footage, then a cross-camera query")
     d.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="demo edge YAML (default: %(default)s)")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="matcher data and report (default: %(default)s)")
+    d.add_argument("--serve", action="store_true", help="afterwards keep the matcher's web page up until Ctrl-C")
     d.set_defaults(run=_demo)
 
     b = sub.add_parser("build-embedder", help="build the default MobileNetV2 ImageNet embedder as ONNX (offline)")
@@ -90,6 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", type=Path, default=Path("keys"), help="folder (default: %(default)s)")
     k.add_argument("--name", required=True, help="e.g. matcher or the edge's node_id")
     k.set_defaults(run=_keys)
+
+    m = sub.add_parser("matcher", help="run the matcher: ZeroMQ ingest -> SQLite + FAISS, retention, snapshots")
+    m.add_argument("--config", type=Path, default=Path("configs/matcher.yaml"), help="matcher YAML (default: %(default)s)")
+    m.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    m.set_defaults(run=_matcher)
+
+    q = sub.add_parser("query", help="find where a person was seen, from a matcher's data directory (read-only)",
+                       description="Searches the matcher's store directly (safe while the matcher runs). "
+                                   "Answers are tracks grouped per camera, ordered by time.")
+    q.add_argument("--config", type=Path, help="matcher YAML: data_dir, index and query settings, models")
+    q.add_argument("--data-dir", type=Path, help="matcher data directory (default: the config's, else var/matcher)")
+    by = q.add_mutually_exclusive_group(required=True)
+    by.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
+    by.add_argument("--track", type=_track_ref, metavar="NODE:CAMERA:TRACK", help="an edge track")
+    by.add_argument("--image", type=Path, metavar="FILE", help="a person crop (needs --model)")
+    q.add_argument("--model", help="embedding model version (--image; optional with --track)")
+    q.add_argument("--embedder", type=Path, action="append", default=[], metavar="ONNX",
+                   help="ONNX embedder for --image (repeatable; added to the config's models)")
+    q.add_argument("--since", type=_when, help="Unix seconds or ISO date/time")
+    q.add_argument("--until", type=_when, help="Unix seconds or ISO date/time")
+    q.add_argument("--camera", action="append", metavar="ID", help="only these cameras (repeatable)")
+    q.add_argument("--min-score", type=float, default=0.0, help="minimum cosine similarity (default: %(default)s)")
+    q.add_argument("--top-k", type=int, default=10, help="tracks to return (default: %(default)s)")
+    q.add_argument("--json", action="store_true", help="JSON instead of a table")
+    q.add_argument("--url", help="ask a running matcher's HTTP API instead, e.g. http://127.0.0.1:8080")
+    q.add_argument("--token-file", type=Path, help="with --url: file holding the API token (default: $CROSSVIEW_TOKEN)")
+    q.set_defaults(run=_query)
     return p
 
 
@@ -102,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("%s", e)
         return 2
-    except (FileNotFoundError, ValueError) as e:  # ModelError, SourceError, ... name the file themselves
+    except (OSError, ValueError) as e:  # ModelError, KeyFileError, a busy port, ... name what was wrong
         log.error("%s", e)
         return 2
 

@@ -103,7 +103,7 @@ class EmbedderConfig(_Strict):
     batch_size: int = Field(32, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     reload_check_s: float = Field(2.0, gt=0, description="how often the model file is checked for a new version")
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 lets it choose")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per CPU core")
 
 
 class CurveConfig(_Strict):
@@ -192,6 +192,7 @@ class IndexConfig(_Strict):
     nprobe: int = Field(32, ge=1)
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=8)
+    nlist_max: int = Field(4096, ge=1, description="IVF lists at most; otherwise about 4 * sqrt(partition size)")
     snapshot_interval_s: float = Field(300.0, gt=0)
 
 
@@ -199,6 +200,13 @@ class RetentionConfig(_Strict):
     max_age_hours: float | None = Field(None, gt=0, description="sightings older than this are deleted")
     max_per_camera: int | None = Field(None, ge=1, description="newest sightings kept per camera")
     check_interval_s: float = Field(60.0, gt=0)
+
+
+class QueryConfig(_Strict):
+    overfetch: int = Field(8, ge=1, description="sightings searched per wanted track; grown until enough tracks are found")
+    sightings_per_track: int = Field(5, ge=1, le=100, description="best matching sightings returned per track")
+    track_gap_s: float = Field(60.0, gt=0, description="an edge track id seen again after this gap starts a new track "
+                                                        "(edge nodes reuse ids after a restart)")
 
 
 class HttpConfig(_Strict):
@@ -219,6 +227,7 @@ class MatcherConfig(_Strict):
     ingest: IngestConfig  # required: the endpoint and its security
     index: IndexConfig = IndexConfig()
     retention: RetentionConfig = RetentionConfig()
+    query: QueryConfig = QueryConfig()
     http: HttpConfig
     models: list[Path] = Field(default_factory=list, description="ONNX embedders for image queries, one per model version")
     metrics: MetricsConfig = MetricsConfig()
@@ -242,9 +251,18 @@ def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
         node = raw
         for k in key[:-1]:
             node = node.get(k) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(key[-1]), str):
-            p = Path(node[key[-1]]).expanduser()
-            node[key[-1]] = os.path.normpath(p if p.is_absolute() else base / p)
+        if not isinstance(node, dict):
+            continue
+        value = node.get(key[-1])
+        if isinstance(value, str):
+            node[key[-1]] = _resolve(value, base)
+        elif isinstance(value, list):  # a list of paths, like the matcher's models
+            node[key[-1]] = [_resolve(v, base) if isinstance(v, str) else v for v in value]
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return os.path.normpath(p if p.is_absolute() else base / p)
 
 
 def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -> C:
@@ -286,7 +304,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
 
 
 MATCHER_PATH_KEYS = [
-    ("data_dir",), ("http", "token_file"),
+    ("data_dir",), ("http", "token_file"), ("models",),
     ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
 ]
 

@@ -1,72 +1,143 @@
-"""The demo: an edge node and a receiver on the footage shipped in `data/demo`.
+"""The demo: edge node → matcher → a cross-camera query, on the footage shipped in `data/demo`.
 
     $ crossview demo                  # builds the default embedder on first use
-    >>> run_demo(Path("configs/demo.yaml"))
+    $ crossview demo --serve          # then keeps the matcher's web page up until Ctrl-C
+    >>> run_demo(Path("configs/demo.yaml"), Path("runs/demo"))
 
-Prints, per camera, what the node saw and what the receiver got over ZeroMQ.
+The edge node runs four cameras: two cut from one real overhead view (`campus-a` is its first ten
+seconds, `campus-b` the next ten, so the same people walk through both) and the two TUD street
+clips. The matcher ingests everything; then the longest track of `campus-a` is looked up on the
+other cameras. Prints what each camera saw, the matches, and writes an HTML report with thumbnails.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import logging
+import secrets
+import shutil
+import signal
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
-from crossview.config import load_edge_config
-from matcher.ingest import Receiver
+from crossview.config import EdgeConfig, MatcherConfig, load_edge_config, parse_config
 
 log = logging.getLogger(__name__)
+QUERY_CAMERA = "campus-a"
 
 
 def ensure_default_embedder(path: Path) -> None:
     if path.is_file():
         return
-    from trainer.export import (
-        build_default_embedder,  # torch is only needed to build it
-    )
+    from trainer.export import build_default_embedder  # torch is only needed to build it
 
     log.info("building the default embedder (MobileNetV2, ImageNet weights) into %s", path)
     build_default_embedder(path)
 
 
-def _receive(rx: Receiver, got: dict, stop: threading.Event) -> None:
-    while not stop.is_set():
-        s = rx.receive(timeout=0.2)
-        if s is not None:
-            got[s.camera]["messages"] += 1
-            got[s.camera]["tracks"].add(s.track)
+def _matcher_config(edge: EdgeConfig, data_dir: Path) -> MatcherConfig:
+    return parse_config({
+        "data_dir": str(data_dir),
+        "ingest": {"endpoint": edge.publisher.endpoint, "security": {"mode": "plain"}},
+        "http": {"token": secrets.token_urlsafe(24), "port": 0},
+        "models": [str(edge.embedder.model)],
+    }, MatcherConfig)
 
 
-def run_demo(config: Path) -> int:
+def run_demo(config: Path, out: Path, serve: bool = False) -> int:
     from edge.node import EdgeNode
+    from matcher.query import Filters
+    from matcher.service import Matcher
 
-    cfg = load_edge_config(config)
-    ensure_default_embedder(cfg.embedder.model)
-    rx = Receiver(cfg.publisher.endpoint)
-    got: dict = defaultdict(lambda: {"messages": 0, "tracks": set()})
-    stop = threading.Event()
-    thread = threading.Thread(target=_receive, args=(rx, got, stop), name="demo-receiver", daemon=True)
-    thread.start()
+    edge_cfg = load_edge_config(config)
+    ensure_default_embedder(edge_cfg.embedder.model)
+    shutil.rmtree(out, ignore_errors=True)  # each demo starts from an empty matcher
+    matcher = Matcher(_matcher_config(edge_cfg, out / "matcher"))
+    matcher.start()
     try:
-        stats = EdgeNode(cfg).run()
-        published = sum(s.published for s in stats.values())
-        deadline = time.monotonic() + 5.0  # let the receiver drain what is still in flight
-        while rx.accepted < published and time.monotonic() < deadline:
-            time.sleep(0.1)
+        stats = EdgeNode(edge_cfg).run()
+        _drain(matcher, sum(s.published for s in stats.values()))
+        _print_cameras(stats, matcher)
+        result = _cross_camera_query(matcher, Filters(top_k=5, cameras=[c for c in stats if c != QUERY_CAMERA]))
+        if result is None:
+            print(f"\nno track on {QUERY_CAMERA} to look up")
+            return 1
+        query, hits = result
+        print(f"\nWhere else was {QUERY_CAMERA} track {query.track} seen?\n{hits.to_text()}")
+        report = _write_report(out / "report.html", matcher, query, hits)
+        print(f"\nreport with thumbnails: {report}")
+        if serve:
+            _serve_until_interrupted(matcher)
     finally:
-        stop.set()
-        thread.join()
-        rx.close()
-    _print_summary(stats, got, rx)
-    return 0 if any(s.frames for s in stats.values()) else 1
+        matcher.stop()
+    return 0
 
 
-def _print_summary(stats: dict, got: dict, rx: Receiver) -> None:
-    header = f"{'camera':<18} {'status':<9} {'frames':>6} {'people':>6} {'published':>9} {'dropped':>7} {'received':>8}"
+def _drain(matcher, published: int, wait_s: float = 10.0) -> None:
+    """Let the matcher commit what is still in flight before reporting."""
+    deadline = time.monotonic() + wait_s
+    while matcher.accepted < published and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _print_cameras(stats: dict, matcher) -> None:
+    header = f"{'camera':<16} {'status':<9} {'frames':>6} {'people':>6} {'published':>9} {'dropped':>7} {'stored':>7}"
     print("\n" + header + "\n" + "-" * len(header))
     for cid, s in stats.items():
-        print(f"{cid:<18} {s.status:<9} {s.frames:>6} {len(s.tracks):>6} {s.published:>9} {s.dropped:>7} {got[cid]['messages']:>8}")
-    print(f"\nreceiver: {rx.accepted} valid sightings, {sum(rx.rejected.values())} rejected; "
-          "people = distinct tracks per camera")
+        print(f"{cid:<16} {s.status:<9} {s.frames:>6} {len(s.tracks):>6} {s.published:>9} {s.dropped:>7} "
+              f"{matcher.accepted_by_camera[cid]:>7}")
+    print("people = distinct tracks per camera; stored = sightings committed by the matcher")
+
+
+def _cross_camera_query(matcher, filters):
+    """The longest track of the query camera, and where else it was seen."""
+    sightings = matcher.recent(QUERY_CAMERA, limit=100000)
+    if not sightings:
+        return None
+    counts: dict[int, int] = {}
+    for s in sightings:
+        counts[s.track] = counts.get(s.track, 0) + 1
+    track = max(counts, key=counts.get)
+    query = next(s for s in sightings if s.track == track)  # the newest: its embedding is the track's mean
+    return query, matcher.search_sighting(query.id, filters)
+
+
+def _img(matcher, sighting_id: int) -> str:
+    jpg = matcher.thumbnail(sighting_id)
+    if not jpg:
+        return "<span>no thumbnail</span>"
+    return f'<img src="data:image/jpeg;base64,{base64.b64encode(jpg).decode()}" alt="sighting {sighting_id}">'
+
+
+def _write_report(path: Path, matcher, query, result) -> Path:
+    rows = []
+    for cam, hits in result.cameras.items():
+        cells = "".join(
+            f'<figure>{_img(matcher, s.id)}<figcaption>track {h.track} · {h.score:.2f}<br>'
+            f'{time.strftime("%H:%M:%S", time.localtime(s.ts))}</figcaption></figure>'
+            for h in hits for s in h.sightings
+        )
+        rows.append(f"<h2>{html.escape(cam)}</h2><div class=row>{cells}</div>")
+    path.write_text(
+        "<!doctype html><meta charset=utf-8><title>Crossview demo</title>"
+        "<style>body{font:14px sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0;text-align:center}img{height:128px}</style>"
+        f"<h1>Where else was {html.escape(QUERY_CAMERA)} track {query.track} seen?</h1>"
+        f"<figure>{_img(matcher, query.id)}<figcaption>query: sighting {query.id}</figcaption></figure>"
+        + ("".join(rows) or "<p>no matching tracks</p>")
+    )
+    return path.resolve()
+
+
+def _serve_until_interrupted(matcher) -> None:
+    from matcher.api import serve
+
+    server = serve(matcher, matcher.cfg.http)
+    print(f"\nweb page: {server.url}  (token: {matcher.cfg.http.token})  Ctrl-C to stop")
+    done = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    done.wait()
+    server.stop()

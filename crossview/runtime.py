@@ -31,3 +31,4 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on every run

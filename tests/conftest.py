@@ -79,3 +79,13 @@ def tud_crops(tud_frames):
         return out
 
     return crops
+
+
+@pytest.fixture(scope="session")
+def live_matcher(tmp_path_factory, default_model, tud_frames):
+    """A running matcher fed with TUD-Campus sightings on cameras gate and hall, its HTTP API on 127.0.0.1
+    (see `live_matcher.py`). Shared by the API and web page tests, which only read from it."""
+    from live_matcher import LiveMatcher
+
+    with LiveMatcher(tmp_path_factory.mktemp("matcher"), default_model, tud_frames) as live:
+        yield live

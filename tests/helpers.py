@@ -6,7 +6,16 @@
 | `jpeg_frames(path, n)` | the first `n` frames of a video, JPEG-encoded                              |
 | `raw_export(...)`      | ONNX export without the contract checks, for models that break it           |
 | `MjpegServer`          | `multipart/x-mixed-replace` stream on 127.0.0.1 that a test can kill, restart or stall |
+| `edge_config(model, cams)` | an `EdgeConfig` for tests: HOG, plain ZeroMQ, the given embedder          |
+| `matcher_config(dir)`  | a `MatcherConfig` for tests: plain ZeroMQ on a free port, data in `dir`    |
+| `person_world(...)`    | synthetic sightings: people walking past cameras, one edge track per person and camera |
+| `Pusher(endpoint)`     | a real ZeroMQ PUSH socket, as an edge node has, for sightings or raw bytes |
+| `wait_until(cond, s)`  | poll until `cond()` holds, or fail saying what was awaited                |
+| `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
 
+    >>> world = person_world(persons=20)           # world.sightings, world.centers, world.track(p, "gate")
+    >>> with Pusher(matcher.endpoint) as push:
+    ...     push.send(world.sightings)
     >>> with MjpegServer(jpeg_frames(shared_data("vtest.avi"), 50)) as cam:
     ...     cap = cv2.VideoCapture(cam.url, cv2.CAP_FFMPEG)
     ...     cam.stall()   # keep the connection open but send nothing; cam.resume() sends again
@@ -24,12 +33,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
+import faiss
+import numpy as np
 import onnx
 import pytest
 import torch
+import zmq
 from torch import nn
 
+from crossview.config import EdgeConfig, MatcherConfig, parse_config
 from crossview.modelmeta import ModelMeta
+from crossview.wire import Sighting, encode
 from trainer.export import IMAGENET_MEAN, IMAGENET_STD
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -168,3 +182,128 @@ def raw_export(module: nn.Module, example: torch.Tensor, path: Path, meta: Model
 
 # Metadata for tiny contract-breaking models: 32x16 input, 8-d output.
 TINY_META = ModelMeta("bad", "bad-1", 32, 16, IMAGENET_MEAN, IMAGENET_STD, 8)
+
+
+def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0.1:9", **sections) -> EdgeConfig:
+    """A node config; the default endpoint has no listener, as when the matcher is down."""
+    raw = {
+        "node_id": "test-edge",
+        "cameras": cameras,
+        # People in TUD are large and vtest's are small: upscale only as much as the test needs.
+        "detector": {"kind": "hog", "hog": {"upscale": 1.0}},
+        "embedder": {"model": str(model), "reload_check_s": 0.2},
+        "publisher": {"endpoint": endpoint, "security": {"mode": "plain"}},
+        "metrics": {"log_interval_s": 2},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return parse_config(raw, EdgeConfig)
+
+
+# -- matcher -------------------------------------------------------------------------------------
+
+TINY_JPEG = cv2.imencode(".jpg", np.full((16, 8, 3), 128, np.uint8))[1].tobytes()
+T0 = 1_700_000_000.0
+
+
+def matcher_config(data_dir: Path, **sections) -> MatcherConfig:
+    """Plain ZeroMQ on a free port of 127.0.0.1; `sections` update the defaults one section at a time."""
+    raw: dict = {
+        "data_dir": str(data_dir),
+        "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}, "batch_wait_ms": 2},
+        "http": {"token": "test-token-0123456789"},
+        "metrics": {"log_interval_s": 2},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    return parse_config(raw, MatcherConfig)
+
+
+def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def make_sighting(vec: np.ndarray, node: str = "edge-1", camera: str = "gate", ts: float = T0, frame: int = 0,
+                  track: int = 1, model: str = "m1", thumbnail: bytes | None = TINY_JPEG) -> Sighting:
+    return Sighting(node, camera, ts, frame, track, (10.0, 20.0, 50.0, 140.0), 0.9, np.asarray(vec, np.float32), model, thumbnail)
+
+
+class PersonWorld:
+    """`persons` people each walking once past every camera: one edge track per (person, camera).
+
+    A track's sightings are noisy copies of its person's unit vector, less noisy later on (edges send
+    a running mean). Camera j is visited around T0 + j * 10000 s, person p at + p * 60 s, so time
+    windows select cameras. Cameras 0 and 1 are on node edge-1, the rest on edge-2; track id = p + 1.
+    """
+
+    def __init__(self, persons: int, cameras: tuple[str, ...], dim: int, per_track: int, model: str, seed: int, noise: float):
+        rng = np.random.default_rng(seed)
+        self.cameras, self.model, self.per_track = cameras, model, per_track
+        self.centers = unit_vectors(rng, persons, dim)
+        self.sightings: list[Sighting] = []
+        for j, cam in enumerate(cameras):
+            for p in range(persons):
+                for s in range(per_track):
+                    sigma = noise * (1 - s / (per_track + 1))
+                    v = self.centers[p] + sigma * rng.standard_normal(dim).astype(np.float32) / np.sqrt(dim)
+                    node, _, track = self.track(p, cam)
+                    self.sightings.append(make_sighting(v / np.linalg.norm(v), node, cam, self.ts(p, j, s), 10 * s, track, model))
+
+    @staticmethod
+    def ts(person: int, camera_index: int, s: int = 0) -> float:
+        return T0 + camera_index * 10_000 + person * 60 + s
+
+    def track(self, person: int, camera: str) -> tuple[str, str, int]:
+        """(node, camera, edge track id) of a person's track on a camera."""
+        return ("edge-1" if self.cameras.index(camera) < 2 else "edge-2"), camera, person + 1
+
+
+def person_world(persons: int = 20, cameras: tuple[str, ...] = ("gate", "hall", "street"), dim: int = 64, per_track: int = 6,
+                 model: str = "m1", seed: int = 0, noise: float = 0.35) -> PersonWorld:
+    return PersonWorld(persons, cameras, dim, per_track, model, seed, noise)
+
+
+class Pusher:
+    """A ZeroMQ PUSH socket connected to the matcher, like an edge node's publisher."""
+
+    def __init__(self, endpoint: str):
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # unlimited: a test's messages are never dropped on this side
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(endpoint)
+
+    def send(self, sightings: list[Sighting]) -> None:
+        for s in sightings:
+            self.sock.send(encode(s))
+
+    def send_raw(self, *messages: bytes) -> None:
+        for m in messages:
+            self.sock.send(m)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+    def __enter__(self) -> "Pusher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def index_ids(index: faiss.Index) -> set[int]:
+    if isinstance(index, faiss.IndexIDMap2):
+        return set(faiss.vector_to_array(index.id_map).tolist())
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    return {int(i) for n in range(ivf.nlist) for i in faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n))}

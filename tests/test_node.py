@@ -20,10 +20,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_META, MjpegServer, jpeg_frames, raw_export, shared_data
+from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data
 from torch import nn
 
-from crossview.config import EdgeConfig, parse_config
 from crossview.wire import Sighting
 from edge.node import EdgeNode
 from edge.ort import ModelError
@@ -31,22 +30,6 @@ from matcher.ingest import Receiver
 from trainer.backbones import GapEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0.1:9", **sections) -> EdgeConfig:
-    """A node config; the default endpoint has no listener, as when the matcher is down."""
-    raw = {
-        "node_id": "test-edge",
-        "cameras": cameras,
-        # People in TUD are large and vtest's are small: upscale only as much as the test needs.
-        "detector": {"kind": "hog", "hog": {"upscale": 1.0}},
-        "embedder": {"model": str(model), "reload_check_s": 0.2},
-        "publisher": {"endpoint": endpoint, "security": {"mode": "plain"}},
-        "metrics": {"log_interval_s": 2},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    return parse_config(raw, EdgeConfig)
 
 
 class Collector:

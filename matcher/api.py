@@ -1,0 +1,267 @@
+"""The matcher's HTTP JSON API and web page (FastAPI), and the server thread that runs them.
+
+| path                                     | what                                                   |
+|------------------------------------------|--------------------------------------------------------|
+| `GET /`                                  | the web page (`matcher/web/`); no token, it asks for one |
+| `GET /api/v1/health`                     | liveness; no token                                     |
+| `GET /api/v1/stats`, `/cameras`          | matcher totals; cameras with their counts              |
+| `GET /api/v1/sightings?camera=&limit=`   | newest sightings, for picking one                      |
+| `GET /api/v1/sightings/{id}[/thumbnail]` | one sighting; its JPEG thumbnail                       |
+| `POST /api/v1/query`                     | by embedding + model, by sighting id or by edge track  |
+| `POST /api/v1/query/image`               | by an uploaded JPEG/PNG crop + model (multipart)       |
+| `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
+
+Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`, compared in constant
+time; there is no `?token=` form, so the token never lands in URLs, logs or browser history (the page
+fetches thumbnails with the header and shows them as blob URLs). Errors are `{"detail": "..."}`:
+401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`);
+a malformed request is FastAPI's 422 with one entry per field.
+
+    >>> server = serve(matcher, cfg.http)     # binds cfg.http.host (127.0.0.1 unless configured)
+    >>> server.url
+    'http://127.0.0.1:8080/'
+    >>> server.stop()
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import cv2
+import numpy as np
+import pydantic
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+
+from crossview import __version__
+from crossview.config import HttpConfig
+from matcher.schemas import (
+    API_PREFIX,
+    CameraOut,
+    ErrorOut,
+    HealthOut,
+    ImageQueryForm,
+    QueryIn,
+    QueryOut,
+    SightingOut,
+    StatsOut,
+)
+from matcher.service import Matcher
+
+log = logging.getLogger(__name__)
+WEB_DIR = Path(__file__).with_name("web")
+MAX_UPLOAD_BYTES = 10 << 20
+# The page loads nothing from elsewhere; thumbnails are blob URLs made from authenticated fetches.
+PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+_BEARER = HTTPBearer(auto_error=False, description="the token from the matcher's `http.token` or `http.token_file`")
+_ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong token"}}
+_NOT_FOUND = {404: {"model": ErrorOut, "description": "no such sighting (or it has no thumbnail)"}}
+_QUERY_ERRORS = {400: {"model": ErrorOut, "description": "a bad query or image"},
+                 404: {"model": ErrorOut, "description": "unknown sighting, track or model"}}
+
+
+def _token_check(token: str):
+    """A dependency that lets a request through only with the bearer token."""
+    expected = token.encode()
+
+    def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if creds is None or not secrets.compare_digest(creds.credentials.encode(), expected):
+            raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """BGR pixels of an uploaded JPEG or PNG; `ValueError` naming what is wrong with it."""
+    if not data:
+        raise ValueError(f"upload {name!r} is empty")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise ValueError(f"upload {name!r} is larger than {MAX_UPLOAD_BYTES >> 20} MiB; send a person crop")
+    if data.startswith(b"\xff\xd8"):
+        kind = "JPEG"
+        # libjpeg pads a cut-off file with grey instead of failing, so check the end-of-image marker.
+        if not data.rstrip(b"\0\r\n").endswith(b"\xff\xd9"):
+            raise ValueError(f"upload {name!r} is a truncated or corrupt JPEG (no end-of-image marker)")
+    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
+        kind = "PNG"
+    else:
+        raise ValueError(f"upload {name!r} is not a JPEG or PNG image (it starts with {data[:8]!r})")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"upload {name!r} is a corrupt {kind}: it could not be decoded")
+    return image
+
+
+def _api_router(matcher: Matcher, token: str) -> APIRouter:
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(token))], responses=_ERRORS)
+
+    @api.get("/stats", summary="Matcher totals: sightings, models, ingest and index state")
+    def stats() -> StatsOut:
+        return StatsOut.model_validate(matcher.stats())
+
+    @api.get("/cameras", summary="Every camera with its sighting and track counts")
+    def cameras() -> list[CameraOut]:
+        return [CameraOut.model_validate(c) for c in matcher.cameras()]
+
+    @api.get("/sightings", summary="Newest sightings first, of one camera or all")
+    def recent(camera: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[SightingOut]:
+        return [SightingOut.model_validate(r) for r in matcher.recent(camera=camera, limit=limit)]
+
+    @api.get("/sightings/{sighting_id}", summary="One sighting", responses=_NOT_FOUND)
+    def sighting(sighting_id: int) -> SightingOut:
+        record = matcher.sighting(sighting_id)
+        if record is None:
+            raise LookupError(f"no sighting {sighting_id}")
+        return SightingOut.model_validate(record)
+
+    @api.get("/sightings/{sighting_id}/thumbnail", summary="A sighting's JPEG thumbnail", response_class=Response,
+             responses={**_NOT_FOUND, 200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
+    def thumbnail(sighting_id: int) -> Response:
+        jpeg = matcher.thumbnail(sighting_id)
+        if jpeg is None:
+            raise LookupError(f"sighting {sighting_id} does not exist or has no thumbnail")
+        # Personal data: no copy in the browser's disk cache outlives retention (the page keeps its own in memory).
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    @api.post("/query", summary="Where else was this person seen", responses=_QUERY_ERRORS)
+    def query(body: QueryIn) -> QueryOut:
+        filters = body.filters()
+        if body.sighting_id is not None:
+            result = matcher.search_sighting(body.sighting_id, filters)
+        elif body.track is not None:
+            t = body.track
+            result = matcher.search_track(t.node, t.camera, t.track, t.model, filters)
+        else:
+            result = matcher.search_embedding(np.asarray(body.embedding, np.float32), body.model, filters)
+        return QueryOut.model_validate(result)
+
+    @api.post("/query/image", summary="Where was the person in this crop seen", responses=_QUERY_ERRORS)
+    def query_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
+                    form: Annotated[ImageQueryForm, Form()]) -> QueryOut:
+        pixels = decode_image(image.file.read(MAX_UPLOAD_BYTES + 1), image.filename or "image")
+        return QueryOut.model_validate(matcher.search_image(pixels, form.model, form.filters()))
+
+    return api
+
+
+def _error(status: int):
+    def handler(_: Request, exc: Exception) -> JSONResponse:
+        detail = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    return handler
+
+
+def _schema_bug(_: Request, exc: Exception) -> JSONResponse:
+    # pydantic's ValidationError is a ValueError, but here it means our answer broke our schema: not a 400.
+    log.error("HTTP API answer does not fit its schema: %s", exc)
+    return JSONResponse({"detail": "internal error: the answer did not fit the API schema (see the matcher's log)"},
+                        status_code=500)
+
+
+def create_app(matcher: Matcher, token: str) -> FastAPI:
+    """The API and page over `matcher`; every `/api/v1` path but health needs `token`."""
+    if not token:
+        raise ValueError("the HTTP API needs a token")
+    app = FastAPI(title="Crossview matcher", version=__version__,
+                  description="Where else was this person seen: sightings from the edge nodes, searched by appearance.")
+    app.add_exception_handler(LookupError, _error(404))
+    app.add_exception_handler(ValueError, _error(400))
+    app.add_exception_handler(pydantic.ValidationError, _schema_bug)
+
+    @app.get(f"{API_PREFIX}/health", summary="Liveness; needs no token")
+    def health() -> HealthOut:
+        return HealthOut()
+
+    app.include_router(_api_router(matcher, token))
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={
+            "Content-Security-Policy": PAGE_CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    return app
+
+
+def load_token(cfg: HttpConfig) -> str:
+    """The bearer token from `http.token` or `http.token_file`; `ValueError` if it is missing or too short."""
+    if cfg.token is not None:
+        return cfg.token
+    if cfg.token_file is None:
+        raise ValueError("http: set token or token_file; the HTTP API does not run without a token")
+    try:
+        token = Path(cfg.token_file).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"http.token_file: {cfg.token_file}: cannot read the token ({e.strerror})") from None
+    if len(token) < 16:
+        raise ValueError(f"http.token_file: {cfg.token_file}: the token must be at least 16 characters")
+    return token
+
+
+class ApiServer:
+    """uvicorn serving `app` from a background thread, on a socket bound before the thread starts
+    (so a busy port fails here, and port 0 is known at once)."""
+
+    def __init__(self, app: FastAPI, host: str, port: int):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self._sock.bind((host, port))
+        except OSError as e:
+            self._sock.close()
+            raise OSError(e.errno, f"HTTP API: cannot listen on {host}:{port}: {e.strerror}") from None
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, name="http-api",
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 10.0) -> "ApiServer":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"HTTP API on {self.url} stopped while starting; see the log above")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HTTP API on {self.url} did not start within {timeout:.0f} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(matcher: Matcher, cfg: HttpConfig) -> ApiServer:
+    """Start the API and page on `cfg.host:cfg.port` in a background thread; `.stop()` shuts it down."""
+    server = ApiServer(create_app(matcher, load_token(cfg)), cfg.host, cfg.port).start()
+    log.info("HTTP API and web page on %s (bearer token required)", server.url)
+    if not _is_loopback(cfg.host):
+        log.warning("HTTP API listens on %s, reachable from the network in plain HTTP: put TLS in front of it", cfg.host)
+    return server

@@ -1,0 +1,118 @@
+"""A small client for a running matcher's HTTP API (stdlib only), used by `crossview query --url`.
+
+| what              | how                                                                           |
+|-------------------|-------------------------------------------------------------------------------|
+| token             | `read_token(path)`: from a file, else `$CROSSVIEW_TOKEN`                      |
+| JSON query        | `query({"sighting_id": 12, "top_k": 5})` → the `/api/v1/query` answer (a dict) |
+| image query       | `query_image(jpeg_bytes, "crop.jpg", model, filters)` (multipart upload)      |
+| back to objects   | `result_from_dict(d)` → `QueryResult`, so the CLI prints the same table either way |
+| errors            | 404 → `LookupError`, 400/422 → `ValueError`, 401 → `PermissionError`, no server → `ConnectionError`; |
+|                   | each with the server's own message                                            |
+
+    >>> client = MatcherClient("http://127.0.0.1:8080", read_token(Path("keys/http-token")))
+    >>> result_from_dict(client.query({"sighting_id": 123})).to_text()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from matcher.query import QueryResult, TrackHit
+from matcher.store import SightingRecord
+
+API_PREFIX = "/api/v1"
+TOKEN_ENV = "CROSSVIEW_TOKEN"
+
+
+def read_token(token_file: Path | None) -> str:
+    """The API token from `token_file`, else from $CROSSVIEW_TOKEN (never a command-line argument: `ps` shows those)."""
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"--token-file {token_file}: cannot read the token ({e.strerror})") from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise ValueError(f"the matcher's HTTP API needs its token: --token-file FILE or ${TOKEN_ENV}")
+    return token
+
+
+def encode_multipart(fields: dict[str, object], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data request; list values become repeated fields,
+    `files` maps a field to (file name, bytes, content type)."""
+    boundary = f"crossview-{secrets.token_hex(12)}"
+    parts = []
+    for name, value in fields.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
+    for name, (filename, data, content_type) in files.items():
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n")
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def _detail(err: urllib.error.HTTPError) -> str:
+    try:
+        detail = json.loads(err.read()).get("detail")
+    except ValueError:
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(detail, list):  # a malformed request: FastAPI lists each field's problem
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
+    return str(detail)
+
+
+class MatcherClient:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+
+    def _call(self, path: str, body: bytes, content_type: str) -> dict:
+        req = urllib.request.Request(f"{self.url}{API_PREFIX}{path}", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as res:
+                return json.load(res)
+        except urllib.error.HTTPError as e:
+            message = f"{self.url}: {_detail(e)}"
+            if e.code == 404:
+                raise LookupError(message) from None
+            if e.code == 401:
+                raise PermissionError(message) from None
+            if e.code in (400, 422):
+                raise ValueError(message) from None
+            raise ConnectionError(f"{self.url}: HTTP {e.code}: {_detail(e)}") from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"cannot reach the matcher at {self.url}: {e.reason}") from None
+
+    def query(self, body: dict) -> dict:
+        """POST /api/v1/query: `body` holds one of embedding + model, sighting_id or track, plus filters."""
+        return self._call("/query", json.dumps(body).encode(), "application/json")
+
+    def query_image(self, image: bytes, filename: str, model: str, filters: dict) -> dict:
+        """POST /api/v1/query/image with a JPEG or PNG crop; `None` filters are left out."""
+        kind = "image/png" if image.startswith(b"\x89PNG") else "image/jpeg"
+        fields = {"model": model, **{k: v for k, v in filters.items() if v is not None}}
+        body, content_type = encode_multipart(fields, {"image": (filename, image, kind)})
+        return self._call("/query/image", body, content_type)
+
+
+def _record(d: dict) -> SightingRecord:
+    return SightingRecord(d["id"], d["node"], d["camera"], d["ts"], d["frame"], d["track"], d["track_id"], tuple(d["box"]),
+                          d["det_score"], d["model"], d["has_thumbnail"])
+
+
+def result_from_dict(d: dict) -> QueryResult:
+    """The inverse of `QueryResult.to_dict()` (the API answers with its superset)."""
+    cameras = {
+        cam: [TrackHit(h["node"], h["camera"], h["track"], h["model"], h["score"], h["first_ts"], h["last_ts"],
+                       _record(h["best"]), [_record(s) for s in h["sightings"]], h["track_id"], h["n_sightings"])
+              for h in hits]
+        for cam, hits in d["cameras"].items()
+    }
+    return QueryResult(d["model"], d["query"], cameras)

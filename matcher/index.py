@@ -1,0 +1,404 @@
+"""FAISS partitions, one per embedding-model version, so vectors of different versions are never compared.
+
+| what            | how                                                                                  |
+|-----------------|--------------------------------------------------------------------------------------|
+| metric          | inner product on L2-normalised vectors (cosine similarity); FAISS ids = store ids    |
+| small partition | exact: `IDMap2,Flat`                                                                 |
+| past exact_max  | `IVF{nlist},Flat` trained on the partition's own data (nlist ≈ 4·√N, ≤ nlist_max, ≥ 39 points a list), |
+|                 | or `IDMap2,HNSW{M}` with `kind: hnsw`                                                |
+| rebuild         | background thread: reads the store up to the partition's highest id, trains, then swaps under the |
+|                 | partition lock and applies what arrived or was removed meanwhile; ingest and queries never wait for it |
+| removal         | `remove_ids` (flat, IVF); HNSW cannot remove, so its ids are tombstoned, filtered from searches |
+|                 | by an `IDSelector`, and purged by a rebuild once they are 10% of the graph            |
+| snapshots       | `save()`: per partition `<key>-<n>.faiss` (temp file + fsync + os.replace) and a `<key>.json` sidecar |
+|                 | naming that file, the highest sighting id in it and the deletion-log position         |
+| recovery        | `recover()`: load snapshots, add the store's sightings above each snapshot's highest id, |
+|                 | apply deletions logged after its position; a model without a usable snapshot is rebuilt from the store |
+
+    >>> index = Index(cfg.index, store, data_dir / "index")
+    >>> index.recover()
+    >>> index.add("osnet-3", ids, vecs)          # after the store committed them
+    >>> scores, ids = index.search("osnet-3", query_vec, k=80)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from crossview.config import IndexConfig
+from matcher.store import Store
+
+log = logging.getLogger(__name__)
+
+_IP = faiss.METRIC_INNER_PRODUCT
+_MIN_POINTS_PER_LIST = 39  # FAISS warns below this many training points per IVF list
+_IVF_GROWTH = 4  # an IVF partition this many times its training size gets more lists
+_TOMBSTONE_SHARE = 0.1
+SNAPSHOT_FORMAT = 1
+
+
+def nlist_for(n: int, cap: int) -> int:
+    return max(1, min(cap, int(4 * math.sqrt(n)), n // _MIN_POINTS_PER_LIST))
+
+
+def build_index(kind: str, dim: int, ids: np.ndarray, vecs: np.ndarray, cfg: IndexConfig) -> faiss.Index:
+    """A new index of `kind` holding `vecs` under `ids`; IVF is trained on them first."""
+    if kind == "flat":
+        index = faiss.index_factory(dim, "IDMap2,Flat", _IP)
+    elif kind == "hnsw":
+        index = faiss.index_factory(dim, f"IDMap2,HNSW{cfg.hnsw_m}", _IP)
+        faiss.downcast_index(index.index).hnsw.efSearch = cfg.hnsw_ef_search
+    elif kind == "ivf":
+        index = faiss.index_factory(dim, f"IVF{nlist_for(len(ids), cfg.nlist_max)},Flat", _IP)
+        index.cp.niter = 10  # k-means on unit vectors settles fast; training runs on ingest's cores
+        index.cp.max_points_per_centroid = 64
+        index.train(vecs)
+        index.nprobe = cfg.nprobe
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    if len(ids):
+        index.add_with_ids(vecs, ids)
+    return index
+
+
+class Partition:
+    """One model version's vectors. Every use of `index` holds `lock`; a rebuild swaps it under the lock."""
+
+    def __init__(self, model: str, dim: int, index: faiss.Index, kind: str, max_id: int = 0, built_n: int = 0,
+                 tombstones: set[int] | None = None):
+        self.model, self.dim, self.index, self.kind = model, dim, index, kind
+        self.max_id = max_id  # highest sighting id added: the store holds nothing newer that is not here too
+        self.built_n = built_n  # vectors the current index was built (trained) on
+        self.tombstones = tombstones or set()
+        self.lock = threading.Lock()
+        self.version = 0  # bumped by every change, so an unchanged partition is not written again
+        self.pending: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None  # changes during a rebuild
+        self.saved: dict | None = None  # sidecar of the snapshot on disk
+        self._params: tuple | None = None  # (k, SearchParameters, selector refs) for HNSW
+
+    @property
+    def size(self) -> int:
+        return self.index.ntotal - len(self.tombstones)
+
+    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+        with self.lock:
+            self.index.add_with_ids(vecs, ids)
+            self.max_id = max(self.max_id, int(ids.max()))
+            self.version += 1
+            if self.pending is not None:
+                self.pending.append(("add", ids, vecs))
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Remove ids that are in the index (ids not in it would skew an HNSW partition's tombstone count)."""
+        with self.lock:
+            self._drop(ids)
+            self.version += 1
+            if self.pending is not None:
+                self.pending.append(("remove", ids, None))
+
+    def _drop(self, ids: np.ndarray) -> None:
+        if self.kind == "hnsw":
+            self.tombstones.update(ids.tolist())
+            self._params = None
+        else:
+            self.index.remove_ids(ids)
+
+    def search(self, vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), best first; fewer than k when the partition (or the probed lists) hold fewer."""
+        with self.lock:
+            k = min(k, self.index.ntotal)
+            if k <= 0:
+                return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            scores, ids = self.index.search(vec.reshape(1, -1), k, params=self._search_params(k))
+        keep = ids[0] >= 0
+        return scores[0][keep], ids[0][keep]
+
+    def _search_params(self, k: int) -> faiss.SearchParameters | None:
+        if self.kind != "hnsw":
+            return None
+        if self._params is None or self._params[0] != k:
+            ef = faiss.downcast_index(self.index.index).hnsw.efSearch
+            refs: tuple = ()
+            params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
+            if self.tombstones:
+                batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
+                params.sel = faiss.IDSelectorNot(batch)
+                refs = (batch, params.sel)  # SWIG does not keep these alive for us
+            self._params = (k, params, refs)
+        return self._params[1]
+
+    def swap(self, index: faiss.Index, kind: str, built_ids: np.ndarray) -> int:
+        """Install a rebuilt index and replay onto it what changed since the rebuild began; returns that count."""
+        pending, self.pending = self.pending or [], None
+        self.index, self.kind, self.built_n = index, kind, len(built_ids)
+        self.tombstones, self._params = set(), None
+        added = [built_ids]
+        for op, ids, vecs in pending:
+            if op == "add":
+                index.add_with_ids(vecs, ids)
+                added.append(ids)
+            else:  # a removal may name ids the rebuild already left out: drop only what is there
+                self._drop(ids[np.isin(ids, np.concatenate(added))])
+        self.version += 1
+        return len(pending)
+
+    def stats(self) -> dict:
+        return {"size": self.size, "kind": self.kind, "dim": self.dim, "rebuilding": self.pending is not None}
+
+
+def _key(model: str) -> str:
+    """A file name for a model version: readable, and unique through a hash of the exact name."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model)[:60]}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+
+
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Index:
+    def __init__(self, cfg: IndexConfig, store: Store, snapshot_dir: Path, read_only: bool = False):
+        self.cfg, self.store, self.dir, self.read_only = cfg, store, Path(snapshot_dir), read_only
+        self.partitions: dict[str, Partition] = {}
+        self.del_pos = 0  # deletion-log position applied to every partition
+        self._lock = threading.Lock()
+        self._rebuilds: dict[str, threading.Thread] = {}
+        self._closed = False
+        if not read_only:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def add(self, model: str, ids: np.ndarray, vecs: np.ndarray) -> None:
+        with self._lock:
+            p = self.partitions.get(model)
+            if p is None:
+                empty = build_index("flat", vecs.shape[1], ids[:0], vecs[:0], self.cfg)
+                p = self.partitions[model] = Partition(model, vecs.shape[1], empty, "flat")
+        p.add(ids, vecs)
+        self.maybe_rebuild(p)
+
+    def remove(self, by_model: dict[str, list[int]], del_pos: int) -> None:
+        """Apply deletions the store committed up to log position `del_pos`."""
+        for model, ids in by_model.items():
+            if (p := self.partitions.get(model)) is not None:
+                p.remove(np.asarray(ids, np.int64))
+                self.maybe_rebuild(p)
+        self.del_pos = max(self.del_pos, del_pos)  # only now: a snapshot may claim this position
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def partition(self, model: str) -> Partition:
+        p = self.partitions.get(model)
+        if p is None:
+            known = ", ".join(sorted(self.partitions)) or "none"
+            raise LookupError(f"no sightings of embedding model version {model!r} (indexed versions: {known})")
+        return p
+
+    def search(self, model: str, vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        p = self.partition(model)
+        vec = np.asarray(vec, np.float32).reshape(-1)
+        if vec.shape[0] != p.dim:
+            raise ValueError(f"query embedding has {vec.shape[0]} dimensions, model version {model!r} has {p.dim}")
+        return p.search(vec, k)
+
+    def stats(self) -> dict[str, dict]:
+        return {m: p.stats() for m, p in sorted(self.partitions.items())}
+
+    # -- background rebuild --------------------------------------------------------------------
+
+    def _wanted_kind(self, p: Partition) -> str | None:
+        n, cfg = p.size, self.cfg
+        if p.kind == "flat":
+            return cfg.kind if n > cfg.exact_max else None
+        if n <= cfg.exact_max // 2:
+            return "flat"  # shrunk by retention: exact search is cheap again
+        if p.kind != cfg.kind:
+            return cfg.kind  # the configuration changed since this index was built
+        if p.kind == "ivf" and n >= _IVF_GROWTH * p.built_n and nlist_for(n, cfg.nlist_max) > faiss.extract_index_ivf(p.index).nlist:
+            return "ivf"  # grown: train more lists
+        if p.kind == "hnsw" and len(p.tombstones) > _TOMBSTONE_SHARE * p.index.ntotal:
+            return "hnsw"
+        return None
+
+    def rebuilding(self, model: str) -> bool:
+        t = self._rebuilds.get(model)
+        return t is not None and t.is_alive()
+
+    def maybe_rebuild(self, p: Partition) -> None:
+        with self._lock:  # ingest and removals both call this: one rebuild per partition at a time
+            if self.read_only or self._closed or self.rebuilding(p.model):
+                return
+            kind = self._wanted_kind(p)
+            if kind is None:
+                return
+            with p.lock:
+                upto, p.pending = p.max_id, []  # from here on, changes are also recorded for the new index
+            t = threading.Thread(target=self._rebuild, args=(p, kind, upto), name=f"rebuild-{p.model}", daemon=True)
+            self._rebuilds[p.model] = t
+            t.start()
+
+    def _rebuild(self, p: Partition, kind: str, upto: int) -> None:
+        t0 = time.monotonic()
+        try:
+            ids, vecs = self.stored_vectors(p.model, upto)
+            log.info("partition %s: rebuilding as %s from %d stored vectors", p.model, kind, len(ids))
+            index = build_index(kind, p.dim, ids, vecs, self.cfg)
+        except Exception:
+            log.exception("partition %s: rebuild as %s failed; the current %s index stays", p.model, kind, p.kind)
+            with p.lock:
+                p.pending = None
+            return
+        with p.lock:
+            if self._closed:
+                p.pending = None
+                return
+            replayed = p.swap(index, kind, ids)
+        log.info("partition %s: now %s, %d vectors, rebuilt in %.1f s (%d changes replayed)",
+                 p.model, kind, p.size, time.monotonic() - t0, replayed)
+
+    def stored_vectors(self, model: str, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of one model version in the store, ids up to `upto`: what a rebuild trains on."""
+        chunks = list(self.store.vectors(model, 0, upto))
+        if not chunks:
+            dim = self.store.models()[model]
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+    def wait_rebuilds(self, timeout: float | None = None) -> bool:
+        """True when no rebuild is running (any running one finished within `timeout`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in list(self._rebuilds.values()):
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._rebuilds.values())
+
+    def close(self, timeout: float = 30.0) -> None:
+        if not self.wait_rebuilds(timeout):
+            log.warning("a partition rebuild is still running; its result is dropped and redone at the next start")
+        self._closed = True
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def save(self) -> int:
+        """Write a snapshot of every partition changed since its last one; returns how many were written."""
+        written = 0
+        for p in list(self.partitions.values()):
+            try:
+                written += self._save(p)
+            except OSError as e:
+                log.error("partition %s: snapshot not written (%s); the previous one stays", p.model, e)
+        return written
+
+    def _save(self, p: Partition) -> bool:
+        del_pos = self.del_pos  # read before the lock: every deletion up to here is already applied to p
+        with p.lock:
+            if p.saved and p.saved["version"] == p.version and p.saved["del_pos"] == del_pos:
+                return False
+            meta = {"format": SNAPSHOT_FORMAT, "model": p.model, "dim": p.dim, "kind": p.kind, "ntotal": p.index.ntotal,
+                    "max_id": p.max_id, "del_pos": del_pos, "built_n": p.built_n, "version": p.version,
+                    "tombstones": sorted(p.tombstones)}
+            same_index = p.saved is not None and p.saved["version"] == p.version
+            blob = None if same_index else faiss.serialize_index(p.index)  # a copy, written outside the lock
+        key = _key(p.model)
+        if same_index:  # only the deletion-log position moved: the index file stays
+            meta["file"] = p.saved["file"]
+        else:
+            meta["file"] = f"{key}-{time.time_ns()}.faiss"
+            _write_atomic(self.dir / meta["file"], memoryview(blob))
+        _write_atomic(self.dir / f"{key}.json", json.dumps(meta).encode())
+        _fsync_dir(self.dir)
+        if p.saved and p.saved["file"] != meta["file"]:
+            (self.dir / p.saved["file"]).unlink(missing_ok=True)
+        p.saved = meta
+        return True
+
+    def snapshot_deletion_pos(self) -> int:
+        """The deletion-log position every snapshot on disk includes: the log up to here can be pruned."""
+        saved = [p.saved["del_pos"] for p in self.partitions.values() if p.saved]
+        return min(saved, default=self.del_pos)
+
+    def _load_snapshots(self) -> dict[str, Partition]:
+        out: dict[str, Partition] = {}
+        for sidecar in sorted(self.dir.glob("*.json")):
+            try:
+                meta = json.loads(sidecar.read_text())
+                index = faiss.read_index(str(self.dir / meta["file"]))
+                if meta.get("format") != SNAPSHOT_FORMAT or index.ntotal != meta["ntotal"] or index.d != meta["dim"]:
+                    raise ValueError(f"{meta['file']} does not match its sidecar")
+            except Exception as e:  # any defect: the store holds everything needed to rebuild
+                log.warning("snapshot %s unusable (%s: %s); that partition is rebuilt from the store", sidecar, type(e).__name__, e)
+                continue
+            p = Partition(meta["model"], meta["dim"], index, meta["kind"], meta["max_id"], meta["built_n"], set(meta["tombstones"]))
+            p.saved, p.version = meta, meta["version"]
+            out[p.model] = p
+        if not self.read_only:
+            keep = {p.saved["file"] for p in out.values()} | {f"{_key(m)}.json" for m in out}
+            for f in self.dir.iterdir():
+                if f.name not in keep:  # left by a crash between writing an index file and its sidecar
+                    f.unlink()
+        return out
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Load snapshots and bring them up to date with the store; build from the store what has none."""
+        t0 = time.monotonic()
+        snapshots = self._load_snapshots() if self.dir.is_dir() else {}
+        stored = self.store.models()
+        pruned = self.store.pruned_upto()
+        for model, p in list(snapshots.items()):
+            if p.dim != stored.get(model, p.dim) or p.saved["del_pos"] < pruned:
+                log.warning("snapshot of %s does not fit the store (%d-d, deletion log at %d, pruned to %d): "
+                            "rebuilt from the store", model, p.dim, p.saved["del_pos"], pruned)
+                del snapshots[model]
+        oldest = min((p.saved["del_pos"] for p in snapshots.values()), default=0)
+        deletions = self.store.deletions_after(oldest)
+        for model, dim in stored.items():
+            self.partitions[model] = self._replay(model, dim, snapshots.get(model), deletions)
+        self.del_pos = self.store.last_deletion()
+        summary = ", ".join(f"{m} {p.size} {p.kind}" for m, p in sorted(self.partitions.items())) or "empty"
+        log.info("index recovered in %.1f s: %s", time.monotonic() - t0, summary)
+        for p in self.partitions.values():
+            self.maybe_rebuild(p)
+
+    def _replay(self, model: str, dim: int, p: Partition | None, deletions: list[tuple[int, int, str]]) -> Partition:
+        if p is None:
+            ids, vecs = self.stored_vectors(model)
+            p = Partition(model, dim, build_index("flat", dim, ids, vecs, self.cfg), "flat",
+                          int(ids.max()) if len(ids) else 0, len(ids))
+            log.info("partition %s: built exact from %d stored vectors", model, len(ids))
+            return p
+        snap_max, added = p.max_id, 0
+        for ids, vecs in self.store.vectors(model, after_id=snap_max):
+            p.add(ids, vecs)
+            added += len(ids)
+        # Sightings above snap_max were read from the store as it is now, so their deletions are already reflected.
+        gone = np.array([i for seq, i, m in deletions if seq > p.saved["del_pos"] and m == model and i <= snap_max], np.int64)
+        if len(gone):
+            p.remove(gone)
+        log.info("partition %s: snapshot of %d (%s) + %d replayed, %d deletions replayed", model, p.saved["ntotal"], p.kind,
+                 added, len(gone))
+        return p

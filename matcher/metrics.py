@@ -1,0 +1,55 @@
+"""Matcher metrics for Prometheus, read from the matcher's own counters at scrape time (one source of truth).
+
+| series                                    | labels        |
+|-------------------------------------------|---------------|
+| `crossview_matcher_accepted_total`        | camera        |
+| `crossview_matcher_rejected_total`        | reason        |
+| `crossview_matcher_partition_size`        | model, kind   |
+| `crossview_matcher_ingest_batch_seconds`  | (histogram: commit + index of one batch) |
+
+    >>> m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+_BATCH_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class _FromStats:
+    """A custom collector: turns `stats()` into metric families when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.stats()
+        accepted = CounterMetricFamily("crossview_matcher_accepted", "Sightings committed to the store", labels=["camera"])
+        for camera, n in sorted(s["cameras"].items()):
+            accepted.add_metric([camera], n)
+        rejected = CounterMetricFamily("crossview_matcher_rejected", "Messages dropped, by reason", labels=["reason"])
+        for reason, n in sorted(s["rejected"].items()):
+            rejected.add_metric([reason], n)
+        size = GaugeMetricFamily("crossview_matcher_partition_size", "Vectors searchable per model version",
+                                 labels=["model", "kind"])
+        for model, p in s["partitions"].items():
+            size.add_metric([model, p["kind"]], p["size"])
+        yield from (accepted, rejected, size)
+
+
+class MatcherMetrics:
+    def __init__(self, stats: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        self.registry.register(_FromStats(stats))
+        self.batch_seconds = Histogram("crossview_matcher_ingest_batch_seconds", "Commit and index time of one ingest batch",
+                                       buckets=_BATCH_BUCKETS, registry=self.registry)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0

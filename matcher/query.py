@@ -1,0 +1,222 @@
+"""Queries: where else was this person seen? Answers are tracks, not hundreds of near-identical frames.
+
+| what        | how                                                                                      |
+|-------------|------------------------------------------------------------------------------------------|
+| by          | an embedding; a stored sighting (its embedding); an edge track (its newest sighting: the |
+|             | edge sends a track's running mean, so the newest is the best); a person image, embedded   |
+|             | with the loaded ONNX model of the partition's version                                      |
+| filters     | `Filters(since, until, cameras, min_score, top_k)`, applied to sightings                   |
+| over-fetch  | search top_k·overfetch sightings; ×4 until top_k tracks pass the filters, the scores fall  |
+|             | below min_score or the partition is exhausted                                              |
+| tracks      | sightings grouped by `track_id`; a track scores as its best sighting; the query's own track |
+|             | is left out                                                                                |
+| results     | `QueryResult.cameras`: camera → `TrackHit`s by time, cameras by their first hit;          |
+|             | `ranked()` best first; `to_dict()` for JSON; `to_text()` for a terminal                    |
+| errors      | `LookupError` for a missing sighting, track or model partition; `ValueError` for bad input or |
+|             | an image query naming a model version with no loaded ONNX file                           |
+
+    >>> engine = QueryEngine(store, index, load_embedders(cfg.models), cfg.query)
+    >>> result = engine.search_sighting(123, Filters(cameras=["gate", "lobby"], min_score=0.6, top_k=5))
+    >>> [(hit.camera, hit.track, round(hit.score, 2)) for hit in result.ranked()]
+    [('lobby', 17, 0.91), ('gate', 4, 0.74)]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from crossview.config import QueryConfig
+from matcher.index import Index
+from matcher.store import SightingRecord, Store
+
+if TYPE_CHECKING:
+    from edge.embedder import Embedder
+
+_GROWTH = 4
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: float | None = None  # Unix seconds, inclusive
+    until: float | None = None
+    cameras: list[str] | None = None
+    min_score: float = 0.0  # cosine similarity
+    top_k: int = 10  # tracks
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= 1000:
+            raise ValueError(f"top_k must be 1..1000, got {self.top_k}")
+        if not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError(f"since ({self.since}) is after until ({self.until})")
+        if self.cameras is not None and (not self.cameras or not all(isinstance(c, str) and c for c in self.cameras)):
+            raise ValueError(f"cameras must be a non-empty list of camera ids, got {self.cameras!r}")
+
+    def admits(self, r: SightingRecord, score: float) -> bool:
+        return (score >= self.min_score
+                and (self.since is None or r.ts >= self.since)
+                and (self.until is None or r.ts <= self.until)
+                and (self.cameras is None or r.camera in self.cameras))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrackHit:
+    node: str
+    camera: str
+    track: int
+    model: str
+    score: float  # best sighting's similarity to the query
+    first_ts: float  # the whole stored track's time span
+    last_ts: float
+    best: SightingRecord
+    sightings: list[SightingRecord]  # the best-matching few, by time
+    track_id: int = 0  # store's track id (first sighting's id): stable handle for a track
+    n_sightings: int = 0  # stored sightings of the track
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("node", "camera", "track", "track_id", "model", "score", "first_ts", "last_ts",
+                                            "n_sightings")}
+        return {**d, "best": self.best.to_dict(), "sightings": [s.to_dict() for s in self.sightings]}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    model: str
+    query: dict
+    cameras: dict[str, list[TrackHit]] = field(default_factory=dict)
+
+    def ranked(self) -> list[TrackHit]:
+        return sorted((h for hits in self.cameras.values() for h in hits), key=lambda h: -h.score)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "query": self.query,
+                "cameras": {cam: [h.to_dict() for h in hits] for cam, hits in self.cameras.items()}}
+
+    def to_text(self) -> str:
+        lines = [f"model {self.model}, query {_describe(self.query)}"]
+        if not self.cameras:
+            return "\n".join([*lines, "no matching tracks"])
+        lines.append(f"{'camera':<16} {'node:camera:track':<28} {'score':>6}  {'first seen':<19}  {'last seen':<19}  "
+                     f"{'best id':>8}  box")
+        for cam, hits in self.cameras.items():
+            for h in hits:
+                box = ",".join(f"{v:.0f}" for v in h.best.box)
+                lines.append(f"{cam:<16} {f'{h.node}:{h.camera}:{h.track}':<28} {h.score:6.3f}  {_clock(h.first_ts)}  "
+                             f"{_clock(h.last_ts)}  {h.best.id:>8}  {box}")
+        return "\n".join(lines)
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _describe(query: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in query.items() if k != "filters" and not isinstance(v, dict))
+
+
+def _unit(vec: np.ndarray) -> np.ndarray:
+    vec = np.asarray(vec, np.float32).reshape(-1)
+    norm = float(np.linalg.norm(vec))
+    if not math.isfinite(norm) or norm < 1e-6:
+        raise ValueError("query embedding must be finite and non-zero")
+    return vec / norm
+
+
+def load_embedders(paths: list[Path]) -> dict[str, "Embedder"]:
+    """ONNX embedders for image queries, by model version; two files of one version are an error."""
+    if not paths:
+        return {}
+    from edge.embedder import Embedder  # onnxruntime and OpenCV only when image queries are configured
+
+    out: dict[str, Embedder] = {}
+    for path in paths:
+        emb = Embedder(path)
+        if emb.version in out:
+            raise ValueError(f"{path} and {out[emb.version].path} are both embedding model version {emb.version!r}")
+        out[emb.version] = emb
+    return out
+
+
+class QueryEngine:
+    def __init__(self, store: Store, index: Index, embedders: dict[str, "Embedder"], cfg: QueryConfig):
+        self.store, self.index, self.embedders, self.cfg = store, index, embedders, cfg
+
+    def search_embedding(self, vec: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+        return self._search(_unit(vec), model, filters or Filters(), {"by": "embedding"})
+
+    def search_sighting(self, sighting_id: int, filters: Filters | None = None) -> QueryResult:
+        rec = self.store.record(sighting_id)
+        vec = self.store.vector(sighting_id) if rec else None
+        if rec is None or vec is None:
+            raise LookupError(f"sighting {sighting_id} not found (never stored, or deleted by retention)")
+        query = {"by": "sighting", "sighting": rec.id, "node": rec.node, "camera": rec.camera, "track": rec.track}
+        return self._search(vec, rec.model, filters or Filters(), query, exclude_track=rec.track_id)
+
+    def search_track(self, node: str, camera: str, track: int, model: str | None = None,
+                     filters: Filters | None = None) -> QueryResult:
+        """The edge track's latest stretch (ids restart with an edge node) queried by its newest sighting."""
+        rec = self.store.latest_in_track(node, camera, track, model)
+        vec = self.store.vector(rec.id) if rec else None
+        if rec is None or vec is None:
+            of = f" with model version {model!r}" if model else ""
+            raise LookupError(f"no track {node}:{camera}:{track}{of} in the store")
+        query = {"by": "track", "node": node, "camera": camera, "track": int(track), "track_id": rec.track_id, "sighting": rec.id}
+        return self._search(vec, rec.model, filters or Filters(), query, exclude_track=rec.track_id)
+
+    def search_image(self, image_bgr: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+        embedder = self.embedders.get(model)
+        if embedder is None:
+            loaded = ", ".join(sorted(self.embedders)) or "none"
+            raise ValueError(f"no embedding model loaded for version {model!r} (loaded: {loaded}); "
+                             "list its ONNX file under `models` in the matcher configuration")
+        image = np.asarray(image_bgr)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 2:
+            raise ValueError(f"query image must be an (H, W, 3) uint8 BGR image, got {image.shape} {image.dtype}")
+        vec = embedder.embed([image])[0]
+        return self._search(_unit(vec), model, filters or Filters(), {"by": "image", "height": image.shape[0],
+                                                                       "width": image.shape[1]})
+
+    def _search(self, vec: np.ndarray, model: str, filters: Filters, query: dict, exclude_track: int | None = None) -> QueryResult:
+        groups = self._candidates(vec, model, filters, exclude_track)
+        best = sorted(groups.values(), key=lambda g: -g[0][0])[: filters.top_k]
+        spans = self.store.track_spans(g[0][1].track_id for g in best)
+        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera([self._hit(g, spans) for g in best]))
+
+    def _candidates(self, vec: np.ndarray, model: str, filters: Filters, exclude_track: int | None) -> dict[int, list]:
+        """track_id -> [(score, record), ...] best first, for sightings that pass the filters."""
+        k = filters.top_k * self.cfg.overfetch
+        while True:
+            scores, ids = self.index.search(model, vec, k)
+            records = self.store.records(ids.tolist())
+            groups: dict[int, list] = {}
+            for score, i in zip(scores.tolist(), ids.tolist()):
+                r = records.get(i)  # None: deleted since the search
+                if r is not None and r.track_id != exclude_track and filters.admits(r, score):
+                    groups.setdefault(r.track_id, []).append((score, r))
+            exhausted = len(ids) < k or (len(scores) > 0 and scores[-1] < filters.min_score)
+            if len(groups) >= filters.top_k or exhausted:
+                return groups
+            k *= _GROWTH
+
+    def _hit(self, group: list[tuple[float, SightingRecord]], spans: dict[int, tuple[float, float, int]]) -> TrackHit:
+        score, best = group[0]
+        first, last, n = spans.get(best.track_id, (best.ts, best.ts, len(group)))
+        shown = sorted((r for _, r in group[: self.cfg.sightings_per_track]), key=lambda r: (r.ts, r.id))
+        return TrackHit(best.node, best.camera, best.track, best.model, score, first, last, best, shown, best.track_id, n)
+
+
+def _by_camera(hits: list[TrackHit]) -> dict[str, list[TrackHit]]:
+    out: dict[str, list[TrackHit]] = {}
+    for h in sorted(hits, key=lambda h: (h.first_ts, h.track_id)):
+        out.setdefault(h.camera, []).append(h)
+    return out

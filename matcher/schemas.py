@@ -1,0 +1,148 @@
+"""The HTTP API's request and response bodies: pydantic models, so `/openapi.json` describes every field.
+
+| model          | what                                                                          |
+|----------------|-------------------------------------------------------------------------------|
+| `SightingOut`  | one stored sighting, with the URL of its thumbnail when it has one            |
+| `TrackHitOut`  | one matching track: score, time span, best and best-matching sightings        |
+| `QueryOut`     | a query's answer: hits grouped by camera                                      |
+| `CameraOut`    | one camera's totals, for the page's camera list                               |
+| `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
+| `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
+| `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
+| `ImageQueryForm` | the form fields beside an uploaded crop: `model` and the filters            |
+
+    >>> QueryIn.model_validate({"sighting_id": 12, "top_k": 5}).filters()
+    Filters(since=None, until=None, cameras=None, min_score=0.0, top_k=5)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+
+from crossview.wire import MAX_EMBEDDING_DIM
+from matcher.query import Filters
+
+API_PREFIX = "/api/v1"
+
+
+class _Out(BaseModel):
+    # Built straight from the matcher's dataclasses.
+    model_config = ConfigDict(from_attributes=True)
+
+
+class SightingOut(_Out):
+    id: int
+    node: str
+    camera: str
+    ts: float = Field(description="capture time, Unix seconds")
+    frame: int
+    track: int = Field(description="the edge's track id (restarts with the edge node)")
+    track_id: int = Field(description="the matcher's id for the track: its first sighting's id")
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in frame pixels")
+    det_score: float = Field(description="detector confidence")
+    model: str = Field(description="embedding model version")
+    has_thumbnail: bool
+
+    @computed_field(description="GET it with the bearer token; null when the edge sent no thumbnail")
+    @property
+    def thumbnail_url(self) -> str | None:
+        return f"{API_PREFIX}/sightings/{self.id}/thumbnail" if self.has_thumbnail else None
+
+
+class TrackHitOut(_Out):
+    node: str
+    camera: str
+    track: int
+    track_id: int = Field(description="the matcher's id for the track: its first sighting's id")
+    model: str
+    score: float = Field(description="cosine similarity of the track's best match to the query")
+    first_ts: float = Field(description="the whole stored track's time span")
+    last_ts: float
+    n_sightings: int = Field(description="sightings stored for the track")
+    best: SightingOut
+    sightings: list[SightingOut] = Field(description="the track's best matching sightings, oldest first")
+
+
+class QueryOut(_Out):
+    model: str
+    query: dict[str, Any] = Field(description="what was searched for, as the matcher understood it")
+    cameras: dict[str, list[TrackHitOut]] = Field(description="camera id -> matching tracks by time; cameras by first hit")
+
+
+class CameraOut(BaseModel):
+    camera: str
+    node: str = Field(description="edge node(s) reporting this camera, comma-separated")
+    sightings: int
+    tracks: int
+    first_ts: float
+    last_ts: float
+
+
+class PartitionOut(BaseModel):
+    size: int = Field(description="vectors searchable")
+    kind: str = Field(description="index kind: flat (exact), ivf or hnsw")
+    dim: int
+    rebuilding: bool
+
+
+class StatsOut(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the matcher may report more than these
+
+    accepted: int = Field(description="sightings committed since the matcher started")
+    rejected: dict[str, int] = Field(description="messages dropped since start, by reason")
+    partitions: dict[str, PartitionOut] = Field(description="embedding model version -> its index partition")
+    cameras: dict[str, int] = Field(description="sightings accepted since start, by camera")
+
+
+class HealthOut(BaseModel):
+    status: str = "ok"
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class QueryFilters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    since: float | None = Field(None, description="only sightings at or after this Unix time")
+    until: float | None = Field(None, description="only sightings at or before this Unix time")
+    cameras: list[str] | None = Field(None, description="only these cameras; all when absent")
+    min_score: float = Field(0.0, ge=-1.0, le=1.0, description="cosine similarity threshold")
+    top_k: int = Field(10, ge=1, le=1000, description="matching tracks wanted")
+
+    def filters(self) -> Filters:
+        return Filters(since=self.since, until=self.until, cameras=self.cameras, min_score=self.min_score, top_k=self.top_k)
+
+
+class ImageQueryForm(QueryFilters):
+    model_config = ConfigDict(extra="ignore")  # the same form carries the image file
+
+    model: str = Field(description="embedding model version to search; the matcher needs its ONNX file")
+
+
+class TrackRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    camera: str
+    track: int = Field(ge=0)
+    model: str | None = Field(None, description="needed only if the track was embedded by several models")
+
+
+class QueryIn(QueryFilters):
+    embedding: list[float] | None = Field(None, max_length=MAX_EMBEDDING_DIM, description="an embedding; needs `model`")
+    model: str | None = None
+    sighting_id: int | None = None
+    track: TrackRef | None = None
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> "QueryIn":
+        given = [name for name in ("embedding", "sighting_id", "track") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of embedding, sighting_id, track (got {', '.join(given) or 'none'})")
+        if self.embedding is not None and not self.model:
+            raise ValueError("an embedding query needs the model version that produced it")
+        return self

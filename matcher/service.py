@@ -1,0 +1,279 @@
+"""The matcher service: the `Matcher` facade over ingest, store, index, retention and queries.
+
+| thread      | job                                                                                       |
+|-------------|-------------------------------------------------------------------------------------------|
+| ingest      | ZeroMQ `Receiver` → batch (≤ batch_max or batch_wait_ms) → check dimension → commit to SQLite → |
+|             | count as accepted → add to the model's index partition                                      |
+| snapshots   | every `index.snapshot_interval_s`: write changed partitions, prune the deletion log          |
+| retention   | every `retention.check_interval_s`: delete sightings past max age / per-camera count         |
+|             | from store and index                                                                        |
+| rebuild     | started by the index when a partition outgrows exact search (see `matcher.index`)          |
+
+A sighting counts as accepted only once its batch is committed (WAL, `synchronous=FULL`), so `kill -9`
+never loses an accepted sighting; at start the index loads its snapshots and replays the store.
+Commit + index add and delete + index removal run under one lock, so the index never holds a deleted id.
+
+    >>> m = Matcher(load_matcher_config("configs/matcher.yaml"))   # opens data_dir, recovers the index
+    >>> m.start()                                                 # binds ingest.endpoint
+    >>> m.search_track("edge-1", "gate", 17, None, Filters(top_k=5)).ranked()
+    >>> m.stop()                                                  # final snapshot
+    $ crossview matcher --config configs/matcher.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from crossview.config import IndexConfig, MatcherConfig, QueryConfig
+from crossview.wire import Sighting
+from matcher.index import Index
+from matcher.ingest import Receiver
+from matcher.metrics import MatcherMetrics
+from matcher.query import Filters, QueryEngine, QueryResult, load_embedders
+from matcher.store import SightingRecord, Store
+
+log = logging.getLogger(__name__)
+
+_RETENTION_CHUNK = 5000  # sightings deleted per transaction, so ingest never waits long
+_LOGGED_REJECTS = 10  # first few rejects of a reason are logged, then every 1000th
+
+
+def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, models: list[Path],
+              read_only: bool = False) -> QueryEngine:
+    """Store + recovered index + image embedders over `data_dir`; read-only beside a running service is fine."""
+    store = Store(Path(data_dir) / "sightings.db", read_only, query_cfg.track_gap_s)
+    try:
+        index = Index(index_cfg, store, Path(data_dir) / "index", read_only)
+        index.recover()
+        return QueryEngine(store, index, load_embedders(models), query_cfg)
+    except BaseException:
+        store.close()
+        raise
+
+
+class Matcher:
+    def __init__(self, cfg: MatcherConfig):
+        self.cfg = cfg
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models)
+        self.store, self.index = self.queries.store, self.queries.index
+        self.metrics = MatcherMetrics(self.stats)
+        self.receiver: Receiver | None = None
+        self.accepted = 0  # committed since start
+        self.accepted_by_camera: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()  # checks past the wire schema; the receiver counts its own
+        self._dims = self.store.models()  # model version -> dimension, fixed by its first sighting
+        self._write = threading.Lock()  # store change + matching index change, as one step
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ing = self.cfg.ingest
+        self.receiver = Receiver(ing.endpoint, security=ing.security, rcvhwm=ing.rcvhwm)
+        loops = [("ingest", self._ingest_loop), ("snapshots", self._snapshot_loop)]
+        if self.cfg.retention.max_age_hours or self.cfg.retention.max_per_camera:
+            loops.append(("retention", self._retention_loop))
+        for name, target in loops:
+            t = threading.Thread(target=target, name=f"matcher-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self.cfg.metrics.port:
+            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
+        log.info("matcher ingesting on %s (%s), data in %s", self.receiver.endpoint, ing.security.mode, self.cfg.data_dir)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The bound ingest endpoint (with the real port when the config asked for `*`)."""
+        return self.receiver.endpoint if self.receiver else None
+
+    def stop(self) -> None:
+        """Stop ingest, write a final snapshot and close the store; the object is unusable afterwards."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        if self.receiver:
+            self.receiver.close()
+        self.index.close()
+        self._snapshot()
+        self.store.close()
+        self._log_status()
+        log.info("matcher stopped")
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def _ingest_loop(self) -> None:
+        interval = self.cfg.metrics.log_interval_s
+        next_log = time.monotonic() + interval
+        while not self._stop.is_set():
+            batch = self._receive_batch()
+            if batch:
+                self._accept(batch)
+            if time.monotonic() >= next_log:
+                self._log_status()
+                next_log = time.monotonic() + interval
+
+    def _receive_batch(self) -> list[Sighting]:
+        first = self.receiver.receive(0.1)  # short, so stop() is noticed
+        if first is None:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.cfg.ingest.batch_wait_ms / 1000
+        while len(batch) < self.cfg.ingest.batch_max:
+            s = self.receiver.receive(max(0.0, deadline - time.monotonic()))
+            if s is None:
+                break
+            batch.append(s)
+        return batch
+
+    def _accept(self, batch: list[Sighting]) -> None:
+        valid = [s for s in batch if self._checked(s)]
+        if not valid:
+            return
+        t0 = time.perf_counter()
+        with self._write:
+            try:
+                ids = self.store.insert(valid)
+            except sqlite3.Error as e:
+                log.error("%d sightings lost: the store refused the batch (%s)", len(valid), e)
+                self._rejected["store error"] += len(valid)
+                return
+            # On disk, so they are accepted; counted once searchable too, so a count seen means findable.
+            for model, (model_ids, vecs) in _by_model(valid, ids).items():
+                self.index.add(model, model_ids, vecs)
+            self.accepted += len(ids)
+            self.accepted_by_camera.update(s.camera for s in valid)
+        self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+
+    def _checked(self, s: Sighting) -> bool:
+        """Checks the wire schema cannot make; normalises the embedding to float32 unit length."""
+        dim = self._dims.setdefault(s.model, len(s.embedding))
+        if len(s.embedding) != dim:
+            return self._reject(s, "wrong dimension", f"model version {s.model!r} has {dim}-d embeddings, got {len(s.embedding)}")
+        vec = s.embedding.astype(np.float64)  # float32 extremes would overflow the norm
+        norm = float(np.linalg.norm(vec))
+        if norm < 1e-6:
+            return self._reject(s, "zero embedding", "embedding has zero length")
+        s.embedding = (vec / norm).astype(np.float32)
+        return True
+
+    def _reject(self, s: Sighting, reason: str, detail: str) -> bool:
+        self._rejected[reason] += 1
+        n = self._rejected[reason]
+        if n <= _LOGGED_REJECTS or n % 1000 == 0:
+            log.warning("dropped sighting from node %s camera %s: %s [%d %s so far]", s.node, s.camera, detail, n, reason)
+        return False
+
+    @property
+    def rejected(self) -> Counter[str]:
+        # dict() copies in one step while the ingest thread keeps counting
+        return Counter(dict(self.receiver.rejected) if self.receiver else {}) + Counter(dict(self._rejected))
+
+    # -- removal, retention, snapshots ---------------------------------------------------------
+
+    def remove(self, ids: list[int]) -> int:
+        """Delete sightings (with embeddings and thumbnails) from store and index; returns how many existed."""
+        with self._write:
+            by_model, pos = self.store.delete(ids)
+            self.index.remove(by_model, pos)
+        return sum(len(v) for v in by_model.values())
+
+    def enforce_retention(self, now: float | None = None) -> int:
+        """Delete what the retention policy no longer allows; returns how many sightings were deleted."""
+        r, now = self.cfg.retention, time.time() if now is None else now
+        total = 0
+        while not self._stop.is_set():
+            ids = self.store.older_than(now - r.max_age_hours * 3600, _RETENTION_CHUNK) if r.max_age_hours else []
+            if r.max_per_camera:
+                ids += self.store.over_quota(r.max_per_camera, _RETENTION_CHUNK)
+            removed = self.remove(ids) if ids else 0
+            total += removed
+            if not removed:
+                break
+        if total:
+            log.info("retention: deleted %d sightings (max age %s h, max %s per camera)", total, r.max_age_hours, r.max_per_camera)
+        return total
+
+    def _retention_loop(self) -> None:
+        while True:
+            try:
+                self.enforce_retention()
+            except sqlite3.Error as e:
+                log.error("retention pass failed, retried in %.0f s: %s", self.cfg.retention.check_interval_s, e)
+            if self._stop.wait(self.cfg.retention.check_interval_s):
+                return
+
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(self.cfg.index.snapshot_interval_s):
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        t0 = time.monotonic()
+        try:
+            written = self.index.save()
+            self.store.prune_deletions(self.index.snapshot_deletion_pos())
+        except (OSError, sqlite3.Error) as e:
+            log.error("index snapshot failed (the previous one stays): %s", e)
+            return
+        if written:
+            log.info("index snapshot: %d partition(s) written in %.2f s", written, time.monotonic() - t0)
+
+    # -- status --------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {"accepted": self.accepted, "rejected": dict(self.rejected), "partitions": self.index.stats(),
+                "cameras": dict(self.accepted_by_camera)}
+
+    def _log_status(self) -> None:
+        s = self.stats()
+        parts = ", ".join(f"{m} {p['size']} {p['kind']}{' (rebuilding)' if p['rebuilding'] else ''}"
+                          for m, p in s["partitions"].items()) or "none"
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected"].items()))
+        log.info("ingest: %d accepted, %d rejected%s; partitions: %s",
+                 s["accepted"], sum(s["rejected"].values()), f" ({reasons})" if reasons else "", parts)
+
+    # -- queries (see matcher.query) -----------------------------------------------------------
+
+    def search_embedding(self, vec: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+        return self.queries.search_embedding(vec, model, filters)
+
+    def search_sighting(self, sighting_id: int, filters: Filters | None = None) -> QueryResult:
+        return self.queries.search_sighting(sighting_id, filters)
+
+    def search_track(self, node: str, camera: str, track: int, model: str | None = None,
+                     filters: Filters | None = None) -> QueryResult:
+        return self.queries.search_track(node, camera, track, model, filters)
+
+    def search_image(self, image_bgr: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+        return self.queries.search_image(image_bgr, model, filters)
+
+    def sighting(self, sighting_id: int) -> SightingRecord | None:
+        return self.store.record(sighting_id)
+
+    def thumbnail(self, sighting_id: int) -> bytes | None:
+        return self.store.thumbnail(sighting_id)
+
+    def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
+        """Newest first, for a picker."""
+        return self.store.recent(camera, limit)
+
+    def cameras(self) -> list[dict]:
+        """camera, node(s), sightings, tracks, first_ts, last_ts per camera in the store."""
+        return self.store.cameras()
+
+
+def _by_model(sightings: list[Sighting], ids: list[int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rows: dict[str, list[int]] = {}
+    for n, s in enumerate(sightings):
+        rows.setdefault(s.model, []).append(n)
+    return {model: (np.array([ids[n] for n in ns], np.int64), np.stack([sightings[n].embedding for n in ns]))
+            for model, ns in rows.items()}

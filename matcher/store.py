@@ -1,0 +1,349 @@
+"""The matcher's durable store: sightings, their embeddings and thumbnails in one SQLite file.
+
+| what                  | how                                                                        |
+|-----------------------|----------------------------------------------------------------------------|
+| durability            | WAL journal, `synchronous=FULL`: a committed batch survives `kill -9` and power loss |
+| ingest                | `insert(sightings)` → ids: one transaction per batch; ids are the FAISS ids |
+| ids                   | `AUTOINCREMENT`, so an id is never reused after a deletion (snapshot replay relies on it) |
+| tracks                | each sighting gets `track_id`: the id of its track's first sighting; an edge track id |
+|                       | seen again after `track_gap_s` starts a new track (edge ids restart with the node) |
+| lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()` |
+| deletions             | `delete(ids)` removes rows, embeddings and thumbnails (`secure_delete`: their bytes are |
+|                       | overwritten in the file) and appends (seq, id, model) to the `deletions` log |
+| retention             | `older_than(ts)`, `over_quota(n)`: ids to delete                             |
+| readers               | pooled connections, one per concurrent reader; `read_only=True` opens the file `mode=ro` |
+|                       | (safe beside a running service)                                             |
+
+    >>> store = Store(Path("var/matcher/sightings.db"))
+    >>> ids = store.insert(sightings)          # on disk when this returns
+    >>> store.records(ids)[ids[0]].camera
+    'gate'
+
+Camera ids are site-wide: two nodes reporting the same camera id are one camera.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crossview.wire import Sighting
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    model TEXT PRIMARY KEY,
+    dim INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sightings (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    camera TEXT NOT NULL,
+    ts REAL NOT NULL,
+    frame INTEGER NOT NULL,
+    track INTEGER NOT NULL,
+    track_id INTEGER NOT NULL,
+    x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
+    det_score REAL NOT NULL,
+    model TEXT NOT NULL,
+    has_thumb INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sightings_camera_ts ON sightings (camera, ts);
+CREATE INDEX IF NOT EXISTS sightings_ts ON sightings (ts);
+CREATE INDEX IF NOT EXISTS sightings_edge_track ON sightings (node, camera, track, model, ts);
+CREATE INDEX IF NOT EXISTS sightings_track_id ON sightings (track_id, ts);
+-- Embeddings and thumbnails in tables of their own keep the sightings rows small for scans.
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS deletions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER NOT NULL,
+    model TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pruned (upto INTEGER NOT NULL);  -- one row: deletion log forgotten up to here
+"""
+_RECORD = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, det_score, model, has_thumb"
+_VECTOR_CHUNK = 20000
+
+
+@dataclass(frozen=True)
+class SightingRecord:
+    id: int
+    node: str
+    camera: str
+    ts: float
+    frame: int
+    track: int
+    track_id: int  # id of the track's first sighting: tracks are (node, camera, track, model) split at gaps
+    box: tuple[float, float, float, float]
+    det_score: float
+    model: str
+    has_thumbnail: bool
+
+    @classmethod
+    def from_row(cls, r: tuple) -> "SightingRecord":
+        return cls(r[0], r[1], r[2], r[3], r[4], r[5], r[6], (r[7], r[8], r[9], r[10]), r[11], r[12], bool(r[13]))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "box": list(self.box)}
+
+
+def _ids_json(ids: Iterable[int]) -> str:
+    """Id lists go to SQLite as one JSON parameter (`json_each`), so their length is unlimited."""
+    return json.dumps([int(i) for i in ids])
+
+
+class Store:
+    def __init__(self, path: Path, read_only: bool = False, track_gap_s: float = 60.0):
+        self.path = Path(path)
+        self.read_only = read_only
+        self.track_gap_s = track_gap_s
+        if read_only and not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no matcher store here")
+        self._idle: list[sqlite3.Connection] = []  # reader pool; list.pop/append are atomic
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        # edge track key (node, camera, track, model) -> (track_id, last ts); misses are looked up in the table
+        self._tracks: dict[tuple[str, str, int, str], tuple[int, float]] = {}
+        if not read_only:
+            self._writer = self._connect()
+            self._writer.execute("PRAGMA journal_mode=WAL")
+            self._writer.executescript(SCHEMA)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False,
+                                   isolation_level=None)
+        else:
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            conn.execute("PRAGMA secure_delete=ON")  # deleted thumbnails and embeddings are overwritten, not just unlinked
+        conn.execute("PRAGMA busy_timeout=10000")
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A reader connection of its own for the caller: a connection must not serve two threads at once."""
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = self._connect()
+        try:
+            yield conn
+        finally:
+            self._idle.append(conn)
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._read() as db:
+            return db.execute(sql, args).fetchall()
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        with self._read() as db:
+            return db.execute(sql, args).fetchone()
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._idle.clear()
+
+    def _transaction(self, work) -> object:
+        if self.read_only:
+            raise PermissionError(f"{self.path}: store opened read-only")
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._writer)
+            except BaseException:
+                self._writer.execute("ROLLBACK")
+                raise
+            self._writer.execute("COMMIT")
+            return result
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def insert(self, sightings: list[Sighting]) -> list[int]:
+        """Store a batch in one transaction; embeddings must be float32 and unit length. Returns the new ids."""
+
+        def work(db: sqlite3.Connection) -> tuple[list[int], dict]:
+            first = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'sightings'").fetchone() or (0,))[0] + 1
+            ids = list(range(first, first + len(sightings)))
+            tracks, seen = self._assign_tracks(db, sightings, ids)
+            db.executemany(
+                f"INSERT INTO sightings ({_RECORD}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, s.node, s.camera, s.ts, s.frame, s.track, tracks[i], *s.box, s.score, s.model, s.thumbnail is not None)
+                 for i, s in zip(ids, sightings)],
+            )
+            db.executemany("INSERT INTO vectors (id, vec) VALUES (?, ?)",
+                           [(i, s.embedding.astype(np.float32, copy=False).tobytes()) for i, s in zip(ids, sightings)])
+            db.executemany("INSERT INTO thumbnails (id, jpeg) VALUES (?, ?)",
+                           [(i, s.thumbnail) for i, s in zip(ids, sightings) if s.thumbnail is not None])
+            db.executemany("INSERT OR IGNORE INTO models (model, dim) VALUES (?, ?)",
+                           {(s.model, len(s.embedding)) for s in sightings})
+            return ids, seen
+
+        if not sightings:
+            return []
+        ids, seen = self._transaction(work)
+        self._remember_tracks(seen)  # only once committed: a rolled-back track_id must not be reused
+        return ids
+
+    def _assign_tracks(self, db: sqlite3.Connection, sightings: list[Sighting], ids: list[int]) -> tuple[dict, dict]:
+        """({sighting id: track_id}, {edge track key: (track_id, last ts)}) for a batch about to be inserted."""
+        out, seen = {}, {}
+        for i, s in zip(ids, sightings):
+            key = (s.node, s.camera, s.track, s.model)
+            known = seen.get(key) or self._tracks.get(key)
+            if known is None:
+                row = db.execute("SELECT track_id, ts FROM sightings WHERE node = ? AND camera = ? AND track = ? AND model = ? "
+                                 "ORDER BY ts DESC LIMIT 1", key).fetchone()
+                known = tuple(row) if row else None
+            if known and abs(s.ts - known[1]) <= self.track_gap_s:
+                seen[key] = (known[0], max(s.ts, known[1]))
+            else:
+                seen[key] = (i, s.ts)
+            out[i] = seen[key][0]
+        return out, seen
+
+    def _remember_tracks(self, seen: dict) -> None:
+        self._tracks.update(seen)
+        if len(self._tracks) > 100_000:  # forget tracks that any new sighting would start afresh anyway
+            newest = max(ts for _, ts in self._tracks.values())
+            self._tracks = {k: v for k, v in self._tracks.items() if newest - v[1] <= self.track_gap_s}
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
+        rows = self._all(f"SELECT {_RECORD} FROM sightings WHERE id IN (SELECT value FROM json_each(?))", (_ids_json(ids),))
+        return {r[0]: SightingRecord.from_row(r) for r in rows}
+
+    def record(self, sighting_id: int) -> SightingRecord | None:
+        return self.records([sighting_id]).get(int(sighting_id))
+
+    def vector(self, sighting_id: int) -> np.ndarray | None:
+        row = self._one("SELECT vec FROM vectors WHERE id = ?", (int(sighting_id),))
+        return None if row is None else np.frombuffer(row[0], np.float32)
+
+    def thumbnail(self, sighting_id: int) -> bytes | None:
+        row = self._one("SELECT jpeg FROM thumbnails WHERE id = ?", (int(sighting_id),))
+        return None if row is None else bytes(row[0])
+
+    def latest_in_track(self, node: str, camera: str, track: int, model: str | None = None) -> SightingRecord | None:
+        """The newest sighting of an edge track: it carries the track's best (longest running mean) embedding."""
+        sql = f"SELECT {_RECORD} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
+        args: tuple = (node, camera, int(track))
+        if model is not None:
+            sql, args = sql + " AND model = ?", (*args, model)
+        row = self._one(sql + " ORDER BY ts DESC LIMIT 1", args)
+        return None if row is None else SightingRecord.from_row(row)
+
+    def track_spans(self, track_ids: Iterable[int]) -> dict[int, tuple[float, float, int]]:
+        """track_id -> (first ts, last ts, sightings stored)."""
+        rows = self._all("SELECT track_id, MIN(ts), MAX(ts), COUNT(*) FROM sightings "
+                         "WHERE track_id IN (SELECT value FROM json_each(?)) GROUP BY track_id", (_ids_json(track_ids),))
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
+        where, args = ("WHERE camera = ?", (camera,)) if camera is not None else ("", ())
+        rows = self._all(f"SELECT {_RECORD} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
+        return [SightingRecord.from_row(r) for r in rows]
+
+    def cameras(self) -> list[dict]:
+        rows = self._all("SELECT camera, GROUP_CONCAT(DISTINCT node), COUNT(*), COUNT(DISTINCT track_id), MIN(ts), MAX(ts) "
+                         "FROM sightings GROUP BY camera ORDER BY camera")
+        return [{"camera": r[0], "node": r[1], "sightings": r[2], "tracks": r[3], "first_ts": r[4], "last_ts": r[5]}
+                for r in rows]
+
+    def models(self) -> dict[str, int]:
+        """Every model version ever stored, with its embedding dimension."""
+        return dict(self._all("SELECT model, dim FROM models"))
+
+    def vectors(self, model: str, after_id: int = 0, upto_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, (n, dim) float32) chunks of one model's stored embeddings with after_id < id <= upto_id, by id."""
+        with self._read() as db:  # one statement: one consistent read of the store
+            cur = db.execute(
+                "SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? AND s.id > ? AND s.id <= ? "
+                "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else 2**63 - 1))
+            try:
+                while rows := cur.fetchmany(_VECTOR_CHUNK):
+                    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+                    yield ids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+            finally:
+                cur.close()
+
+    # -- deletions and retention ---------------------------------------------------------------
+
+    def delete(self, ids: Iterable[int]) -> tuple[dict[str, list[int]], int]:
+        """Delete sightings with their embeddings and thumbnails; log each. Returns ({model: ids deleted}, log position)."""
+        ids_json = _ids_json(ids)
+
+        def work(db: sqlite3.Connection) -> tuple[dict[str, list[int]], int]:
+            found = db.execute("SELECT id, model FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
+                               (ids_json,)).fetchall()
+            present = _ids_json(i for i, _ in found)
+            for table in ("sightings", "vectors", "thumbnails"):
+                db.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (present,))
+            db.executemany("INSERT INTO deletions (id, model) VALUES (?, ?)", found)
+            by_model: dict[str, list[int]] = {}
+            for i, model in found:
+                by_model.setdefault(model, []).append(i)
+            return by_model, self._last_deletion(db)
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _last_deletion(db: sqlite3.Connection) -> int:
+        return (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'deletions'").fetchone() or (0,))[0]
+
+    def last_deletion(self) -> int:
+        with self._read() as db:
+            return self._last_deletion(db)
+
+    def deletions_after(self, seq: int) -> list[tuple[int, int, str]]:
+        """(seq, sighting id, model) logged after position `seq`."""
+        return self._all("SELECT seq, id, model FROM deletions WHERE seq > ? ORDER BY seq", (int(seq),))
+
+    def prune_deletions(self, upto_seq: int) -> None:
+        """Forget log entries every index snapshot already includes."""
+        if upto_seq <= self.pruned_upto():
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM deletions WHERE seq <= ?", (int(upto_seq),))
+            db.execute("DELETE FROM pruned")
+            db.execute("INSERT INTO pruned (upto) VALUES (?)", (int(upto_seq),))
+
+        self._transaction(work)
+
+    def pruned_upto(self) -> int:
+        """Deletion-log position forgotten up to: a snapshot older than this cannot be brought up to date."""
+        row = self._one("SELECT upto FROM pruned")
+        return row[0] if row else 0
+
+    def older_than(self, ts: float, limit: int) -> list[int]:
+        rows = self._all("SELECT id FROM sightings WHERE ts < ? ORDER BY ts LIMIT ?", (ts, int(limit)))
+        return [r[0] for r in rows]
+
+    def over_quota(self, max_per_camera: int, limit: int) -> list[int]:
+        """Ids of the oldest sightings of every camera holding more than `max_per_camera`."""
+        out: list[int] = []
+        over = self._all("SELECT camera, COUNT(*) FROM sightings GROUP BY camera HAVING COUNT(*) > ?", (int(max_per_camera),))
+        for camera, count in over:
+            n = min(count - max_per_camera, limit - len(out))
+            if n <= 0:
+                break
+            rows = self._all("SELECT id FROM sightings WHERE camera = ? ORDER BY ts, id LIMIT ?", (camera, n))
+            out += [r[0] for r in rows]
+        return out

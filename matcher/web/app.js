@@ -1,0 +1,309 @@
+// Crossview matcher page: token -> cameras -> recent sightings -> query -> timeline per camera.
+// Thumbnails are fetched with the bearer header and shown as blob URLs, so the token never goes into a
+// URL. Everything is built with DOM nodes and textContent: camera and node names are never parsed as HTML.
+
+const API = "/api/v1";
+const TOKEN_KEY = "crossview-token";
+const RECENT_LIMIT = 60;
+
+const $ = (selector) => document.querySelector(selector);
+const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null };
+const thumbs = new Map(); // sighting id -> Promise of a blob URL
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// ---- HTTP ------------------------------------------------------------------------------------
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${state.token}`, ...(options.headers || {}) };
+  const res = await fetch(path, { ...options, headers });
+  if (!res.ok) throw new ApiError(res.status, await errorText(res));
+  return res;
+}
+
+async function errorText(res) {
+  try {
+    const { detail } = await res.json();
+    // FastAPI reports malformed requests (422) as a list of {loc, msg}.
+    if (Array.isArray(detail)) return detail.map((e) => `${e.loc.slice(1).join(".")}: ${e.msg}`).join("; ");
+    return detail || `${res.status} ${res.statusText}`;
+  } catch {
+    return `${res.status} ${res.statusText}`;
+  }
+}
+
+const getJson = async (path) => (await api(path)).json();
+
+const postJson = async (path, body) =>
+  (await api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) })).json();
+
+function loadThumb(sighting) {
+  if (!thumbs.has(sighting.id)) {
+    const url = api(sighting.thumbnail_url).then((r) => r.blob()).then((b) => URL.createObjectURL(b));
+    url.catch(() => thumbs.delete(sighting.id)); // let a later render retry
+    thumbs.set(sighting.id, url);
+  }
+  return thumbs.get(sighting.id);
+}
+
+// ---- DOM helpers -----------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value == null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  node.append(...children.filter((c) => c != null));
+  return node;
+}
+
+function thumbnail(sighting) {
+  if (!sighting.has_thumbnail) return el("div", { class: "thumb none" }, "no image");
+  const img = el("img", { class: "thumb", alt: `sighting ${sighting.id}`, dataset: { id: sighting.id } });
+  loadThumb(sighting).then((url) => { img.src = url; }, () => img.classList.add("broken"));
+  return img;
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
+function fmtTime(ts) {
+  const d = new Date(ts * 1000);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+function fmtDateTime(ts) {
+  const d = new Date(ts * 1000);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${fmtTime(ts)}`;
+}
+
+function fmtBox([x1, y1, x2, y2]) {
+  return `${Math.round(x2 - x1)}×${Math.round(y2 - y1)} at ${Math.round(x1)},${Math.round(y1)}`;
+}
+
+function scoreClass(score) {
+  return score >= 0.8 ? "high" : score >= 0.6 ? "mid" : "low";
+}
+
+function showError(message) {
+  $("#error").textContent = message;
+  $("#error").hidden = !message;
+  if (message) $("#error").scrollIntoView({ block: "nearest" });
+}
+
+function showView(name) {
+  $("#picker").hidden = name !== "picker";
+  $("#results").hidden = name !== "results";
+}
+
+// Runs an async UI action; a 401 sends the user back to the token form, anything else is shown.
+async function guarded(action) {
+  showError("");
+  document.body.classList.add("busy");
+  try {
+    await action();
+  } catch (e) {
+    if (e.status === 401) logout("The token was not accepted.");
+    else showError(e.message);
+  } finally {
+    document.body.classList.remove("busy");
+  }
+}
+
+// ---- login -----------------------------------------------------------------------------------
+
+function showLogin(message = "") {
+  $("#login").hidden = false;
+  $("#app").hidden = true;
+  $("#logout").hidden = true;
+  $("#login-error").textContent = message;
+  $("#token").focus();
+}
+
+function logout(message = "") {
+  state.token = "";
+  sessionStorage.removeItem(TOKEN_KEY);
+  thumbs.forEach((url) => url.then(URL.revokeObjectURL, () => {}));
+  thumbs.clear();
+  showLogin(message);
+}
+
+async function connect(token) {
+  state.token = token;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("#login").hidden = true;
+  $("#app").hidden = false;
+  $("#logout").hidden = false;
+  await guarded(async () => {
+    await Promise.all([loadCameras(), loadModels()]);
+    await showRecent(null);
+  });
+}
+
+// ---- cameras, models, recent sightings -------------------------------------------------------
+
+async function loadCameras() {
+  const cameras = await getJson(`${API}/cameras`);
+  const total = cameras.reduce((n, c) => n + c.sightings, 0);
+  $("#summary").textContent = `${cameras.length} camera${cameras.length === 1 ? "" : "s"}, ${total} sightings`;
+  $("#cameras").replaceChildren(
+    cameraItem(null, "All cameras", `${total} sightings`),
+    ...cameras.map((c) => cameraItem(c.camera, c.camera,
+      `${c.node} · ${c.tracks} tracks · last ${fmtTime(c.last_ts)}`)),
+  );
+  $("#filter-cameras").replaceChildren(...cameras.map((c) =>
+    el("label", {}, el("input", { type: "checkbox", value: c.camera, checked: true }), c.camera)));
+}
+
+function cameraItem(camera, title, detail) {
+  const button = el("button", { type: "button", class: "camera", dataset: { camera: camera ?? "" },
+    onclick: () => guarded(() => showRecent(camera)) }, el("strong", {}, title), el("span", { class: "muted" }, detail));
+  return el("li", {}, button);
+}
+
+// Model versions with stored sightings; an image query also needs the matcher to have that ONNX file.
+async function loadModels() {
+  const { partitions } = await getJson(`${API}/stats`);
+  $("#model").replaceChildren(...Object.keys(partitions).map((m) => el("option", { value: m }, m)));
+}
+
+async function showRecent(camera) {
+  state.camera = camera;
+  document.querySelectorAll(".camera").forEach((b) => b.classList.toggle("active", b.dataset.camera === (camera ?? "")));
+  const params = new URLSearchParams({ limit: RECENT_LIMIT });
+  if (camera) params.set("camera", camera);
+  const sightings = await getJson(`${API}/sightings?${params}`);
+  $("#picker-title").textContent = camera ? `Recent sightings on ${camera}` : "Recent sightings, all cameras";
+  $("#grid").replaceChildren(...(sightings.length ? sightings.map(pickButton) : [el("p", { class: "muted" }, "No sightings yet.")]));
+  showView("picker");
+}
+
+function pickButton(s) {
+  return el("button", {
+    type: "button", class: "pick", dataset: { id: s.id },
+    title: `#${s.id} · ${s.camera} · ${fmtDateTime(s.ts)} · track ${s.track}`,
+    onclick: () => search({ sighting: s }),
+  }, thumbnail(s), el("span", { class: "caption" }, `${fmtTime(s.ts)} · ${s.camera}`));
+}
+
+// ---- queries ---------------------------------------------------------------------------------
+
+function readFilters() {
+  const time = (id) => ($(id).value ? new Date($(id).value).getTime() / 1000 : null);
+  const boxes = [...document.querySelectorAll("#filter-cameras input")];
+  const checked = boxes.filter((b) => b.checked).map((b) => b.value);
+  return {
+    since: time("#since"),
+    until: time("#until"),
+    cameras: checked.length === boxes.length ? null : checked, // all ticked: no camera filter
+    min_score: Number($("#min-score").value || 0),
+    top_k: Number($("#top-k").value || 10),
+  };
+}
+
+async function runQuery(subject, filters) {
+  if (subject.sighting) return postJson(`${API}/query`, { sighting_id: subject.sighting.id, ...filters });
+  const form = new FormData();
+  form.append("image", subject.file);
+  form.append("model", subject.model);
+  for (const [key, value] of Object.entries(filters)) {
+    if (value == null) continue;
+    for (const v of [].concat(value)) form.append(key, v);
+  }
+  return (await api(`${API}/query/image`, { method: "POST", body: form })).json();
+}
+
+function search(subject) {
+  state.subject = subject;
+  return guarded(async () => {
+    const filters = readFilters();
+    if (filters.cameras && !filters.cameras.length) throw new Error("Tick at least one camera in the filters.");
+    renderResults(subject, await runQuery(subject, filters));
+  });
+}
+
+// ---- results ---------------------------------------------------------------------------------
+
+function renderResults(subject, result) {
+  const rows = Object.entries(result.cameras)
+    .filter(([, hits]) => hits.length)
+    .map(([camera, hits]) => ({ camera, hits: [...hits].sort((a, b) => a.first_ts - b.first_ts) }))
+    .sort((a, b) => a.hits[0].first_ts - b.hits[0].first_ts); // read top-down in the order the person went
+  const tracks = rows.reduce((n, r) => n + r.hits.length, 0);
+  $("#query").replaceChildren(querySummary(subject, result, `${tracks} track${tracks === 1 ? "" : "s"} on ${rows.length} camera${rows.length === 1 ? "" : "s"}`));
+  $("#timeline").replaceChildren(...(rows.length ? rows.map(timelineRow) : [el("p", { class: "muted" }, "No matches with these filters.")]));
+  showView("results");
+}
+
+function querySummary(subject, result, found) {
+  const foundLine = el("p", {}, found, el("span", { class: "muted" }, " · framed: each track's best match"));
+  if (subject.sighting) {
+    const s = subject.sighting;
+    return el("div", { class: "subject" }, thumbnail(s), el("div", {},
+      el("h2", {}, `Sighting #${s.id} on ${s.camera}`),
+      el("p", { class: "muted" }, `${fmtDateTime(s.ts)} · ${s.node} · track ${s.track} · model ${result.model}`),
+      foundLine));
+  }
+  subject.preview ??= URL.createObjectURL(subject.file);
+  const preview = el("img", { class: "thumb", alt: "uploaded crop", src: subject.preview });
+  return el("div", { class: "subject" }, preview, el("div", {},
+    el("h2", {}, `Uploaded crop ${subject.file.name}`),
+    el("p", { class: "muted" }, `model ${result.model}`),
+    foundLine));
+}
+
+function timelineRow({ camera, hits }) {
+  const best = Math.max(...hits.map((h) => h.score));
+  return el("section", { class: "row", dataset: { camera } },
+    el("header", { class: "row-label" },
+      el("strong", {}, camera),
+      el("span", { class: "muted" }, `${hits.length} track${hits.length === 1 ? "" : "s"}`),
+      el("span", { class: `score ${scoreClass(best)}` }, `best ${best.toFixed(2)}`)),
+    el("div", { class: "strip" }, ...hits.map(hitGroup)));
+}
+
+function hitGroup(hit) {
+  const sightings = [...hit.sightings].sort((a, b) => a.ts - b.ts);
+  return el("article", { class: `hit ${scoreClass(hit.score)}`, dataset: { track: hit.track } },
+    el("header", {},
+      el("span", { class: `score ${scoreClass(hit.score)}`, title: "cosine similarity to the query" }, hit.score.toFixed(2)),
+      el("span", { class: "muted" }, hit.first_ts === hit.last_ts ? fmtTime(hit.first_ts) : `${fmtTime(hit.first_ts)}–${fmtTime(hit.last_ts)}`)),
+    el("div", { class: "frames" }, ...sightings.map((s) => frame(s, s.id === hit.best.id))),
+    el("footer", { class: "muted" }, `${hit.node} · track ${hit.track} · best box ${fmtBox(hit.best.box)}`));
+}
+
+function frame(s, best) {
+  // Clicking a result follows the person: it becomes the next query.
+  return el("button", { type: "button", class: `frame${best ? " best" : ""}`, dataset: { id: s.id },
+    title: `#${s.id} · ${fmtDateTime(s.ts)} · box ${fmtBox(s.box)}${best ? " · best match" : ""}`,
+    onclick: () => search({ sighting: s }) },
+  thumbnail(s), el("span", { class: "caption" }, fmtTime(s.ts)));
+}
+
+// ---- wiring ----------------------------------------------------------------------------------
+
+$("#login-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  connect($("#token").value.trim());
+});
+$("#logout").addEventListener("click", () => logout());
+$("#back").addEventListener("click", () => guarded(() => showRecent(state.camera)));
+$("#filters").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (state.subject && !$("#results").hidden) search(state.subject);
+});
+$("#upload-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  search({ file: $("#crop").files[0], model: $("#model").value });
+});
+
+if (state.token) connect(state.token);
+else showLogin();

@@ -1,0 +1,60 @@
+"""Retention: sightings past the maximum age or a camera's quota leave index, store and file, thumbnails too."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import numpy as np
+from helpers import Pusher, index_ids, make_sighting, matcher_config, unit_vectors, wait_until
+
+from matcher.query import Filters
+from matcher.service import Matcher
+
+
+def _marker(i: int) -> bytes:
+    """A JPEG-looking thumbnail with recognisable bytes, to look for in the database file afterwards."""
+    return b"\xff\xd8\xff\xe0" + f"PERSONAL-DATA-{i:04d}".encode() * 8
+
+
+def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path):
+    now = time.time()
+    vecs = unit_vectors(np.random.default_rng(2), 140, 64)
+    old = [make_sighting(vecs[i], camera="gate", ts=now - 7200 + i, frame=i, track=900 + i // 10, thumbnail=_marker(i))
+           for i in range(30)]  # two hours old
+    fresh_gate = [make_sighting(vecs[30 + i], camera="gate", ts=now - 60 + i, frame=i, track=i // 10) for i in range(20)]
+    busy_hall = [make_sighting(vecs[50 + i], camera="hall", ts=now - 600 + i, frame=i, track=i // 10, thumbnail=_marker(50 + i))
+                 for i in range(80)]  # fresh, but 30 over the camera's quota
+    cfg = matcher_config(tmp_path, retention={"max_age_hours": 1, "max_per_camera": 50, "check_interval_s": 0.1})
+    m = Matcher(cfg)
+    m.start()
+    with Pusher(m.endpoint) as push:
+        push.send(old + fresh_gate + busy_hall)
+    wait_until(lambda: m.accepted == 130, 10, "130 sightings accepted")
+    wait_until(lambda: {c["camera"]: c["sightings"] for c in m.cameras()} == {"gate": 20, "hall": 50}, 10, "retention")
+
+    kept = {r.id: r for r in m.recent(limit=1000)}
+    assert sorted(r.ts for r in kept.values() if r.camera == "hall") == [s.ts for s in busy_hall[30:]]  # the newest 50
+    assert sorted(r.ts for r in kept.values() if r.camera == "gate") == [s.ts for s in fresh_gate]
+    assert index_ids(m.index.partition("m1").index) == set(kept)
+    gone = set(range(1, 131)) - set(kept)
+    assert len(gone) == 60 and all(m.sighting(i) is None and m.thumbnail(i) is None for i in gone)
+    for s in old[:3] + busy_hall[:3]:  # their own embeddings no longer find them
+        assert m.search_embedding(s.embedding, "m1", Filters(min_score=0.99)).ranked() == []
+
+    # New sightings keep being policed by the background thread.
+    with Pusher(m.endpoint) as push:
+        push.send([make_sighting(vecs[130 + i], camera="hall", ts=now + i, frame=100 + i, track=50) for i in range(10)])
+    wait_until(lambda: m.accepted == 140, 10, "ten more")
+    wait_until(lambda: m.cameras()[1]["sightings"] == 50 and m.index.partition("m1").size == 70, 10, "hall back to 50")
+    m.stop()
+
+    db = sqlite3.connect(tmp_path / "sightings.db")
+    ids = ",".join(map(str, gone))
+    assert db.execute(f"SELECT COUNT(*) FROM vectors WHERE id IN ({ids})").fetchone() == (0,)
+    assert db.execute(f"SELECT COUNT(*) FROM thumbnails WHERE id IN ({ids})").fetchone() == (0,)
+    db.close()
+    # Not just unlinked: the deleted thumbnails' bytes are gone from the files (secure_delete, no VACUUM needed).
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("sightings.db*"))
+    assert not any(f"PERSONAL-DATA-{i:04d}".encode() in raw for i in [*range(30), *range(50, 90)])
+    assert b"PERSONAL-DATA-0129" in raw  # a kept one: the search would find them if they were there

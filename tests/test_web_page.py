@@ -1,0 +1,159 @@
+"""The matcher's web page in a real headless browser: Debian's chromium driven by Playwright.
+
+Against the same live matcher as the API tests (`live_matcher.py`): enter the token, pick a camera and
+a sighting, and see one timeline row per camera with every thumbnail loaded; search by an uploaded
+crop; narrow by the camera filter. The browser may reach nothing but the matcher, and the token never
+appears in a URL. Skipped only when chromium is not installed (`make browser` installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import urllib.parse
+
+import cv2
+import pytest
+from live_matcher import TOKEN, person_crop
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
+                                reason="Debian chromium is not installed: `make browser` (apt-get install chromium)")
+
+ALL_THUMBS_LOADED = """sel => {
+    const imgs = [...document.querySelectorAll(sel)];
+    return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class Visit:
+    """One browser tab on the matcher's page, recording every request and every script error."""
+
+    def __init__(self, browser, live):
+        self.ctx = browser.new_context(viewport={"width": 1440, "height": 1000})
+        self.page = self.ctx.new_page()
+        self.urls: list[str] = []
+        self.errors: list[str] = []  # script errors and failed requests
+        self.page.on("request", lambda r: self.urls.append(r.url))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("response", lambda r: r.status >= 400 and self.errors.append(f"{r.status} {r.url}"))
+        self.page.set_default_timeout(15000)
+        self.origin = live.url
+        self.page.goto(live.url + "/")
+
+    def login(self, token: str = TOKEN) -> None:
+        self.page.fill("#token", token)
+        self.page.click("#login-form button")
+
+    def wait_thumbs(self, selector: str) -> None:
+        self.page.wait_for_function(ALL_THUMBS_LOADED, arg=selector)
+
+    def foreign(self) -> list[str]:
+        """Requests that went anywhere but the matcher (blob: URLs are local to the page)."""
+        return [u for u in self.urls if not (u.startswith(self.origin) or u.startswith("blob:"))]
+
+
+@pytest.fixture
+def visit(browser, live_matcher):
+    v = Visit(browser, live_matcher)
+    yield v
+    v.ctx.close()
+
+
+def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tmp_path):
+    page = visit.page
+    visit.login("wrong-token-0123456789")
+    page.wait_for_selector("#login-error:has-text('not accepted')")
+    assert visit.errors and all(e.startswith("401 ") for e in visit.errors)
+    visit.errors.clear()
+
+    visit.login()
+    page.wait_for_selector(".camera[data-camera='hall']")
+    assert page.locator(".camera").all_inner_texts()[1].startswith("gate")
+    page.click(".camera[data-camera='hall']")
+    page.wait_for_selector("#picker-title:has-text('Recent sightings on hall')")
+    visit.wait_thumbs("#grid img.thumb")
+
+    # Person 3 seen in hall: the timeline should show gate (earlier) above hall.
+    subject = next(r for r in live_matcher.matcher.recent("hall", 100) if r.track == 3)
+    page.click(f".pick[data-id='{subject.id}']")
+    page.wait_for_selector("#results .row")
+    visit.wait_thumbs("#timeline img.thumb")
+    assert page.locator("#query h2").inner_text() == f"Sighting #{subject.id} on hall"
+    rows = page.locator("#timeline .row")
+    assert [rows.nth(i).get_attribute("data-camera") for i in range(rows.count())] == ["gate", "hall"]
+    gate_hits = page.locator(".row[data-camera='gate'] .hit")
+    assert gate_hits.count() >= 3
+    assert "3" in page.locator(".row[data-camera='gate'] .hit").evaluate_all("hits => hits.map(h => h.dataset.track)")
+    # A hit shows its score and its best box; each frame its time (and box on hover).
+    first = page.locator(".row[data-camera='gate'] .hit").first
+    assert first.locator(".score").inner_text().startswith("0.")
+    assert "best box " in first.locator("footer").inner_text()
+    assert ":" in first.locator(".frame .caption").first.inner_text()
+    assert "box " in first.locator(".frame").first.get_attribute("title")
+
+    shot = tmp_path / "timeline.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+    # Clicking a result follows the person: it becomes the next query.
+    follow = page.locator(".row[data-camera='gate'] .frame").first
+    follow_id = follow.get_attribute("data-id")
+    follow.click()
+    page.wait_for_selector(f"#query h2:has-text('Sighting #{follow_id} on gate')")
+
+    assert not visit.errors
+    assert not visit.foreign()
+    assert not [u for u in visit.urls if TOKEN in urllib.parse.unquote(u)]
+    assert page.locator("#timeline img.thumb").first.get_attribute("src").startswith("blob:")
+
+
+def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_frames, tmp_path):
+    page = visit.page
+    visit.login()
+    page.wait_for_selector(".camera[data-camera='gate']")
+
+    crop = tmp_path / "person.jpg"
+    cv2.imwrite(str(crop), person_crop(tud_frames, 33, 3))
+    page.set_input_files("#crop", str(crop))
+    assert page.locator("#model").input_value() == live_matcher.model
+    page.click("#upload-form button")
+    page.wait_for_selector("#results .row")
+    visit.wait_thumbs("#timeline img.thumb")
+    assert page.locator("#query h2").inner_text() == "Uploaded crop person.jpg"
+    assert sorted(page.locator("#timeline .row").evaluate_all("rows => rows.map(r => r.dataset.camera)")) == ["gate", "hall"]
+
+    # Untick gate, ask for the best 2 tracks: only hall is left.
+    page.uncheck("#filter-cameras input[value='gate']")
+    page.fill("#top-k", "2")
+    page.click("#filters button")
+    page.wait_for_function("() => document.querySelectorAll('#timeline .row').length === 1")
+    assert page.locator("#timeline .row").get_attribute("data-camera") == "hall"
+    assert page.locator("#timeline .hit").count() == 2
+
+    # An impossible score threshold is an empty answer, not an error.
+    page.fill("#min-score", "0.9999")
+    page.click("#filters button")
+    page.wait_for_selector("#timeline:has-text('No matches with these filters.')")
+
+    # The token lives in this tab's sessionStorage: a reload stays connected; "Forget token" logs out.
+    page.reload()
+    page.wait_for_selector(".camera[data-camera='gate']")
+    page.click("#logout")
+    page.wait_for_selector("#login:not([hidden])")
+    assert page.evaluate("() => sessionStorage.length") == 0
+
+    assert not visit.errors
+    assert not visit.foreign()
