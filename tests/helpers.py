@@ -294,11 +294,8 @@ class Pusher:
 
 
 def wait_until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    if not wait_for(cond, timeout):
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def index_ids(index: faiss.Index) -> set[int]:
@@ -307,3 +304,13 @@ def index_ids(index: faiss.Index) -> set[int]:
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
     return {int(i) for n in range(ivf.nlist) for i in faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n))}
+
+
+def wait_for(pred, timeout: float) -> bool:
+    """Poll `pred` until it holds or `timeout` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()

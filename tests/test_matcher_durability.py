@@ -45,6 +45,14 @@ def _ingest(m: Matcher, sightings: list) -> None:
     wait_until(lambda: m.accepted == target, 20, f"{target} sightings accepted")
 
 
+def _filled(cfg, sightings: list) -> None:
+    """A matcher that ingested `sightings` and stopped cleanly."""
+    m = Matcher(cfg)
+    m.start()
+    _ingest(m, sightings)
+    m.stop()
+
+
 def _ranked(m: Matcher, world, person: int) -> list[tuple]:
     result = m.search_track(*world.track(person, "gate"), None, Filters(top_k=5))
     return [(h.camera, h.track, round(h.score, 5), h.n_sightings) for h in result.ranked()]
@@ -75,10 +83,7 @@ def test_restart_after_a_clean_stop_keeps_everything_and_never_reuses_ids(tmp_pa
 def test_a_damaged_snapshot_is_rebuilt_from_the_store(tmp_path, caplog):
     world = person_world(persons=5)
     cfg = matcher_config(tmp_path)
-    m = Matcher(cfg)
-    m.start()
-    _ingest(m, world.sightings)
-    m.stop()
+    _filled(cfg, world.sightings)
     [faiss_file] = (tmp_path / "index").glob("*.faiss")
     faiss_file.write_bytes(faiss_file.read_bytes()[:100])
     again = Matcher(cfg)
@@ -91,10 +96,7 @@ def test_a_damaged_snapshot_is_rebuilt_from_the_store(tmp_path, caplog):
 def test_a_snapshot_older_than_the_pruned_deletion_log_is_not_trusted(tmp_path, caplog):
     world = person_world(persons=5)
     cfg = matcher_config(tmp_path)
-    m = Matcher(cfg)
-    m.start()
-    _ingest(m, world.sightings)
-    m.stop()
+    _filled(cfg, world.sightings)
     shutil.copytree(tmp_path / "index", tmp_path / "old-index")  # e.g. a backup of the index folder
     m = Matcher(cfg)
     m.remove(list(range(1, 31)))

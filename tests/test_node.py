@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data
+from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data, wait_for
 from torch import nn
 
 from crossview.wire import Sighting
@@ -149,14 +149,14 @@ def test_live_stream_dies_and_comes_back_while_a_file_camera_runs(default_model,
     runner.start()
     live, file = node.cameras["live"].stats, node.cameras["file"].stats
     try:
-        assert _wait(lambda: live.frames >= 3, 40), "live camera never delivered"
+        assert wait_for(lambda: live.frames >= 3, 40), "live camera never delivered"
         server.stop()
-        assert _wait(lambda: live.status == "reconnecting", 20)
+        assert wait_for(lambda: live.status == "reconnecting", 20)
         during = file.frames, live.frames
-        assert _wait(lambda: file.frames >= during[0] + 3, 30), "file camera stalled while the stream was down"
+        assert wait_for(lambda: file.frames >= during[0] + 3, 30), "file camera stalled while the stream was down"
         assert live.frames <= during[1] + 1
         server.start()
-        assert _wait(lambda: live.status == "streaming" and live.frames >= during[1] + 3, 40), "stream not reopened"
+        assert wait_for(lambda: live.status == "streaming" and live.frames >= during[1] + 3, 40), "stream not reopened"
     finally:
         node.stop()
         runner.join()
@@ -176,11 +176,11 @@ def test_model_hot_reload_while_streaming(default_model, clips, tmp_path, make_t
     runner = threading.Thread(target=node.run, kwargs={"max_seconds": 150})
     runner.start()
     try:
-        assert _wait(lambda: len(rx.got) >= 3, 60)
+        assert wait_for(lambda: len(rx.got) >= 3, 60)
         frames_before = node.cameras["campus"].stats.frames
         make_tiny_model(tmp_path / "next.onnx", "tiny-2", dim=8)
         os.replace(tmp_path / "next.onnx", model)  # how a deployment swaps it: atomic rename
-        assert _wait(lambda: any(s.model == "tiny-2" for s in rx.got), 60), "new model never used"
+        assert wait_for(lambda: any(s.model == "tiny-2" for s in rx.got), 60), "new model never used"
     finally:
         node.stop()
         runner.join()
@@ -248,11 +248,3 @@ def test_cli_bad_config_names_the_key(tmp_path):
     assert r.returncode == 2
     assert "cameras.0.fsp: unknown key" in r.stderr and str(bad) in r.stderr
 
-
-def _wait(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False

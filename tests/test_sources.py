@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MjpegServer, jpeg_frames, shared_data
+from helpers import MjpegServer, jpeg_frames, shared_data, wait_for
 
 from crossview.config import CameraConfig
 from edge.sources import CameraSource, Frame, SourceError, open_capture
@@ -27,14 +27,6 @@ def drain(src: CameraSource) -> list[Frame]:
         frames.append(f)
     return frames
 
-
-def wait_for(pred, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def read_after(src: CameraSource, t: float, timeout: float) -> Frame | None:
