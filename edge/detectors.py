@@ -32,13 +32,13 @@ class DetectorError(ModelError):
     """Detector weights are missing or unusable; the message names the file."""
 
 
-def _letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Resize keeping aspect ratio and pad to size x size, as YOLO was trained."""
+def _letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize keeping aspect ratio and pad to size = (H, W), as YOLO was trained."""
     h, w = img.shape[:2]
-    r = min(size / h, size / w)
+    r = min(size[0] / h, size[1] / w)
     nh, nw = round(h * r), round(w * r)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out = np.full((size, size, 3), 114, np.uint8)
+    top, left = (size[0] - nh) // 2, (size[1] - nw) // 2
+    out = np.full((*size, 3), 114, np.uint8)
     out[top : top + nh, left : left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
     return out, r, (left, top)
 
@@ -59,9 +59,10 @@ class YoloOnnx:
         shape = inp.shape
         if len(shape) != 4 or shape[1] != 3:
             raise DetectorError(f"{cfg.weights}: not a YOLO detector, input shape {shape} is not (1, 3, H, W)")
-        fixed = [d for d in shape[2:] if isinstance(d, int)]
-        # A static export fixes the image size; follow the model rather than fail on the config value.
-        self.imgsz = fixed[0] if fixed else cfg.imgsz
+        # A static export fixes the input size (square, or e.g. 480x640 for 4:3 cameras: a quarter less
+        # work than 640x640); follow the model rather than the config value.
+        h, w = shape[2:]
+        self.imgsz = (h if isinstance(h, int) else cfg.imgsz, w if isinstance(w, int) else cfg.imgsz)
         self.input_name = inp.name
         out = self.session.get_outputs()[0].shape
         if len(out) != 3 or (isinstance(out[1], int) and out[1] < 5):

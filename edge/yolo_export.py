@@ -1,6 +1,6 @@
 """Export a local YOLO `.pt` to the ONNX file the edge node's `YoloOnnx` runs; nothing is downloaded.
 
-    $ crossview export-detector yolo11n.pt --out models/yolo11n.onnx
+    $ crossview export-detector yolo11n.pt --out models/yolo11n.onnx --imgsz 480 640
     >>> export_yolo(Path("yolo11n.pt"), Path("models/yolo11n.onnx"))
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from crossview.runtime import offline_env
 
 
-def export_yolo(weights: Path, out: Path, imgsz: int = 640) -> Path:
+def export_yolo(weights: Path, out: Path, imgsz: int | tuple[int, int] = 640) -> Path:
+    """`imgsz` is one side, or (H, W): 480x640 fits 4:3 cameras without padding."""
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{weights}: YOLO weights not found")
     offline_env()

@@ -77,7 +77,7 @@ def test_exported_onnx_matches_the_pytorch_model(yolo_files, vtest_frames):
     from edge.detectors import _letterbox
 
     pt, onnx = yolo_files
-    img, _, _ = _letterbox(vtest_frames[0], 320)
+    img, _, _ = _letterbox(vtest_frames[0], (320, 320))
     x = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))[None].astype(np.float32) / 255
     model = YOLO(str(pt)).model.float().eval()
     with torch.no_grad():
@@ -108,3 +108,11 @@ def test_corrupt_detector_file(tmp_path):
     bad.write_bytes(b"not onnx at all")
     with pytest.raises(ModelError, match="bad.onnx: cannot load ONNX model"):
         build_detector(DetectorConfig(kind="yolo", weights=bad))
+
+
+def test_a_rectangular_export_fits_4_3_frames_without_padding(yolo_files, tmp_path, vtest_frames):
+    onnx = export_yolo(yolo_files[0], tmp_path / "yolo-256x320.onnx", imgsz=(256, 320))
+    det = build_detector(DetectorConfig(kind="yolo", weights=onnx, conf=1e-4, imgsz=640))
+    assert det.imgsz == (256, 320)  # the model's own input size wins over the config's
+    d = det(vtest_frames[0])
+    assert len(d) > 0 and (d.xyxy[:, [0, 2]] <= 768).all() and (d.xyxy[:, [1, 3]] <= 576).all()
