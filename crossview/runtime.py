@@ -3,9 +3,10 @@
 | what                 | why                                                                 |
 |----------------------|---------------------------------------------------------------------|
 | `offline_env()`      | ultralytics must never download weights or pip-install at run time |
+| `ultralytics()`      | the ultralytics module, imported offline and without its global thread limits |
 | `setup_logging()`    | one log format for every service                                    |
 
-Call `offline_env()` before `ultralytics` is imported: it reads these variables at import.
+Import ultralytics through `ultralytics()`: it reads these variables at import.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ OFFLINE_ENV = {
 def offline_env() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ[key] = value
+
+
+def ultralytics():
+    """Import ultralytics offline. Its import turns OpenCV's threading off (`cv2.setNumThreads(0)`, for
+    its DataLoader) and caps OpenMP; the edge's HOG detector and decoders want every core back."""
+    import cv2
+
+    offline_env()
+    threads, omp = cv2.getNumThreads(), os.environ.get("OMP_NUM_THREADS")
+    import ultralytics
+
+    cv2.setNumThreads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    return ultralytics
 
 
 def setup_logging(level: str = "INFO") -> None:

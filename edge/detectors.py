@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from crossview.config import DetectorConfig, HogConfig
-from crossview.runtime import offline_env
+from crossview.runtime import ultralytics
 from edge.detections import Detections
 from edge.ort import ModelError, create_session
 
@@ -87,7 +87,7 @@ class YoloTorch:
     """A YOLO `.pt` file run through ultralytics (person class only)."""
 
     def __init__(self, cfg: DetectorConfig, device: str = "auto"):
-        offline_env()
+        ultralytics()  # offline, and OpenCV keeps its threads
         from ultralytics import YOLO
 
         self.cfg = cfg

@@ -56,7 +56,7 @@ def create_session(path: str | Path, device: str = "auto", threads: int = 0) -> 
     options = ort.SessionOptions()
     # All cores, no busy-waiting: on a small edge box the spinning threads of the detector's and the
     # embedder's sessions otherwise steal each other's (and the decoders') cores (bench/edge_bench.py).
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))  # the cores this process may use
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=select_providers(device))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from crossview.config import TrackerConfig
-from crossview.runtime import offline_env
+from crossview.runtime import ultralytics
 from edge.detections import Detections
 
 
@@ -41,7 +41,7 @@ class _UltralyticsBoxes:
 
 class Tracker:
     def __init__(self, cfg: TrackerConfig):
-        offline_env()
+        ultralytics()  # offline, and OpenCV keeps its threads
         from ultralytics.trackers.bot_sort import BOTSORT
         from ultralytics.trackers.byte_tracker import BYTETracker
         from ultralytics.utils import IterableSimpleNamespace

@@ -9,14 +9,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from crossview.runtime import offline_env
+from crossview.runtime import ultralytics
 
 
 def export_yolo(weights: Path, out: Path, imgsz: int | tuple[int, int] = 640) -> Path:
     """`imgsz` is one side, or (H, W): 480x640 fits 4:3 cameras without padding."""
     if not Path(weights).is_file():
         raise FileNotFoundError(f"{weights}: YOLO weights not found")
-    offline_env()
+    ultralytics()  # offline, and OpenCV keeps its threads
     from ultralytics import YOLO
 
     # simplify=False: onnxslim is optional and must not be pip-installed on the fly.

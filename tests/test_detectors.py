@@ -116,3 +116,14 @@ def test_a_rectangular_export_fits_4_3_frames_without_padding(yolo_files, tmp_pa
     assert det.imgsz == (256, 320)  # the model's own input size wins over the config's
     d = det(vtest_frames[0])
     assert len(d) > 0 and (d.xyxy[:, [0, 2]] <= 768).all() and (d.xyxy[:, [1, 3]] <= 576).all()
+
+
+def test_importing_ultralytics_leaves_opencv_its_threads():
+    """ultralytics' import turns OpenCV threading off; the HOG detector then ran ~1.5x slower."""
+    import subprocess
+    import sys
+
+    code = ("import cv2; n = cv2.getNumThreads(); from edge.tracking import Tracker; from crossview.config import TrackerConfig; "
+            "Tracker(TrackerConfig()); import os; print(n, cv2.getNumThreads(), os.environ.get('OMP_NUM_THREADS'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out[0] == out[1] != "0" and out[2] == "None"
