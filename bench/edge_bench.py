@@ -2,14 +2,15 @@
 
     python bench/edge_bench.py [--frames 150] [--out docs/benchmarks.md] [--profile]
 
-| part        | what is compared (all in one run, so ratios hold on a noisy shared machine)              |
-|-------------|-------------------------------------------------------------------------------------------|
-| embedder    | ONNX Runtime `Embedder` batched vs the same network in PyTorch eager, one crop / batched  |
-| edge node   | `EdgeNode` on vtest.avi with HOG, YOLO11n ONNX 640 (random weights), and YOLO timing fed  |
-|             | the HOG people; detector / tracker / embedder / publish time from wrappers on the node    |
-| ORT options | the target row again with session options patched in here (edge/ is not edited)          |
+| part        | what is compared (all in one run, so ratios hold on a noisy shared machine)                |
+|-------------|---------------------------------------------------------------------------------------------|
+| embedder    | ONNX Runtime `Embedder` batched vs the same network in PyTorch eager, one crop / batched    |
+| YOLO        | YOLO11n ONNX inference alone: 640x640 vs 480x640 input                                      |
+| edge node   | `EdgeNode` on vtest.avi with HOG, with YOLO11n ONNX 640 (random weights), and with YOLO     |
+|             | timed but fed the HOG people (the target figure); time per stage from wrappers on the node |
+| ORT options | every ONNX Runtime part under a few session options, patched in here (edge/ is not edited)  |
 
-Other processes' CPU use (from /proc/stat, minus this process) is recorded for every measurement.
+Other processes' CPU use (/proc/stat minus this process) is recorded for every measurement.
 The tables are printed and replace the "Edge node (bench/edge_bench.py)" section of --out.
 """
 
@@ -49,8 +50,11 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import edge.detectors  # noqa: E402
+import edge.ort  # noqa: E402
 from crossview.config import (  # noqa: E402
     CameraConfig,
+    CurveConfig,
     DetectorConfig,
     EdgeConfig,
     EmbedderConfig,
@@ -58,7 +62,6 @@ from crossview.config import (  # noqa: E402
     MetricsConfig,
     PublisherConfig,
 )
-import edge.detectors  # noqa: E402
 from edge.detectors import HogDetector  # noqa: E402
 from edge.embedder import Embedder  # noqa: E402
 from edge.node import EdgeNode  # noqa: E402
@@ -71,17 +74,20 @@ SECTION = "## Edge node (bench/edge_bench.py)"
 YOLO_SHAPES = ((640, 640), (480, 640))
 EMBED_FRAMES = 40  # frames whose HOG boxes are the embedder's crops
 YOLO_FRAMES = 20  # frames per round of the YOLO latency comparison
-TORCH_ONE = "PyTorch eager, one crop at a time"
+TORCH_THREADS = 2
+TORCH_ONE = f"PyTorch eager, one crop at a time, {TORCH_THREADS} threads"
+TORCH_ONE_1T = "PyTorch eager, one crop at a time, 1 thread"
 TARGET_ROW = "YOLO11n ONNX 640 timing + HOG people"
 BATCH = 32
-ROUNDS = 3
-# ONNX Runtime session options tried on the target row; {} is what edge/ort.py ships.
+ROUNDS = 5  # timed repeats of each embedder / YOLO measurement
+NODE_ROUNDS = 3  # edge node runs per ORT variant of the target row
+# ONNX Runtime session options tried on every ORT measurement; {} is edge/ort.py's create_session as is.
 ORT_VARIANTS = {
-    "shipped (intra_op 0 = ORT default)": {},
+    "shipped": {},
+    "ORT defaults (intra_op 0, spinning)": {"threads": 0, "spinning": True},
     "intra_op 1": {"threads": 1},
-    "intra_op 2, no spinning": {"threads": 2, "spinning": False},
 }
-TORCH_THREADS = 2
+SPINNING = "session.intra_op.allow_spinning"
 TARGET_FPS, TARGET_RATIO, TARGET_OTHER = 10.0, 3.0, 0.15
 
 
@@ -90,7 +96,7 @@ TARGET_FPS, TARGET_RATIO, TARGET_OTHER = 10.0, 3.0, 0.15
 
 def _busy_seconds() -> float:
     """Machine-wide non-idle CPU seconds (user, nice, system, irq, softirq) from /proc/stat."""
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, open("/proc/stat").readline().split()[1:8])
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
@@ -134,23 +140,41 @@ def _process_ticks() -> dict[int, tuple[int, str]]:
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            name, fields = (d / "stat").read_text().rsplit(")", 1)
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        out[int(d.name)] = (int(fields[11]) + int(fields[12]), cmd or d.name)
+        fields = fields.split()
+        out[int(d.name)] = (int(fields[11]) + int(fields[12]), cmd or name.split("(", 1)[1])
     return out
 
 
-def busy_others(before: dict, after: dict, wall: float, min_share: float = 0.05) -> list[str]:
-    """Other processes that used at least `min_share` of one core between two `_process_ticks()`."""
-    tick = os.sysconf("SC_CLK_TCK")
-    rows = []
-    for pid, (ticks, cmd) in after.items():
-        share = (ticks - before.get(pid, (0, ""))[0]) / tick / wall
-        if share >= min_share:
-            rows.append((share, f"{cmd[:70]} ({share:.0%} of a core)"))
-    return [r for _, r in sorted(rows, reverse=True)]
+class ProcessSampler:
+    """Every other process's CPU ticks, sampled each second, so short-lived ones (test runs) are seen too."""
+
+    def __init__(self):
+        self.t0, self.first = time.perf_counter(), _process_ticks()
+        self.last = dict(self.first)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self.last.update(_process_ticks())
+
+    def busiest(self, min_share: float = 0.05) -> list[str]:
+        """Stop; the processes that used at least `min_share` of a core over the sampled time."""
+        self._stop.set()
+        self._thread.join()
+        self.last.update(_process_ticks())
+        wall, tick = time.perf_counter() - self.t0, os.sysconf("SC_CLK_TCK")
+        rows = []
+        for pid, (ticks, cmd) in self.last.items():
+            share = (ticks - self.first.get(pid, (0, ""))[0]) / tick / wall
+            if share >= min_share:
+                rows.append((share, f"`{cmd[:80]}` ({share:.0%} of a core)"))
+        return [r for _, r in sorted(rows, reverse=True)]
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -194,23 +218,34 @@ def build_yolo(folder: Path) -> dict[str, Path]:
 
     pt = folder / "yolo11n-random.pt"
     YOLO("yolo11n.yaml").save(pt)
-    # Importing ultralytics sets OMP_NUM_THREADS=1 and cv2.setNumThreads(0) (no OpenCV threads), and its
-    # exporter sets torch.set_num_threads(cpu_count - 1); the embedder part re-pins torch to 2 threads.
+    # Beware: importing ultralytics sets OMP_NUM_THREADS=1 and cv2.setNumThreads(0) (no OpenCV threads), and
+    # its exporter torch.set_num_threads(cpu_count - 1); TorchEmbedder sets its thread count at every call.
     return {f"{h}x{w}": export_yolo(pt, folder / f"yolo11n-random-{h}x{w}.onnx", imgsz=(h, w)) for h, w in YOLO_SHAPES}
 
 
+def shipped_options(model: Path) -> str:
+    """What edge/ort.py's create_session sets, read back from a session it opened."""
+    opts = edge.ort.create_session(model, "cpu").get_session_options()
+    try:
+        spinning = opts.get_session_config_entry(SPINNING) != "0"
+    except RuntimeError:  # not set: ORT's default
+        spinning = True
+    return f"intra_op_num_threads {opts.intra_op_num_threads}, spinning {'on' if spinning else 'off'}"
+
+
 @contextmanager
-def ort_options(threads: int | None = None, spinning: bool = True):
-    """ONNX Runtime sessions opened by edge.embedder / edge.detectors inside use these options."""
-    if threads is None and spinning:
+def ort_options(threads: int | None = None, spinning: bool | None = None):
+    """ONNX Runtime sessions opened by edge.embedder / edge.detectors inside use these options;
+    none given: edge/ort.py's own create_session."""
+    if threads is None and spinning is None:
         yield
         return
 
     def create_session(path, device="auto", default_threads=0):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = default_threads if threads is None else threads
-        if not spinning:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if spinning is not None:
+            opts.add_session_config_entry(SPINNING, "1" if spinning else "0")
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     with patch("edge.embedder.create_session", create_session), patch("edge.detectors.create_session", create_session):
@@ -223,9 +258,9 @@ def ort_options(threads: int | None = None, spinning: bool = True):
 class TorchEmbedder:
     """The default embedder's network in PyTorch eager, with the Embedder's preprocessing."""
 
-    def __init__(self, meta, batch_size: int):
+    def __init__(self, meta, batch_size: int, threads: int):
         self.model = GapEmbedder(mobilenet_v2_imagenet()).eval()
-        self.meta, self.batch_size = meta, batch_size
+        self.meta, self.batch_size, self.threads = meta, batch_size, threads
         self.mean, self.std = np.float32(meta.mean), np.float32(meta.std)
 
     def _tensor(self, crops: list[np.ndarray]) -> torch.Tensor:
@@ -235,6 +270,7 @@ class TorchEmbedder:
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        torch.set_num_threads(self.threads)
         with torch.no_grad():
             out = torch.cat([self.model(self._tensor(crops[i:i + self.batch_size])) for i in range(0, len(crops), self.batch_size)])
         return torch.nn.functional.normalize(out, dim=1).numpy()
@@ -256,14 +292,14 @@ def interleaved(candidates: dict[str, Callable[[], object]], desc: str) -> dict[
 
 def embedder_throughput(model: Path, crops: list[np.ndarray]) -> tuple[dict[str, list[CpuMeter]], float]:
     """Timings per variant over all crops, and the max abs difference ORT vs PyTorch on one batch."""
-    torch.set_num_threads(TORCH_THREADS)
     embed = {}
     for name, opts in ORT_VARIANTS.items():
         with ort_options(**opts):
             embed[f"ONNX Runtime `Embedder`, batch {BATCH}, {name}"] = Embedder(model, batch_size=BATCH, device="cpu").embed
     meta = Embedder(model, device="cpu").meta
-    embed[TORCH_ONE] = TorchEmbedder(meta, 1).embed
-    embed[f"PyTorch eager, batch {BATCH}"] = TorchEmbedder(meta, BATCH).embed
+    embed[TORCH_ONE] = TorchEmbedder(meta, 1, TORCH_THREADS).embed
+    embed[TORCH_ONE_1T] = TorchEmbedder(meta, 1, 1).embed
+    embed[f"PyTorch eager, batch {BATCH}, {TORCH_THREADS} threads"] = TorchEmbedder(meta, BATCH, TORCH_THREADS).embed
     parity = float(np.abs(embed[next(iter(embed))](crops[:BATCH]) - embed[TORCH_ONE](crops[:BATCH])).max())
     runs = interleaved({name: partial(fn, crops) for name, fn in embed.items()}, f"embedder ({len(crops)} crops a round)")
     return runs, parity
@@ -341,15 +377,16 @@ class NodeRun:
 
 
 def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, people: list | None = None,
-             ort_opts: dict | None = None, profile: cProfile.Profile | None = None) -> NodeRun:
-    """EdgeNode on the first `frames` frames of vtest.avi; `people`: feed these boxes, the detector only timed."""
+             ort_opts: dict | None = None, cv_threads: int | None = None, profile: cProfile.Profile | None = None) -> NodeRun:
+    """EdgeNode on the first `frames` frames of vtest.avi; `people`: feed these boxes, the detector only timed.
+    `cv_threads`: OpenCV's thread setting for this run only (the node leaves it at 0, see the report)."""
     receiver = PullReceiver()
     cfg = EdgeConfig(
         node_id="bench",
         cameras=[CameraConfig(id="vtest", source=str(VIDEO), fps=10)],  # native 10 fps: every frame, in order
         detector=detector,
         embedder=EmbedderConfig(model=model, batch_size=BATCH, device="cpu"),
-        publisher=PublisherConfig(endpoint=receiver.endpoint),
+        publisher=PublisherConfig(endpoint=receiver.endpoint, security=CurveConfig(mode="plain")),  # loopback
         metrics=MetricsConfig(port=0, log_interval_s=3600),
     )
     with ort_options(**(ort_opts or {})):
@@ -369,9 +406,15 @@ def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, peop
         return dets if people is None else people[det.calls - 1]
 
     node.detector = detect
-    with CpuMeter() as m, profile or nullcontext():
-        stats = node.run()["vtest"]
-    bar.close()
+    cv_before = cv2.getNumThreads()
+    if cv_threads is not None:
+        cv2.setNumThreads(cv_threads)
+    try:
+        with CpuMeter() as m, profile or nullcontext():
+            stats = node.run()["vtest"]
+    finally:
+        cv2.setNumThreads(cv_before)
+        bar.close()
     if stats.frames != frames:
         raise RuntimeError(f"{name}: node processed {stats.frames} frames, expected {frames}")
     return NodeRun(name, stats.frames, m.wall, det.seconds, trk.seconds, emb.seconds, pub.seconds,
@@ -379,20 +422,18 @@ def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, peop
 
 
 def node_runs(frames: int, model: Path, yolo: Path, people: list) -> list[list[NodeRun]]:
-    """One run each with HOG and with YOLO alone; the target row ROUNDS times per ORT variant, interleaved."""
+    """One run each with HOG and with YOLO alone; the target row NODE_ROUNDS times per ORT variant, interleaved."""
     yolo_cfg = DetectorConfig(kind="yolo", weights=yolo, imgsz=640)
     rows = [
         [run_node("OpenCV HOG", DetectorConfig(kind="hog"), model, frames)],
+        [run_node("OpenCV HOG, OpenCV threads restored", DetectorConfig(kind="hog"), model, frames, cv_threads=-1)],
         [run_node("YOLO11n ONNX 640 alone (random weights: nobody found)", yolo_cfg, model, frames)],
     ]
     target = {name: [] for name in ORT_VARIANTS}
-    for _ in range(ROUNDS):
+    for _ in range(NODE_ROUNDS):
         for name, opts in ORT_VARIANTS.items():
             target[name].append(run_node(f"{TARGET_ROW}, {name}", yolo_cfg, model, frames, people, opts))
     return rows + list(target.values())
-
-
-# ---- report -----------------------------------------------------------------------------------
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -432,7 +473,7 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
     rate = {name: statistics.median(crops / m.wall for m in ms) for name, ms in embed.items()}
     ms = {name: statistics.median(1000 * m.wall / YOLO_FRAMES for m in meters) for name, meters in yolo.items()}
     shipped_embed, shipped_yolo = next(iter(rate)), next(iter(ms))
-    ratio = rate[shipped_embed] / rate[TORCH_ONE]
+    ratio, ratio_1t = rate[shipped_embed] / rate[TORCH_ONE], rate[shipped_embed] / rate[TORCH_ONE_1T]
     medians = [_median_run(runs) for runs in nodes]
     target = next(r for r in medians if r.name.startswith(TARGET_ROW))
     embed_table = _table(
@@ -455,8 +496,10 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
     targets = _table(
         ["target", "measured", "result"],
         [
-            [f"ORT `Embedder` batch {BATCH} (shipped options) / PyTorch one crop at a time ≥ {TARGET_RATIO:.0f}x",
-             f"{ratio:.1f}x", _met(ratio >= TARGET_RATIO)],
+            [f"ORT `Embedder` batch {BATCH} (shipped options) / PyTorch one crop at a time, {TORCH_THREADS} threads "
+             f"≥ {TARGET_RATIO:.0f}x", f"{ratio:.1f}x", _met(ratio >= TARGET_RATIO)],
+            ["the same against PyTorch one crop at a time, 1 thread (second baseline)",
+             f"{ratio_1t:.1f}x", _met(ratio_1t >= TARGET_RATIO)],
             [f"YOLO11n ONNX 640 + default embedder ≥ {TARGET_FPS:.0f} fps (shipped options)", f"{target.fps:.1f} fps",
              _met(target.fps >= TARGET_FPS)],
         ] + [[f"outside detector + embedder ≤ {TARGET_OTHER:.0%}: {r.name}", f"{r.outside:.0%}", _met(r.outside <= TARGET_OTHER)]
@@ -470,13 +513,14 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
         f"- Other load: load average {info['loadavg']} at the start; other processes using ≥ 5% of a core over the "
         f"whole bench: {'; '.join(info['others']) or 'none'}. \"Other load\" columns: the other processes' mean CPU "
         "use during that measurement, in cores (/proc/stat minus this process). Compare rows as ratios.",
-        "- ORT option variants (both models): *shipped* is `edge/ort.py` as is (`intra_op_num_threads` 0 = ORT "
-        "picks, here 2, spinning on); the others are patched into `create_session` by the bench.", "",
+        f"- ORT option variants (both models): *shipped* is `edge/ort.py`'s `create_session` as is ({info['shipped']}); "
+        "the others are patched into it by the bench. *ORT defaults*: `intra_op_num_threads` 0 (ORT picks one "
+        "thread per physical core: 2 here) with spinning on.", "",
         "### Embedder throughput", "",
         f"{crops} real person crops: the OpenCV HOG detector's boxes on the first {EMBED_FRAMES} frames. Same network "
         f"(ImageNet MobileNetV2 features + GAP, 256x128, 1280-d) and preprocessing everywhere; ORT vs PyTorch max abs "
-        f"difference {parity:.1e}. PyTorch: {TORCH_THREADS} threads, `no_grad`, eval. Each row warmed up, then timed "
-        f"{ROUNDS} times over all crops, rounds interleaved.", "",
+        f"difference {parity:.1e}. PyTorch: `no_grad`, eval, `torch.set_num_threads` as named. Each row warmed up, "
+        f"then timed {ROUNDS} times over all crops, rounds interleaved.", "",
         *embed_table, "",
         "### YOLO11n ONNX inference alone", "",
         f"ONNX Runtime `run` only (no pre/post-processing) on {YOLO_FRAMES} frames a round, warmed up, {ROUNDS} "
@@ -485,14 +529,16 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
         *yolo_table, "",
         "### Edge node end to end", "",
         f"`EdgeNode` itself: one camera = vtest.avi at fps 10 (every frame, in order, not realtime), first {args.frames} "
-        "frames, publishing to a local ZeroMQ PULL socket on a thread, thumbnails on. Wall time is the whole `run()` "
+        "frames, publishing to a local ZeroMQ PULL socket on a thread (plain, no CURVE encryption), thumbnails on. Wall time is the whole `run()` "
         "(start-up, the reader thread's decoding, shutdown). Detector, embedder, tracker and publish seconds come from "
         "timing wrappers on the node's callables (detector and embedder include their pre/post-processing).", "",
         "- *YOLO11n ONNX 640* is built from ultralytics' `yolo11n.yaml` with random weights and exported with "
         "`edge.yolo_export.export_yolo` (static 640, opset 17): alone it finds nobody, so that row embeds nothing.",
         f"- *{TARGET_ROW}* runs YOLO on every frame for the timing, then hands the tracker and embedder the people "
-        f"HOG found on that frame (HOG precomputed before, outside the timed region). Run {ROUNDS} times per ORT "
-        "variant, interleaved; the row shown is the median-fps run. HOG and YOLO alone: one run each.", "",
+        f"HOG found on that frame (HOG precomputed before, outside the timed region). Run {NODE_ROUNDS} times per ORT "
+        "variant, interleaved; the row shown is the median-fps run. The other rows: one run each.",
+        "- Importing ultralytics (the node's tracker does) calls `cv2.setNumThreads(0)`: OpenCV, HOG included, then "
+        "runs single-threaded. The *OpenCV threads restored* row calls `cv2.setNumThreads(-1)` after building the node.", "",
         *node_table, "",
         "### Targets", "",
         *targets, "",
@@ -535,12 +581,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md", help="markdown file to update")
     parser.add_argument("--profile", action="store_true", help="also profile the target row in an extra run")
     args = parser.parse_args()
-    if not YOLO_FRAMES <= args.frames <= 795:
-        parser.error(f"--frames must be {YOLO_FRAMES}..795 (vtest.avi's length)")
+    if not 1 <= args.frames <= 795:
+        parser.error("--frames must be 1..795 (vtest.avi's length)")
     logging.basicConfig(level=logging.ERROR)  # the node's own log lines would break the progress bars
     info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
-    ticks, t0 = _process_ticks(), time.perf_counter()
+    sampler, t0 = ProcessSampler(), time.perf_counter()
 
     frames = read_frames(max(args.frames, EMBED_FRAMES))
     people = hog_people(frames)
@@ -548,6 +594,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         model = Path(tmp) / "mobilenetv2-imagenet.onnx"
         build_default_embedder(model)
+        info["shipped"] = shipped_options(model)
         embed, parity = embedder_throughput(model, crops)
         yolos = build_yolo(Path(tmp))
         yolo = yolo_latency(yolos, frames)
@@ -558,8 +605,7 @@ def main() -> None:
             run_node("profiled", DetectorConfig(kind="yolo", weights=yolos["640x640"]), model, args.frames, people, profile=profile)
             profile_lines = profile_top(profile)
 
-    wall = time.perf_counter() - t0
-    info.update(machine=machine(), minutes=wall / 60, others=busy_others(ticks, _process_ticks(), wall))
+    info.update(machine=machine(), minutes=(time.perf_counter() - t0) / 60, others=sampler.busiest())
     section = report(args, info, len(crops), parity, embed, yolo, nodes, profile_lines)
     print(section)
     write_section(args.out, section)
