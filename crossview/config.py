@@ -189,10 +189,13 @@ class IngestConfig(_Strict):
 class IndexConfig(_Strict):
     exact_max: int = Field(50000, ge=1, description="a partition above this many vectors moves to an approximate index")
     kind: Literal["ivf", "hnsw"] = "ivf"
-    nprobe: int = Field(32, ge=1)
+    nprobe: int = Field(64, ge=1, description="IVF lists searched per query; 64 keeps recall@10 >= 0.95 to 1e6 "
+                                               "sightings (bench/matcher_bench.py)")
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=8)
     nlist_max: int = Field(4096, ge=1, description="IVF lists at most; otherwise about 4 * sqrt(partition size)")
+    threads: int = Field(1, ge=0, description="FAISS OpenMP threads, process-wide; 0 = all cores. One query at a time "
+                                              "gains little from more, and stalls when the cores are busy")
     snapshot_interval_s: float = Field(300.0, gt=0)
 
 
@@ -205,6 +208,8 @@ class RetentionConfig(_Strict):
 class QueryConfig(_Strict):
     overfetch: int = Field(8, ge=1, description="sightings searched per wanted track; grown until enough tracks are found")
     sightings_per_track: int = Field(5, ge=1, le=100, description="best matching sightings returned per track")
+    filter_scan_mb: float = Field(16.0, ge=0, description="a camera / time filter leaving at most this many MB of "
+                                                           "vectors scores them exactly from the store instead of over-fetching")
     track_gap_s: float = Field(60.0, gt=0, description="an edge track id seen again after this gap starts a new track "
                                                         "(edge nodes reuse ids after a restart)")
 

@@ -85,7 +85,7 @@ class Partition:
         self.version = 0  # bumped by every change, so an unchanged partition is not written again
         self.pending: list[tuple[str, np.ndarray, np.ndarray | None]] | None = None  # changes during a rebuild
         self.saved: dict | None = None  # sidecar of the snapshot on disk
-        self._params: tuple | None = None  # (k, SearchParameters, selector refs) for HNSW
+        self._selector: tuple | None = None  # HNSW: (IDSelectorBatch, IDSelectorNot) of the tombstones, kept alive here
 
     @property
     def size(self) -> int:
@@ -110,7 +110,7 @@ class Partition:
     def _drop(self, ids: np.ndarray) -> None:
         if self.kind == "hnsw":
             self.tombstones.update(ids.tolist())
-            self._params = None
+            self._selector = None
         else:
             self.index.remove_ids(ids)
 
@@ -127,22 +127,19 @@ class Partition:
     def _search_params(self, k: int) -> faiss.SearchParameters | None:
         if self.kind != "hnsw":
             return None
-        if self._params is None or self._params[0] != k:
-            ef = faiss.downcast_index(self.index.index).hnsw.efSearch
-            refs: tuple = ()
-            params = faiss.SearchParametersHNSW(efSearch=max(ef, k))
-            if self.tombstones:
+        params = faiss.SearchParametersHNSW(efSearch=max(faiss.downcast_index(self.index.index).hnsw.efSearch, k))
+        if self.tombstones:
+            if self._selector is None:  # SWIG keeps only C pointers: the Python objects must outlive the searches
                 batch = faiss.IDSelectorBatch(np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
-                params.sel = faiss.IDSelectorNot(batch)
-                refs = (batch, params.sel)  # SWIG does not keep these alive for us
-            self._params = (k, params, refs)
-        return self._params[1]
+                self._selector = (batch, faiss.IDSelectorNot(batch))
+            params.sel = self._selector[1]
+        return params
 
     def swap(self, index: faiss.Index, kind: str, built_ids: np.ndarray) -> int:
         """Install a rebuilt index and replay onto it what changed since the rebuild began; returns that count."""
         pending, self.pending = self.pending or [], None
         self.index, self.kind, self.built_n = index, kind, len(built_ids)
-        self.tombstones, self._params = set(), None
+        self.tombstones, self._selector = set(), None
         added = [built_ids]
         for op, ids, vecs in pending:
             if op == "add":
@@ -187,6 +184,8 @@ class Index:
         self._lock = threading.Lock()
         self._rebuilds: dict[str, threading.Thread] = {}
         self._closed = False
+        if cfg.threads:
+            faiss.omp_set_num_threads(cfg.threads)
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -218,12 +217,16 @@ class Index:
             raise LookupError(f"no sightings of embedding model version {model!r} (indexed versions: {known})")
         return p
 
-    def search(self, model: str, vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        p = self.partition(model)
+    def query_vector(self, model: str, vec: np.ndarray) -> np.ndarray:
+        """`vec` as float32 for this model's partition, or LookupError / ValueError saying what does not fit."""
+        dim = self.partition(model).dim
         vec = np.asarray(vec, np.float32).reshape(-1)
-        if vec.shape[0] != p.dim:
-            raise ValueError(f"query embedding has {vec.shape[0]} dimensions, model version {model!r} has {p.dim}")
-        return p.search(vec, k)
+        if vec.shape[0] != dim:
+            raise ValueError(f"query embedding has {vec.shape[0]} dimensions, model version {model!r} has {dim}")
+        return vec
+
+    def search(self, model: str, vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.partition(model).search(self.query_vector(model, vec), k)
 
     def stats(self) -> dict[str, dict]:
         return {m: p.stats() for m, p in sorted(self.partitions.items())}

@@ -8,6 +8,8 @@
 | filters     | `Filters(since, until, cameras, min_score, top_k)`, applied to sightings                   |
 | over-fetch  | search top_k·overfetch sightings; ×4 until top_k tracks pass the filters, the scores fall  |
 |             | below min_score or the partition is exhausted                                              |
+| selective   | when cameras / time window leave few sightings (≤ `filter_scan_mb` of vectors), those are  |
+| filters     | read from the store and scored exactly instead: over-fetching would walk most of the index |
 | tracks      | sightings grouped by `track_id`; a track scores as its best sighting; the query's own track |
 |             | is left out                                                                                |
 | results     | `QueryResult.cameras`: camera → `TrackHit`s by time, cameras by their first hit;          |
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -187,16 +190,30 @@ class QueryEngine:
                                                                        "width": image.shape[1]})
 
     def _search(self, vec: np.ndarray, model: str, filters: Filters, query: dict, exclude_track: int | None = None) -> QueryResult:
-        groups = self._candidates(vec, model, filters, exclude_track)
+        groups = self._candidates(self._ranker(vec, model, filters), filters, exclude_track)
         best = sorted(groups.values(), key=lambda g: -g[0][0])[: filters.top_k]
         spans = self.store.track_spans(g[0][1].track_id for g in best)
         return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera([self._hit(g, spans) for g in best]))
 
-    def _candidates(self, vec: np.ndarray, model: str, filters: Filters, exclude_track: int | None) -> dict[int, list]:
+    def _ranker(self, vec: np.ndarray, model: str, filters: Filters) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+        """`top(k) -> (scores, ids)` best first: the index, or exact scores of the few sightings a selective filter leaves."""
+        vec = self.index.query_vector(model, vec)  # an unknown model or a wrong dimension fails here, clearly
+        if filters.cameras or filters.since is not None or filters.until is not None:
+            where, most = (model, filters.cameras, filters.since, filters.until), int(self.cfg.filter_scan_mb * 2**20) // (4 * len(vec))
+            if self.store.count(*where, limit=most + 1) <= most:
+                ids, vecs = self.store.vectors_where(*where)
+                scores = vecs @ vec if len(ids) else np.zeros(0, np.float32)
+                order = np.argsort(-scores, kind="stable")
+                scores, ids = scores[order], ids[order]
+                return lambda k: (scores[:k], ids[:k])
+        return lambda k: self.index.search(model, vec, k)
+
+    def _candidates(self, top: Callable[[int], tuple[np.ndarray, np.ndarray]], filters: Filters,
+                    exclude_track: int | None) -> dict[int, list]:
         """track_id -> [(score, record), ...] best first, for sightings that pass the filters."""
         k = filters.top_k * self.cfg.overfetch
         while True:
-            scores, ids = self.index.search(model, vec, k)
+            scores, ids = top(k)
             records = self.store.records(ids.tolist())
             groups: dict[int, list] = {}
             for score, i in zip(scores.tolist(), ids.tolist()):

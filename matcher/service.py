@@ -2,8 +2,9 @@
 
 | thread      | job                                                                                       |
 |-------------|-------------------------------------------------------------------------------------------|
-| ingest      | ZeroMQ `Receiver` → batch (≤ batch_max or batch_wait_ms) → check dimension → commit to SQLite → |
-|             | count as accepted → add to the model's index partition                                      |
+| receive     | ZeroMQ `Receiver` (wire schema) → dimension and length checks → bounded queue              |
+| commit      | group commit: everything queued (≤ batch_max; a lone sighting waits ≤ batch_wait_ms) →    |
+|             | one SQLite transaction → add to the model's index partition → count as accepted           |
 | snapshots   | every `index.snapshot_interval_s`: write changed partitions, prune the deletion log          |
 | retention   | every `retention.check_interval_s`: delete sightings past max age / per-camera count         |
 |             | from store and index                                                                        |
@@ -23,6 +24,8 @@ Commit + index add and delete + index removal run under one lock, so the index n
 from __future__ import annotations
 
 import logging
+import math
+import queue
 import sqlite3
 import threading
 import time
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _RETENTION_CHUNK = 5000  # sightings deleted per transaction, so ingest never waits long
 _LOGGED_REJECTS = 10  # first few rejects of a reason are logged, then every 1000th
+_QUEUED_BATCHES = 4  # received sightings waiting for the committer, in batches; beyond, ZeroMQ buffers
 
 
 def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, models: list[Path],
@@ -59,6 +63,8 @@ def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, mo
 
 
 class Matcher:
+    """The service and the facade the HTTP API uses; see the module docstring."""
+
     def __init__(self, cfg: MatcherConfig):
         self.cfg = cfg
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
@@ -72,6 +78,8 @@ class Matcher:
         self._dims = self.store.models()  # model version -> dimension, fixed by its first sighting
         self._write = threading.Lock()  # store change + matching index change, as one step
         self._stop = threading.Event()
+        self._stopped = False
+        self._queue: queue.Queue[Sighting | None] = queue.Queue(_QUEUED_BATCHES * cfg.ingest.batch_max)
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -79,7 +87,7 @@ class Matcher:
     def start(self) -> None:
         ing = self.cfg.ingest
         self.receiver = Receiver(ing.endpoint, security=ing.security, rcvhwm=ing.rcvhwm)
-        loops = [("ingest", self._ingest_loop), ("snapshots", self._snapshot_loop)]
+        loops = [("receive", self._receive_loop), ("commit", self._commit_loop), ("snapshots", self._snapshot_loop)]
         if self.cfg.retention.max_age_hours or self.cfg.retention.max_per_camera:
             loops.append(("retention", self._retention_loop))
         for name, target in loops:
@@ -97,9 +105,13 @@ class Matcher:
         return self.receiver.endpoint if self.receiver else None
 
     def stop(self) -> None:
-        """Stop ingest, write a final snapshot and close the store; the object is unusable afterwards."""
+        """Stop ingest (what was received is still committed), write a final snapshot, close the store.
+        The object is unusable afterwards."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
-        for t in self._threads:
+        for t in self._threads:  # receive first: its end-of-stream marker lets the committer drain and finish
             t.join()
         if self.receiver:
             self.receiver.close()
@@ -111,34 +123,51 @@ class Matcher:
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def _ingest_loop(self) -> None:
+    def _receive_loop(self) -> None:
+        """Decoding and checks overlap the committer's disk writes; a full queue pushes back on ZeroMQ."""
+        while not self._stop.is_set():
+            s = self.receiver.receive(0.1)  # short, so stop() is noticed
+            if s is not None and self._checked(s):
+                self._queue.put(s)
+        self._queue.put(None)  # end of stream
+
+    def _commit_loop(self) -> None:
         interval = self.cfg.metrics.log_interval_s
         next_log = time.monotonic() + interval
-        while not self._stop.is_set():
-            batch = self._receive_batch()
+        finished = False
+        while not finished:
+            batch, finished = self._next_batch()
             if batch:
-                self._accept(batch)
+                try:
+                    self._accept(batch)
+                except Exception:  # a bug must not end ingest: log it, go on with the next batch
+                    log.exception("%d sightings lost: ingest batch failed", len(batch))
             if time.monotonic() >= next_log:
                 self._log_status()
                 next_log = time.monotonic() + interval
 
-    def _receive_batch(self) -> list[Sighting]:
-        first = self.receiver.receive(0.1)  # short, so stop() is noticed
+    def _next_batch(self) -> tuple[list[Sighting], bool]:
+        """(everything queued up to batch_max, end of stream seen). Under load a batch is whatever arrived
+        during the previous commit; a lone sighting waits at most batch_wait_ms for company."""
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return [], False
         if first is None:
-            return []
+            return [], True
         batch = [first]
         deadline = time.monotonic() + self.cfg.ingest.batch_wait_ms / 1000
         while len(batch) < self.cfg.ingest.batch_max:
-            s = self.receiver.receive(max(0.0, deadline - time.monotonic()))
-            if s is None:
+            try:
+                s = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 break
+            if s is None:
+                return batch, True
             batch.append(s)
-        return batch
+        return batch, False
 
-    def _accept(self, batch: list[Sighting]) -> None:
-        valid = [s for s in batch if self._checked(s)]
-        if not valid:
-            return
+    def _accept(self, valid: list[Sighting]) -> None:
         t0 = time.perf_counter()
         with self._write:
             try:
@@ -159,11 +188,13 @@ class Matcher:
         dim = self._dims.setdefault(s.model, len(s.embedding))
         if len(s.embedding) != dim:
             return self._reject(s, "wrong dimension", f"model version {s.model!r} has {dim}-d embeddings, got {len(s.embedding)}")
-        vec = s.embedding.astype(np.float64)  # float32 extremes would overflow the norm
-        norm = float(np.linalg.norm(vec))
+        vec = s.embedding.astype(np.float32)  # a writable copy: wire buffers are read-only
+        wide = vec.astype(np.float64)  # squares of float32 extremes overflow float32, never float64
+        norm = math.sqrt(float(wide @ wide))
         if norm < 1e-6:
             return self._reject(s, "zero embedding", "embedding has zero length")
-        s.embedding = (vec / norm).astype(np.float32)
+        vec /= norm
+        s.embedding = vec
         return True
 
     def _reject(self, s: Sighting, reason: str, detail: str) -> bool:

@@ -6,7 +6,8 @@
 | ingest                | `insert(sightings)` → ids: one transaction per batch; ids are the FAISS ids |
 | ids                   | `AUTOINCREMENT`, so an id is never reused after a deletion (snapshot replay relies on it) |
 | tracks                | each sighting gets `track_id`: the id of its track's first sighting; an edge track id |
-|                       | seen again after `track_gap_s` starts a new track (edge ids restart with the node) |
+|                       | seen again after `track_gap_s` starts a new track (edge ids restart with the node); |
+|                       | recent tracks are kept in memory (loaded at open), so assigning costs no query |
 | lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()` |
 | deletions             | `delete(ids)` removes rows, embeddings and thumbnails (`secure_delete`: their bytes are |
 |                       | overwritten in the file) and appends (seq, id, model) to the `deletions` log |
@@ -70,6 +71,7 @@ CREATE TABLE IF NOT EXISTS pruned (upto INTEGER NOT NULL);  -- one row: deletion
 """
 _RECORD = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, det_score, model, has_thumb"
 _VECTOR_CHUNK = 20000
+_TRACK_CACHE = 100_000  # edge tracks remembered before the ones past track_gap_s are dropped
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ class SightingRecord:
         return {**asdict(self), "box": list(self.box)}
 
 
+def _id_vectors(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, (n, dim) float32) from (id, float32 blob) rows; (0, 0) vectors for no rows."""
+    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+    if not rows:
+        return ids, np.zeros((0, 0), np.float32)
+    return ids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+
+
 def _ids_json(ids: Iterable[int]) -> str:
     """Id lists go to SQLite as one JSON parameter (`json_each`), so their length is unlimited."""
     return json.dumps([int(i) for i in ids])
@@ -110,12 +120,16 @@ class Store:
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        # edge track key (node, camera, track, model) -> (track_id, last ts); misses are looked up in the table
+        # Edge track key (node, camera, track, model) -> (track_id, last ts) for every track within track_gap_s
+        # of its node's newest sighting: all a new sighting can continue, so a miss is a new track.
         self._tracks: dict[tuple[str, str, int, str], tuple[int, float]] = {}
+        self._newest: dict[str, float] = {}  # node -> newest sighting time (nodes' clocks may differ)
+        self._prune_at = _TRACK_CACHE
         if not read_only:
             self._writer = self._connect()
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.executescript(SCHEMA)
+            self._load_recent_tracks()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -180,7 +194,7 @@ class Store:
         def work(db: sqlite3.Connection) -> tuple[list[int], dict]:
             first = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'sightings'").fetchone() or (0,))[0] + 1
             ids = list(range(first, first + len(sightings)))
-            tracks, seen = self._assign_tracks(db, sightings, ids)
+            tracks, seen = self._assign_tracks(sightings, ids)
             db.executemany(
                 f"INSERT INTO sightings ({_RECORD}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(i, s.node, s.camera, s.ts, s.frame, s.track, tracks[i], *s.box, s.score, s.model, s.thumbnail is not None)
@@ -200,16 +214,22 @@ class Store:
         self._remember_tracks(seen)  # only once committed: a rolled-back track_id must not be reused
         return ids
 
-    def _assign_tracks(self, db: sqlite3.Connection, sightings: list[Sighting], ids: list[int]) -> tuple[dict, dict]:
+    def _load_recent_tracks(self) -> None:
+        self._newest = dict(self._all("SELECT node, MAX(ts) FROM sightings GROUP BY node"))
+        if not self._newest:
+            return
+        since = min(self._newest.values()) - self.track_gap_s
+        # SQLite takes a bare column (track_id) from the row holding the MAX().
+        rows = self._all("SELECT node, camera, track, model, track_id, MAX(ts) FROM sightings WHERE ts >= ? "
+                         "GROUP BY node, camera, track, model", (since,))
+        self._tracks = {(n, c, t, m): (tid, ts) for n, c, t, m, tid, ts in rows if ts >= self._newest[n] - self.track_gap_s}
+
+    def _assign_tracks(self, sightings: list[Sighting], ids: list[int]) -> tuple[dict, dict]:
         """({sighting id: track_id}, {edge track key: (track_id, last ts)}) for a batch about to be inserted."""
         out, seen = {}, {}
         for i, s in zip(ids, sightings):
             key = (s.node, s.camera, s.track, s.model)
             known = seen.get(key) or self._tracks.get(key)
-            if known is None:
-                row = db.execute("SELECT track_id, ts FROM sightings WHERE node = ? AND camera = ? AND track = ? AND model = ? "
-                                 "ORDER BY ts DESC LIMIT 1", key).fetchone()
-                known = tuple(row) if row else None
             if known and abs(s.ts - known[1]) <= self.track_gap_s:
                 seen[key] = (known[0], max(s.ts, known[1]))
             else:
@@ -219,9 +239,11 @@ class Store:
 
     def _remember_tracks(self, seen: dict) -> None:
         self._tracks.update(seen)
-        if len(self._tracks) > 100_000:  # forget tracks that any new sighting would start afresh anyway
-            newest = max(ts for _, ts in self._tracks.values())
-            self._tracks = {k: v for k, v in self._tracks.items() if newest - v[1] <= self.track_gap_s}
+        for (node, *_), (_, ts) in seen.items():
+            self._newest[node] = max(ts, self._newest.get(node, ts))
+        if len(self._tracks) > self._prune_at:  # drop tracks any new sighting would start afresh anyway
+            self._tracks = {k: v for k, v in self._tracks.items() if v[1] >= self._newest[k[0]] - self.track_gap_s}
+            self._prune_at = max(_TRACK_CACHE, 2 * len(self._tracks))
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -278,10 +300,32 @@ class Store:
                 "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else 2**63 - 1))
             try:
                 while rows := cur.fetchmany(_VECTOR_CHUNK):
-                    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-                    yield ids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
+                    yield _id_vectors(rows)
             finally:
                 cur.close()
+
+    @staticmethod
+    def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None) -> tuple[str, tuple]:
+        sql, args = "s.model = ?", [model]
+        if cameras:
+            sql += " AND s.camera IN (SELECT value FROM json_each(?))"
+            args.append(json.dumps(cameras))
+        if since is not None:
+            sql, args = sql + " AND s.ts >= ?", [*args, since]
+        if until is not None:
+            sql, args = sql + " AND s.ts <= ?", [*args, until]
+        return sql, tuple(args)
+
+    def count(self, model: str, cameras: list[str] | None, since: float | None, until: float | None, limit: int) -> int:
+        """Sightings of a model version on these cameras (None: all) within [since, until], counted up to `limit`."""
+        where, args = self._where(model, cameras, since, until)
+        return self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM sightings s WHERE {where} LIMIT ?)", (*args, int(limit)))[0]
+
+    def vectors_where(self, model: str, cameras: list[str] | None, since: float | None,
+                      until: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, (n, dim) float32) of the sightings `count()` counts."""
+        where, args = self._where(model, cameras, since, until)
+        return _id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {where}", args))
 
     # -- deletions and retention ---------------------------------------------------------------
 

@@ -120,10 +120,13 @@ def test_a_rectangular_export_fits_4_3_frames_without_padding(yolo_files, tmp_pa
 
 def test_importing_ultralytics_leaves_opencv_its_threads():
     """ultralytics' import turns OpenCV threading off; the HOG detector then ran ~1.5x slower."""
+    import os
     import subprocess
     import sys
 
     code = ("import cv2; n = cv2.getNumThreads(); from edge.tracking import Tracker; from crossview.config import TrackerConfig; "
             "Tracker(TrackerConfig()); import os; print(n, cv2.getNumThreads(), os.environ.get('OMP_NUM_THREADS'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # an earlier import here may have set it
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=env).stdout.split()
     assert out[0] == out[1] != "0" and out[2] == "None"

@@ -6,8 +6,12 @@ camera must find its twin on the other as the best hit (different clips would sh
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections import Counter
 
+import cv2
 import pytest
 from helpers import edge_config, matcher_config, shared_data, wait_until
 
@@ -41,15 +45,21 @@ def test_a_track_on_one_camera_finds_the_same_person_on_the_other(default_model,
         assert m.thumbnail(top.best.id)[:2] == b"\xff\xd8"
 
         # A crop of that person, embedded by the matcher's own copy of the model, finds both tracks.
-        by_image = m.search_image(_crop(clip, top.best), "mobilenetv2-imagenet-1", Filters(top_k=2))
+        crop = _crop(clip, top.best)
+        by_image = m.search_image(crop, "mobilenetv2-imagenet-1", Filters(top_k=2))
         assert {h.camera for h in by_image.ranked()} == {"campus-a", "campus-b"}
     finally:
         m.stop()
+    # The same from the command line, on the data directory the matcher left.
+    cv2.imwrite(str(tmp_path / "crop.png"), crop)
+    out = subprocess.run([sys.executable, "-m", "crossview.cli", "query", "--data-dir", str(tmp_path / "matcher"),
+                          "--image", str(tmp_path / "crop.png"), "--model", "mobilenetv2-imagenet-1",
+                          "--embedder", str(default_model), "--top-k", "2", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert set(json.loads(out)["cameras"]) == {"campus-a", "campus-b"}
 
 
 def _crop(clip, sighting):
-    import cv2
-
     cap = cv2.VideoCapture(str(clip))
     cap.set(cv2.CAP_PROP_POS_FRAMES, sighting.frame)
     ok, frame = cap.read()

@@ -13,9 +13,10 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import TINY_JPEG, Pusher, make_sighting, matcher_config, person_world, unit_vectors, wait_until
+from helpers import TINY_JPEG, PersonWorld, Pusher, make_sighting, matcher_config, person_world, unit_vectors, wait_until
 
-from matcher.query import Filters
+from crossview.config import QueryConfig
+from matcher.query import Filters, QueryEngine
 from matcher.service import Matcher
 
 PERSON = 3
@@ -94,10 +95,29 @@ def test_filters(matcher, world):
     one = matcher.search_track(*query, None, Filters(top_k=1))
     assert len(one.ranked()) == 1 and one.ranked()[0].track == PERSON + 1
 
+    for empty in (Filters(cameras=["nowhere"]), Filters(since=world.ts(19, 2, 6)), Filters(cameras=["gate"], min_score=0.9999)):
+        assert matcher.search_track(*query, None, empty).cameras == {}
+
     late = matcher.search_track(*query, None, Filters(since=world.ts(PERSON, 2, 3), min_score=0.7))
     [hit] = late.ranked()
     assert hit.camera == "street" and all(s.ts >= world.ts(PERSON, 2, 3) for s in hit.sightings)
     assert late.query["filters"]["since"] == world.ts(PERSON, 2, 3)
+
+
+@pytest.mark.parametrize("filters", [
+    Filters(cameras=["street"], top_k=3),
+    Filters(cameras=["hall", "street"], min_score=0.2, top_k=4),
+    Filters(since=PersonWorld.ts(5, 1), until=PersonWorld.ts(12, 2, 5), top_k=6),
+    Filters(until=PersonWorld.ts(0, 1), top_k=2),
+])
+def test_selective_filters_scanned_exactly_agree_with_over_fetching(matcher, world, filters):
+    """Few sightings left by a filter are scored straight from the store; the index path must agree."""
+    over_fetching = QueryEngine(matcher.store, matcher.index, {}, QueryConfig(filter_scan_mb=0))
+    query = world.track(PERSON, "gate")
+    scanned, fetched = (q.search_track(*query, None, filters).ranked() for q in (matcher.queries, over_fetching))
+    assert len(scanned) == filters.top_k
+    assert [(h.track_id, h.best.id, round(h.score, 5)) for h in scanned] == [(h.track_id, h.best.id, round(h.score, 5))
+                                                                             for h in fetched]
 
 
 def test_query_by_sighting_and_by_embedding(matcher, world):
@@ -191,3 +211,17 @@ def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path):
         assert (hit.camera, hit.n_sightings) == ("hall", 1)
     finally:
         m.stop()
+
+
+def test_a_track_continues_across_a_matcher_restart(tmp_path):
+    cfg = matcher_config(tmp_path, query={"track_gap_s": 30})
+    v = unit_vectors(np.random.default_rng(2), 1, 64)[0]
+    for times in ([1000, 1001], [1010, 1100]):  # 9 s after the restart, then a 90 s gap
+        m = Matcher(cfg)
+        m.start()
+        with Pusher(m.endpoint) as push:
+            push.send([make_sighting(v, ts=t, track=7) for t in times])
+            wait_until(lambda: m.accepted == 2, 10, "two sightings")
+        tracks = [r.track_id for r in sorted(m.recent(limit=10), key=lambda r: r.ts)]
+        m.stop()
+    assert tracks == [1, 1, 1, 4]

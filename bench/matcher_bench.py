@@ -1,0 +1,358 @@
+"""Matcher benchmark: 256-d synthetic sightings through the real service, at 1e5 and 1e6 sightings.
+
+    python bench/matcher_bench.py [--sizes 100000 1000000] [--queries 1000] [--out docs/benchmarks.md]
+
+| part     | what is measured                                                                            |
+|----------|---------------------------------------------------------------------------------------------|
+| ingest   | a sender process encodes all its wire messages first (edges encode on their own machines), |
+|          | then pushes them over tcp://127.0.0.1 as fast as ZeroMQ takes them; the in-process `Matcher` |
+|          | commits each batch to SQLite (WAL, synchronous=FULL) before it counts it, then indexes it;  |
+|          | sightings/s from the first to the last accepted                                             |
+| queries  | at each size, once background rebuilds are done: latency of the partition search (k=10) and |
+|          | of the whole `search_embedding` (over-fetch, SQLite lookups, track grouping), recall@10 of   |
+|          | the partition against exact brute force on the stored vectors, and FAISS `IndexFlatIP` one  |
+|          | query at a time on the same vectors, in the same run, as the reference; for IVF, the same   |
+|          | at other nprobe values                                                                       |
+| memory   | process RSS growth and FAISS index bytes per sighting; SQLite bytes per sighting            |
+| restart  | `Matcher(cfg)` on the largest data directory: from the final snapshot, and with no snapshot |
+
+Data: identities with 50 sightings each (5 cameras x 10-sighting tracks); a sighting is its
+identity's random unit vector plus Gaussian noise (cosine to the identity ≈ 0.86), like re-ID
+embeddings of one person; queries are fresh noisy views of stored identities.
+Other processes' CPU use (/proc/stat minus this process and its sender) is recorded for each measurement.
+The results table is printed and replaces the "Matcher (bench/matcher_bench.py)" section of --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import zmq  # noqa: E402
+
+from crossview.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
+from crossview.wire import Sighting, encode  # noqa: E402
+from matcher.query import Filters  # noqa: E402
+from matcher.service import Matcher  # noqa: E402
+
+DIM = 256
+PER_ID = 50
+NOISE = 0.6  # per-vector noise norm relative to the unit identity vector
+MODEL = "bench-256"
+NPROBES = (16, 32, 64, 128, 256)
+SECTION = "## Matcher (bench/matcher_bench.py)"
+log = logging.getLogger("bench")
+
+
+class OtherLoad:
+    """Other processes' CPU use while the block runs, in cores: all busy time minus this process tree's."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.start = (time.monotonic(), _busy_seconds(), _own_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, own = (b - a for a, b in zip(self.start, (time.monotonic(), _busy_seconds(), _own_seconds())))
+        self.cores = max(0.0, (busy - own) / wall)
+
+
+def _busy_seconds() -> float:
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system  # children_*: senders already finished
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def centers(n_ids: int) -> np.ndarray:
+    v = np.random.default_rng(0).standard_normal((n_ids, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def noisy(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
+    v = base + NOISE / DIM**0.5 * rng.standard_normal(base.shape, np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _messages(start: int, stop: int, thumb: bytes | None, ids: np.ndarray) -> list[bytes]:
+    """Wire messages of sightings start..stop-1: sighting i is identity i // 50, camera (i // 10) % 5."""
+    rng = np.random.default_rng(start)
+    idx = np.arange(start, stop)
+    vecs = noisy(rng, ids[idx // PER_ID])
+    return [encode(Sighting("bench-edge", f"cam{(i // 10) % 5}", 1.7e9 + i * 0.01, i, i // 10, (10.0, 20.0, 60.0, 180.0),
+                            0.9, v, MODEL, thumb)) for i, v in zip(idx.tolist(), vecs)]
+
+
+def _send(endpoint: str, start: int, stop: int, thumb_bytes: int) -> None:
+    """Sender process: encode everything, then push with blocking sends (nothing is dropped)."""
+    ids = centers((stop + PER_ID - 1) // PER_ID)
+    thumb = (b"\xff\xd8" + os.urandom(thumb_bytes - 2)) if thumb_bytes else None
+    messages = [m for a in range(start, stop, 20000) for m in _messages(a, min(a + 20000, stop), thumb, ids)]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.connect(endpoint)
+    for m in messages:
+        sock.send(m)
+    sock.close()
+    ctx.term()
+
+
+def config(data_dir: Path) -> MatcherConfig:
+    return parse_config({"data_dir": str(data_dir), "http": {"token": "bench-token-0123456789"},
+                         "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
+                         "index": {"snapshot_interval_s": 3600}, "metrics": {"log_interval_s": 30}}, MatcherConfig)
+
+
+def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
+    """Push sightings start..stop-1 from another process; sightings/s once the first one is in."""
+    target = m.accepted + stop - start
+    sender = mp.get_context("spawn").Process(target=_send, args=(m.endpoint, start, stop, thumb_bytes))
+    sender.start()
+    _wait(lambda: m.accepted > target - (stop - start), sender, 0.0005)
+    t0, n0 = time.perf_counter(), m.accepted
+    with OtherLoad() as other:
+        _wait(lambda: m.accepted >= target, sender, 0.01)
+    seconds = time.perf_counter() - t0
+    sender.join()
+    batches = m.metrics.value("crossview_matcher_ingest_batch_seconds_count")
+    batch_s = m.metrics.value("crossview_matcher_ingest_batch_seconds_sum")
+    return {"n": stop - start, "rate": (target - n0) / seconds, "seconds": seconds, "batch_ms": 1000 * batch_s / max(batches, 1),
+            "other": other.cores}
+
+
+def _wait(cond, sender: mp.Process, pause: float) -> None:
+    while not cond():
+        if sender.exitcode not in (None, 0):
+            raise RuntimeError(f"sender process failed (exit code {sender.exitcode})")
+        time.sleep(pause)
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.array(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def query_bench(m: Matcher, n_queries: int) -> dict:
+    p = m.index.partition(MODEL)
+    ids, vecs = m.index.stored_vectors(MODEL)
+    rng = np.random.default_rng(7)
+    queries = noisy(rng, centers(len(ids) // PER_ID)[rng.integers(0, len(ids) // PER_ID, n_queries)])
+    chunks = np.array_split(queries, max(1, n_queries // 20))
+    exact_ids = ids[np.concatenate([np.argpartition(-(q @ vecs.T), 10, axis=1)[:, :10] for q in chunks])]  # top 10, any order
+    with OtherLoad() as other:
+        index_ms, recall = _partition_search(m, queries, exact_ids)
+    sweep = {}
+    if p.kind == "ivf":  # the same queries at other nprobe values; the configured one is restored
+        ivf = faiss.extract_index_ivf(p.index)
+        configured = ivf.nprobe
+        for nprobe in NPROBES:
+            ivf.nprobe = nprobe
+            sweep[nprobe] = _partition_search(m, queries, exact_ids)
+        ivf.nprobe = configured
+    full_s = []
+    for q in queries:
+        t0 = time.perf_counter()
+        m.search_embedding(q, MODEL, Filters(top_k=10))
+        full_s.append(time.perf_counter() - t0)
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(vecs)
+    flat_s = []
+    for q in queries[: min(200, n_queries)]:
+        t0 = time.perf_counter()
+        flat.search(q[None], 10)
+        flat_s.append(time.perf_counter() - t0)
+    del flat, vecs
+    return {"n": len(ids), "kind": p.kind, "nlist": faiss.extract_index_ivf(p.index).nlist if p.kind == "ivf" else None,
+            "index": index_ms, "full": percentiles(full_s), "flat": percentiles(flat_s), "recall": recall, "sweep": sweep,
+            "other": other.cores,
+            "index_bytes": faiss.serialize_index(p.index).nbytes}
+
+
+def _partition_search(m: Matcher, queries: np.ndarray, exact_ids: np.ndarray) -> tuple[tuple[float, float], float]:
+    """((p50, p99) ms, recall@10 against exact_ids) of the partition search, one query at a time."""
+    seconds, found = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        _, got = m.index.search(MODEL, q, 10)
+        seconds.append(time.perf_counter() - t0)
+        found.append(got)
+    recall = float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, exact_ids)]))
+    return percentiles(seconds), recall
+
+
+def rss_bytes() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+
+
+def store_bytes(data_dir: Path) -> int:
+    return sum(f.stat().st_size for f in data_dir.glob("sightings.db*"))
+
+
+def restart_bench(cfg: MatcherConfig) -> dict:
+    t0 = time.perf_counter()
+    m = Matcher(cfg)
+    from_snapshot = time.perf_counter() - t0
+    kind = m.index.partition(MODEL).kind
+    m.index.close(timeout=0)
+    m.store.close()
+    shutil.rmtree(Path(cfg.data_dir) / "index")
+    t0 = time.perf_counter()
+    m = Matcher(cfg)
+    rebuilt = time.perf_counter() - t0
+    m.index.close(timeout=600)  # the background IVF retraining this starts, timed separately
+    retrain = time.perf_counter() - t0
+    m.store.close()
+    return {"snapshot_s": from_snapshot, "snapshot_kind": kind, "store_s": rebuilt, "retrain_s": retrain}
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 2**20
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, faiss {faiss.__version__}, "
+            f"pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()}), SQLite {__import__('sqlite3').sqlite_version}")
+
+
+def run(sizes: list[int], n_queries: int, workdir: Path) -> dict:
+    results: dict = {"load_start": Path("/proc/loadavg").read_text().split()[:3]}
+    thumbs_dir = workdir / "thumbs"
+    m = Matcher(config(thumbs_dir))
+    m.start()
+    results["ingest_thumbs"] = ingest(m, 0, min(sizes), thumb_bytes=4000)
+    m.stop()
+    results["thumb_store_bytes"] = store_bytes(thumbs_dir) / min(sizes)
+    shutil.rmtree(thumbs_dir)
+
+    data = workdir / "data"
+    cfg = config(data)
+    rss0 = rss_bytes()
+    m = Matcher(cfg)
+    m.start()
+    results["ingest"], results["queries"], done = [], [], 0
+    for size in sorted(sizes):
+        log.info("ingesting up to %d sightings", size)
+        results["ingest"].append(ingest(m, done, size))
+        done = size
+        m.index.wait_rebuilds()
+        results["queries"].append(query_bench(m, n_queries))
+        log.info("at %d: %s", size, results["queries"][-1])
+    results["rss_per_sighting"] = (rss_bytes() - rss0) / done
+    m.stop()
+    results["store_bytes"] = store_bytes(data) / done
+    results["restart"] = restart_bench(cfg)
+    results["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    return results
+
+
+def report(r: dict, command: str, minutes: float) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t, d = r["ingest_thumbs"], IndexConfig()
+    lines = [
+        SECTION, "",
+        f"`{command}`, {now}, {minutes:.0f} min.", "",
+        f"- {machine()}",
+        f"- Load average {' '.join(r['load_start'])} at the start, {' '.join(r['load_end'])} at the end. A shared machine: "
+        "\"other load\" is the CPU other processes used during a measurement (/proc/stat minus this process and its sender), "
+        "in cores of the 2; compare rows as ratios.",
+        f"- {DIM}-d embeddings; identities of {PER_ID} sightings (5 cameras x 10-sighting tracks), cosine to the identity ≈ 0.86;"
+        f" default matcher config (`exact_max` {d.exact_max}, {d.kind.upper()}, `nprobe` {d.nprobe}, `nlist_max` {d.nlist_max}, "
+        f"FAISS threads {d.threads}, batches ≤ 1000 / 5 ms).", "",
+        "### Ingest over loopback ZeroMQ, committed (WAL, `synchronous=FULL`) before counted, then indexed", "",
+        "| sightings | thumbnail | sightings/s | seconds | mean commit+index ms per batch | other load (cores) |",
+        "|---|---|---|---|---|---|",
+        f"| first {t['n']:,} | 4 KB | **{t['rate']:,.0f}** | {t['seconds']:.1f} | {t['batch_ms']:.1f} | {t['other']:.2f} |",
+    ]
+    start = 0
+    for i in r["ingest"]:
+        lines.append(f"| {start:,} → {start + i['n']:,} | none | **{i['rate']:,.0f}** | {i['seconds']:.1f} | {i['batch_ms']:.1f} | "
+                     f"{i['other']:.2f} |")
+        start += i["n"]
+    lines += ["", "Rows past `exact_max` include the background IVF (re)training competing for the 2 cores.", "",
+              "### Queries (one at a time, k = 10)", "",
+              "| sightings | index | partition search p50 / p99 ms | `search_embedding` p50 / p99 ms | recall@10 vs exact | "
+              "FAISS IndexFlatIP p50 / p99 ms | flat p50 / partition p50 | other load (cores) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for q in r["queries"]:
+        kind = f"IVF{q['nlist']},Flat" if q["kind"] == "ivf" else q["kind"]
+        lines.append(f"| {q['n']:,} | {kind} | **{q['index'][0]:.2f} / {q['index'][1]:.2f}** | {q['full'][0]:.1f} / {q['full'][1]:.1f} | "
+                     f"**{q['recall']:.3f}** | {q['flat'][0]:.1f} / {q['flat'][1]:.1f} | {q['flat'][0] / q['index'][0]:.0f}x | "
+                     f"{q['other']:.2f} |")
+    big, rs = r["queries"][-1], r["restart"]
+    lines += ["", "`search_embedding` is the whole query: over-fetch (80 sightings for 10 tracks), SQLite lookups, grouping.", ""]
+    for q in r["queries"]:
+        if q["sweep"]:
+            lines += [f"IVF{q['nlist']},Flat at {q['n']:,}, the same queries at other `nprobe` values:", "",
+                      "| nprobe | partition search p50 / p99 ms | recall@10 |", "|---|---|---|"]
+            lines += [f"| {n}{' (config)' if n == d.nprobe else ''} | {ms[0]:.2f} / {ms[1]:.2f} | {rec:.3f} |"
+                      for n, (ms, rec) in q["sweep"].items()] + [""]
+    lines += [
+              f"### Memory and disk at {big['n']:,}", "",
+              f"- Process RSS growth: {r['rss_per_sighting']:,.0f} bytes per sighting (FAISS index alone: "
+              f"{big['index_bytes'] / big['n']:,.0f}; a 256-d float32 vector is 1,024)",
+              f"- SQLite: {r['store_bytes']:,.0f} bytes per sighting without thumbnail; "
+              f"{r['thumb_store_bytes']:,.0f} with a 4 KB thumbnail", "",
+              f"### Restart at {big['n']:,}", "",
+              f"- From the final snapshot ({rs['snapshot_kind']}): **{rs['snapshot_s']:.1f} s** until queries are served",
+              f"- With no snapshot: {rs['store_s']:.1f} s to an exact index built from the store (queries served), "
+              f"{rs['retrain_s']:.1f} s until the background IVF training is done", ""]
+    return "\n".join(lines)
+
+
+def write_section(out: Path, text: str) -> None:
+    """Replace this bench's section of `out` (up to the next `## ` heading), or append it; other sections stay."""
+    old = out.read_text() if out.is_file() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    out.write_text(new)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=None, help="markdown file whose Matcher section is replaced")
+    ap.add_argument("--workdir", type=Path, default=None, help="data directory parent (default: a temporary one)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="matcher-bench-"))
+    t0 = time.time()
+    try:
+        results = run(args.sizes, args.queries, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), (time.time() - t0) / 60)
+    print(text)
+    if args.out:
+        write_section(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
