@@ -213,7 +213,7 @@ def crops_of(frames: list[np.ndarray], dets: list) -> list[np.ndarray]:
 
 def build_yolo(folder: Path) -> dict[str, Path]:
     """YOLO11n with random weights from ultralytics' model YAML, exported like `crossview export-detector`:
-    square 640 (what the node runs) and 480x640, 768x576's aspect with no padding (latency comparison only)."""
+    square 640 and 480x640, 768x576's aspect with no padding (`crossview export-detector --imgsz 480 640`)."""
     from ultralytics import YOLO
 
     pt = folder / "yolo11n-random.pt"
@@ -377,9 +377,8 @@ class NodeRun:
 
 
 def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, people: list | None = None,
-             ort_opts: dict | None = None, cv_threads: int | None = None, profile: cProfile.Profile | None = None) -> NodeRun:
-    """EdgeNode on the first `frames` frames of vtest.avi; `people`: feed these boxes, the detector only timed.
-    `cv_threads`: OpenCV's thread setting for this run only (the node leaves it at 0, see the report)."""
+             ort_opts: dict | None = None, profile: cProfile.Profile | None = None) -> NodeRun:
+    """EdgeNode on the first `frames` frames of vtest.avi; `people`: feed these boxes, the detector only timed."""
     receiver = PullReceiver()
     cfg = EdgeConfig(
         node_id="bench",
@@ -406,14 +405,10 @@ def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, peop
         return dets if people is None else people[det.calls - 1]
 
     node.detector = detect
-    cv_before = cv2.getNumThreads()
-    if cv_threads is not None:
-        cv2.setNumThreads(cv_threads)
     try:
         with CpuMeter() as m, profile or nullcontext():
             stats = node.run()["vtest"]
     finally:
-        cv2.setNumThreads(cv_before)
         bar.close()
     if stats.frames != frames:
         raise RuntimeError(f"{name}: node processed {stats.frames} frames, expected {frames}")
@@ -421,18 +416,21 @@ def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, peop
                    stats.detections, stats.published, receiver.close(stats.published), m.other_cores)
 
 
-def node_runs(frames: int, model: Path, yolo: Path, people: list) -> list[list[NodeRun]]:
-    """One run each with HOG and with YOLO alone; the target row NODE_ROUNDS times per ORT variant, interleaved."""
-    yolo_cfg = DetectorConfig(kind="yolo", weights=yolo, imgsz=640)
+def node_runs(frames: int, model: Path, yolos: dict[str, Path], people: list) -> list[list[NodeRun]]:
+    """One run each with HOG and with YOLO alone; the target row NODE_ROUNDS times per ORT variant, and the
+    480x640 export with shipped options, interleaved."""
+    yolo_cfg = DetectorConfig(kind="yolo", weights=yolos["640x640"], imgsz=640)
+    rect_cfg = DetectorConfig(kind="yolo", weights=yolos["480x640"])
     rows = [
         [run_node("OpenCV HOG", DetectorConfig(kind="hog"), model, frames)],
-        [run_node("OpenCV HOG, OpenCV threads restored", DetectorConfig(kind="hog"), model, frames, cv_threads=-1)],
         [run_node("YOLO11n ONNX 640 alone (random weights: nobody found)", yolo_cfg, model, frames)],
     ]
-    target = {name: [] for name in ORT_VARIANTS}
+    variants = {f"{TARGET_ROW}, {name}": (yolo_cfg, opts) for name, opts in ORT_VARIANTS.items()}
+    variants["YOLO11n ONNX 480x640 timing + HOG people, shipped"] = (rect_cfg, {})
+    target = {name: [] for name in variants}
     for _ in range(NODE_ROUNDS):
-        for name, opts in ORT_VARIANTS.items():
-            target[name].append(run_node(f"{TARGET_ROW}, {name}", yolo_cfg, model, frames, people, opts))
+        for name, (cfg, opts) in variants.items():
+            target[name].append(run_node(name, cfg, model, frames, people, opts))
     return rows + list(target.values())
 
 
@@ -524,8 +522,7 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
         *embed_table, "",
         "### YOLO11n ONNX inference alone", "",
         f"ONNX Runtime `run` only (no pre/post-processing) on {YOLO_FRAMES} frames a round, warmed up, {ROUNDS} "
-        "interleaved rounds. 480x640 is the same network exported for 768x576's 4:3 aspect (no letterbox padding); "
-        "`YoloOnnx` cannot run it yet (square input only).", "",
+        "interleaved rounds. 480x640 is the same network exported for 768x576's 4:3 aspect (no letterbox padding).", "",
         *yolo_table, "",
         "### Edge node end to end", "",
         f"`EdgeNode` itself: one camera = vtest.avi at fps 10 (every frame, in order, not realtime), first {args.frames} "
@@ -536,9 +533,8 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
         "`edge.yolo_export.export_yolo` (static 640, opset 17): alone it finds nobody, so that row embeds nothing.",
         f"- *{TARGET_ROW}* runs YOLO on every frame for the timing, then hands the tracker and embedder the people "
         f"HOG found on that frame (HOG precomputed before, outside the timed region). Run {NODE_ROUNDS} times per ORT "
-        "variant, interleaved; the row shown is the median-fps run. The other rows: one run each.",
-        "- Importing ultralytics (the node's tracker does) calls `cv2.setNumThreads(0)`: OpenCV, HOG included, then "
-        "runs single-threaded. The *OpenCV threads restored* row calls `cv2.setNumThreads(-1)` after building the node.", "",
+        "variant, interleaved; the row shown is the median-fps run. The *480x640* row does the same with the 4:3 "
+        "export. HOG and YOLO alone: one run each.", "",
         *node_table, "",
         "### Targets", "",
         *targets, "",
@@ -598,7 +594,7 @@ def main() -> None:
         embed, parity = embedder_throughput(model, crops)
         yolos = build_yolo(Path(tmp))
         yolo = yolo_latency(yolos, frames)
-        nodes = node_runs(args.frames, model, yolos["640x640"], people)
+        nodes = node_runs(args.frames, model, yolos, people)
         profile_lines = []
         if args.profile:
             profile = cProfile.Profile()
