@@ -26,3 +26,4 @@ test: install browser
 
 bench: install
 	$(PY) bench/edge_bench.py
+	$(PY) bench/matcher_bench.py
