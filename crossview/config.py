@@ -114,6 +114,12 @@ class CurveConfig(_Strict):
     server_key: Path | None = Field(None, description="edge only: the matcher's public key file")
     allowed_clients: Path | None = Field(None, description="matcher only: folder of allowed edge public key files")
 
+    def require(self, **keys: str) -> None:
+        """In curve mode, the key settings named (with what each is) must be set."""
+        if self.mode == "curve" and any(getattr(self, k) is None for k in keys):
+            wanted = " and ".join(f"{k} ({what})" for k, what in keys.items())
+            raise ValueError(f"security: mode curve needs {wanted}; or say mode: plain")
+
 
 class PublisherConfig(_Strict):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint")
@@ -127,10 +133,7 @@ class PublisherConfig(_Strict):
 
     @model_validator(mode="after")
     def _curve_keys(self) -> "PublisherConfig":
-        sec = self.security
-        if sec.mode == "curve" and (sec.secret_key is None or sec.server_key is None):
-            raise ValueError("security: mode curve needs secret_key (this edge's) and server_key (the matcher's public key); "
-                             "or say mode: plain")
+        self.security.require(secret_key="this edge's", server_key="the matcher's public key")
         return self
 
 
@@ -179,10 +182,7 @@ class IngestConfig(_Strict):
 
     @model_validator(mode="after")
     def _curve_keys(self) -> "IngestConfig":
-        sec = self.security
-        if sec.mode == "curve" and (sec.secret_key is None or sec.allowed_clients is None):
-            raise ValueError("security: mode curve needs secret_key (the matcher's) and allowed_clients (folder of edge "
-                             "public keys); or say mode: plain")
+        self.security.require(secret_key="the matcher's", allowed_clients="folder of edge public keys")
         return self
 
 

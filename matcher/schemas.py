@@ -32,17 +32,22 @@ class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class SightingOut(_Out):
-    id: int
+class _TrackKey(_Out):
+    """What names a track: shared by a sighting and a track hit."""
+
     node: str
     camera: str
-    ts: float = Field(description="capture time, Unix seconds")
-    frame: int
     track: int = Field(description="the edge's track id (restarts with the edge node)")
     track_id: int = Field(description="the matcher's id for the track: its first sighting's id")
+    model: str = Field(description="embedding model version")
+
+
+class SightingOut(_TrackKey):
+    id: int
+    ts: float = Field(description="capture time, Unix seconds")
+    frame: int
     box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in frame pixels")
     det_score: float = Field(description="detector confidence")
-    model: str = Field(description="embedding model version")
     has_thumbnail: bool
 
     @computed_field(description="GET it with the bearer token; null when the edge sent no thumbnail")
@@ -51,12 +56,7 @@ class SightingOut(_Out):
         return f"{API_PREFIX}/sightings/{self.id}/thumbnail" if self.has_thumbnail else None
 
 
-class TrackHitOut(_Out):
-    node: str
-    camera: str
-    track: int
-    track_id: int = Field(description="the matcher's id for the track: its first sighting's id")
-    model: str
+class TrackHitOut(_TrackKey):
     score: float = Field(description="cosine similarity of the track's best match to the query")
     first_ts: float = Field(description="the whole stored track's time span")
     last_ts: float
