@@ -151,6 +151,8 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_fra
     # The token lives in this tab's sessionStorage: a reload stays connected; "Forget token" logs out.
     page.reload()
     page.wait_for_selector(".camera[data-camera='gate']")
+    page.wait_for_selector("#grid img.thumb")
+    visit.wait_thumbs("#grid img.thumb")  # logging out mid-load would fail the thumbnails still in flight
     page.click("#logout")
     page.wait_for_selector("#login:not([hidden])")
     assert page.evaluate("() => sessionStorage.length") == 0
