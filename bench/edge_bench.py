@@ -66,8 +66,8 @@ from edge.detectors import HogDetector  # noqa: E402
 from edge.embedder import Embedder  # noqa: E402
 from edge.node import EdgeNode  # noqa: E402
 from edge.yolo_export import export_yolo  # noqa: E402
-from trainer.backbones import GapEmbedder, mobilenet_v2_imagenet  # noqa: E402
 from trainer.export import build_default_embedder  # noqa: E402
+from trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet  # noqa: E402
 
 VIDEO = REPO.parent / "shared" / "data" / "vtest.avi"
 SECTION = "## Edge node (bench/edge_bench.py)"

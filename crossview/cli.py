@@ -11,6 +11,9 @@
 |                    | `matcher.api`          | its HTTP API and web page                        |
 | `query`            | `matcher.query`        | search a matcher's data directory, read-only; or |
 |                    | `matcher.client`       | with `--url`, a running matcher's HTTP API       |
+| `train`            | `trainer.engine`       | DAAM / DAAL domain adaptation (Algorithm 1)      |
+| `export`           | `trainer.export`       | a training checkpoint's domain-shared path → ONNX |
+| `eval`             | `trainer.eval_onnx`    | rank-1/5/10 and mAP of an ONNX model on a labelled set |
 """
 
 from __future__ import annotations
@@ -177,6 +180,37 @@ def _query_http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import load_train_config
+    from trainer.engine import Trainer
+
+    out = Trainer(load_train_config(args.config), resume=args.resume).run()
+    if out is not None:
+        print(f"model: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from trainer.export import export_checkpoint
+
+    print(f"model: {export_checkpoint(args.checkpoint, args.out)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.eval_onnx import evaluate_onnx
+
+    result = evaluate_onnx(args.model, args.kind, args.root, cache_dir=args.cache_dir, rerank=args.rerank)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.kind}:{args.root}: {result['valid_queries']} queries "
+              f"({result['skipped_queries']} without a valid match skipped), {result['gallery']} gallery images")
+        print(f"mAP {result['mAP']:.1%}  rank-1 {result['rank1']:.1%}  rank-5 {result['rank5']:.1%}  "
+              f"rank-10 {result['rank10']:.1%}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossview", description="Find a person across a site's cameras.")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -234,6 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--url", help="ask a running matcher's HTTP API instead, e.g. http://127.0.0.1:8080")
     q.add_argument("--token-file", type=Path, help="with --url: file holding the API token (default: $CROSSVIEW_TOKEN)")
     q.set_defaults(run=_query)
+
+    t = sub.add_parser("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
+    t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")
+    t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
+    t.set_defaults(run=_train)
+
+    ex = sub.add_parser("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
+    ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/daam/last.pt")
+    ex.add_argument("--out", type=Path, help="ONNX file (default: <name>.onnx beside the checkpoint)")
+    ex.set_defaults(run=_export)
+
+    v = sub.add_parser("eval", help="CMC rank-1/5/10 and mAP of an ONNX embedder on a labelled dataset")
+    v.add_argument("model", type=Path, help="ONNX embedder with crossview metadata")
+    v.add_argument("--kind", required=True, choices=["market1501", "dukemtmc", "msmt17", "cuhk03", "mot"])
+    v.add_argument("--root", type=Path, required=True, help="dataset folder (mot: a sequence or a folder of them)")
+    v.add_argument("--cache-dir", type=Path, default=Path("runs/cache"), help="mot crops (default: %(default)s)")
+    v.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(run=_eval)
     return p
 
 

@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from crossview.modelmeta import ModelMeta
-from trainer.backbones import GapEmbedder
 from trainer.export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_default_embedder,
     export_onnx,
 )
+from trainer.modeling.backbones import GapEmbedder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TUD_CAMPUS = SHARED_DATA / "TUD-Campus"

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from crossview.modelmeta import KEY_INPUT_SIZE, KEY_VERSION, ModelMeta
-from trainer.backbones import (
+from trainer.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
+from trainer.modeling.backbones import (
     GapEmbedder,
     default_mobilenet_v2_weights,
     mobilenet_v2_imagenet,
 )
-from trainer.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from torch import nn
 
 from edge.embedder import Embedder
 from edge.ort import ModelError, select_providers
-from trainer.backbones import GapEmbedder
+from trainer.modeling.backbones import GapEmbedder
 
 
 def test_select_providers():

@@ -27,7 +27,7 @@ from crossview.wire import Sighting
 from edge.node import EdgeNode
 from edge.ort import ModelError
 from matcher.ingest import Receiver
-from trainer.backbones import GapEmbedder
+from trainer.modeling.backbones import GapEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 

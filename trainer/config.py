@@ -1,0 +1,137 @@
+"""Typed trainer configuration (`configs/train/*.yaml`), validated once at load.
+
+| section      | what                                                                       |
+|--------------|----------------------------------------------------------------------------|
+| `source`     | the labelled source dataset (kind + root)                                  |
+| `target`     | the unlabelled target: harvested crops, an image folder, or a labelled set whose labels are used only for evaluation |
+| `model`      | backbone, attention variant, heads and the ablation switches               |
+| `loss`       | weights of Eq. 12's terms and the target loss kind                         |
+| `clustering` | k-means++ (DAAM) or DBSCAN on the k-reciprocal distance (DAAL)             |
+| `pretrain`, `adapt` | Algorithm 1's schedules                                             |
+
+Errors are `crossview.config.ConfigError` naming the file and the dotted key, like the services'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from crossview.config import ConfigError, _Strict, load_config
+
+LABELLED_KINDS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot")
+DatasetKind = Literal["market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot"]
+
+
+class SourceConfig(_Strict):
+    kind: DatasetKind
+    root: Path = Field(description="dataset folder (for mot: the sequence folder with gt/gt.txt)")
+    frame_step: int = Field(1, ge=1, description="mot only: crops from every n-th frame (neighbours are near-duplicates)")
+
+
+class TargetConfig(_Strict):
+    kind: Literal["harvest", "images", "market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot"]
+    root: Path
+    frame_step: int = Field(1, ge=1, description="mot only: crops from every n-th frame")
+    evaluate: bool = Field(True, description="labelled kinds only: report rank-1/mAP on the target's labels")
+
+    @property
+    def labelled(self) -> bool:
+        return self.kind in LABELLED_KINDS
+
+
+class InputConfig(_Strict):
+    height: int = Field(256, ge=32, le=1024)
+    width: int = Field(128, ge=16, le=1024)
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["resnet50", "resnet18", "mobilenet_v2"] = "resnet50"
+    pretrained: str = Field(
+        "imagenet", description="'imagenet', 'none' or a state-dict file of the backbone (relative to the working folder)"
+    )
+    last_stride: Literal[1, 2] = 1
+    attention: Literal["daam", "daal", "ia", "none"] = "daam"
+    reduction: int = Field(16, ge=1, description="channel attention reduction r (Eq. 4)")
+    head: Literal["fc", "gap"] = Field("fc", description="fc: GAP, FC 256, BN, ReLU (DAAM); gap: plain GAP (DAAL)")
+    embedding_dim: int = Field(256, ge=8)
+    dsp: bool = Field(True, description="the domain-specific branch (off: the 'DSH' ablation)")
+    domain_loss: Literal["occ", "grl", "none"] = Field("occ", description="one-class L_DS (Eq. 5), GRL, or none")
+
+
+class LossConfig(_Strict):
+    ds: float = Field(1.0, ge=0)
+    reid_s: float = Field(1.0, ge=0)
+    reid_t: float = Field(1.0, ge=0)
+    dsp: float = Field(1.0, ge=0)
+    orth: float = Field(1.0, ge=0, description="0 is the 'without orthogonality' ablation")
+    target: Literal["weighted", "soft", "hard"] = Field(
+        "weighted", description="weighted CE (DAAM Eq. 8), soft labels (DAAL Eq. 5), or plain CE (w/o weights)"
+    )
+
+
+class ClusteringConfig(_Strict):
+    method: Literal["kmeans", "dbscan"] = "kmeans"
+    k: int = Field(650, ge=2, description="k-means clusters K")
+    k1: int = Field(20, ge=1, description="k-reciprocal neighbours")
+    k2: int = Field(6, ge=1, description="local query expansion")
+    p: float = Field(0.0016, gt=0, le=1, description="DBSCAN eps = mean of the smallest p share of distances")
+    min_samples: int = Field(4, ge=1, description="DBSCAN minimum cluster size M")
+    epsilon: float = Field(0.9, ge=0, le=1, description="DAAL soft-label floor for the assigned cluster (Eq. 4)")
+
+
+class ScheduleConfig(_Strict):
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    backbone_lr_mult: float = Field(1.0, gt=0, description="backbone lr = lr x this")
+    milestones: list[int] = Field(default_factory=list, description="epochs where lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: int = Field(0, ge=0)
+
+
+class AdaptConfig(ScheduleConfig):
+    iterations: int = Field(7, ge=0, description="Algorithm 1 iterations at most")
+    nmi_stop: float = Field(0.95, gt=0, le=1, description="stop when NMI of consecutive pseudo labels exceeds this")
+
+
+class SamplerConfig(_Strict):
+    p: int = Field(16, ge=1, description="identities (clusters) per domain per batch")
+    k: int = Field(4, ge=1, description="images per identity")
+
+
+class OptimConfig(_Strict):
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class TrainConfig(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="model name; versions are name-<date>")
+    output_dir: Path = Path("runs/train")
+    cache_dir: Path = Field(Path("runs/cache"), description="crops cut from MOT sequences are kept here")
+    seed: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    workers: int = Field(2, ge=0)
+    source: SourceConfig
+    target: TargetConfig
+    input: InputConfig = InputConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    optim: OptimConfig = OptimConfig()
+    pretrain: ScheduleConfig = ScheduleConfig(epochs=60, lr=1e-3, milestones=[40])
+    adapt: AdaptConfig = AdaptConfig(epochs=200, lr=1e-3, milestones=[20, 120])
+    eval_batch_size: int = Field(64, ge=1)
+
+
+TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root")]
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    return load_config(path, TrainConfig, TRAIN_PATH_KEYS)
+
+
+__all__ = ["ConfigError", "TrainConfig", "load_train_config"]

@@ -1,0 +1,64 @@
+"""A training run's data from its config: the labelled source, the unlabelled target and the target's evaluation split.
+
+| what                 | how                                                                            |
+|----------------------|--------------------------------------------------------------------------------|
+| everything for a run | `load_train_data(cfg)` → `TrainData(source, target, query, gallery, num_source_ids, target_cameras)` |
+| one labelled set     | `labelled_split(kind, root, cache_dir)` → `ReidSplit` (cache_dir is used by `mot` only) |
+| labelled target      | its training images lose their labels (pid -1) so adaptation never sees them; its query/gallery evaluate the run when `target.evaluate` |
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.data.datasets import build_dataset
+from trainer.data.harvest import build_target
+from trainer.data.samples import UNLABELLED, ReidSplit, Sample, describe
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Source pids are 0..num_source_ids-1; target pids are all -1; query/gallery are None without target labels."""
+
+    source: tuple[Sample, ...]
+    target: tuple[Sample, ...]
+    query: tuple[Sample, ...] | None
+    gallery: tuple[Sample, ...] | None
+    num_source_ids: int
+    target_cameras: tuple[str, ...] = ()
+
+
+def labelled_split(kind: str, root: str | Path, cache_dir: str | Path = "runs/cache", frame_step: int = 1) -> ReidSplit:
+    """`build_dataset` with the options a config gives: only MOT sequences need the crop cache and frame step."""
+    if kind == "mot":
+        return build_dataset(kind, root, cache_dir=cache_dir, frame_step=frame_step)
+    return build_dataset(kind, root)
+
+
+def load_train_data(cfg: TrainConfig) -> TrainData:
+    source = labelled_split(cfg.source.kind, cfg.source.root, cfg.cache_dir, cfg.source.frame_step)
+    if not source.train:
+        raise ValueError(f"source {cfg.source.kind}:{cfg.source.root} has no training images")
+    num_ids = len({s.pid for s in source.train})
+    if cfg.target.labelled:
+        split = labelled_split(cfg.target.kind, cfg.target.root, cfg.cache_dir, cfg.target.frame_step)
+        target = tuple(replace(s, pid=UNLABELLED) for s in split.train)
+        cameras = tuple(str(c) for c in sorted({s.camid for s in target}))
+        evaluate = cfg.target.evaluate and bool(split.query) and bool(split.gallery)
+        query, gallery = (split.query, split.gallery) if evaluate else (None, None)
+    else:
+        found = build_target(cfg.target.kind, cfg.target.root)
+        target, cameras, query, gallery = found.samples, found.cameras, None, None
+    if not target:
+        raise ValueError(f"target {cfg.target.kind}:{cfg.target.root} has no training images")
+    log.info("source %s: %s; target %s: %s%s", cfg.source.kind, describe(source.train), cfg.target.kind, describe(target),
+             "" if query is None else f"; evaluation on {len(query)} queries, {len(gallery)} gallery images")
+    return TrainData(source.train, target, query, gallery, num_ids, cameras)

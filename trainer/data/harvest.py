@@ -1,0 +1,85 @@
+"""The unlabelled target domain: crops the edge nodes harvested on site, or any folder of images.
+
+| kind      | how                                                                                   |
+|-----------|---------------------------------------------------------------------------------------|
+| `harvest` | `<dir>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg` + `.json` sidecar (edge/harvest.py); camera and frame from the sidecar, else from the folder and file name |
+| `images`  | every image under the folder, recursively; one camera (camid 0)                        |
+| cameras   | camera names sorted → camids 0..C-1 (`TargetSet.cameras[camid]` is the name)          |
+| bad files | images that do not decode are skipped and counted (`TargetSet.skipped`), with one warning |
+
+    >>> target = build_target("harvest", "harvest")
+    >>> len(target.samples), target.cameras, target.skipped
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from trainer.data.datasets import list_images
+from trainer.data.loader import filter_readable
+from trainer.data.samples import UNLABELLED, Sample, TargetSet
+
+log = logging.getLogger(__name__)
+
+HARVEST_NAME = re.compile(r"_t(?P<track>\d+)_f(?P<frame>\d+)$")
+
+
+def crop_camera_frame(path: Path) -> tuple[str, int, bool]:
+    """(camera, frame, sidecar was usable) of a harvested crop; without a sidecar, folder and file name tell."""
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return str(meta["camera"]), int(meta["frame"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        m = HARVEST_NAME.search(path.stem)
+        return path.parent.name, int(m["frame"]) if m else -1, False
+
+
+def harvest_samples(root: str | Path, verify: bool = True) -> TargetSet:
+    """Harvested crops as unlabelled samples with camids from their camera names."""
+    root = _require_dir(root, "harvest", "<dir>/<camera>/*.jpg with .json sidecars")
+    crops = [(path, *crop_camera_frame(path)) for path in list_images(root, recursive=True)]
+    no_sidecar = [path for path, _, _, ok in crops if not ok]
+    if no_sidecar:
+        log.warning("%d harvested crop(s) without a readable sidecar: camera taken from the folder name, e.g. %s",
+                    len(no_sidecar), no_sidecar[0])
+    cameras = tuple(sorted({camera for _, camera, _, _ in crops}))
+    camid = {name: i for i, name in enumerate(cameras)}
+    samples = [Sample(path, UNLABELLED, camid[camera], frame) for path, camera, frame, _ in crops]
+    return _finish(root, samples, cameras, verify)
+
+
+def image_folder_samples(root: str | Path, verify: bool = True) -> TargetSet:
+    """Every image under `root` (recursively) as one unlabelled camera."""
+    root = _require_dir(root, "images", "image files, in any subfolders")
+    samples = [Sample(path, UNLABELLED, 0) for path in list_images(root, recursive=True)]
+    return _finish(root, samples, (root.name,), verify)
+
+
+TARGET_KINDS = {"harvest": harvest_samples, "images": image_folder_samples}
+
+
+def build_target(kind: str, root: str | Path, verify: bool = True) -> TargetSet:
+    """The unlabelled target of `kind` ("harvest" or "images") under `root`."""
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; known kinds: {', '.join(TARGET_KINDS)}")
+    return TARGET_KINDS[kind](root, verify)
+
+
+def _require_dir(root: str | Path, kind: str, expected: str) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{kind}: target folder {root} does not exist (expected {expected})")
+    return root
+
+
+def _finish(root: Path, samples: list[Sample], cameras: tuple[str, ...], verify: bool) -> TargetSet:
+    skipped = 0
+    if verify:
+        samples, skipped = filter_readable(samples)
+    if not samples:
+        raise FileNotFoundError(f"no readable images under {root}" + (f" ({skipped} unreadable)" if skipped else ""))
+    log.info("target %s: %d images from %d camera(s), %d skipped", root, len(samples), len(cameras), skipped)
+    return TargetSet(tuple(samples), cameras, skipped)
