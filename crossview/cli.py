@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from crossview.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
-from crossview.runtime import offline_env, setup_logging
+from crossview.runtime import offline_env, passive_threads, setup_logging
 
 log = logging.getLogger("crossview")
 
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     offline_env()
+    passive_threads()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:

@@ -6,6 +6,10 @@ tests that need it are skipped with the reason when it is absent.
 
 from __future__ import annotations
 
+from crossview.runtime import passive_threads
+
+passive_threads()  # before torch loads libgomp: what `crossview` itself does
+
 from pathlib import Path
 
 import cv2

@@ -26,7 +26,7 @@ from trainer.export import export_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp_path: Path, **over) -> Path:
+def _config(tmp_path: Path, file: str = "train.yaml", **over) -> Path:
     """A small but real run: TUD-Stadtmitte (every 6th frame) → TUD-Campus (every 3rd frame), 64x32 input."""
     cfg = {
         "name": "tiny-daam",
@@ -45,7 +45,7 @@ def _config(tmp_path: Path, **over) -> Path:
     }
     for key, value in over.items():
         cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
-    path = tmp_path / "train.yaml"
+    path = tmp_path / file
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -54,10 +54,15 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(tmp_path):
-    cfg = load_train_config(_config(tmp_path))
-    onnx_path = Trainer(cfg).run()
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(output folder, exported ONNX) of one full run: pre-training and two Algorithm 1 iterations."""
+    tmp = tmp_path_factory.mktemp("daam")
+    return tmp / "run", Trainer(load_train_config(_config(tmp))).run()
+
+
+def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(trained):
+    run, onnx_path = trained
     recs = _records(run)
     epochs = [(r["stage"], r["iteration"], r["epoch"]) for r in recs if r["event"] == "epoch"]
     assert epochs == [("pretrain", 0, 1), ("adapt", 1, 1), ("adapt", 2, 1)]
@@ -126,24 +131,23 @@ def test_kill_9_mid_training_then_resume_continues_at_the_next_epoch(tmp_path):
     assert (run / "tiny-daam.onnx").is_file()
 
 
-def test_export_cli_reexports_a_checkpoint_and_the_edge_hot_reloads_it(tmp_path):
-    path = _config(tmp_path, pretrain={"epochs": 1, "lr": 0.01}, adapt={"iterations": 1, "epochs": 1, "lr": 0.005})
-    first = Trainer(load_train_config(path)).run()
+def test_export_cli_reexports_a_checkpoint_and_the_edge_hot_reloads_it(trained, tmp_path):
+    run, first = trained
     deployed = tmp_path / "deployed.onnx"
     deployed.write_bytes(first.read_bytes())
     embedder = Embedder(deployed, reload_check_s=0.0)
     old = embedder.version
-    out = subprocess.run([sys.executable, "-m", "crossview.cli", "export", str(tmp_path / "run" / "last.pt"),
+    out = subprocess.run([sys.executable, "-m", "crossview.cli", "export", str(run / "last.pt"),
                           "--out", str(deployed)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert embedder.maybe_reload() and embedder.version != old and embedder.version.startswith("tiny-daam-")
 
 
 def test_bad_configs_and_checkpoints_are_named(tmp_path):
-    bad = _config(tmp_path, model={"backbone": "vgg16"})
+    bad = _config(tmp_path, "bad.yaml", model={"backbone": "vgg16"})
     with pytest.raises(ConfigError, match="model.backbone"):
         load_train_config(bad)
-    missing = _config(tmp_path, source={"kind": "market1501", "root": str(tmp_path / "nope")})
+    missing = _config(tmp_path, "missing.yaml", source={"kind": "market1501", "root": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="nope"):
         Trainer(load_train_config(missing))
     junk = tmp_path / "junk.pt"
