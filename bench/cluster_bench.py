@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from docsection import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
@@ -272,14 +274,6 @@ def report(r: dict, command: str, minutes: float, dim: int, repeats: int) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace this bench's section of `out` (up to the next `## ` heading), or append it; other sections stay."""
-    old = out.read_text() if out.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    out.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 13000])
@@ -300,7 +294,7 @@ def main() -> None:
     text = report(results, command, (time.time() - t0) / 60, args.dim, args.repeats)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
+from docsection import write_section  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import edge.detectors  # noqa: E402
@@ -545,20 +546,6 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section (up to the next `## ` heading) in `path`, or append it."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = re.search(r"^## ", text[start + len(SECTION):], re.M)
-        end = start + len(SECTION) + nxt.start() if nxt else len(text)
-        text = text[:start] + section.rstrip("\n") + "\n\n" + text[end:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def profile_top(profile: cProfile.Profile, n: int = 12) -> list[str]:
     stats = pstats.Stats(profile).stats
     total = sum(v[2] for v in stats.values())
@@ -604,7 +591,7 @@ def main() -> None:
     info.update(machine=machine(), minutes=(time.perf_counter() - t0) / 60, others=sampler.busiest())
     section = report(args, info, len(crops), parity, embed, yolo, nodes, profile_lines)
     print(section)
-    write_section(args.out, section)
+    write_section(args.out, SECTION, section)
     print(f"section written to {args.out}")
 
 

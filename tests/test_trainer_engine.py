@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -141,6 +142,22 @@ def test_export_cli_reexports_a_checkpoint_and_the_edge_hot_reloads_it(trained, 
                           "--out", str(deployed)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert embedder.maybe_reload() and embedder.version != old and embedder.version.startswith("tiny-daam-")
+
+
+def test_two_process_distributed_training_under_torchrun(tmp_path):
+    """The multi-GPU path (DDP, rank 0 clusters, evaluates and writes) run with Gloo on two CPU processes."""
+    path = _config(tmp_path, pretrain={"epochs": 1, "lr": 0.01}, adapt={"iterations": 1, "epochs": 1, "lr": 0.005})
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "crossview.cli", "train",
+                          "--config", str(path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = _records(tmp_path / "run")
+    epochs = [r for r in recs if r["event"] == "epoch"]
+    assert [(r["stage"], r["epoch"]) for r in epochs] == [("pretrain", 1), ("adapt", 1)]  # one writer: rank 0
+    single = math.ceil(193 / 16)  # source crops / (P x K): two ranks share an epoch's steps
+    assert epochs[0]["images"] == 16 * math.ceil(single / 2)
+    assert [r["label"] for r in recs if r["event"] == "eval"] == ["direct transfer", "iteration 1"]
+    assert Embedder(tmp_path / "run" / "tiny-daam.onnx").dim == 256
 
 
 def test_bad_configs_and_checkpoints_are_named(tmp_path):

@@ -63,7 +63,7 @@ class Trainer:
         self.device = _device(cfg.device)
         self.amp = cfg.amp and self.device.type == "cuda"
         _seed_everything(cfg.seed + self.rank)
-        self.data: TrainData = load_train_data(cfg)
+        self.data: TrainData = self._load_data()
         self.model = ReidNet.from_config(cfg.model, self.data.num_source_ids).to(self.device)
         self.state = State()
         self.labels: PseudoLabels | None = None
@@ -172,7 +172,7 @@ class Trainer:
                 labels.weights = np.ones(len(labels.labels), np.float32)
             payload = [labels]
             stats = {"clusters": labels.n_clusters, "outlier_share": round(labels.outlier_share, 4),
-                     "seconds": round(time.perf_counter() - t0, 2)}
+                     **_cluster_sizes(labels), "seconds": round(time.perf_counter() - t0, 2)}
             if previous is not None:
                 stats["nmi"] = round(nmi(previous, labels.labels), 4)
             self._log("cluster", **stats)
@@ -215,7 +215,8 @@ class Trainer:
 
     # ------------------------------------------------------------- batches
     def _batch(self) -> int:
-        return self.cfg.sampler.p * self.cfg.sampler.k
+        """Images per step over all ranks: an epoch is one pass over the data whatever the GPU count."""
+        return self.cfg.sampler.p * self.cfg.sampler.k * self.world
 
     def _source_iter(self):
         for images, pids, _, _ in self._loader(self.data.source, stream=0):
@@ -238,6 +239,15 @@ class Trainer:
 
     def _epoch_seed(self, stream: int) -> int:
         return hash((self.cfg.seed, self.rank, self.state.iteration, self.state.epoch, stream)) & 0x7FFFFFFF
+
+    def _load_data(self) -> TrainData:
+        """Rank 0 first: it cuts and caches MOT crops that the other ranks then only read."""
+        if self.rank != 0:
+            dist.barrier()
+        data = load_train_data(self.cfg)
+        if self.rank == 0 and self.world > 1:
+            dist.barrier()
+        return data
 
     # ------------------------------------------------------------- model
     def _wrapped(self) -> nn.Module:
@@ -302,6 +312,14 @@ class Trainer:
         from trainer.export import export_trained
 
         return export_trained(self.model, self.cfg, self.state.history, self.out / f"{self.cfg.name}.onnx")
+
+
+def _cluster_sizes(pl: PseudoLabels) -> dict:
+    """Cluster size spread and the mean confidence weight: how the pseudo labels look without ground truth."""
+    sizes = np.bincount(pl.labels[pl.labels >= 0], minlength=pl.n_clusters)
+    inlier_w = pl.weights[pl.labels >= 0]
+    return {"size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
+            "mean_weight": round(float(inlier_w.max(axis=1).mean() if inlier_w.ndim == 2 else inlier_w.mean()), 4)}
 
 
 def _lr_factor(sched, epoch: int) -> float:

@@ -98,5 +98,8 @@ def total_loss(out: Outputs, batch: Batch, w: LossWeights) -> tuple[torch.Tensor
     if has_target and out.f_sp is not None:
         terms["orth"] = soft_orthogonality(out.f_sh, out.f_sp)
     weighted = {k: getattr(w, k) * v for k, v in terms.items() if getattr(w, k) != 0}
-    total = sum(weighted.values(), torch.zeros((), device=out.f_sh.device))
+    # Every output joins the graph, x0 where its loss is off (e.g. the target heads while pre-training):
+    # DistributedDataParallel then gets a gradient for every parameter and never waits for one.
+    idle = sum((t.sum() * 0 for t in out if t is not None), torch.zeros((), device=out.f_sh.device))
+    total = sum(weighted.values(), idle)
     return total, {k: float(v.detach()) for k, v in weighted.items()}

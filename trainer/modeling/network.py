@@ -15,7 +15,7 @@ f_sh, the re-ID embedding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,8 +28,7 @@ HEADS = ("fc", "gap")
 DOMAIN_LOSSES = ("occ", "grl", "none")
 
 
-@dataclass
-class Outputs:
+class Outputs(NamedTuple):  # a tuple, so DistributedDataParallel finds the tensors in it
     f_sh: torch.Tensor
     source_logits: torch.Tensor
     target_logits: torch.Tensor | None
