@@ -174,3 +174,19 @@ def test_bad_configs_and_checkpoints_are_named(tmp_path):
     out = subprocess.run([sys.executable, "-m", "crossview.cli", "train", "--config", str(bad)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "model.backbone" in out.stderr
+
+
+def test_eval_cli_scores_the_deployed_model_with_and_without_reranking(trained):
+    _, onnx_path = trained
+    target = shared_data("TUD-Campus")
+    runs = {}
+    for extra in ([], ["--rerank"]):
+        out = subprocess.run([sys.executable, "-m", "crossview.cli", "eval", str(onnx_path), "--kind", "mot",
+                              "--root", str(target), "--cache-dir", str(onnx_path.parent / "cache"), "--json", *extra],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[bool(extra)] = json.loads(out.stdout)
+    plain, reranked = runs[False], runs[True]
+    assert plain["model"].startswith("tiny-daam-") and plain["valid_queries"] > 0 and plain["gallery"] > 0
+    assert 0 < plain["mAP"] <= 1 and plain["rank1"] <= plain["rank5"] <= plain["rank10"]
+    assert reranked["valid_queries"] == plain["valid_queries"] and reranked["mAP"] != plain["mAP"]
