@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 
-.PHONY: install demo test bench browser
+.PHONY: install demo test bench results browser
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,3 +27,10 @@ test: install browser
 bench: install
 	$(PY) bench/edge_bench.py
 	$(PY) bench/matcher_bench.py
+	$(PY) bench/cluster_bench.py --out docs/benchmarks.md
+	$(PY) bench/train_bench.py --out docs/benchmarks.md
+
+# The domain adaptation experiments on real footage (about 1.5 h on 2 CPU cores): docs/results.md.
+results: install
+	$(PY) bench/adapt_tud.py --out docs/results.md
+	$(PY) bench/adapt_vtest.py --out docs/results.md

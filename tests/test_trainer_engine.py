@@ -190,3 +190,17 @@ def test_eval_cli_scores_the_deployed_model_with_and_without_reranking(trained):
     assert plain["model"].startswith("tiny-daam-") and plain["valid_queries"] > 0 and plain["gallery"] > 0
     assert 0 < plain["mAP"] <= 1 and plain["rank1"] <= plain["rank5"] <= plain["rank10"]
     assert reranked["valid_queries"] == plain["valid_queries"] and reranked["mAP"] != plain["mAP"]
+
+
+@pytest.mark.parametrize("name", ["daam.yaml", "daal.yaml"])
+def test_shipped_train_configs_load_with_the_papers_settings(name):
+    cfg = load_train_config(REPO / "configs" / "train" / name)
+    assert cfg.model.backbone == "resnet50" and cfg.model.last_stride == 1
+    assert (cfg.input.height, cfg.input.width) == (384, 128)
+    assert cfg.source.root.is_absolute() and cfg.target.kind == "harvest"
+    if name == "daam.yaml":
+        assert (cfg.clustering.method, cfg.clustering.k, cfg.adapt.iterations) == ("kmeans", 650, 7)
+        assert cfg.adapt.milestones == [20, 120] and cfg.adapt.epochs == 200 and cfg.loss.target == "weighted"
+    else:
+        assert (cfg.clustering.method, cfg.loss.target, cfg.model.attention) == ("dbscan", "soft", "daal")
+        assert cfg.loss.ds == 0 and cfg.loss.orth == 0 and cfg.adapt.epochs == 260
