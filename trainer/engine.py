@@ -254,8 +254,8 @@ class Trainer:
         if self.world == 1:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Some heads are idle in a stage (no target classifier while pre-training), hence unused params.
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        # Every head reaches the loss (idle ones x0, see `total_loss`), so no unused-parameter search.
+        return DistributedDataParallel(self.model, device_ids=ids)
 
     def _optimizer(self, sched) -> torch.optim.Optimizer:
         trunk = list(self.model.trunk.parameters())
