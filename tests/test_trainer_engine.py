@@ -167,6 +167,9 @@ def test_bad_configs_and_checkpoints_are_named(tmp_path):
     missing = _config(tmp_path, "missing.yaml", source={"kind": "market1501", "root": str(tmp_path / "nope")})
     with pytest.raises(FileNotFoundError, match="nope"):
         Trainer(load_train_config(missing))
+    too_many = _config(tmp_path, "k.yaml", clustering={"method": "kmeans", "k": 5000})
+    with pytest.raises(ValueError, match="clustering.k is 5000 but the target has only"):
+        Trainer(load_train_config(too_many))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a crossview training checkpoint"):

@@ -64,6 +64,9 @@ class Trainer:
         self.amp = cfg.amp and self.device.type == "cuda"
         _seed_everything(cfg.seed + self.rank)
         self.data: TrainData = self._load_data()
+        if cfg.clustering.method == "kmeans" and cfg.clustering.k >= len(self.data.target):
+            raise ValueError(f"clustering.k is {cfg.clustering.k} but the target has only {len(self.data.target)} "
+                             "images; lower it or harvest more crops")
         self.model = ReidNet.from_config(cfg.model, self.data.num_source_ids).to(self.device)
         self.state = State()
         self.labels: PseudoLabels | None = None
