@@ -442,3 +442,16 @@ def test_load_train_data_from_config(tmp_path, campus):
     write_tree(tmp_path / "harvest", {"gate": ["edge-1_gate_t1_f1.jpg"], "hall": ["edge-1_hall_t2_f5.jpg"]})
     site = load_train_data(TrainConfig.model_validate({**base, "target": {"kind": "harvest", "root": str(tmp_path / "harvest")}}))
     assert site.target_cameras == ("gate", "hall") and len(site.target) == 2 and site.query is None
+
+
+def test_unreadable_files_are_skipped_even_with_ultralytics_loaded(tmp_path):
+    """ultralytics wraps PIL's Image.open (HEIF plugin retry); a non-image must still count as unreadable."""
+    from crossview.runtime import ultralytics
+    from trainer.data.loader import ImageReadError, image_problem, read_image
+
+    ultralytics()
+    bad = tmp_path / "0001_c1_f0000001.jpg"
+    bad.write_text("not a jpeg")
+    assert image_problem(bad) == "not an image format PIL can identify"
+    with pytest.raises(ImageReadError, match="0001_c1_f0000001.jpg"):
+        read_image(bad)

@@ -35,13 +35,22 @@ class ImageReadError(OSError):
     """An image file is missing, not an image, or truncated."""
 
 
+# With ultralytics imported in the process (the edge node's), Image.open is wrapped: for a file PIL cannot
+# identify it tries an optional HEIF plugin and raises that ImportError instead of UnidentifiedImageError.
+_UNREADABLE = (OSError, SyntaxError, ValueError, ImportError, Image.DecompressionBombError)
+
+
+def _reason(e: Exception) -> str:
+    return "not an image format PIL can identify" if isinstance(e, ImportError) else str(e) or type(e).__name__
+
+
 def read_image(path: str | Path) -> Image.Image:
     """The image as RGB; any decoding problem becomes an `ImageReadError` that names the file."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")  # convert() loads the pixels, so truncation surfaces here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{path}: cannot read image ({e})") from e
+    except _UNREADABLE as e:
+        raise ImageReadError(f"{path}: cannot read image ({_reason(e)})") from e
 
 
 def image_problem(path: str | Path) -> str | None:
@@ -50,8 +59,8 @@ def image_problem(path: str | Path) -> str | None:
         with Image.open(path) as img:
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG: DCT-domain downscale
             img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__
+    except _UNREADABLE as e:
+        return _reason(e)
     return None
 
 
