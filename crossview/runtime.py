@@ -28,8 +28,9 @@ def offline_env() -> None:
 
 
 def passive_threads() -> None:
-    """Must run before torch is imported (libgomp reads it once). On this 2-core machine under load, a
-    training step ran 2-4x faster with it (bench/train_bench.py); set OMP_WAIT_POLICY yourself to override."""
+    """Must run before torch is imported (libgomp reads it once). On this 2-core machine while other
+    processes ran, a DAAM training step at 64x32 with 2 threads went from 28 to 103 images/s with it; with
+    little other load the two are close (docs/benchmarks.md). Set OMP_WAIT_POLICY yourself to override."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
