@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from docsection import write_section
+from otherload import OtherLoad
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -166,28 +167,6 @@ def measure(kind: str, n: int, dim: int) -> dict:
     print(f"  {kind:6s} N={n:>6,}: {result['total']:.2f} s, peak {result['peak']:.0f} MB, other load {load.cores:.2f}",
           file=sys.stderr, flush=True)
     return result
-
-
-class OtherLoad:
-    """Other processes' CPU use while the block runs, in cores: all busy time minus this process tree's."""
-
-    def __enter__(self) -> "OtherLoad":
-        self.start = (time.monotonic(), _busy_seconds(), _own_seconds())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall, busy, own = (b - a for a, b in zip(self.start, (time.monotonic(), _busy_seconds(), _own_seconds())))
-        self.cores = max(0.0, (busy - own) / wall)
-
-
-def _busy_seconds() -> float:
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    t = os.times()  # children_*: the finished (waited-for) workers
-    return t.user + t.system + t.children_user + t.children_system
 
 
 def run(sizes: list[int], dense_sizes: list[int], dim: int, repeats: int) -> dict:

@@ -1,13 +1,15 @@
 """Matcher benchmark: 256-d synthetic sightings through the real service, at 1e5 and 1e6 sightings.
 
-    python bench/matcher_bench.py [--sizes 100000 1000000] [--queries 1000] [--out docs/benchmarks.md]
+    python bench/matcher_bench.py [--sizes 100000 1000000] [--queries 1000] [--out docs/benchmarks.md] [--only ingest]
 
 | part     | what is measured                                                                            |
 |----------|---------------------------------------------------------------------------------------------|
 | ingest   | a sender process encodes all its wire messages first (edges encode on their own machines), |
 |          | then pushes them over tcp://127.0.0.1 as fast as ZeroMQ takes them; the in-process `Matcher` |
 |          | commits each batch to SQLite (WAL, synchronous=FULL) before it counts it, then indexes it;  |
-|          | sightings/s from the first to the last accepted                                             |
+|          | sightings/s from the first to the last accepted. Sustained: 200,000 sightings into an exact |
+|          | partition (exact_max raised above that), without and with 4 KB thumbnails; then the default |
+|          | config from 0 to each size, with the rate while a background IVF (re)training runs apart    |
 | queries  | at each size, once background rebuilds are done: latency of the partition search (k=10) and |
 |          | of the whole `search_embedding` (over-fetch, SQLite lookups, track grouping), recall@10 of   |
 |          | the partition against exact brute force on the stored vectors, and FAISS `IndexFlatIP` one  |
@@ -20,7 +22,8 @@ Data: identities with 50 sightings each (5 cameras x 10-sighting tracks); a sigh
 identity's random unit vector plus Gaussian noise (cosine to the identity ≈ 0.86), like re-ID
 embeddings of one person; queries are fresh noisy views of stored identities.
 Other processes' CPU use (/proc/stat minus this process and its sender) is recorded for each measurement.
-The results table is printed and replaces the "Matcher (bench/matcher_bench.py)" section of --out.
+The results table is printed and replaces the "Matcher (bench/matcher_bench.py)" section of --out
+(with `--only ingest`: its ingest subsection only).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import zmq  # noqa: E402
+from docsection import write_section  # noqa: E402
+from otherload import OtherLoad  # noqa: E402
 
 from crossview.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
 from crossview.wire import Sighting, encode  # noqa: E402
@@ -57,37 +62,9 @@ NOISE = 0.6  # per-vector noise norm relative to the unit identity vector
 MODEL = "bench-256"
 NPROBES = (16, 32, 64, 128, 256)
 SECTION = "## Matcher (bench/matcher_bench.py)"
+INGEST_SECTION = "### Ingest over loopback ZeroMQ"
+SUSTAINED = 200_000  # sightings per sustained-ingest row: ~10 s at the 20,000/s target
 log = logging.getLogger("bench")
-
-
-class OtherLoad:
-    """Other processes' CPU use while the block runs, in cores: all busy time minus this process tree's."""
-
-    def __enter__(self) -> "OtherLoad":
-        self.start = (time.monotonic(), _busy_seconds(), _own_seconds())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        wall, busy, own = (b - a for a, b in zip(self.start, (time.monotonic(), _busy_seconds(), _own_seconds())))
-        self.cores = max(0.0, (busy - own) / wall)
-
-
-def _busy_seconds() -> float:
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    me = psutil.Process()
-    t = me.cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system  # children_*: senders already finished
-    for child in me.children(recursive=True):
-        try:
-            c = child.cpu_times()
-            total += c.user + c.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def centers(n_ids: int) -> np.ndarray:
@@ -124,34 +101,49 @@ def _send(endpoint: str, start: int, stop: int, thumb_bytes: int) -> None:
     ctx.term()
 
 
-def config(data_dir: Path) -> MatcherConfig:
+def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
+    index = {"snapshot_interval_s": 3600, **({"exact_max": exact_max} if exact_max else {})}
     return parse_config({"data_dir": str(data_dir), "http": {"token": "bench-token-0123456789"},
                          "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
-                         "index": {"snapshot_interval_s": 3600}, "metrics": {"log_interval_s": 30}}, MatcherConfig)
+                         "index": index, "metrics": {"log_interval_s": 30}}, MatcherConfig)
 
 
 def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
-    """Push sightings start..stop-1 from another process; sightings/s once the first one is in."""
+    """Push sightings start..stop-1 from another process; sightings/s (accepted, so committed) once the first
+    one is in, overall and while a partition rebuild (IVF training) runs."""
     target = m.accepted + stop - start
+    batches0 = _batch_seconds(m)
     sender = mp.get_context("spawn").Process(target=_send, args=(m.endpoint, start, stop, thumb_bytes))
     sender.start()
-    _wait(lambda: m.accepted > target - (stop - start), sender, 0.0005)
-    t0, n0 = time.perf_counter(), m.accepted
+    while m.accepted <= target - (stop - start):
+        _check(sender, 0.0005)
+    me, samples = psutil.Process(), []  # (time, accepted, rebuilding) every 10 ms
+    cpu0 = sum(me.cpu_times()[:2])
     with OtherLoad() as other:
-        _wait(lambda: m.accepted >= target, sender, 0.01)
-    seconds = time.perf_counter() - t0
+        while not samples or samples[-1][1] < target:
+            _check(sender, 0.01)
+            samples.append((time.perf_counter(), m.accepted, m.index.rebuilding(MODEL)))
+    matcher_cpu = sum(me.cpu_times()[:2]) - cpu0
     sender.join()
-    batches = m.metrics.value("crossview_matcher_ingest_batch_seconds_count")
-    batch_s = m.metrics.value("crossview_matcher_ingest_batch_seconds_sum")
-    return {"n": stop - start, "rate": (target - n0) / seconds, "seconds": seconds, "batch_ms": 1000 * batch_s / max(batches, 1),
-            "other": other.cores}
+    (t0, n0, _), (t1, n1, _) = samples[0], samples[-1]
+    during = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(samples, samples[1:]) if a[2] and b[2]]
+    rebuild_s = sum(dt for dt, _ in during)
+    batches, batch_s = (b - a for a, b in zip(batches0, _batch_seconds(m)))
+    return {"n": stop - start, "rate": (n1 - n0) / (t1 - t0), "seconds": t1 - t0, "batch_ms": 1000 * batch_s / max(batches, 1),
+            "rebuild_share": rebuild_s / (t1 - t0), "rebuild_rate": sum(n for _, n in during) / rebuild_s if rebuild_s else None,
+            "cpu_us": 1e6 * matcher_cpu / (n1 - n0), "other": other.cores}
 
 
-def _wait(cond, sender: mp.Process, pause: float) -> None:
-    while not cond():
-        if sender.exitcode not in (None, 0):
-            raise RuntimeError(f"sender process failed (exit code {sender.exitcode})")
-        time.sleep(pause)
+def _batch_seconds(m: Matcher) -> tuple[float, float]:
+    """(batches committed, seconds spent committing and indexing them) since the matcher started."""
+    return (m.metrics.value("crossview_matcher_ingest_batch_seconds_count"),
+            m.metrics.value("crossview_matcher_ingest_batch_seconds_sum"))
+
+
+def _check(sender: mp.Process, pause: float) -> None:
+    if sender.exitcode not in (None, 0):
+        raise RuntimeError(f"sender process failed (exit code {sender.exitcode})")
+    time.sleep(pause)
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -240,15 +232,24 @@ def machine() -> str:
             f"pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()}), SQLite {__import__('sqlite3').sqlite_version}")
 
 
-def run(sizes: list[int], n_queries: int, workdir: Path) -> dict:
-    results: dict = {"load_start": Path("/proc/loadavg").read_text().split()[:3]}
-    thumbs_dir = workdir / "thumbs"
-    m = Matcher(config(thumbs_dir))
+def sustained(workdir: Path, thumb_bytes: int) -> dict:
+    """SUSTAINED sightings into a fresh matcher whose partition stays exact (exact_max above it): no IVF training."""
+    data = workdir / f"sustained-{thumb_bytes}"
+    m = Matcher(config(data, exact_max=2 * SUSTAINED))
     m.start()
-    results["ingest_thumbs"] = ingest(m, 0, min(sizes), thumb_bytes=4000)
-    m.stop()
-    results["thumb_store_bytes"] = store_bytes(thumbs_dir) / min(sizes)
-    shutil.rmtree(thumbs_dir)
+    try:
+        result = ingest(m, 0, SUSTAINED, thumb_bytes)
+    finally:
+        m.stop()
+    result["store_bytes"] = store_bytes(data) / SUSTAINED
+    shutil.rmtree(data)
+    return result
+
+
+def run(sizes: list[int], n_queries: int, workdir: Path, only_ingest: bool = False) -> dict:
+    results: dict = {"load_start": Path("/proc/loadavg").read_text().split()[:3]}
+    results["sustained"] = [sustained(workdir, 0), sustained(workdir, 4000)]
+    results["thumb_store_bytes"] = results["sustained"][1]["store_bytes"]
 
     data = workdir / "data"
     cfg = config(data)
@@ -261,19 +262,51 @@ def run(sizes: list[int], n_queries: int, workdir: Path) -> dict:
         results["ingest"].append(ingest(m, done, size))
         done = size
         m.index.wait_rebuilds()
-        results["queries"].append(query_bench(m, n_queries))
-        log.info("at %d: %s", size, results["queries"][-1])
+        if not only_ingest:
+            results["queries"].append(query_bench(m, n_queries))
+            log.info("at %d: %s", size, results["queries"][-1])
     results["rss_per_sighting"] = (rss_bytes() - rss0) / done
     m.stop()
     results["store_bytes"] = store_bytes(data) / done
-    results["restart"] = restart_bench(cfg)
+    if not only_ingest:
+        results["restart"] = restart_bench(cfg)
     results["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
     return results
 
 
+def _ingest_row(run: str, span: str, thumb: str, i: dict) -> str:
+    during = f"{i['rebuild_rate']:,.0f} ({i['rebuild_share']:.0%})" if i["rebuild_rate"] else "–"
+    return (f"| {run} | {span} | {thumb} | **{i['rate']:,.0f}** | {i['seconds']:.1f} | {during} | {i['cpu_us']:.0f} | "
+            f"{i['batch_ms']:.1f} | {i['other']:.2f} |")
+
+
+def ingest_report(r: dict, run_line: str | None = None) -> list[str]:
+    """The ingest subsection; `run_line` says how and when it was measured when it is rerun on its own."""
+    lines = [f"{INGEST_SECTION}, committed (WAL, `synchronous=FULL`) before counted, then indexed", ""]
+    if run_line:
+        lines += [run_line, ""]
+    lines += [
+        "| matcher config | sightings | thumbnail | sightings/s | seconds | sightings/s while an IVF trains (share of the time) "
+        "| matcher CPU µs per sighting | mean ms per batch (≤ 1000), commit start to searchable | other load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, thumb in zip(r["sustained"], ("none", "4 KB")):
+        lines.append(_ingest_row(f"exact (`exact_max` {2 * SUSTAINED:,})", f"0 → {i['n']:,}", thumb, i))
+    start = 0
+    for i in r["ingest"]:
+        lines.append(_ingest_row("default", f"{start:,} → {start + i['n']:,}", "none", i))
+        start += i["n"]
+    return lines + [
+        "", "Sightings/s count accepted sightings (committed) from the first to the last; the sender is a separate process that "
+        "encoded its messages beforehand. \"Matcher CPU\" is the matcher process's CPU time (all its threads: ZeroMQ, "
+        "decoding, SQLite, FAISS, IVF training) per accepted sighting, the sender's not included. Rows with the default "
+        "config pass `exact_max` (50,000) or grow the IVF partition 4x, so a background IVF training (one FAISS thread) "
+        "competes for the 2 cores during the share of the time shown.", ""]
+
+
 def report(r: dict, command: str, minutes: float) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    t, d = r["ingest_thumbs"], IndexConfig()
+    d = IndexConfig()
     lines = [
         SECTION, "",
         f"`{command}`, {now}, {minutes:.0f} min.", "",
@@ -284,18 +317,9 @@ def report(r: dict, command: str, minutes: float) -> str:
         f"- {DIM}-d embeddings; identities of {PER_ID} sightings (5 cameras x 10-sighting tracks), cosine to the identity ≈ 0.86;"
         f" default matcher config (`exact_max` {d.exact_max}, {d.kind.upper()}, `nprobe` {d.nprobe}, `nlist_max` {d.nlist_max}, "
         f"FAISS threads {d.threads}, batches ≤ 1000 / 5 ms).", "",
-        "### Ingest over loopback ZeroMQ, committed (WAL, `synchronous=FULL`) before counted, then indexed", "",
-        "| sightings | thumbnail | sightings/s | seconds | mean commit+index ms per batch | other load (cores) |",
-        "|---|---|---|---|---|---|",
-        f"| first {t['n']:,} | 4 KB | **{t['rate']:,.0f}** | {t['seconds']:.1f} | {t['batch_ms']:.1f} | {t['other']:.2f} |",
+        *ingest_report(r),
     ]
-    start = 0
-    for i in r["ingest"]:
-        lines.append(f"| {start:,} → {start + i['n']:,} | none | **{i['rate']:,.0f}** | {i['seconds']:.1f} | {i['batch_ms']:.1f} | "
-                     f"{i['other']:.2f} |")
-        start += i["n"]
-    lines += ["", "Rows past `exact_max` include the background IVF (re)training competing for the 2 cores.", "",
-              "### Queries (one at a time, k = 10)", "",
+    lines += ["### Queries (one at a time, k = 10)", "",
               "| sightings | index | partition search p50 / p99 ms | `search_embedding` p50 / p99 ms | recall@10 vs exact | "
               "FAISS IndexFlatIP p50 / p99 ms | flat p50 / partition p50 | other load (cores) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -325,33 +349,34 @@ def report(r: dict, command: str, minutes: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace this bench's section of `out` (up to the next `## ` heading), or append it; other sections stay."""
-    old = out.read_text() if out.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    out.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=None, help="markdown file whose Matcher section is replaced")
     ap.add_argument("--workdir", type=Path, default=None, help="data directory parent (default: a temporary one)")
+    ap.add_argument("--only", choices=["ingest"], default=None,
+                    help="ingest only (no queries, memory, restart); --out then replaces only the ingest subsection")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="matcher-bench-"))
     t0 = time.time()
     try:
-        results = run(args.sizes, args.queries, workdir)
+        results = run(args.sizes, args.queries, workdir, only_ingest=args.only == "ingest")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), (time.time() - t0) / 60)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    if args.only:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        text = "\n".join(ingest_report(results, f"`{command}`, {now}, {(time.time() - t0) / 60:.0f} min; {machine()}; load "
+                                                 f"average {' '.join(results['load_start'])} at the start, "
+                                                 f"{' '.join(results['load_end'])} at the end."))
+    else:
+        text = report(results, command, (time.time() - t0) / 60)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_section(args.out, INGEST_SECTION if args.only else SECTION, text)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
     >>> rx = Receiver("tcp://127.0.0.1:5555", security=cfg.ingest.security)  # CURVE + allow-list
     >>> for s in rx.iter(timeout=1.0): ...
+    >>> rx.receive_batch(0.1, 1000)   # what is queued (≤ 1000), decoded as one batch: the matcher's way
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zmq
 
 from crossview.config import CurveConfig
 from crossview.transport import secure_server
-from crossview.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode
+from crossview.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode_many
 
 log = logging.getLogger(__name__)
 PLAIN = CurveConfig(mode="plain")
@@ -42,17 +43,30 @@ class Receiver:
 
     def receive(self, timeout: float) -> Sighting | None:
         """The next valid sighting, or None when nothing valid arrived within `timeout` seconds."""
+        batch = self.receive_batch(timeout, 1)
+        return batch[0] if batch else None
+
+    def receive_batch(self, timeout: float, max_n: int) -> list[Sighting]:
+        """Valid sightings, at most `max_n`: once one message is in, whatever else is already queued is taken
+        without waiting and decoded as one batch. [] when nothing valid arrived within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            frame = self.sock.recv(copy=False)
-            try:
-                sighting = decode(frame.bytes)
-            except WireError as e:
-                self._reject(frame, e)
-                continue
-            self.accepted += 1
-            return sighting
-        return None
+            frames = [self.sock.recv(copy=False)]
+            while len(frames) < max_n:
+                try:
+                    frames.append(self.sock.recv(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            valid = []
+            for frame, s in zip(frames, decode_many([f.buffer for f in frames])):
+                if isinstance(s, WireError):
+                    self._reject(frame, s)
+                else:
+                    valid.append(s)
+            if valid:
+                self.accepted += len(valid)
+                return valid
+        return []
 
     def iter(self, timeout: float) -> Iterator[Sighting]:
         """Sightings until none arrives for `timeout` seconds."""
@@ -65,7 +79,8 @@ class Receiver:
         total = sum(self.rejected.values())
         if total <= 10 or total % 1000 == 0:
             sender = _peer(frame)
-            log.warning("dropped malformed message from %s (%d bytes): %s [%d rejected so far]", sender, len(frame.bytes), err, total)
+            log.warning("dropped malformed message from %s (%d bytes): %s [%d rejected so far]", sender, len(frame.buffer), err,
+                        total)
 
     @property
     def denied(self) -> int:

@@ -5,7 +5,7 @@
 | `crossview_matcher_accepted_total`        | camera        |
 | `crossview_matcher_rejected_total`        | reason        |
 | `crossview_matcher_partition_size`        | model, kind   |
-| `crossview_matcher_ingest_batch_seconds`  | (histogram: commit + index of one batch) |
+| `crossview_matcher_ingest_batch_seconds`  | (histogram: one batch, from its commit's start until searchable) |
 
     >>> m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
 """
@@ -45,7 +45,8 @@ class MatcherMetrics:
     def __init__(self, stats: Callable[[], dict]):
         self.registry = CollectorRegistry()
         self.registry.register(_FromStats(stats))
-        self.batch_seconds = Histogram("crossview_matcher_ingest_batch_seconds", "Commit and index time of one ingest batch",
+        self.batch_seconds = Histogram("crossview_matcher_ingest_batch_seconds",
+                                       "One ingest batch from its commit's start until searchable",
                                        buckets=_BATCH_BUCKETS, registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:

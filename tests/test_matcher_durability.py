@@ -23,6 +23,7 @@ from helpers import Pusher, index_ids, make_sighting, matcher_config, person_wor
 from crossview.config import load_matcher_config
 from matcher.query import Filters
 from matcher.service import Matcher
+from matcher.store import Store
 
 
 def _stored(data_dir: Path) -> dict[int, float]:
@@ -107,6 +108,22 @@ def test_a_snapshot_older_than_the_pruned_deletion_log_is_not_trusted(tmp_path, 
     assert "does not fit the store" in caplog.text
     assert index_ids(again.index.partition("m1").index) == _store_ids(tmp_path) == set(range(31, 91))
     again.stop()
+
+
+def test_background_checkpoints_restart_the_wal(tmp_path):
+    """With checkpoints off the commit path, `checkpoint()` must still let the next commit write the WAL from its
+    start: a WAL under steady ingest would otherwise grow without end."""
+    store = Store(tmp_path / "sightings.db")
+    store.checkpoint_in_background()
+    rng, wal = np.random.default_rng(4), tmp_path / "sightings.db-wal"
+    sizes = []
+    for k in range(6):
+        store.insert([make_sighting(v, frame=k) for v in unit_vectors(rng, 300, 64)])
+        sizes.append(wal.stat().st_size)
+        store.checkpoint()
+    store.close()
+    assert max(sizes) < 1.5 * sizes[0], sizes  # without the checkpoints: 6x
+    assert len(_stored(tmp_path)) == 1800
 
 
 def _free_port() -> int:

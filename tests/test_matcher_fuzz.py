@@ -125,3 +125,17 @@ def test_oversized_messages_cost_only_their_own_connection(matcher):
         accepted, rejected = _send_and_account(matcher, [GOOD] * 3)
     assert accepted == 4 and rejected == 0
     assert matcher.index.partition("m1").size == size + 4
+
+
+def test_a_burst_of_good_and_bad_messages_keeps_every_good_one_in_order(matcher):
+    """The receiver decodes whatever is queued as one batch: a bad message in it costs only itself."""
+    vecs = unit_vectors(RNG, 4, 64)
+    good = [encode(make_sighting(v, track=100 + k)) for k, v in enumerate(vecs)]
+    bad = [_with(emb=np.full(64, np.nan, "<f4").tobytes()), b"junk", _with(emb=unit_vectors(RNG, 1, 128)[0].tobytes()),
+           _with(emb=np.zeros(64, "<f4").tobytes())]
+    burst = [m for pair in zip(good, bad) for m in pair]
+    assert _send_and_account(matcher, burst) == (5, 4)  # and the good message _send_and_account sends last
+    ids = range(matcher.index.partition("m1").max_id - 4, matcher.index.partition("m1").max_id)
+    records = matcher.store.records(ids)
+    assert [records[i].track for i in ids] == [100, 101, 102, 103]
+    assert all(np.allclose(matcher.store.vector(i), v, atol=1e-6) for i, v in zip(ids, vecs))

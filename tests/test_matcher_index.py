@@ -7,12 +7,14 @@ import re
 import threading
 import time
 
+import faiss
 import numpy as np
 import pytest
-from helpers import Pusher, index_ids, matcher_config, person_world, wait_until
+from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, unit_vectors, wait_until
 
+import matcher.index
 from crossview.config import IndexConfig
-from matcher.index import Partition, build_index
+from matcher.index import Index, Partition, build_index, nlist_for
 from matcher.query import Filters
 from matcher.service import Matcher
 
@@ -159,3 +161,59 @@ def test_a_rebuild_replays_what_changed_while_it_ran(kind):
     assert 2050 not in p.search(vecs[2049], 5)[1] and 5 not in p.search(vecs[4], 5)[1]
     if kind == "hnsw":
         assert p.tombstones == {2050}  # 5 was never in the new graph, 99999 never anywhere
+
+
+def test_a_removal_waits_for_committed_batches_to_be_indexed(tmp_path, monkeypatch):
+    """Batches are indexed after their commit, by another thread: a removal in between must not be undone by the add."""
+    add = Index.add
+    monkeypatch.setattr(Index, "add", lambda self, *args: (time.sleep(1.0), add(self, *args)))
+    m = Matcher(matcher_config(tmp_path))
+    m.start()
+    try:
+        with Pusher(m.endpoint) as push:
+            push.send([make_sighting(v, frame=i) for i, v in enumerate(unit_vectors(np.random.default_rng(3), 20, 64))])
+        wait_until(lambda: len(m.recent(limit=100)) == 20, 10, "20 sightings committed")
+        assert m.accepted < 20, "some committed sightings are not indexed yet"
+        ids = sorted(r.id for r in m.recent(limit=100))
+        assert m.remove(ids[:10]) == 10
+        assert m.accepted == 20 and index_ids(m.index.partition("m1").index) == set(ids[10:])
+    finally:
+        m.stop()
+
+
+def test_the_faiss_thread_count_holds_on_every_thread(tmp_path):
+    """OpenMP's thread count is a per-thread setting: the index applies `threads` on whichever thread calls it."""
+    m = Matcher(matcher_config(tmp_path))  # index.threads 1
+    seen = []
+
+    def ingest_thread() -> None:
+        m.index.add("m1", np.arange(1, 4), unit_vectors(np.random.default_rng(0), 3, 64))
+        seen.append(faiss.omp_get_max_threads())
+
+    t = threading.Thread(target=ingest_thread)
+    t.start()
+    t.join()
+    assert seen == [1]
+    m.index.close()
+    m.store.close()
+
+
+def test_a_partition_that_outgrew_its_rebuild_is_rebuilt_again(tmp_path, monkeypatch):
+    """Ingest goes on during a rebuild: when the rebuild ends, the partition may already want more IVF lists."""
+    build = matcher.index.build_index
+    monkeypatch.setattr(matcher.index, "build_index", lambda *a: (time.sleep(1.0), build(*a))[1])
+    m = Matcher(matcher_config(tmp_path, index={"exact_max": 100}))
+    vecs = unit_vectors(np.random.default_rng(4), 4101, 64)
+
+    def ingest(rows: np.ndarray) -> None:
+        ids = m.store.insert([make_sighting(v, frame=i) for i, v in enumerate(rows)])
+        m.index.add("m1", np.array(ids), rows)
+
+    ingest(vecs[:101])  # past exact_max: an IVF is trained on these 101
+    assert m.index.rebuilding("m1")
+    ingest(vecs[101:])  # 40x that, while it trains
+    assert m.index.wait_rebuilds(30)
+    p = m.index.partition("m1")
+    assert p.kind == "ivf" and faiss.extract_index_ivf(p.index).nlist == nlist_for(4101, IndexConfig().nlist_max)
+    m.index.close()
+    m.store.close()

@@ -12,6 +12,7 @@ from crossview.wire import (
     Sighting,
     WireError,
     decode,
+    decode_many,
     encode,
 )
 
@@ -82,6 +83,19 @@ def test_malformed_messages_are_rejected_with_the_reason(buf, needle):
     with pytest.raises(WireError) as e:
         decode(buf)
     assert needle in str(e.value)
+
+
+def test_a_batch_keeps_its_good_messages_in_order():
+    """One numpy pass per (dtype, dimension) checks the embeddings: a bad row must not cost its neighbours."""
+    good = [sighting(frame=1), sighting(frame=2, embedding=sighting().embedding.astype(np.float16)),
+            sighting(frame=3, embedding=np.full(8, 0.25, np.float32)), sighting(frame=4)]
+    nan, inf16 = _raw(emb=b"\x00\x00\xc0\x7f" * 16), _raw(emb=np.full(16, np.inf, "<f2").tobytes(), dt="f2")
+    out = decode_many([encode(good[0]), nan, encode(good[1]), b"junk", inf16, encode(good[2]), memoryview(encode(good[3]))])
+    assert [type(o).__name__ for o in out] == ["Sighting", "WireError", "Sighting", "WireError", "WireError", "Sighting",
+                                               "Sighting"]
+    assert [o for o in out if isinstance(o, Sighting)] == good
+    assert "NaN" in str(out[1]) and "NaN" in str(out[4]) and "not a MessagePack" in str(out[3])
+    assert decode_many([]) == []
 
 
 def test_random_bytes_never_escape_as_other_errors():
