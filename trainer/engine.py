@@ -164,42 +164,40 @@ class Trainer:
     # ---------------------------------------------------- pseudo labels
     def _recluster(self) -> bool:
         """Alg. 1 lines 3-5; True when the labels stopped changing (NMI above the threshold)."""
-        previous = self.labels.labels if self.labels is not None else None
-        if self.rank == 0:
-            t0 = time.perf_counter()
-            feats = self.extract(self.data.target)
-            c = self.cfg.clustering
-            labels = cluster(feats, method=c.method, k=c.k, k1=c.k1, k2=c.k2, p=c.p, min_samples=c.min_samples,
-                             soft=self.cfg.loss.target == "soft", epsilon=c.epsilon, seed=self.cfg.seed)
-            if self.cfg.loss.target == "hard":
-                labels.weights = np.ones(len(labels.labels), np.float32)
-            payload = [labels]
-            stats = {"clusters": labels.n_clusters, "outlier_share": round(labels.outlier_share, 4),
-                     **_cluster_sizes(labels), "seconds": round(time.perf_counter() - t0, 2)}
-            if previous is not None:
-                stats["nmi"] = round(nmi(previous, labels.labels), 4)
-            self._log("cluster", **stats)
-        else:
-            payload = [None]
+        previous, t0 = self.labels, time.perf_counter()
+        payload = [self._cluster_target() if self.rank == 0 else None]
         if self.world > 1:
             dist.broadcast_object_list(payload, src=0)
         self.labels = payload[0]
+        score = nmi(previous.labels, self.labels.labels) if previous is not None else None
+        self._log("cluster", clusters=self.labels.n_clusters, outlier_share=round(self.labels.outlier_share, 4),
+                  **_cluster_sizes(self.labels), seconds=round(time.perf_counter() - t0, 2),
+                  **({"nmi": round(score, 4)} if score is not None else {}))
         if self.labels.n_clusters < 2:
             raise RuntimeError(f"clustering found {self.labels.n_clusters} clusters on the target; "
                                "check clustering.p / min_samples (DBSCAN) or the target data")
         self.model.set_target_classes(torch.as_tensor(self.labels.centers))
-        converged = previous is not None and nmi(previous, self.labels.labels) > self.cfg.adapt.nmi_stop
+        converged = score is not None and score > self.cfg.adapt.nmi_stop
         if converged:
             log.info("pseudo labels stopped changing (NMI > %s): stopping", self.cfg.adapt.nmi_stop)
         return converged
+
+    def _cluster_target(self) -> PseudoLabels:
+        """f_sh of the target → clusters and their weights (all ones for the "w/o weights" ablation)."""
+        c = self.cfg.clustering
+        labels = cluster(self.extract(self.data.target), method=c.method, k=c.k, k1=c.k1, k2=c.k2, p=c.p,
+                         min_samples=c.min_samples, soft=self.cfg.loss.target == "soft", epsilon=c.epsilon,
+                         seed=self.cfg.seed)
+        if self.cfg.loss.target == "hard":
+            labels.weights = np.ones(len(labels.labels), np.float32)
+        return labels
 
     # ------------------------------------------------------------- features
     @torch.no_grad()
     def extract(self, samples) -> np.ndarray:
         """L2-normalised f_sh of `samples`, in order (the space the clusters and distances live in)."""
         self.model.eval()
-        size = (self.cfg.input.height, self.cfg.input.width)
-        loader = make_eval_loader(samples, build_transforms(size), self.cfg.eval_batch_size, self.cfg.workers)
+        loader = make_eval_loader(samples, build_transforms(self._size), self.cfg.eval_batch_size, self.cfg.workers)
         out = []
         for images, *_ in tqdm(loader, desc="features", disable=self.rank != 0, leave=False):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -217,6 +215,10 @@ class Trainer:
         self._log("eval", **entry)
 
     # ------------------------------------------------------------- batches
+    @property
+    def _size(self) -> tuple[int, int]:
+        return self.cfg.input.height, self.cfg.input.width
+
     def _batch(self) -> int:
         """Images per step over all ranks: an epoch is one pass over the data whatever the GPU count."""
         return self.cfg.sampler.p * self.cfg.sampler.k * self.world
@@ -233,9 +235,8 @@ class Trainer:
 
     def _loader(self, samples, stream: int):
         """Endless augmented PK batches over `samples`, reshuffled per epoch, stream and rank."""
-        size = (self.cfg.input.height, self.cfg.input.width)
         p = min(self.cfg.sampler.p, len({s.pid for s in samples if s.pid >= 0}))
-        loader = make_train_loader(samples, build_transforms(size, train=True), p, self.cfg.sampler.k,
+        loader = make_train_loader(samples, build_transforms(self._size, train=True), p, self.cfg.sampler.k,
                                    seed=self._epoch_seed(stream), num_workers=self.cfg.workers,
                                    persistent_workers=False)
         return _forever(loader)

@@ -44,12 +44,11 @@ from crossview.modelmeta import (  # noqa: F401  (re-exported: the contract live
     KEY_VERSION,
     ModelMeta,
 )
+from trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
 from trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int = 17, atol: float = 1e-4) -> float:
