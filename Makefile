@@ -21,7 +21,7 @@ browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 test: install browser
-	$(VENV)/bin/ruff check crossview edge matcher trainer tests bench
+	$(VENV)/bin/ruff check crossview kernel edge matcher trainer tests bench
 	$(PY) -m pytest -q
 
 bench: install

@@ -73,8 +73,8 @@ def run_variant(name: str, changes: dict, base: dict) -> list[dict]:
 
 def imagenet_baseline(base: dict) -> dict:
     """The ImageNet MobileNetV2 trunk + GAP at the runs' input size, scored like a deployed model."""
-    from trainer.eval_onnx import evaluate_onnx
-    from trainer.export import build_default_embedder
+    from crossview.trainer.eval_onnx import evaluate_onnx
+    from crossview.trainer.export import build_default_embedder
 
     path = RUNS / "imagenet.onnx"
     RUNS.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,9 @@ SECTION = "## Site loop: vtest.avi harvested crops as the target (bench/adapt_vt
 
 def harvest() -> tuple[dict, float]:
     """Run the edge node (HOG people detector: no YOLO weights ship offline) over vtest.avi with harvesting on."""
-    from crossview.config import load_edge_config
-    from edge.node import EdgeNode
-    from trainer.export import build_default_embedder
+    from crossview.edge.node import EdgeNode
+    from crossview.kernel.config import load_edge_config
+    from crossview.trainer.export import build_default_embedder
 
     WORK.mkdir(parents=True, exist_ok=True)
     model = WORK / "mobilenetv2-imagenet.onnx"
@@ -52,8 +52,8 @@ def harvest() -> tuple[dict, float]:
 
 
 def train() -> tuple[Path, list[dict], float]:
-    from trainer.config import load_train_config
-    from trainer.engine import Trainer
+    from crossview.trainer.config import load_train_config
+    from crossview.trainer.engine import Trainer
 
     base = yaml.safe_load((REPO / "bench" / "train" / "tud-daam.yaml").read_text())
     cfg = {**base, "name": "site-daam", "output_dir": str(WORK / "run"), "cache_dir": str(REPO / "runs" / "cache"),
@@ -71,7 +71,7 @@ def train() -> tuple[Path, list[dict], float]:
 
 def deployable(onnx_path: Path) -> tuple[str, int]:
     """The exported model as the edge loads it, embedding harvested crops."""
-    from edge.embedder import Embedder
+    from crossview.kernel.embedder import Embedder
 
     crops = [cv2.imread(str(p)) for p in sorted((WORK / "harvest").rglob("*.jpg"))[:64]]
     emb = Embedder(onnx_path)
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default: print only)")
     ap.add_argument("--skip-harvest", action="store_true", help="reuse runs/bench/vtest/harvest")
     args = ap.parse_args()
-    from crossview.runtime import offline_env, passive_threads, setup_logging
+    from crossview.kernel.runtime import offline_env, passive_threads, setup_logging
 
     offline_env()
     passive_threads()

@@ -27,9 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -37,11 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-from docsection import write_section
+from docsection import machine, write_section
 from otherload import OtherLoad
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
@@ -91,8 +87,8 @@ def peak_mb() -> float:
 
 
 def work_sparse(n: int, dim: int) -> dict:
-    from trainer.clustering import centers_of, daal_soft_labels, dbscan_labels, eps_from_percentile, nmi
-    from trainer.kreciprocal import jaccard_distance
+    from crossview.trainer.clustering import centers_of, daal_soft_labels, dbscan_labels, eps_from_percentile, nmi
+    from crossview.trainer.kreciprocal import jaccard_distance
 
     x, truth = features(n, dim)
     p = same_identity_share(truth)
@@ -117,7 +113,7 @@ def work_dense(n: int, dim: int) -> dict:
     from reference.kreciprocal_dense import dense_jaccard
     from sklearn.cluster import DBSCAN
 
-    from trainer.kreciprocal import jaccard_distance
+    from crossview.trainer.kreciprocal import jaccard_distance
 
     x, truth = features(n, dim)
     p = same_identity_share(truth)
@@ -141,7 +137,7 @@ def work_dense(n: int, dim: int) -> dict:
 
 
 def work_kmeans(n: int, dim: int) -> dict:
-    from trainer.clustering import kmeans_labels, nmi
+    from crossview.trainer.clustering import kmeans_labels, nmi
 
     x, truth = features(n, dim)
     k = max(2, n // PER_ID)
@@ -184,16 +180,13 @@ def _loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def machine() -> str:
+def versions() -> tuple[str, ...]:
     import faiss
     import scipy
     import sklearn
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 2**20
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, numpy {np.__version__}, "
-            f"scipy {scipy.__version__}, scikit-learn {sklearn.__version__}, faiss {faiss.__version__}")
+    return (f"numpy {np.__version__}", f"scipy {scipy.__version__}", f"scikit-learn {sklearn.__version__}",
+            f"faiss {faiss.__version__}")
 
 
 def report(r: dict, command: str, minutes: float, dim: int, repeats: int) -> str:
@@ -201,7 +194,7 @@ def report(r: dict, command: str, minutes: float, dim: int, repeats: int) -> str
     lines = [
         SECTION, "",
         f"`{command}`, {now}, {minutes:.0f} min.", "",
-        f"- {machine()}",
+        f"- {machine(*versions())}",
         f"- Load average {r['load_start']} at the start, {r['load_end']} at the end (other sessions' tests and benchmarks "
         "share the 2 cores); \"other load\" is their CPU use during the measurement, in cores.",
         f"- {dim}-d features, N/{PER_ID} planted identities + {DISTRACTORS:.0%} distractors (see the script's docstring); "

@@ -1,8 +1,15 @@
-"""Each benchmark owns one section of a markdown file (docs/benchmarks.md, docs/results.md) and rewrites
-only that section, so running one benchmark never touches another's figures."""
+"""What every benchmark writes beside its figures.
+
+| function        | what                                                                                  |
+|-----------------|---------------------------------------------------------------------------------------|
+| `write_section` | each benchmark owns one section of a markdown file and rewrites only that section     |
+| `machine`       | the machine line: CPUs, RAM, Python and the library versions the figures depend on    |
+"""
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -16,3 +23,11 @@ def write_section(out: Path, heading: str, text: str) -> None:
     new = pattern.sub(lambda _: body, old, 1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(new.rstrip("\n") + "\n")
+
+
+def machine(*versions: str) -> str:
+    """"2 CPUs (model), 23.4 GiB RAM; Python 3.11.2, <versions>": CPUs this process may use, not the host's."""
+    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    mem = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)[1]) / 2**20
+    return ", ".join((f"{len(os.sched_getaffinity(0))} CPUs ({cpu[1] if cpu else platform.processor()}), {mem:.1f} GiB RAM; "
+                      f"Python {platform.python_version()}", *versions))

@@ -21,9 +21,7 @@ import cProfile
 import datetime
 import logging
 import os
-import platform
 import pstats
-import re
 import statistics
 import sys
 import tempfile
@@ -37,9 +35,9 @@ from pathlib import Path
 from unittest.mock import patch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from crossview.runtime import offline_env  # noqa: E402
+from crossview.kernel import ort as kernel_ort  # noqa: E402
+from crossview.kernel.runtime import offline_env  # noqa: E402
 
 offline_env()  # before anything imports ultralytics: nothing may be downloaded or pip-installed
 
@@ -48,12 +46,14 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import zmq  # noqa: E402
-from docsection import write_section  # noqa: E402
+from docsection import machine, write_section  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import edge.detectors  # noqa: E402
-import edge.ort  # noqa: E402
-from crossview.config import (  # noqa: E402
+from crossview.edge import detectors as edge_detectors  # noqa: E402
+from crossview.edge.detectors import HogDetector  # noqa: E402
+from crossview.edge.node import EdgeNode  # noqa: E402
+from crossview.edge.yolo_export import export_yolo  # noqa: E402
+from crossview.kernel.config import (  # noqa: E402
     CameraConfig,
     CurveConfig,
     DetectorConfig,
@@ -63,12 +63,9 @@ from crossview.config import (  # noqa: E402
     MetricsConfig,
     PublisherConfig,
 )
-from edge.detectors import HogDetector  # noqa: E402
-from edge.embedder import Embedder  # noqa: E402
-from edge.node import EdgeNode  # noqa: E402
-from edge.yolo_export import export_yolo  # noqa: E402
-from trainer.export import build_default_embedder  # noqa: E402
-from trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet  # noqa: E402
+from crossview.kernel.embedder import Embedder  # noqa: E402
+from crossview.trainer.export import build_default_embedder  # noqa: E402
+from crossview.trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet  # noqa: E402
 
 VIDEO = REPO.parent / "shared" / "data" / "vtest.avi"
 SECTION = "## Edge node (bench/edge_bench.py)"
@@ -226,7 +223,7 @@ def build_yolo(folder: Path) -> dict[str, Path]:
 
 def shipped_options(model: Path) -> str:
     """What edge/ort.py's create_session sets, read back from a session it opened."""
-    opts = edge.ort.create_session(model, "cpu").get_session_options()
+    opts = kernel_ort.create_session(model, "cpu").get_session_options()
     try:
         spinning = opts.get_session_config_entry(SPINNING) != "0"
     except RuntimeError:  # not set: ORT's default
@@ -249,7 +246,7 @@ def ort_options(threads: int | None = None, spinning: bool | None = None):
             opts.add_session_config_entry(SPINNING, "1" if spinning else "0")
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
-    with patch("edge.embedder.create_session", create_session), patch("edge.detectors.create_session", create_session):
+    with patch("crossview.kernel.embedder.create_session", create_session), patch("crossview.edge.detectors.create_session", create_session):
         yield
 
 
@@ -319,7 +316,7 @@ def yolo_latency(models: dict[str, Path], frames: list[np.ndarray]) -> dict[str,
         blobs = [np.ascontiguousarray(cv2.resize(f, (w, h)).transpose(2, 0, 1)[None], np.float32) / 255 for f in frames[:YOLO_FRAMES]]
         for name, opts in ORT_VARIANTS.items():
             with ort_options(**opts):
-                calls[f"{shape}, {name}"] = partial(infer, edge.detectors.create_session(path, "cpu"), blobs)
+                calls[f"{shape}, {name}"] = partial(infer, edge_detectors.create_session(path, "cpu"), blobs)
     return interleaved(calls, f"YOLO inference ({YOLO_FRAMES} frames a round)")
 
 
@@ -438,17 +435,11 @@ def node_runs(frames: int, model: Path, yolos: dict[str, Path], people: list) ->
 # ---- report -----------------------------------------------------------------------------------
 
 
-def machine() -> list[str]:
-    cpu = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    mem_kb = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M).group(1))
+def versions() -> tuple[str, ...]:
     import ultralytics
 
-    return [
-        f"{len(os.sched_getaffinity(0))} CPUs (nproc), {cpu.group(1) if cpu else platform.processor()}, "
-        f"{mem_kb / 2**20:.1f} GiB RAM, no GPU used",
-        f"Python {platform.python_version()}, onnxruntime {ort.__version__}, torch {torch.__version__}, "
-        f"OpenCV {cv2.__version__}, ultralytics {ultralytics.__version__}",
-    ]
+    return (f"onnxruntime {ort.__version__}", f"torch {torch.__version__}", f"OpenCV {cv2.__version__}",
+            f"ultralytics {ultralytics.__version__}; no GPU used")
 
 
 def _table(head: list[str], rows: list[list]) -> list[str]:
@@ -508,7 +499,7 @@ def report(args, info: dict, crops: int, parity: float, embed: dict, yolo: dict,
         SECTION, "",
         f"`python bench/edge_bench.py --frames {args.frames}{' --profile' if args.profile else ''}`, {info['date']}, "
         f"{info['minutes']:.0f} min; video `../shared/data/vtest.avi` (768x576, 10 fps).", "",
-        *[f"- {m}" for m in info["machine"]],
+        f"- {info['machine']}",
         f"- Other load: load average {info['loadavg']} at the start; other processes using ≥ 5% of a core over the "
         f"whole bench: {'; '.join(info['others']) or 'none'}. \"Other load\" columns: the other processes' mean CPU "
         "use during that measurement, in cores (/proc/stat minus this process). Compare rows as ratios.",
@@ -588,7 +579,7 @@ def main() -> None:
             run_node("profiled", DetectorConfig(kind="yolo", weights=yolos["640x640"]), model, args.frames, people, profile=profile)
             profile_lines = profile_top(profile)
 
-    info.update(machine=machine(), minutes=(time.perf_counter() - t0) / 60, others=sampler.busiest())
+    info.update(machine=machine(*versions()), minutes=(time.perf_counter() - t0) / 60, others=sampler.busiest())
     section = report(args, info, len(crops), parity, embed, yolo, nodes, profile_lines)
     print(section)
     write_section(args.out, SECTION, section)

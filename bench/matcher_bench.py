@@ -33,7 +33,6 @@ import datetime
 import logging
 import multiprocessing as mp
 import os
-import platform
 import re
 import shutil
 import sys
@@ -41,20 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import zmq  # noqa: E402
-from docsection import write_section  # noqa: E402
+from docsection import machine, write_section  # noqa: E402
 from otherload import OtherLoad  # noqa: E402
 
-from crossview.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
-from crossview.wire import Sighting, encode  # noqa: E402
-from matcher.query import Filters  # noqa: E402
-from matcher.service import Matcher  # noqa: E402
+from crossview.kernel.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
+from crossview.kernel.wire import Sighting, encode  # noqa: E402
+from crossview.matcher.query import Filters  # noqa: E402
+from crossview.matcher.service import Matcher  # noqa: E402
 
 DIM = 256
 PER_ID = 50
@@ -224,12 +220,9 @@ def restart_bench(cfg: MatcherConfig) -> dict:
     return {"snapshot_s": from_snapshot, "snapshot_kind": kind, "store_s": rebuilt, "retrain_s": retrain}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1]) / 2**20
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem:.1f} GiB RAM; Python {platform.python_version()}, faiss {faiss.__version__}, "
-            f"pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()}), SQLite {__import__('sqlite3').sqlite_version}")
+def versions() -> tuple[str, ...]:
+    return (f"faiss {faiss.__version__}", f"pyzmq {zmq.pyzmq_version()} (libzmq {zmq.zmq_version()})",
+            f"SQLite {__import__('sqlite3').sqlite_version}")
 
 
 def sustained(workdir: Path, thumb_bytes: int) -> dict:
@@ -310,7 +303,7 @@ def report(r: dict, command: str, minutes: float) -> str:
     lines = [
         SECTION, "",
         f"`{command}`, {now}, {minutes:.0f} min.", "",
-        f"- {machine()}",
+        f"- {machine(*versions())}",
         f"- Load average {' '.join(r['load_start'])} at the start, {' '.join(r['load_end'])} at the end. A shared machine: "
         "\"other load\" is the CPU other processes used during a measurement (/proc/stat minus this process and its sender), "
         "in cores of the 2; compare rows as ratios.",
@@ -369,7 +362,7 @@ def main() -> None:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     if args.only:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        text = "\n".join(ingest_report(results, f"`{command}`, {now}, {(time.time() - t0) / 60:.0f} min; {machine()}; load "
+        text = "\n".join(ingest_report(results, f"`{command}`, {now}, {(time.time() - t0) / 60:.0f} min; {machine(*versions())}; load "
                                                  f"average {' '.join(results['load_start'])} at the start, "
                                                  f"{' '.join(results['load_end'])} at the end."))
     else:

@@ -2,7 +2,7 @@
 
 Each row runs in a fresh process, because OpenMP reads OMP_WAIT_POLICY once at torch's import. The
 spinning row (OMP_WAIT_POLICY=ACTIVE, OpenMP's usual behaviour) next to the passive one shows what
-`crossview.runtime.passive_threads()` buys on a shared CPU. CUDA rows (AMP) appear when a GPU is usable.
+`crossview.kernel.runtime.passive_threads()` buys on a shared CPU. CUDA rows (AMP) appear when a GPU is usable.
 
     python bench/train_bench.py [--steps 6] [--out docs/benchmarks.md]
 """
@@ -29,8 +29,8 @@ def step_rate(backbone: str, height: int, width: int, batch: int, steps: int, de
     """Images/s of DAAM training steps (half source, half target images), after two warm-up steps."""
     import torch
 
-    from trainer.modeling.losses import Batch, LossWeights, total_loss
-    from trainer.modeling.network import ReidNet
+    from crossview.trainer.modeling.losses import Batch, LossWeights, total_loss
+    from crossview.trainer.modeling.network import ReidNet
 
     dev = torch.device(device)
     net = ReidNet(100, backbone=backbone, pretrained="none").to(dev)

@@ -1,8 +1,12 @@
 """Crossview: find a person across a site's cameras.
 
-Shared pieces used by every service: typed configuration (`crossview.config`), the edge→matcher
-wire format (`crossview.wire`), runtime setup (`crossview.runtime`) and the `crossview` command
-(`crossview.cli`). The services live in the top-level packages `edge`, `matcher` and `trainer`.
+One installed package in three floors, arrows pointing only down:
+
+| floor    | packages                                                      | folder                      |
+|----------|---------------------------------------------------------------|-----------------------------|
+| app      | `crossview.cli` (the `crossview` command), `crossview.demo`   | `crossview/`                |
+| services | `crossview.edge`, `crossview.matcher`, `crossview.trainer`    | `edge/`, `matcher/`, `trainer/` |
+| kernel   | `crossview.kernel` (config, wire, model metadata, embedder...) | `kernel/`                   |
 """
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@
 | `demo`             | `crossview.demo`       | edge node + matcher + cross-camera query on the shipped footage |
 | `build-embedder`   | `trainer.export`       | build the default MobileNetV2 ONNX embedder      |
 | `export-detector`  | `edge.yolo_export`     | export a local YOLO .pt to ONNX, offline         |
-| `keys`             | `crossview.transport`  | CURVE key pair for an edge or the matcher        |
+| `keys`             | `crossview.kernel.transport`  | CURVE key pair for an edge or the matcher        |
 | `matcher`          | `matcher.service`      | run the matcher: ingest, index, retention, and   |
 |                    | `matcher.api`          | its HTTP API and web page                        |
 | `query`            | `matcher.query`        | search a matcher's data directory, read-only; or |
@@ -27,14 +27,14 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from crossview.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
-from crossview.runtime import offline_env, passive_threads, setup_logging
+from crossview.kernel.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
+from crossview.kernel.runtime import offline_env, passive_threads, setup_logging
 
 log = logging.getLogger("crossview")
 
 
 def _edge(args: argparse.Namespace) -> int:
-    from edge.node import EdgeNode
+    from crossview.edge.node import EdgeNode
 
     node = EdgeNode(load_edge_config(args.config))
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -50,7 +50,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _build_embedder(args: argparse.Namespace) -> int:
-    from trainer.export import build_default_embedder
+    from crossview.trainer.export import build_default_embedder
 
     meta = build_default_embedder(args.out)
     print(f"{args.out}: {meta.name} version {meta.version}, input {meta.input_h}x{meta.input_w}, {meta.embedding_dim}-d")
@@ -58,7 +58,7 @@ def _build_embedder(args: argparse.Namespace) -> int:
 
 
 def _export_detector(args: argparse.Namespace) -> int:
-    from edge.yolo_export import export_yolo
+    from crossview.edge.yolo_export import export_yolo
 
     if len(args.imgsz) > 2:
         raise ValueError(f"--imgsz takes one side or H W, got {args.imgsz}")
@@ -69,7 +69,7 @@ def _export_detector(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from crossview.transport import generate_keys
+    from crossview.kernel.transport import generate_keys
 
     public, secret = generate_keys(args.out, args.name)
     print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 600)")
@@ -77,8 +77,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _matcher(args: argparse.Namespace) -> int:
-    from matcher.api import serve
-    from matcher.service import Matcher
+    from crossview.matcher.api import serve
+    from crossview.matcher.service import Matcher
 
     cfg = load_matcher_config(args.config)
     matcher = Matcher(cfg)
@@ -118,8 +118,8 @@ def _track_ref(text: str) -> tuple[str, str, int]:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from matcher.query import Filters
-    from matcher.service import open_data
+    from crossview.matcher.query import Filters
+    from crossview.matcher.service import open_data
 
     if args.image is not None and not args.model:
         raise ValueError("--image needs --model VERSION: the embedding model version to search")
@@ -156,7 +156,7 @@ def _ask(engine, args: argparse.Namespace, filters):
 
 def _query_http(args: argparse.Namespace) -> int:
     """`crossview query --url`: the same question to a running matcher's HTTP API."""
-    from matcher.client import MatcherClient, read_token, result_from_dict
+    from crossview.matcher.client import MatcherClient, read_token, result_from_dict
 
     if args.config or args.data_dir or args.embedder:
         raise ValueError("--url asks a running matcher: --config, --data-dir and --embedder do not apply")
@@ -181,8 +181,8 @@ def _query_http(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_train_config
-    from trainer.engine import Trainer
+    from crossview.trainer.config import load_train_config
+    from crossview.trainer.engine import Trainer
 
     out = Trainer(load_train_config(args.config), resume=args.resume).run()
     if out is not None:
@@ -191,14 +191,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from trainer.export import export_checkpoint
+    from crossview.trainer.export import export_checkpoint
 
     print(f"model: {export_checkpoint(args.checkpoint, args.out)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.eval_onnx import evaluate_onnx
+    from crossview.trainer.eval_onnx import evaluate_onnx
 
     result = evaluate_onnx(args.model, args.kind, args.root, cache_dir=args.cache_dir, rerank=args.rerank)
     if args.json:

@@ -2,7 +2,8 @@
 
     $ crossview demo                  # builds the default embedder on first use
     $ crossview demo --serve          # then keeps the matcher's web page up until Ctrl-C
-    >>> run_demo(Path("configs/demo.yaml"), Path("runs/demo"))
+
+From Python: `run_demo(Path("configs/demo.yaml"), Path("runs/demo"))`.
 
 The edge node runs four cameras: two cut from one real overhead view (`campus-a` is its first ten
 seconds, `campus-b` the next ten, so the same people walk through both) and the two TUD street
@@ -22,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from crossview.config import EdgeConfig, MatcherConfig, load_edge_config, parse_config
+from crossview.kernel.config import EdgeConfig, MatcherConfig, load_edge_config, parse_config
 
 log = logging.getLogger(__name__)
 QUERY_CAMERA = "campus-a"
@@ -31,7 +32,7 @@ QUERY_CAMERA = "campus-a"
 def ensure_default_embedder(path: Path) -> None:
     if path.is_file():
         return
-    from trainer.export import build_default_embedder  # torch is only needed to build it
+    from crossview.trainer.export import build_default_embedder  # torch is only needed to build it
 
     log.info("building the default embedder (MobileNetV2, ImageNet weights) into %s", path)
     build_default_embedder(path)
@@ -47,9 +48,9 @@ def _matcher_config(edge: EdgeConfig, data_dir: Path) -> MatcherConfig:
 
 
 def run_demo(config: Path, out: Path, serve: bool = False) -> int:
-    from edge.node import EdgeNode
-    from matcher.query import Filters
-    from matcher.service import Matcher
+    from crossview.edge.node import EdgeNode
+    from crossview.matcher.query import Filters
+    from crossview.matcher.service import Matcher
 
     edge_cfg = load_edge_config(config)
     ensure_default_embedder(edge_cfg.embedder.model)
@@ -132,7 +133,7 @@ def _write_report(path: Path, matcher, query, result) -> Path:
 
 
 def _serve_until_interrupted(matcher) -> None:
-    from matcher.api import serve
+    from crossview.matcher.api import serve
 
     server = serve(matcher, matcher.cfg.http)
     print(f"\nweb page: {server.url}  (token: {matcher.cfg.http.token})  Ctrl-C to stop")

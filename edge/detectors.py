@@ -18,10 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from crossview.config import DetectorConfig, HogConfig
-from crossview.runtime import ultralytics
-from edge.detections import Detections
-from edge.ort import ModelError, create_session
+from crossview.edge.detections import Detections
+from crossview.kernel.config import DetectorConfig, HogConfig
+from crossview.kernel.ort import ModelError, create_session
+from crossview.kernel.runtime import ultralytics
 
 log = logging.getLogger(__name__)
 

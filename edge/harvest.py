@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from crossview.config import HarvestConfig
+from crossview.kernel.config import HarvestConfig
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 | capture    | `edge.sources`    | camera thread, newest frame for live |
 | detect     | `edge.detectors`  | frame                                |
 | track      | `edge.tracking`   | camera                               |
-| embed      | `edge.embedder`   | one batch of all cameras' crops      |
+| embed      | `crossview.kernel.embedder`   | one batch of all cameras' crops      |
 | publish    | `edge.publisher`  | sighting                             |
 | harvest    | `edge.harvest`    | sampled sighting                     |
 
@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from crossview.config import CameraConfig, EdgeConfig
-from crossview.wire import Sighting
-from edge.detections import Detections
-from edge.detectors import build_detector
-from edge.embedder import Embedder
-from edge.harvest import Harvester
-from edge.metrics import EdgeMetrics
-from edge.publisher import Publisher
-from edge.sources import CameraSource, Frame, SourceError
-from edge.tracking import Tracker, TrackGallery
+from crossview.edge.detections import Detections
+from crossview.edge.detectors import build_detector
+from crossview.edge.harvest import Harvester
+from crossview.edge.metrics import EdgeMetrics
+from crossview.edge.publisher import Publisher
+from crossview.edge.sources import CameraSource, Frame, SourceError
+from crossview.edge.tracking import Tracker, TrackGallery
+from crossview.kernel.config import CameraConfig, EdgeConfig
+from crossview.kernel.embedder import Embedder
+from crossview.kernel.wire import Sighting
 
 log = logging.getLogger(__name__)
 

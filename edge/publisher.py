@@ -3,7 +3,7 @@
 | behaviour            | how                                                                   |
 |----------------------|-----------------------------------------------------------------------|
 | matcher slow or down | PUSH socket buffers up to the high-water mark (sent once the matcher is back); beyond it, messages are dropped and counted, never blocking video |
-| wire format          | `crossview.wire.encode` (MessagePack, schema-versioned)              |
+| wire format          | `crossview.kernel.wire.encode` (MessagePack, schema-versioned)              |
 
     >>> pub = Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:5555"))
     >>> pub.send(sighting)  # True if queued, False if dropped
@@ -17,9 +17,9 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from crossview.config import PublisherConfig
-from crossview.transport import secure_client
-from crossview.wire import Sighting, encode
+from crossview.kernel.config import PublisherConfig
+from crossview.kernel.transport import secure_client
+from crossview.kernel.wire import Sighting, encode
 
 log = logging.getLogger(__name__)
 

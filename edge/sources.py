@@ -32,7 +32,7 @@ from typing import Callable, TypeVar
 import cv2
 import numpy as np
 
-from crossview.config import CameraConfig
+from crossview.kernel.config import CameraConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from crossview.config import TrackerConfig
-from crossview.runtime import ultralytics
-from edge.detections import Detections
+from crossview.edge.detections import Detections
+from crossview.kernel.config import TrackerConfig
+from crossview.kernel.runtime import ultralytics
 
 
 class _UltralyticsBoxes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from crossview.runtime import ultralytics
+from crossview.kernel.runtime import ultralytics
 
 
 def export_yolo(weights: Path, out: Path, imgsz: int | tuple[int, int] = 640) -> Path:

@@ -44,8 +44,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from crossview import __version__
-from crossview.config import HttpConfig
-from matcher.schemas import (
+from crossview.kernel.config import HttpConfig
+from crossview.matcher.schemas import (
     API_PREFIX,
     CameraOut,
     ErrorOut,
@@ -56,7 +56,7 @@ from matcher.schemas import (
     SightingOut,
     StatsOut,
 )
-from matcher.service import Matcher
+from crossview.matcher.service import Matcher
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).with_name("web")

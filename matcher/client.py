@@ -22,8 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from matcher.query import QueryResult, TrackHit
-from matcher.store import SightingRecord
+from crossview.matcher.query import QueryResult, TrackHit
+from crossview.matcher.store import SightingRecord
 
 API_PREFIX = "/api/v1"
 TOKEN_ENV = "CROSSVIEW_TOKEN"

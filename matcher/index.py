@@ -38,8 +38,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from crossview.config import IndexConfig
-from matcher.store import Store
+from crossview.kernel.config import IndexConfig
+from crossview.matcher.store import Store
 
 log = logging.getLogger(__name__)
 

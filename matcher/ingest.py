@@ -2,7 +2,7 @@
 
 | outcome    | what happens                                                             |
 |------------|--------------------------------------------------------------------------|
-| valid      | handed to the consumer as a `crossview.wire.Sighting`                    |
+| valid      | handed to the consumer as a `crossview.kernel.wire.Sighting`                    |
 | malformed  | counted per reason, logged (rate-limited) with the sender, dropped; the receiver keeps going |
 
     >>> rx = Receiver("tcp://127.0.0.1:5555", security=cfg.ingest.security)  # CURVE + allow-list
@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import zmq
 
-from crossview.config import CurveConfig
-from crossview.transport import secure_server
-from crossview.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode_many
+from crossview.kernel.config import CurveConfig
+from crossview.kernel.transport import secure_server
+from crossview.kernel.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode_many
 
 log = logging.getLogger(__name__)
 PLAIN = CurveConfig(mode="plain")

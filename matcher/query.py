@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from crossview.config import QueryConfig
-from matcher.index import Index
-from matcher.store import SightingRecord, Store
+from crossview.kernel.config import QueryConfig
+from crossview.matcher.index import Index
+from crossview.matcher.store import SightingRecord, Store
 
 if TYPE_CHECKING:
-    from edge.embedder import Embedder
+    from crossview.kernel.embedder import Embedder
 
 _GROWTH = 4
 
@@ -139,7 +139,7 @@ def load_embedders(paths: list[Path]) -> dict[str, "Embedder"]:
     """ONNX embedders for image queries, by model version; two files of one version are an error."""
     if not paths:
         return {}
-    from edge.embedder import Embedder  # onnxruntime and OpenCV only when image queries are configured
+    from crossview.kernel.embedder import Embedder  # onnxruntime and OpenCV only when image queries are configured
 
     out: dict[str, Embedder] = {}
     for path in paths:

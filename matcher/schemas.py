@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from crossview.wire import MAX_EMBEDDING_DIM
-from matcher.query import Filters
+from crossview.kernel.wire import MAX_EMBEDDING_DIM
+from crossview.matcher.query import Filters
 
 API_PREFIX = "/api/v1"
 

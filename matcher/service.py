@@ -38,13 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from crossview.config import IndexConfig, MatcherConfig, QueryConfig
-from crossview.wire import Sighting
-from matcher.index import Index
-from matcher.ingest import Receiver
-from matcher.metrics import MatcherMetrics
-from matcher.query import Filters, QueryEngine, QueryResult, load_embedders
-from matcher.store import SightingRecord, Store
+from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
+from crossview.kernel.wire import Sighting
+from crossview.matcher.index import Index
+from crossview.matcher.ingest import Receiver
+from crossview.matcher.metrics import MatcherMetrics
+from crossview.matcher.query import Filters, QueryEngine, QueryResult, load_embedders
+from crossview.matcher.store import SightingRecord, Store
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossview.wire import Sighting
+from crossview.kernel.wire import Sighting
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (

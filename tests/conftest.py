@@ -6,7 +6,7 @@ tests that need it are skipped with the reason when it is absent.
 
 from __future__ import annotations
 
-from crossview.runtime import passive_threads
+from crossview.kernel.runtime import passive_threads
 
 passive_threads()  # before torch loads libgomp: what `crossview` itself does
 
@@ -18,14 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from crossview.modelmeta import ModelMeta
-from trainer.export import (
+from crossview.kernel.modelmeta import ModelMeta
+from crossview.trainer.export import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_default_embedder,
     export_onnx,
 )
-from trainer.modeling.backbones import GapEmbedder
+from crossview.trainer.modeling.backbones import GapEmbedder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TUD_CAMPUS = SHARED_DATA / "TUD-Campus"

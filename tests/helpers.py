@@ -41,10 +41,10 @@ import torch
 import zmq
 from torch import nn
 
-from crossview.config import EdgeConfig, MatcherConfig, parse_config
-from crossview.modelmeta import ModelMeta
-from crossview.wire import Sighting, encode
-from trainer.export import IMAGENET_MEAN, IMAGENET_STD
+from crossview.kernel.config import EdgeConfig, MatcherConfig, parse_config
+from crossview.kernel.modelmeta import ModelMeta
+from crossview.kernel.wire import Sighting, encode
+from crossview.trainer.export import IMAGENET_MEAN, IMAGENET_STD
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

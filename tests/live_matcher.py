@@ -5,7 +5,7 @@
 | sightings      | TUD-Campus ground-truth crops embedded by the default ONNX model, every 3rd frame:     |
 |                | frames 1-30 as camera `gate` (node `edge-1`), 36-71 as `hall` (node `edge-2`); a person's |
 |                | id is their track id, so persons 2-5 walk from gate to hall                            |
-| transport      | encoded with `crossview.wire` and sent through a real ZeroMQ PUSH socket              |
+| transport      | encoded with `crossview.kernel.wire` and sent through a real ZeroMQ PUSH socket              |
 | service        | `Matcher` on a temporary data dir, ingest on a free port, `serve()` on 127.0.0.1:0    |
 
     >>> with LiveMatcher(tmp_path, model_path, tud_frames) as live:
@@ -22,11 +22,11 @@ import numpy as np
 import zmq
 from helpers import shared_data
 
-from crossview.config import MatcherConfig, parse_config
-from crossview.wire import Sighting, encode
-from edge.embedder import Embedder
-from matcher.api import serve
-from matcher.service import Matcher
+from crossview.kernel.config import MatcherConfig, parse_config
+from crossview.kernel.embedder import Embedder
+from crossview.kernel.wire import Sighting, encode
+from crossview.matcher.api import serve
+from crossview.matcher.service import Matcher
 
 TOKEN = "test-token-0123456789abcdef"
 CAMERAS = {"gate": ("edge-1", range(1, 31, 3)), "hall": ("edge-2", range(36, 72, 3))}

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from crossview.modelmeta import KEY_INPUT_SIZE, KEY_VERSION, ModelMeta
-from trainer.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
-from trainer.modeling.backbones import (
+from crossview.kernel.modelmeta import KEY_INPUT_SIZE, KEY_VERSION, ModelMeta
+from crossview.trainer.export import IMAGENET_MEAN, IMAGENET_STD, export_onnx
+from crossview.trainer.modeling.backbones import (
     GapEmbedder,
     default_mobilenet_v2_weights,
     mobilenet_v2_imagenet,
@@ -28,7 +28,7 @@ def imagenet_embedder() -> GapEmbedder:
 
 
 def _to_tensor(crop: np.ndarray, h: int = 256, w: int = 128) -> torch.Tensor:
-    """BGR uint8 crop → normalised RGB (3, h, w), written independently of edge.embedder's fast path."""
+    """BGR uint8 crop → normalised RGB (3, h, w), written independently of crossview.kernel.embedder's fast path."""
     rgb = cv2.resize(crop, (w, h))[:, :, ::-1] / 255.0
     return torch.tensor(((rgb - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), dtype=torch.float32)
 

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from helpers import shared_data
 
-from crossview.config import DetectorConfig
-from edge.detections import Detections
-from edge.detectors import (
+from crossview.edge.detections import Detections
+from crossview.edge.detectors import (
     DetectorError,
     HogDetector,
     YoloOnnx,
     YoloTorch,
     build_detector,
 )
-from edge.ort import ModelError
-from edge.yolo_export import export_yolo
+from crossview.edge.yolo_export import export_yolo
+from crossview.kernel.config import DetectorConfig
+from crossview.kernel.ort import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def vtest_frames() -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def yolo_files(tmp_path_factory) -> tuple[Path, Path]:
-    from crossview.runtime import offline_env
+    from crossview.kernel.runtime import offline_env
 
     offline_env()
     from ultralytics import YOLO
@@ -74,7 +74,7 @@ def test_exported_onnx_matches_the_pytorch_model(yolo_files, vtest_frames):
     import torch
     from ultralytics import YOLO
 
-    from edge.detectors import _letterbox
+    from crossview.edge.detectors import _letterbox
 
     pt, onnx = yolo_files
     img, _, _ = _letterbox(vtest_frames[0], (320, 320))
@@ -124,7 +124,7 @@ def test_importing_ultralytics_leaves_opencv_its_threads():
     import subprocess
     import sys
 
-    code = ("import cv2; n = cv2.getNumThreads(); from edge.tracking import Tracker; from crossview.config import TrackerConfig; "
+    code = ("import cv2; n = cv2.getNumThreads(); from edge.tracking import Tracker; from crossview.kernel.config import TrackerConfig; "
             "Tracker(TrackerConfig()); import os; print(n, cv2.getNumThreads(), os.environ.get('OMP_NUM_THREADS'))")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # an earlier import here may have set it
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,

@@ -10,9 +10,9 @@ import torch
 from helpers import TINY_META, raw_export
 from torch import nn
 
-from edge.embedder import Embedder
-from edge.ort import ModelError, select_providers
-from trainer.modeling.backbones import GapEmbedder
+from crossview.kernel.embedder import Embedder
+from crossview.kernel.ort import ModelError, select_providers
+from crossview.trainer.modeling.backbones import GapEmbedder
 
 
 def test_select_providers():
@@ -78,7 +78,7 @@ def test_model_without_metadata_is_rejected(tmp_path):
 
 
 def test_hot_reload(tmp_path, make_tiny_model, caplog):
-    caplog.set_level(logging.INFO, logger="edge.embedder")
+    caplog.set_level(logging.INFO, logger="crossview.kernel.embedder")
     path = tmp_path / "model.onnx"
     make_tiny_model(path, "tiny-1", seed=1)
     embedder = Embedder(path, reload_check_s=0)

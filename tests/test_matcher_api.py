@@ -18,9 +18,9 @@ import pytest
 from live_matcher import TOKEN, person_crop
 
 from crossview.cli import main
-from crossview.config import HttpConfig, MatcherConfig, parse_config
-from matcher.api import serve
-from matcher.client import encode_multipart
+from crossview.kernel.config import HttpConfig, MatcherConfig, parse_config
+from crossview.matcher.api import serve
+from crossview.matcher.client import encode_multipart
 
 PROTECTED = [
     ("GET", "/api/v1/stats"), ("GET", "/api/v1/cameras"), ("GET", "/api/v1/sightings"), ("GET", "/api/v1/sightings/1"),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from crossview.config import ConfigError, load_matcher_config
+from crossview.kernel.config import ConfigError, load_matcher_config
 
 REPO = Path(__file__).resolve().parents[1]
 

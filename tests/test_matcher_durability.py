@@ -20,10 +20,10 @@ import pytest
 import yaml
 from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, unit_vectors, wait_until
 
-from crossview.config import load_matcher_config
-from matcher.query import Filters
-from matcher.service import Matcher
-from matcher.store import Store
+from crossview.kernel.config import load_matcher_config
+from crossview.matcher.query import Filters
+from crossview.matcher.service import Matcher
+from crossview.matcher.store import Store
 
 
 def _stored(data_dir: Path) -> dict[int, float]:
@@ -154,7 +154,7 @@ class _Sender(threading.Thread):
 
 @pytest.mark.timeout(120)
 def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="matcher.index")
+    caplog.set_level(logging.INFO, logger="crossview.matcher.index")
     port = _free_port()
     raw = {
         "data_dir": "data",

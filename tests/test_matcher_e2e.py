@@ -15,9 +15,9 @@ import cv2
 import pytest
 from helpers import edge_config, matcher_config, shared_data, wait_until
 
-from edge.node import EdgeNode
-from matcher.query import Filters
-from matcher.service import Matcher
+from crossview.edge.node import EdgeNode
+from crossview.matcher.query import Filters
+from crossview.matcher.service import Matcher
 
 
 @pytest.mark.timeout(120)

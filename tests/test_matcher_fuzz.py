@@ -13,8 +13,8 @@ from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_un
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crossview.wire import MAX_MESSAGE_BYTES, encode
-from matcher.service import Matcher
+from crossview.kernel.wire import MAX_MESSAGE_BYTES, encode
+from crossview.matcher.service import Matcher
 
 RNG = np.random.default_rng(11)
 GOOD = encode(make_sighting(unit_vectors(RNG, 1, 64)[0]))

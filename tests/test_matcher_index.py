@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, unit_vectors, wait_until
 
-import matcher.index
-from crossview.config import IndexConfig
-from matcher.index import Index, Partition, build_index, nlist_for
-from matcher.query import Filters
-from matcher.service import Matcher
+from crossview.kernel.config import IndexConfig
+from crossview.matcher import index as matcher_index
+from crossview.matcher.index import Index, Partition, build_index, nlist_for
+from crossview.matcher.query import Filters
+from crossview.matcher.service import Matcher
 
 
 def _paced_push(endpoint: str, sightings: list, per_step: int = 100, pause: float = 0.01) -> None:
@@ -49,7 +49,7 @@ class _Prober(threading.Thread):
 
 @pytest.mark.timeout(120)
 def test_exact_to_ivf_in_the_background_while_ingest_and_queries_continue(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="matcher.index")
+    caplog.set_level(logging.INFO, logger="crossview.matcher.index")
     world = person_world(persons=400, cameras=("a", "b", "c", "d", "e"), dim=128, per_track=6)  # 12000 sightings
     m = Matcher(matcher_config(tmp_path, index={"exact_max": 2000, "nprobe": 16}))
     m.start()
@@ -200,8 +200,8 @@ def test_the_faiss_thread_count_holds_on_every_thread(tmp_path):
 
 def test_a_partition_that_outgrew_its_rebuild_is_rebuilt_again(tmp_path, monkeypatch):
     """Ingest goes on during a rebuild: when the rebuild ends, the partition may already want more IVF lists."""
-    build = matcher.index.build_index
-    monkeypatch.setattr(matcher.index, "build_index", lambda *a: (time.sleep(1.0), build(*a))[1])
+    build = matcher_index.build_index
+    monkeypatch.setattr(matcher_index, "build_index", lambda *a: (time.sleep(1.0), build(*a))[1])
     m = Matcher(matcher_config(tmp_path, index={"exact_max": 100}))
     vecs = unit_vectors(np.random.default_rng(4), 4101, 64)
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from helpers import TINY_JPEG, PersonWorld, Pusher, make_sighting, matcher_config, person_world, unit_vectors, wait_until
 
-from crossview.config import QueryConfig
-from matcher.query import Filters, QueryEngine
-from matcher.service import Matcher
+from crossview.kernel.config import QueryConfig
+from crossview.matcher.query import Filters, QueryEngine
+from crossview.matcher.service import Matcher
 
 PERSON = 3
 

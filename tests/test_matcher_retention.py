@@ -8,8 +8,8 @@ import time
 import numpy as np
 from helpers import Pusher, index_ids, make_sighting, matcher_config, unit_vectors, wait_until
 
-from matcher.query import Filters
-from matcher.service import Matcher
+from crossview.matcher.query import Filters
+from crossview.matcher.service import Matcher
 
 
 def _marker(i: int) -> bytes:

@@ -23,11 +23,11 @@ import torch
 from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data, wait_for
 from torch import nn
 
-from crossview.wire import Sighting
-from edge.node import EdgeNode
-from edge.ort import ModelError
-from matcher.ingest import Receiver
-from trainer.modeling.backbones import GapEmbedder
+from crossview.edge.node import EdgeNode
+from crossview.kernel.ort import ModelError
+from crossview.kernel.wire import Sighting
+from crossview.matcher.ingest import Receiver
+from crossview.trainer.modeling.backbones import GapEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_live_stream_dies_and_comes_back_while_a_file_camera_runs(default_model,
 
 @pytest.mark.timeout(180)
 def test_model_hot_reload_while_streaming(default_model, clips, tmp_path, make_tiny_model, caplog):
-    caplog.set_level(logging.INFO, logger="edge.embedder")
+    caplog.set_level(logging.INFO, logger="crossview.kernel.embedder")
     model = tmp_path / "embedder.onnx"
     shutil.copy(default_model, model)
     rx = Collector()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from helpers import MjpegServer, jpeg_frames, shared_data, wait_for
 
-from crossview.config import CameraConfig
-from edge.sources import CameraSource, Frame, SourceError, open_capture
+from crossview.edge.sources import CameraSource, Frame, SourceError, open_capture
+from crossview.kernel.config import CameraConfig
 
 LIVE = dict(stall_timeout_s=1.0, reconnect_min_s=0.2, reconnect_max_s=1.0)
 
@@ -165,7 +165,7 @@ def test_opencv_reads_mjpeg_over_http(server):
 
 @pytest.mark.timeout(30)
 def test_live_reconnects_when_the_server_dies_and_returns(start, server, caplog):
-    caplog.set_level(logging.INFO, logger="edge.sources")
+    caplog.set_level(logging.INFO, logger="crossview.edge.sources")
     s = start(cam(server.url, id="door", **LIVE))
     assert s.read(3.0) is not None and s.status == "streaming"
 

@@ -10,7 +10,7 @@ import pytest
 from reference.kreciprocal_dense import dense_jaccard, dense_rerank, squared_distances
 from scipy import sparse
 
-from trainer.clustering import (
+from crossview.trainer.clustering import (
     PseudoLabels,
     centers_of,
     cluster,
@@ -21,7 +21,7 @@ from trainer.clustering import (
     kmeans_labels,
     nmi,
 )
-from trainer.kreciprocal import jaccard_distance, rerank
+from crossview.trainer.kreciprocal import jaccard_distance, rerank
 
 
 def blobs(n_ids: int, per_id: int, dim: int, noise: float, n_outliers: int = 0, seed: int = 0):

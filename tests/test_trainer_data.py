@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from crossview.config import HarvestConfig
-from edge.harvest import Harvester
-from tests.helpers import shared_data
-from trainer.data.datasets import build_dataset, parse_market1501
-from trainer.data.harvest import build_target, harvest_samples, image_folder_samples
-from trainer.data.loader import (
+from crossview.edge.harvest import Harvester
+from crossview.kernel.config import HarvestConfig
+from crossview.trainer.data.datasets import build_dataset, parse_market1501
+from crossview.trainer.data.harvest import build_target, harvest_samples, image_folder_samples
+from crossview.trainer.data.loader import (
     ImageDataset,
     ImageReadError,
     PKSampler,
@@ -31,9 +30,10 @@ from trainer.data.loader import (
     make_train_loader,
     read_image,
 )
-from trainer.data.mot import MANIFEST, mot_crops, time_split
-from trainer.data.samples import Sample, relabel, with_labels
-from trainer.data.transforms import build_transforms
+from crossview.trainer.data.mot import MANIFEST, mot_crops, time_split
+from crossview.trainer.data.samples import Sample, relabel, with_labels
+from crossview.trainer.data.transforms import build_transforms
+from tests.helpers import shared_data
 
 RNG = np.random.default_rng(0)
 
@@ -428,8 +428,8 @@ def test_loaders_and_unreadable_images(tmp_path):
 
 
 def test_load_train_data_from_config(tmp_path, campus):
-    from trainer.config import TrainConfig
-    from trainer.data.build import load_train_data
+    from crossview.trainer.config import TrainConfig
+    from crossview.trainer.data.build import load_train_data
 
     write_tree(tmp_path / "source", {f"p{i}": ["1.jpg", "2.jpg"] for i in range(3)})
     base = {"name": "t", "cache_dir": str(tmp_path / "cache"), "source": {"kind": "folders", "root": str(tmp_path / "source")}}
@@ -446,8 +446,8 @@ def test_load_train_data_from_config(tmp_path, campus):
 
 def test_unreadable_files_are_skipped_even_with_ultralytics_loaded(tmp_path):
     """ultralytics wraps PIL's Image.open (HEIF plugin retry); a non-image must still count as unreadable."""
-    from crossview.runtime import ultralytics
-    from trainer.data.loader import ImageReadError, image_problem, read_image
+    from crossview.kernel.runtime import ultralytics
+    from crossview.trainer.data.loader import ImageReadError, image_problem, read_image
 
     ultralytics()
     bad = tmp_path / "0001_c1_f0000001.jpg"

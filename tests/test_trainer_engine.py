@@ -17,12 +17,12 @@ import pytest
 import yaml
 from helpers import shared_data
 
-from crossview.config import ConfigError
-from crossview.modelmeta import ModelMeta
-from edge.embedder import Embedder
-from trainer.config import load_train_config
-from trainer.engine import Trainer
-from trainer.export import export_checkpoint
+from crossview.kernel.config import ConfigError
+from crossview.kernel.embedder import Embedder
+from crossview.kernel.modelmeta import ModelMeta
+from crossview.trainer.config import load_train_config
+from crossview.trainer.engine import Trainer
+from crossview.trainer.export import export_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from trainer.evaluation import evaluate, evaluate_features, evaluate_rank, pairwise_distance
+from crossview.trainer.evaluation import evaluate, evaluate_features, evaluate_rank, pairwise_distance
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Cython evaluation ... unavailable": the Python path is the one we want

@@ -9,9 +9,9 @@ import torch
 import torchvision
 from torch.nn import functional as F  # noqa: N812
 
-from trainer.modeling.attention import AttentionSplit, DaalAttention, DaamAttention
-from trainer.modeling.backbones import WeightsUnavailable, build_backbone
-from trainer.modeling.losses import (
+from crossview.trainer.modeling.attention import AttentionSplit, DaalAttention, DaamAttention
+from crossview.trainer.modeling.backbones import WeightsUnavailable, build_backbone
+from crossview.trainer.modeling.losses import (
     Batch,
     LossWeights,
     domain_similarity,
@@ -20,7 +20,7 @@ from trainer.modeling.losses import (
     total_loss,
     weighted_ce,
 )
-from trainer.modeling.network import ReidNet
+from crossview.trainer.modeling.network import ReidNet
 
 
 @pytest.fixture(autouse=True)

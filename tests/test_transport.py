@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from crossview.config import CurveConfig, PublisherConfig
-from crossview.transport import KeyFileError
-from crossview.wire import Sighting
-from edge.publisher import Publisher
-from matcher.ingest import Receiver
+from crossview.edge.publisher import Publisher
+from crossview.kernel.config import CurveConfig, PublisherConfig
+from crossview.kernel.transport import KeyFileError
+from crossview.kernel.wire import Sighting
+from crossview.matcher.ingest import Receiver
 
 
 def sighting(node: str) -> Sighting:

@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from crossview.wire import (
+from crossview.kernel.wire import (
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
     Sighting,

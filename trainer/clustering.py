@@ -29,7 +29,7 @@ from scipy.special import expit
 from sklearn.cluster import DBSCAN, KMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from trainer.kreciprocal import jaccard_distance
+from crossview.trainer.kreciprocal import jaccard_distance
 
 log = logging.getLogger("crossview.trainer")
 

@@ -9,7 +9,7 @@
 | `clustering` | k-means++ (DAAM) or DBSCAN on the k-reciprocal distance (DAAL)             |
 | `pretrain`, `adapt` | Algorithm 1's schedules                                             |
 
-Errors are `crossview.config.ConfigError` naming the file and the dotted key, like the services'.
+Errors are `crossview.kernel.config.ConfigError` naming the file and the dotted key, like the services'.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from crossview.config import ConfigError, _Strict, load_config
+from crossview.kernel.config import ConfigError, _Strict, load_config
 
 LABELLED_KINDS = ("market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot")
 DatasetKind = Literal["market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot"]

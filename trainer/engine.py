@@ -31,15 +31,15 @@ from torch.nn import functional as F  # noqa: N812
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from trainer.clustering import PseudoLabels, cluster, nmi
-from trainer.config import TrainConfig
-from trainer.data.build import TrainData, load_train_data
-from trainer.data.loader import make_eval_loader, make_train_loader
-from trainer.data.samples import with_labels
-from trainer.data.transforms import build_transforms
-from trainer.evaluation import evaluate_features
-from trainer.modeling.losses import Batch, LossWeights, total_loss
-from trainer.modeling.network import ReidNet
+from crossview.trainer.clustering import PseudoLabels, cluster, nmi
+from crossview.trainer.config import TrainConfig
+from crossview.trainer.data.build import TrainData, load_train_data
+from crossview.trainer.data.loader import make_eval_loader, make_train_loader
+from crossview.trainer.data.samples import with_labels
+from crossview.trainer.data.transforms import build_transforms
+from crossview.trainer.evaluation import evaluate_features
+from crossview.trainer.modeling.losses import Batch, LossWeights, total_loss
+from crossview.trainer.modeling.network import ReidNet
 
 log = logging.getLogger("crossview.trainer")
 CHECKPOINT = "last.pt"
@@ -313,7 +313,7 @@ class Trainer:
         log.info("%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def _export(self) -> Path:
-        from trainer.export import export_trained
+        from crossview.trainer.export import export_trained
 
         return export_trained(self.model, self.cfg, self.state.history, self.out / f"{self.cfg.name}.onnx")
 

@@ -3,7 +3,7 @@
 | step       | how                                                                                  |
 |------------|--------------------------------------------------------------------------------------|
 | data       | the dataset's query and gallery (`build_dataset`; MOT sequences are split in time)  |
-| embeddings | `edge.embedder.Embedder`: the very preprocessing and ONNX session the edge node runs |
+| embeddings | `crossview.kernel.embedder.Embedder`: the very preprocessing and ONNX session the edge node runs |
 | scores     | cosine distance (optionally k-reciprocal re-ranked) → `evaluate_features`           |
 """
 
@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from edge.embedder import Embedder
-from trainer.data.build import labelled_split
-from trainer.evaluation import evaluate_features
+from crossview.kernel.embedder import Embedder
+from crossview.trainer.data.build import labelled_split
+from crossview.trainer.evaluation import evaluate_features
 
 
 def embed_samples(embedder: Embedder, samples, batch: int = 64) -> np.ndarray:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.kreciprocal import rerank as kreciprocal_rerank
+from crossview.trainer.kreciprocal import rerank as kreciprocal_rerank
 
 # Query rows handled at once: a few (rows x gallery) int64 arrays live per block.
 _BLOCK_CELLS = 4_000_000

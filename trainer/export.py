@@ -7,7 +7,7 @@
 | trained DAAM model    | `export_trained(net, cfg, history, out)`: only the domain-shared path        |
 | graph contract        | input "images" (batch, 3, H, W) float, mean/std normalised RGB;              |
 |                       | output "embeddings" (batch, D), not L2-normalised; batch axis dynamic        |
-| metadata contract     | `crossview.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
+| metadata contract     | `crossview.kernel.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
 
 The file appears atomically (temp file + `os.replace`), so an edge node hot-reloading it never
 reads a half-written model.
@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from crossview.modelmeta import (  # noqa: F401  (re-exported: the contract lives beside the exporter)
+from crossview.kernel.modelmeta import (  # noqa: F401  (re-exported: the contract lives beside the exporter)
     KEY_DATE,
     KEY_EMBEDDING_DIM,
     KEY_INPUT_SIZE,
@@ -44,8 +44,8 @@ from crossview.modelmeta import (  # noqa: F401  (re-exported: the contract live
     KEY_VERSION,
     ModelMeta,
 )
-from trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
-from trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet
+from crossview.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
+from crossview.trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
@@ -158,8 +158,8 @@ def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, out: Path | None = None) -> Path:
     """Re-export a training checkpoint (`<output_dir>/last.pt`) without training again."""
-    from trainer.config import TrainConfig
-    from trainer.modeling.network import ReidNet
+    from crossview.trainer.config import TrainConfig
+    from crossview.trainer.modeling.network import ReidNet
 
     path = Path(checkpoint)
     if not path.is_file():

@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trainer.data.datasets import build_dataset
-from trainer.data.harvest import build_target
-from trainer.data.samples import UNLABELLED, ReidSplit, Sample, describe
+from crossview.trainer.data.datasets import build_dataset
+from crossview.trainer.data.harvest import build_target
+from crossview.trainer.data.samples import UNLABELLED, ReidSplit, Sample, describe
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from crossview.trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.data.loader import filter_readable
-from trainer.data.samples import ReidSplit, Sample, relabel
+from crossview.trainer.data.loader import filter_readable
+from crossview.trainer.data.samples import ReidSplit, Sample, relabel
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def parse_identity_folders(root: str | Path, camera_folders: bool = False) -> Re
 
 
 def _mot(root: Path, cache_dir: str | Path | None = None, **options) -> ReidSplit:
-    from trainer.data.mot import mot_split  # cv2 decoding only when a MOT sequence is asked for
+    from crossview.trainer.data.mot import mot_split  # cv2 decoding only when a MOT sequence is asked for
 
     if cache_dir is None:
         raise ValueError("mot: cache_dir is required (crops are cut from the sequence once and kept there)")

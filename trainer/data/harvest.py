@@ -18,9 +18,9 @@ import logging
 import re
 from pathlib import Path
 
-from trainer.data.datasets import list_images
-from trainer.data.loader import filter_readable
-from trainer.data.samples import UNLABELLED, Sample, TargetSet
+from crossview.trainer.data.datasets import list_images
+from crossview.trainer.data.loader import filter_readable
+from crossview.trainer.data.samples import UNLABELLED, Sample, TargetSet
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from trainer.data.samples import UNLABELLED, Sample
+from crossview.trainer.data.samples import UNLABELLED, Sample
 
 log = logging.getLogger(__name__)
 

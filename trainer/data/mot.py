@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from trainer.data.samples import UNLABELLED, ReidSplit, Sample
+from crossview.trainer.data.samples import UNLABELLED, ReidSplit, Sample
 
 log = logging.getLogger(__name__)
 

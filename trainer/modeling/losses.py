@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from trainer.modeling.network import Outputs
+from crossview.trainer.modeling.network import Outputs
 
 SOURCE, TARGET = 0, 1  # domain labels of the DSP and GRL classifiers
 

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from trainer.modeling.attention import AttentionSplit
-from trainer.modeling.backbones import build_backbone
+from crossview.trainer.modeling.attention import AttentionSplit
+from crossview.trainer.modeling.backbones import build_backbone
 
 HEADS = ("fc", "gap")
 DOMAIN_LOSSES = ("occ", "grl", "none")

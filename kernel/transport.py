@@ -22,7 +22,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from crossview.config import CurveConfig
+from crossview.kernel.config import CurveConfig
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
 | preprocessing | from the model's `crossview.*` metadata: resize to HxW, BGR→RGB, /255, mean/std     |
 | hot reload    | `maybe_reload()` each loop: a changed file is loaded, validated, then swapped in;   |
 |               | a broken file is logged once and the running model kept                            |
-| providers     | `edge.ort.select_providers`: CUDA only when ONNX Runtime has it and a GPU is there  |
+| providers     | `crossview.kernel.ort.select_providers`: CUDA only when ONNX Runtime has it and a GPU is there  |
 | errors        | `ModelError` naming the file and what is wrong with it                             |
 
     >>> embedder = Embedder("models/mobilenetv2-imagenet.onnx")
@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from crossview.modelmeta import ModelMeta
-from edge.ort import ModelError, create_session, select_providers
+from crossview.kernel.modelmeta import ModelMeta
+from crossview.kernel.ort import ModelError, create_session, select_providers
 
 log = logging.getLogger(__name__)
 
