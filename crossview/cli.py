@@ -1,19 +1,21 @@
 """The `crossview` command: one verb per stage, each a thin layer over one module.
 
-| verb               | module                 | what                                             |
-|--------------------|------------------------|--------------------------------------------------|
-| `edge`             | `edge.node`            | run an edge node                                 |
-| `demo`             | `crossview.demo`       | edge node + matcher + cross-camera query on the shipped footage |
-| `build-embedder`   | `trainer.export`       | build the default MobileNetV2 ONNX embedder      |
-| `export-detector`  | `edge.yolo_export`     | export a local YOLO .pt to ONNX, offline         |
-| `keys`             | `crossview.kernel.transport`  | CURVE key pair for an edge or the matcher        |
-| `matcher`          | `matcher.service`      | run the matcher: ingest, index, retention, and   |
-|                    | `matcher.api`          | its HTTP API and web page                        |
-| `query`            | `matcher.query`        | search a matcher's data directory, read-only; or |
-|                    | `matcher.client`       | with `--url`, a running matcher's HTTP API       |
-| `train`            | `trainer.engine`       | DAAM / DAAL domain adaptation (Algorithm 1)      |
-| `export`           | `trainer.export`       | a training checkpoint's domain-shared path → ONNX |
-| `eval`             | `trainer.eval_onnx`    | rank-1/5/10 and mAP of an ONNX model on a labelled set |
+| verb               | module                          | what                                             |
+|--------------------|---------------------------------|--------------------------------------------------|
+| `edge`             | `crossview.edge.node`           | run an edge node                                 |
+| `demo`             | `crossview.demo`                | edge node + matcher + cross-camera query on the shipped footage |
+| `build-embedder`   | `crossview.trainer.export`      | build the default MobileNetV2 ONNX embedder      |
+| `export-detector`  | `crossview.edge.yolo_export`    | export a local YOLO .pt to ONNX, offline         |
+| `keys`             | `crossview.kernel.transport`    | CURVE key pair for an edge or the matcher        |
+| `matcher`          | `crossview.matcher.service`     | run the matcher: ingest, index, retention, and   |
+|                    | `crossview.matcher.api`         | its HTTP API and web page                        |
+| `query`            | `crossview.matcher.query`       | search a matcher's data directory, read-only; or |
+|                    | `crossview.matcher.client`      | with `--url`, a running matcher's HTTP API       |
+| `train`            | `crossview.trainer.engine`      | domain adaptation (DAAM / DAAL, Algorithm 1)     |
+| `export`           | `crossview.trainer.export`      | a training checkpoint's domain-shared path → ONNX |
+| `eval`             | `crossview.trainer.eval_onnx`   | rank-1/5/10 and mAP of an ONNX model on a labelled set |
+
+This is the app floor: the only code, with `crossview.demo`, that imports the services.
 """
 
 from __future__ import annotations
