@@ -6,6 +6,7 @@
 | `demo`             | `crossview.demo`                | edge node + matcher + cross-camera query on the shipped footage |
 | `build-embedder`   | `crossview.trainer.export`      | build the default MobileNetV2 ONNX embedder      |
 | `export-detector`  | `crossview.edge.yolo_export`    | export a local YOLO .pt to ONNX, offline         |
+| `init`             | `crossview.site`                | a new site: every key, the allow-list, token and configs |
 | `keys`             | `crossview.kernel.transport`    | CURVE key pair for an edge or the matcher        |
 | `matcher`          | `crossview.matcher.service`     | run the matcher: ingest, index, retention, and   |
 |                    | `crossview.matcher.api`         | its HTTP API and web page                        |
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from crossview.kernel.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
@@ -73,8 +75,23 @@ def _export_detector(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from crossview.kernel.transport import generate_keys
 
-    public, secret = generate_keys(args.out, args.name)
+    public, secret = generate_keys(args.out, args.name, force=args.force)
     print(f"public key {public} (give it to the other side), secret key {secret} (keep it here, mode 600)")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from crossview.site import init_site
+
+    written = init_site(args.site, args.edges.split(","), args.camera, args.matcher_host, args.port, args.http_port)
+    models = (args.site / "models").resolve()
+    print(f"site {args.site}: {', '.join(f'{name} {path}' for name, path in written.items())}")
+    print("next, on this machine (or copy each folder to its machine):")
+    print(f"  crossview build-embedder --out {models / 'mobilenetv2-imagenet.onnx'}")
+    print(f"  crossview matcher --config {written['matcher']}")
+    for name, path in written.items():
+        if name != "matcher":
+            print(f"  crossview edge --config {path}")
     return 0
 
 
@@ -117,6 +134,15 @@ def _track_ref(text: str) -> tuple[str, str, int]:
     if not (sep and sep2 and node and camera and track.isdigit()):
         raise argparse.ArgumentTypeError(f"a track is node:camera:track, e.g. edge-1:gate:17; got {text!r}")
     return node, camera, int(track)
+
+
+def _camera(text: str):
+    from crossview.site import parse_camera
+
+    try:
+        return parse_camera(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -215,41 +241,56 @@ def _eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossview", description="Find a person across a site's cameras.")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    p.add_argument("--log-level", default="INFO", choices=levels)
+    after_verb = argparse.ArgumentParser(add_help=False)  # `crossview edge --log-level DEBUG` works too
+    after_verb.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="(default: INFO)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    verb = partial(sub.add_parser, parents=[after_verb])
 
-    e = sub.add_parser("edge", help="run an edge node: cameras -> detection -> tracking -> embeddings -> ZeroMQ")
+    e = verb("edge", help="run an edge node: cameras -> detection -> tracking -> embeddings -> ZeroMQ")
     e.add_argument("--config", type=Path, default=Path("configs/edge.yaml"), help="edge YAML (default: %(default)s)")
     e.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
     e.set_defaults(run=_edge)
 
-    d = sub.add_parser("demo", help="edge node + matcher on the shipped footage, then a cross-camera query")
+    d = verb("demo", help="edge node + matcher on the shipped footage, then a cross-camera query")
     d.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="demo edge YAML (default: %(default)s)")
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="matcher data and report (default: %(default)s)")
     d.add_argument("--serve", action="store_true", help="afterwards keep the matcher's web page up until Ctrl-C")
     d.set_defaults(run=_demo)
 
-    b = sub.add_parser("build-embedder", help="build the default MobileNetV2 ImageNet embedder as ONNX (offline)")
+    b = verb("build-embedder", help="build the default MobileNetV2 ImageNet embedder as ONNX (offline)")
     b.add_argument("--out", type=Path, default=Path("models/mobilenetv2-imagenet.onnx"), help="(default: %(default)s)")
     b.set_defaults(run=_build_embedder)
 
-    x = sub.add_parser("export-detector", help="export a local YOLO .pt file to ONNX for the edge node (offline)")
+    x = verb("export-detector", help="export a local YOLO .pt file to ONNX for the edge node (offline)")
     x.add_argument("weights", type=Path, help="YOLO .pt file")
     x.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     x.add_argument("--imgsz", type=int, nargs="+", default=[640], metavar="N",
                    help="one side, or H W (e.g. 480 640 for 4:3 cameras: a quarter less work than 640)")
     x.set_defaults(run=_export_detector)
-    k = sub.add_parser("keys", help="generate a CURVE key pair for an edge node or the matcher")
+    k = verb("keys", help="generate a CURVE key pair for an edge node or the matcher")
     k.add_argument("--out", type=Path, default=Path("keys"), help="folder (default: %(default)s)")
     k.add_argument("--name", required=True, help="e.g. matcher or the edge's node_id")
+    k.add_argument("--force", action="store_true", help="replace an existing pair (cuts off every peer that trusts it)")
     k.set_defaults(run=_keys)
 
-    m = sub.add_parser("matcher", help="run the matcher: ZeroMQ ingest -> SQLite + FAISS, retention, snapshots")
+    i = verb("init", help="a new site: key pairs, allow-list, HTTP token, matcher and edge configs")
+    i.add_argument("site", type=Path, help="new folder (one sub-folder per machine)")
+    i.add_argument("--edges", required=True, help="comma-separated edge node ids, e.g. edge-1,edge-2")
+    i.add_argument("--camera", type=_camera, action="append", default=[], metavar="[EDGE:]ID=SOURCE", required=True,
+                   help="a camera of every edge, or of EDGE only (repeatable); SOURCE: file, rtsp://, http://, usb:N")
+    i.add_argument("--matcher-host", default="127.0.0.1", help="address the edges reach the matcher at (default: %(default)s)")
+    i.add_argument("--port", type=int, default=5555, help="matcher ZeroMQ ingest port (default: %(default)s)")
+    i.add_argument("--http-port", type=int, default=8080, help="matcher HTTP API port (default: %(default)s)")
+    i.set_defaults(run=_init)
+
+    m = verb("matcher", help="run the matcher: ZeroMQ ingest -> SQLite + FAISS, retention, snapshots")
     m.add_argument("--config", type=Path, default=Path("configs/matcher.yaml"), help="matcher YAML (default: %(default)s)")
     m.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
     m.set_defaults(run=_matcher)
 
-    q = sub.add_parser("query", help="find where a person was seen, from a matcher's data directory (read-only)",
+    q = verb("query", help="find where a person was seen, from a matcher's data directory (read-only)",
                        description="Searches the matcher's store directly (safe while the matcher runs). "
                                    "Answers are tracks grouped per camera, ordered by time.")
     q.add_argument("--config", type=Path, help="matcher YAML: data_dir, index and query settings, models")
@@ -271,17 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--token-file", type=Path, help="with --url: file holding the API token (default: $CROSSVIEW_TOKEN)")
     q.set_defaults(run=_query)
 
-    t = sub.add_parser("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
+    t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     t.set_defaults(run=_train)
 
-    ex = sub.add_parser("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
+    ex = verb("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
     ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/daam/last.pt")
     ex.add_argument("--out", type=Path, help="ONNX file (default: <name>.onnx beside the checkpoint)")
     ex.set_defaults(run=_export)
 
-    v = sub.add_parser("eval", help="CMC rank-1/5/10 and mAP of an ONNX embedder on a labelled dataset")
+    v = verb("eval", help="CMC rank-1/5/10 and mAP of an ONNX embedder on a labelled dataset")
     v.add_argument("model", type=Path, help="ONNX embedder with crossview metadata")
     v.add_argument("--kind", required=True, choices=["market1501", "dukemtmc", "msmt17", "cuhk03", "mot"])
     v.add_argument("--root", type=Path, required=True, help="dataset folder (mot: a sequence or a folder of them)")

@@ -6,12 +6,15 @@
 | errors          | `ConfigError` naming the file and the dotted key (`cameras.1.fps`)  |
 
 Every model forbids unknown keys, so a typo is an error instead of a silently ignored setting.
-Relative paths in a config file are resolved against the file's folder.
+Relative paths in a config file are resolved against the file's folder. `${NAME}` in any string
+value is replaced by the environment variable NAME (RTSP passwords, the HTTP token), so secrets need
+not be written into config files; an unset variable is an error naming the key.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -250,6 +253,27 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     return f"{path}: invalid configuration\n" + "\n".join(lines)
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: object, origin: Path, where: tuple[str, ...] = ()) -> object:
+    """`${NAME}` in string values → the environment variable NAME, anywhere in the parsed YAML."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, origin, (*where, str(k))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, origin, (*where, str(i))) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def value(m: re.Match) -> str:
+        if m[1] not in os.environ:
+            raise ConfigError(f"{origin}: invalid configuration\n  {'.'.join(where)}: "
+                              f"environment variable {m[1]} is not set")
+        return os.environ[m[1]]
+
+    return _ENV_REF.sub(value, node)
+
+
 def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
     """Make relative file paths in `raw` relative to the config file's folder."""
     for key in keys:
@@ -294,6 +318,7 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = _expand_env(raw, path)
     if isinstance(raw, dict):
         _resolve_paths(raw, path.resolve().parent, path_keys or [])
         for cam in raw.get("cameras") or []:

@@ -31,7 +31,12 @@ class KeyFileError(ValueError):
     """A key file is missing or is not a CURVE certificate; the message names it."""
 
 
-def generate_keys(out: Path, name: str) -> tuple[Path, Path]:
+def generate_keys(out: Path, name: str, force: bool = False) -> tuple[Path, Path]:
+    """`<out>/<name>.key` and `.key_secret`; an existing pair is kept unless `force`: every peer trusts it."""
+    existing = [p for p in (out / f"{name}.key", out / f"{name}.key_secret") if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{existing[0]}: a key pair named {name!r} exists already; replacing it cuts off "
+                              "every peer that trusts it (pass --force to replace it)")
     out.mkdir(parents=True, exist_ok=True)
     public, secret = (Path(p) for p in zmq.auth.create_certificates(out, name))
     os.chmod(secret, 0o600)
@@ -41,6 +46,9 @@ def generate_keys(out: Path, name: str) -> tuple[Path, Path]:
 def _load(path: Path | None, what: str, need_secret: bool) -> tuple[bytes, bytes | None]:
     if path is None:
         raise KeyFileError(f"security.{what}: required with mode: curve")
+    if not Path(path).exists():
+        raise KeyFileError(f"security.{what}: {path}: not found; make the site's keys with `crossview init` "
+                           "or one pair with `crossview keys`")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:

@@ -69,3 +69,15 @@ def test_publisher_is_required(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="configuration file not found"):
         load_edge_config(tmp_path / "nope.yaml")
+
+
+def test_environment_variables_fill_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAM_PASS", "s3cret")
+    cfg = load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://admin:${CAM_PASS}@h/x'}]\n" + PLAIN))
+    assert cfg.cameras[0].source == "rtsp://admin:s3cret@h/x"
+
+
+def test_an_unset_environment_variable_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("CAM_PASS", raising=False)
+    with pytest.raises(ConfigError, match=r"cameras\.0\.source: environment variable CAM_PASS is not set"):
+        load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://admin:${CAM_PASS}@h/x'}]\n" + PLAIN))

@@ -1,0 +1,119 @@
+"""First run as the README's reader meets it: `crossview init`, `crossview keys`, options after the verb."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import wait_for
+
+from crossview.cli import build_parser
+from crossview.kernel.config import load_edge_config, load_matcher_config
+from crossview.kernel.transport import KeyFileError, secure_client
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = REPO / "data" / "demo" / "tud-campus.mp4"
+
+
+def crossview(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crossview.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_log_level_goes_before_or_after_the_verb():
+    parse = build_parser().parse_args
+    assert parse(["edge", "--log-level", "DEBUG"]).log_level == "DEBUG"
+    assert parse(["--log-level", "ERROR", "matcher"]).log_level == "ERROR"
+    assert parse(["query", "--sighting", "1"]).log_level == "INFO"
+
+
+def test_keys_never_replaces_a_pair_without_force(tmp_path):
+    assert crossview("keys", "--out", str(tmp_path), "--name", "matcher").returncode == 0
+    before = (tmp_path / "matcher.key_secret").read_bytes()
+    again = crossview("keys", "--out", str(tmp_path), "--name", "matcher")
+    assert again.returncode == 2 and "exists already" in again.stderr and "--force" in again.stderr
+    assert (tmp_path / "matcher.key_secret").read_bytes() == before
+    assert crossview("keys", "--out", str(tmp_path), "--name", "matcher", "--force").returncode == 0
+    assert (tmp_path / "matcher.key_secret").read_bytes() != before
+
+
+def test_a_missing_key_file_says_not_found_and_how_to_make_one(tmp_path):
+    import zmq
+
+    from crossview.kernel.config import CurveConfig
+
+    with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as sock:
+        with pytest.raises(KeyFileError, match=r"security\.secret_key: .*nope\.key_secret: not found; .*crossview init"):
+            secure_client(sock, CurveConfig(secret_key=tmp_path / "nope.key_secret", server_key=tmp_path / "m.key"))
+
+
+def test_init_refuses_bad_arguments_and_an_existing_site(tmp_path):
+    r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1,edge-2", "--camera", "edge-1:gate=x.mp4")
+    assert r.returncode == 2 and "no --camera for edge-2" in r.stderr and not (tmp_path / "s").exists()
+    r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1", "--camera", "gate")
+    assert r.returncode == 2 and "[EDGE:]ID=SOURCE" in r.stderr
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes").write_text("mine")
+    r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1", "--camera", "gate=x.mp4")
+    assert r.returncode == 2 and "not empty" in r.stderr and (tmp_path / "s" / "notes").read_text() == "mine"
+
+
+def test_init_makes_a_site_whose_edge_and_matcher_talk_over_curve(tmp_path, default_model):
+    site, port, http_port = tmp_path / "site", free_port(), free_port()
+    r = crossview("init", str(site), "--edges", "edge-1,edge-2", "--camera", f"gate={CLIP}",
+                  "--camera", "edge-2:dock=rtsp://cam.invalid/stream", "--port", str(port), "--http-port", str(http_port))
+    assert r.returncode == 0, r.stderr
+    matcher_cfg = load_matcher_config(site / "matcher" / "matcher.yaml")
+    edge_cfg = load_edge_config(site / "edge-1" / "edge.yaml")
+    assert matcher_cfg.ingest.security.mode == edge_cfg.publisher.security.mode == "curve"
+    assert sorted(p.name for p in matcher_cfg.ingest.security.allowed_clients.iterdir()) == ["edge-1.key", "edge-2.key"]
+    assert [c.id for c in load_edge_config(site / "edge-2" / "edge.yaml").cameras] == ["gate", "dock"]
+    assert (site / "matcher" / "keys" / "http-token").stat().st_mode & 0o077 == 0
+    assert "crossview edge --config" in r.stdout
+
+    (site / "models").mkdir()
+    shutil.copy(default_model, site / "models" / "mobilenetv2-imagenet.onnx")
+    log = open(tmp_path / "matcher.log", "w")
+    matcher = subprocess.Popen([sys.executable, "-m", "crossview.cli", "matcher", "--config", str(site / "matcher" / "matcher.yaml")],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        token = (site / "matcher" / "keys" / "http-token").read_text().strip()
+        stats = _stats(http_port, token)
+        assert wait_for(lambda: stats() is not None, 60), (tmp_path / "matcher.log").read_text()
+        edge = crossview("edge", "--config", str(site / "edge-1" / "edge.yaml"), "--max-seconds", "90", timeout=150)
+        assert edge.returncode == 0, edge.stderr
+        assert wait_for(lambda: (stats() or {}).get("cameras", {}).get("gate", 0) > 0, 30), (edge.stderr[-2000:], stats())
+    finally:
+        matcher.terminate()
+        matcher.wait(30)
+
+
+def _stats(port: int, token: str):
+    def get() -> dict | None:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/stats", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return json.load(resp)
+        except OSError:
+            return None
+
+    return get
+
+
+def test_init_configs_are_plain_yaml_a_person_can_edit(tmp_path):
+    assert crossview("init", str(tmp_path / "s"), "--edges", "e1", "--camera", f"gate={CLIP}").returncode == 0
+    text = (tmp_path / "s" / "e1" / "edge.yaml").read_text()
+    assert text.startswith("# Made by `crossview init`")
+    assert yaml.safe_load(text)["cameras"] == [{"id": "gate", "source": str(CLIP), "fps": 5}]
