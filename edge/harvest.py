@@ -3,16 +3,16 @@
 | what      | how                                                                            |
 |-----------|--------------------------------------------------------------------------------|
 | sampling  | every k-th sighting of a track, only crops at least `min_height` px and `min_score` |
-| layout    | `<dir>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg` + a `.json` sidecar (camera, time, track, box, score, model) |
+| format    | `crossview.kernel.harvest`: `<dir>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg` + a `.json` sidecar |
 | quota     | existing files count toward `quota_mb`; once reached, harvesting stops and says so |
 
-    >>> h = Harvester(HarvestConfig(enabled=True, dir=Path("harvest")), node_id="edge-1")
-    >>> h.offer(camera, track, frame_idx, ts, crop, box, score, sightings_so_far)
+    h = Harvester(HarvestConfig(enabled=True, dir=Path("harvest")), node_id="edge-1")
+    if h.wants(track.sightings, box_height, score):
+        h.save(camera, track_id, frame.index, frame.ts, crop, box, score, embedder.version)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from crossview.kernel.config import HarvestConfig
+from crossview.kernel.harvest import Sidecar, encode, sidecar_path
 
 log = logging.getLogger(__name__)
 
@@ -45,19 +46,17 @@ class Harvester:
         ok, jpg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.jpeg_quality])
         if not ok:
             return False
-        meta = json.dumps({
-            "node": self.node_id, "camera": camera, "ts": ts, "frame": frame, "track": track,
-            "box": [round(float(v), 1) for v in box], "score": round(float(score), 4), "model": model,
-        }).encode()
+        sidecar = Sidecar(self.node_id, camera, ts, frame, track, tuple(box), score, model)
+        meta = encode(sidecar)
         if self.used + len(jpg) + len(meta) > self.quota:
             self.full = True
             log.warning("harvest quota of %.0f MB reached in %s: no more crops are saved", self.cfg.quota_mb, self.cfg.dir)
             return False
-        stem = self.cfg.dir / camera / f"{self.node_id}_{camera}_t{track}_f{frame}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
+        path = sidecar.name.path(self.cfg.dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Sidecar first: a reader that finds the image can rely on its metadata being there.
-        stem.with_suffix(".json").write_bytes(meta)
-        stem.with_suffix(".jpg").write_bytes(jpg.tobytes())
+        sidecar_path(path).write_bytes(meta)
+        path.write_bytes(jpg.tobytes())
         self.used += len(jpg) + len(meta)
         self.saved += 1
         return True

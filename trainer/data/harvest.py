@@ -2,49 +2,52 @@
 
 | kind      | how                                                                                   |
 |-----------|---------------------------------------------------------------------------------------|
-| `harvest` | `<dir>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg` + `.json` sidecar (edge/harvest.py); camera and frame from the sidecar, else from the folder and file name |
+| `harvest` | the edge's crops and sidecars (`crossview.kernel.harvest`); camera and frame from the sidecar, else from the folder and file name |
 | `images`  | every image under the folder, recursively; one camera (camid 0)                        |
 | cameras   | camera names sorted → camids 0..C-1 (`TargetSet.cameras[camid]` is the name)          |
 | bad files | images that do not decode are skipped and counted (`TargetSet.skipped`), with one warning |
 
-    >>> target = build_target("harvest", "harvest")
-    >>> len(target.samples), target.cameras, target.skipped
+    target = build_target("harvest", "harvest")
+    len(target.samples), target.cameras, target.skipped
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 
+from crossview.kernel.harvest import CropName, HarvestError, read_sidecar
 from crossview.trainer.data.datasets import list_images
 from crossview.trainer.data.loader import filter_readable
 from crossview.trainer.data.samples import UNLABELLED, Sample, TargetSet
 
 log = logging.getLogger(__name__)
 
-HARVEST_NAME = re.compile(r"_t(?P<track>\d+)_f(?P<frame>\d+)$")
 
-
-def crop_camera_frame(path: Path) -> tuple[str, int, bool]:
-    """(camera, frame, sidecar was usable) of a harvested crop; without a sidecar, folder and file name tell."""
+def crop_camera_frame(path: Path) -> tuple[str, int, HarvestError | None]:
+    """(camera, frame, why the sidecar was unusable or None) of a harvested crop; without a sidecar, folder and name tell."""
     try:
-        meta = json.loads(path.with_suffix(".json").read_text())
-        return str(meta["camera"]), int(meta["frame"]), True
-    except (OSError, ValueError, KeyError, TypeError):
-        m = HARVEST_NAME.search(path.stem)
-        return path.parent.name, int(m["frame"]) if m else -1, False
+        sidecar = read_sidecar(path)
+        return sidecar.camera, sidecar.frame, None
+    except HarvestError as e:
+        return path.parent.name, _frame_from_name(path), e
+
+
+def _frame_from_name(path: Path) -> int:
+    try:
+        return CropName.parse(path).frame
+    except HarvestError:
+        return -1  # not named by the edge: the frame is unknown
 
 
 def harvest_samples(root: str | Path, verify: bool = True) -> TargetSet:
     """Harvested crops as unlabelled samples with camids from their camera names."""
     root = _require_dir(root, "harvest", "<dir>/<camera>/*.jpg with .json sidecars")
     crops = [(path, *crop_camera_frame(path)) for path in list_images(root, recursive=True)]
-    no_sidecar = [path for path, _, _, ok in crops if not ok]
-    if no_sidecar:
-        log.warning("%d harvested crop(s) without a readable sidecar: camera taken from the folder name, e.g. %s",
-                    len(no_sidecar), no_sidecar[0])
+    problems = [error for _, _, _, error in crops if error]
+    if problems:
+        log.warning("%d harvested crop(s) without a usable sidecar: camera taken from the folder name, e.g. %s",
+                    len(problems), problems[0])
     cameras = tuple(sorted({camera for _, camera, _, _ in crops}))
     camid = {name: i for i, name in enumerate(cameras)}
     samples = [Sample(path, UNLABELLED, camid[camera], frame) for path, camera, frame, _ in crops]
