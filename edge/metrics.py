@@ -8,10 +8,16 @@
 | `crossview_edge_reconnects_total`    | camera   |
 | `crossview_edge_fps`                 | camera   |
 | `crossview_edge_queue_depth`         | camera   |
-| `crossview_edge_detector_seconds`    | camera (histogram) |
+| `crossview_edge_detector_seconds`    | camera (histogram, the detector alone) |
+| `crossview_edge_tracker_seconds`     | camera (histogram) |
 | `crossview_edge_embedder_seconds`    | (histogram, one batch of all cameras) |
 
-    >>> m = EdgeMetrics(); m.serve(9100)  # http://127.0.0.1:9100/metrics
+    >>> m = EdgeMetrics()
+    >>> m.frame_done("gate", detections=3, detector_seconds=0.04, tracker_seconds=0.002)
+    >>> m.value("crossview_edge_detections_total", "gate"), m.value("crossview_edge_detector_seconds_sum", "gate")
+    (3.0, 0.04)
+
+`m.serve(9100)` then serves them on http://127.0.0.1:9100/metrics.
 """
 
 from __future__ import annotations
@@ -42,19 +48,21 @@ class EdgeMetrics:
         self.fps = Gauge("crossview_edge_fps", "Processed frames per second", ["camera"], registry=r)
         self.queue = Gauge("crossview_edge_queue_depth", "Frames waiting in the camera's buffer", ["camera"], registry=r)
         self.det_s = Histogram("crossview_edge_detector_seconds", "Detector time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.track_s = Histogram("crossview_edge_tracker_seconds", "Tracker time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
         self.emb_s = Histogram("crossview_edge_embedder_seconds", "Embedder time per batch", buckets=_LATENCY_BUCKETS, registry=r)
         self._frame_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-    def frame_done(self, camera: str, detections: int, det_seconds: float) -> None:
+    def frame_done(self, camera: str, detections: int, detector_seconds: float, tracker_seconds: float) -> None:
         now = time.monotonic()
         times = self._frame_times[camera]
         times.append(now)
         self.frames.labels(camera).inc()
         self.detections.labels(camera).inc(detections)
-        self.det_s.labels(camera).observe(det_seconds)
+        self.det_s.labels(camera).observe(detector_seconds)
+        self.track_s.labels(camera).observe(tracker_seconds)
         if len(times) > 1:
             self.fps.labels(camera).set((len(times) - 1) / max(times[-1] - times[0], 1e-9))
 

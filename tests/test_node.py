@@ -23,6 +23,7 @@ import torch
 from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data, wait_for
 from torch import nn
 
+from crossview.edge.detections import Detections
 from crossview.edge.node import EdgeNode
 from crossview.kernel.ort import ModelError
 from crossview.kernel.wire import Sighting
@@ -237,8 +238,30 @@ def test_metrics_endpoint(default_model, clips):
     EdgeNode(cfg).run(max_seconds=100)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'crossview_edge_frames_total{camera="campus"} 15.0' in text
-    for name in ("crossview_edge_dropped_total", "crossview_edge_detector_seconds_bucket", "crossview_edge_embedder_seconds_count", "crossview_edge_fps"):
+    for name in ("crossview_edge_dropped_total", "crossview_edge_detector_seconds_bucket", "crossview_edge_tracker_seconds_bucket",
+                 "crossview_edge_embedder_seconds_count", "crossview_edge_fps"):
         assert name in text
+
+
+@pytest.mark.timeout(120)
+def test_detector_seconds_are_the_detectors_alone(default_model, clips):
+    """A slow tracker shows in its own series, not as detector time."""
+    node = EdgeNode(edge_config(default_model, [{"id": "campus", "source": str(clips["campus"]), "fps": 5}]))
+    node.detector = lambda image: Detections.empty()
+    tracker = node.cameras["campus"].tracker
+    update = tracker.update
+
+    def slow_update(dets, image):
+        time.sleep(0.02)
+        return update(dets, image)
+
+    tracker.update = slow_update
+    stats = node.run(max_seconds=100)["campus"]
+    m = node.metrics
+    assert stats.frames == m.value("crossview_edge_tracker_seconds_count", "campus") == 15
+    assert m.value("crossview_edge_tracker_seconds_sum", "campus") == pytest.approx(stats.tracker_seconds)
+    assert m.value("crossview_edge_detector_seconds_sum", "campus") == pytest.approx(stats.detector_seconds)
+    assert stats.tracker_seconds >= 15 * 0.02 > 10 * stats.detector_seconds
 
 
 def test_cli_bad_config_names_the_key(tmp_path):
