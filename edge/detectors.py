@@ -7,7 +7,9 @@
 | `HogDetector`   | OpenCV's built-in HOG people detector   | no detector weights: the offline fallback |
 
     >>> det = build_detector(DetectorConfig(kind="hog"))
-    >>> det(frame)  # -> Detections
+    >>> dets = det(np.zeros((240, 320, 3), np.uint8))  # a BGR frame
+    >>> type(dets).__name__, len(dets)  # nobody in an empty frame
+    ('Detections', 0)
 """
 
 from __future__ import annotations

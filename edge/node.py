@@ -9,8 +9,8 @@
 | publish    | `edge.publisher`  | sighting                             |
 | harvest    | `edge.harvest`    | sampled sighting                     |
 
-    >>> node = EdgeNode(load_edge_config("configs/edge.yaml"))
-    >>> summary = node.run()           # until files end or stop() is called
+    node = EdgeNode(load_edge_config("configs/edge.yaml"))
+    summary = node.run()           # until files end or stop() is called
     $ crossview edge --config configs/edge.yaml
 
 A camera that fails (missing file, dead stream, decoder error) is logged and left out; the other

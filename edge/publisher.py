@@ -5,8 +5,8 @@
 | matcher slow or down | PUSH socket buffers up to the high-water mark (sent once the matcher is back); beyond it, messages are dropped and counted, never blocking video |
 | wire format          | `crossview.kernel.wire.encode` (MessagePack, schema-versioned)              |
 
-    >>> pub = Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:5555"))
-    >>> pub.send(sighting)  # True if queued, False if dropped
+    pub = Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:5555"))
+    pub.send(sighting)  # True if queued, False if dropped
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@
 | URL (RTSP/HTTP), `usb:N`        | newest frame only (one slot)                           | reopen with exponential backoff ("reconnecting") |
 | capture call stuck past timeout | watchdog abandons the reader thread, starts a new one  | the stale thread's late result is ignored     |
 
-    >>> src = CameraSource(CameraConfig(id="gate", source="gate.mp4", fps=5))
-    >>> src.check()            # optional: raises SourceError if the file is missing or undecodable
-    >>> src.start()
-    >>> frame = src.read(timeout=1.0)   # Frame(camera_id, index, ts, image) or None
-    >>> src.status, src.frames_read, src.frames_skipped, src.reconnects
-    >>> src.stop()
+    src = CameraSource(CameraConfig(id="gate", source="gate.mp4", fps=5))
+    src.check()            # optional: raises SourceError if the file is missing or undecodable
+    src.start()
+    frame = src.read(timeout=1.0)   # Frame(camera_id, index, ts, image) or None
+    src.status, src.frames_read, src.frames_skipped, src.reconnects
+    src.stop()
 
 File frames: `index` counts decoded frames from 0 and keeps increasing across loops, so indices are unique
 and `ts = start wall-clock + index / native_fps` stays monotonic (the frame within the file is `index` modulo

@@ -5,8 +5,16 @@
 | `Tracker`      | ultralytics' ByteTrack or BoT-SORT on our `Detections`; sets `tracker_id` |
 | `TrackGallery` | per track: quality-weighted mean embedding, sighting count, last seen   |
 
-    >>> tracker = Tracker(TrackerConfig())
-    >>> dets = tracker.update(dets, frame)  # dets.tracker_id filled, untracked boxes dropped
+    tracker = Tracker(TrackerConfig())
+    dets = tracker.update(dets, frame)  # dets.tracker_id filled, untracked boxes dropped
+
+A crop half the reference height counts half as much in its track's mean:
+
+    >>> gallery = TrackGallery()
+    >>> _ = gallery.add(7, np.array([1.0, 0.0]), TrackGallery.quality(score=0.9, height=64), ts=0.0)
+    >>> track = gallery.add(7, np.array([0.0, 1.0]), TrackGallery.quality(score=0.9, height=128), ts=0.2)
+    >>> track.sightings, track.mean.round(3)
+    (2, array([0.447, 0.894], dtype=float32))
 """
 
 from __future__ import annotations

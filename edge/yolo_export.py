@@ -1,7 +1,7 @@
 """Export a local YOLO `.pt` to the ONNX file the edge node's `YoloOnnx` runs; nothing is downloaded.
 
     $ crossview export-detector yolo11n.pt --out models/yolo11n.onnx --imgsz 480 640
-    >>> export_yolo(Path("yolo11n.pt"), Path("models/yolo11n.onnx"))
+    export_yolo(Path("yolo11n.pt"), Path("models/yolo11n.onnx"))
 """
 
 from __future__ import annotations

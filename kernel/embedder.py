@@ -1,4 +1,4 @@
-"""Re-ID embeddings on the edge with ONNX Runtime, hot-reloading the model file when it changes.
+"""Re-ID embeddings with ONNX Runtime, one preprocessing for edge, matcher and trainer; hot-reloads the model file.
 
 | what          | how                                                                                |
 |---------------|------------------------------------------------------------------------------------|
@@ -9,9 +9,8 @@
 | providers     | `crossview.kernel.ort.select_providers`: CUDA only when ONNX Runtime has it and a GPU is there  |
 | errors        | `ModelError` naming the file and what is wrong with it                             |
 
-    >>> embedder = Embedder("models/mobilenetv2-imagenet.onnx")
-    >>> embedder.embed([np.zeros((200, 80, 3), np.uint8)]).shape
-    (1, 1280)
+    embedder = Embedder("models/mobilenetv2-imagenet.onnx")
+    embedder.embed([np.zeros((200, 80, 3), np.uint8)]).shape   # (1, 1280)
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@
 | `select_providers()` | CUDA only when a GPU is really usable: onnxruntime-gpu on a CPU-only machine otherwise logs errors at every session |
 | `create_session()`   | one place that opens a model file and turns its failures into `ModelError` |
 
-    >>> sess = create_session("models/yolo11n.onnx", device="auto")
+    sess = create_session("models/yolo11n.onnx", device="auto")
+
+    >>> select_providers("cpu")
+    ['CPUExecutionProvider']
 """
 
 from __future__ import annotations
