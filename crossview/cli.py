@@ -56,6 +56,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _build_embedder(args: argparse.Namespace) -> int:
     from crossview.trainer.export import build_default_embedder
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = build_default_embedder(args.out)
     print(f"{args.out}: {meta.name} version {meta.version}, input {meta.input_h}x{meta.input_w}, {meta.embedding_dim}-d")
     return 0
@@ -85,7 +86,7 @@ def _init(args: argparse.Namespace) -> int:
 
     written = init_site(args.site, args.edges.split(","), args.camera, args.matcher_host, args.port, args.http_port)
     models = (args.site / "models").resolve()
-    print(f"site {args.site}: {', '.join(f'{name} {path}' for name, path in written.items())}")
+    print(f"made site {args.site}: {', '.join(f'{name} {path}' for name, path in written.items())}")
     print("next, on this machine (or copy each folder to its machine):")
     print(f"  crossview build-embedder --out {models / 'mobilenetv2-imagenet.onnx'}")
     print(f"  crossview matcher --config {written['matcher']}")
