@@ -13,8 +13,8 @@ A crop half the reference height counts half as much in its track's mean:
     >>> gallery = TrackGallery()
     >>> _ = gallery.add(7, np.array([1.0, 0.0]), TrackGallery.quality(score=0.9, height=64), ts=0.0)
     >>> track = gallery.add(7, np.array([0.0, 1.0]), TrackGallery.quality(score=0.9, height=128), ts=0.2)
-    >>> track.sightings, track.mean.round(3)
-    (2, array([0.447, 0.894], dtype=float32))
+    >>> track.sightings, [round(v, 3) for v in track.mean.tolist()]
+    (2, [0.447, 0.894])
 """
 
 from __future__ import annotations
