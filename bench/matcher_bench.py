@@ -107,18 +107,18 @@ def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
 def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
     """Push sightings start..stop-1 from another process; sightings/s (accepted, so committed) once the first
     one is in, overall and while a partition rebuild (IVF training) runs."""
-    target = m.accepted + stop - start
+    target = m.ingest.accepted + stop - start
     batches0 = _batch_seconds(m)
-    sender = mp.get_context("spawn").Process(target=_send, args=(m.endpoint, start, stop, thumb_bytes))
+    sender = mp.get_context("spawn").Process(target=_send, args=(m.ingest.endpoint, start, stop, thumb_bytes))
     sender.start()
-    while m.accepted <= target - (stop - start):
+    while m.ingest.accepted <= target - (stop - start):
         _check(sender, 0.0005)
     me, samples = psutil.Process(), []  # (time, accepted, rebuilding) every 10 ms
     cpu0 = sum(me.cpu_times()[:2])
     with OtherLoad() as other:
         while not samples or samples[-1][1] < target:
             _check(sender, 0.01)
-            samples.append((time.perf_counter(), m.accepted, m.index.rebuilding(MODEL)))
+            samples.append((time.perf_counter(), m.ingest.accepted, m.index.rebuilding(MODEL)))
     matcher_cpu = sum(me.cpu_times()[:2]) - cpu0
     sender.join()
     (t0, n0, _), (t1, n1, _) = samples[0], samples[-1]
@@ -167,7 +167,7 @@ def query_bench(m: Matcher, n_queries: int) -> dict:
     full_s = []
     for q in queries:
         t0 = time.perf_counter()
-        m.search_embedding(q, MODEL, Filters(top_k=10))
+        m.queries.search_embedding(q, MODEL, Filters(top_k=10))
         full_s.append(time.perf_counter() - t0)
     flat = faiss.IndexFlatIP(DIM)
     flat.add(vecs)

@@ -79,7 +79,7 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
 def _drain(matcher, published: int, wait_s: float = 10.0) -> None:
     """Let the matcher commit what is still in flight before reporting."""
     deadline = time.monotonic() + wait_s
-    while matcher.accepted < published and time.monotonic() < deadline:
+    while matcher.ingest.accepted < published and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -88,13 +88,13 @@ def _print_cameras(stats: dict, matcher) -> None:
     print("\n" + header + "\n" + "-" * len(header))
     for cid, s in stats.items():
         print(f"{cid:<16} {s.status:<9} {s.frames:>6} {len(s.tracks):>6} {s.published:>9} {s.dropped:>7} "
-              f"{matcher.accepted_by_camera[cid]:>7}")
+              f"{matcher.ingest.accepted_by_camera[cid]:>7}")
     print("people = distinct tracks per camera; stored = sightings committed by the matcher")
 
 
 def _cross_camera_query(matcher, filters):
     """The longest track of the query camera, and where else it was seen."""
-    sightings = matcher.recent(QUERY_CAMERA, limit=100000)
+    sightings = matcher.store.recent(QUERY_CAMERA, limit=100000)
     if not sightings:
         return None
     counts: dict[int, int] = {}
@@ -102,11 +102,11 @@ def _cross_camera_query(matcher, filters):
         counts[s.track] = counts.get(s.track, 0) + 1
     track = max(counts, key=counts.get)
     query = next(s for s in sightings if s.track == track)  # the newest: its embedding is the track's mean
-    return query, matcher.search_sighting(query.id, filters)
+    return query, matcher.queries.search_sighting(query.id, filters)
 
 
 def _img(matcher, sighting_id: int) -> str:
-    jpg = matcher.thumbnail(sighting_id)
+    jpg = matcher.store.thumbnail(sighting_id)
     if not jpg:
         return "<span>no thumbnail</span>"
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(jpg).decode()}" alt="sighting {sighting_id}">'

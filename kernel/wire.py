@@ -7,9 +7,10 @@
 | decode + validate  | `decode(buf)` → `Sighting`, or `WireError` saying what was wrong       |
 | a batch            | `decode_many(bufs)` → a `Sighting` or `WireError` per message, in order |
 
-    >>> buf = encode(sighting)
-    >>> decode(buf) == sighting
-    True
+    >>> s = Sighting("edge-1", "gate", 1700000000.25, 42, 7, (10.0, 20.0, 40.0, 100.0), 0.9,
+    ...              np.full(4, 0.5, np.float32), "mobilenetv2-imagenet-1")
+    >>> decode(encode(s)) == s, s.schema    # `schema`: the wire schema's version; `model`: the embedding model's
+    (True, 1)
 
 Schema version 1 (a MessagePack map with short keys):
 
@@ -66,7 +67,7 @@ class Sighting:
     embedding: np.ndarray  # (D,) float32 or float16
     model: str
     thumbnail: bytes | None = None
-    version: int = field(default=SCHEMA_VERSION)
+    schema: int = field(default=SCHEMA_VERSION)  # the wire schema's version; `model` is the embedding model's
 
     def _scalars(self) -> tuple:
         return (self.node, self.camera, self.ts, self.frame, self.track, tuple(self.box), self.score, self.model, self.thumbnail)
@@ -167,9 +168,9 @@ def _parse(buf: bytes | memoryview) -> Sighting:
         raise WireError(f"not a MessagePack message: {type(e).__name__}: {e}") from None
     if type(m) is not dict:
         raise WireError(f"message is a {type(m).__name__}, not a map")
-    version = _get(m, "v", (int,))
-    if version not in SUPPORTED_VERSIONS:
-        raise WireError(f"schema version {version} not supported (supported: {SUPPORTED_VERSIONS})")
+    schema = _get(m, "v", (int,))
+    if schema not in SUPPORTED_VERSIONS:
+        raise WireError(f"schema version {schema} not supported (supported: {SUPPORTED_VERSIONS})")
     score = _finite(m, "score")
     if not 0.0 <= score <= 1.0:
         raise WireError(f"field 'score' {score} outside [0, 1]")
@@ -177,7 +178,7 @@ def _parse(buf: bytes | memoryview) -> Sighting:
     if frame < 0 or track < 0:
         raise WireError("fields 'frame' and 'track' must be >= 0")
     return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts"), frame, track, _box(m), score, _embedding(m),
-                    _ident(m, "model", 128), _thumbnail(m), version)
+                    _ident(m, "model", 128), _thumbnail(m), schema)
 
 
 _NOT_FINITE = "field 'emb' holds NaN or infinite values"

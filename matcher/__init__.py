@@ -2,14 +2,18 @@
 
 | module     | job                                                                           |
 |------------|-------------------------------------------------------------------------------|
-| `ingest`   | ZeroMQ receiver: validates wire messages, counts and drops the rest           |
+| `ingest`   | the ingest pipeline: ZeroMQ receive → checks → SQLite commit → index, counts  |
+| `tracks`   | which track a new sighting continues (matcher track ids)                      |
 | `store`    | SQLite (WAL): sightings, embeddings, thumbnails, deletion log                  |
 | `index`    | FAISS partitions per model version: exact → IVF/HNSW, snapshots, recovery     |
-| `query`    | filters, over-fetch, grouping into tracks, result types                        |
-| `service`  | the `Matcher` facade and its threads (ingest, snapshots, retention)           |
+| `query`    | the query engine: filters, over-fetch, grouping into tracks                    |
+| `results`  | what queries answer with (`SightingRecord`, `TrackHit`, `QueryResult`); stdlib only |
+| `service`  | `Matcher`: starts ingest and maintenance (snapshots, retention), holds the queries |
 | `metrics`  | Prometheus series from the matcher's counters                                  |
+| `api`, `schemas`, `client` | the HTTP API and web page, its bodies, a client for it            |
 
-    >>> m = Matcher(load_matcher_config("configs/matcher.yaml")); m.start()
+    m = Matcher(load_matcher_config("configs/matcher.yaml")); m.start()
+    m.queries.search_sighting(123)
     $ crossview matcher --config configs/matcher.yaml
     $ crossview query --data-dir var/matcher --track edge-1:gate:17 --json
 """

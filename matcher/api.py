@@ -17,10 +17,9 @@ fetches thumbnails with the header and shows them as blob URLs). Errors are `{"d
 401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`);
 a malformed request is FastAPI's 422 with one entry per field.
 
-    >>> server = serve(matcher, cfg.http)     # binds cfg.http.host (127.0.0.1 unless configured)
-    >>> server.url
-    'http://127.0.0.1:8080/'
-    >>> server.stop()
+    server = serve(matcher, cfg.http)     # binds cfg.http.host (127.0.0.1 unless configured)
+    server.url                            # 'http://127.0.0.1:8080/'
+    server.stop()
 """
 
 from __future__ import annotations
@@ -104,6 +103,7 @@ def decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def _api_router(matcher: Matcher, token: str) -> APIRouter:
+    queries, store = matcher.queries, matcher.store
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(token))], responses=_ERRORS)
 
     @api.get("/stats", summary="Matcher totals: sightings, models, ingest and index state")
@@ -112,15 +112,15 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
 
     @api.get("/cameras", summary="Every camera with its sighting and track counts")
     def cameras() -> list[CameraOut]:
-        return [CameraOut.model_validate(c) for c in matcher.cameras()]
+        return [CameraOut.model_validate(c) for c in store.cameras()]
 
     @api.get("/sightings", summary="Newest sightings first, of one camera or all")
     def recent(camera: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[SightingOut]:
-        return [SightingOut.model_validate(r) for r in matcher.recent(camera=camera, limit=limit)]
+        return [SightingOut.model_validate(r) for r in store.recent(camera=camera, limit=limit)]
 
     @api.get("/sightings/{sighting_id}", summary="One sighting", responses=_NOT_FOUND)
     def sighting(sighting_id: int) -> SightingOut:
-        record = matcher.sighting(sighting_id)
+        record = store.record(sighting_id)
         if record is None:
             raise LookupError(f"no sighting {sighting_id}")
         return SightingOut.model_validate(record)
@@ -128,7 +128,7 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
     @api.get("/sightings/{sighting_id}/thumbnail", summary="A sighting's JPEG thumbnail", response_class=Response,
              responses={**_NOT_FOUND, 200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
     def thumbnail(sighting_id: int) -> Response:
-        jpeg = matcher.thumbnail(sighting_id)
+        jpeg = store.thumbnail(sighting_id)
         if jpeg is None:
             raise LookupError(f"sighting {sighting_id} does not exist or has no thumbnail")
         # Personal data: no copy in the browser's disk cache outlives retention (the page keeps its own in memory).
@@ -138,19 +138,19 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
     def query(body: QueryIn) -> QueryOut:
         filters = body.filters()
         if body.sighting_id is not None:
-            result = matcher.search_sighting(body.sighting_id, filters)
+            result = queries.search_sighting(body.sighting_id, filters)
         elif body.track is not None:
             t = body.track
-            result = matcher.search_track(t.node, t.camera, t.track, t.model, filters)
+            result = queries.search_track(t.node, t.camera, t.track, t.model, filters)
         else:
-            result = matcher.search_embedding(np.asarray(body.embedding, np.float32), body.model, filters)
+            result = queries.search_embedding(np.asarray(body.embedding, np.float32), body.model, filters)
         return QueryOut.model_validate(result)
 
     @api.post("/query/image", summary="Where was the person in this crop seen", responses=_QUERY_ERRORS)
     def query_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
                     form: Annotated[ImageQueryForm, Form()]) -> QueryOut:
         pixels = decode_image(image.file.read(MAX_UPLOAD_BYTES + 1), image.filename or "image")
-        return QueryOut.model_validate(matcher.search_image(pixels, form.model, form.filters()))
+        return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
 
     return api
 

@@ -1,4 +1,5 @@
-"""A small client for a running matcher's HTTP API (stdlib only), used by `crossview query --url`.
+"""A small client for a running matcher's HTTP API, used by `crossview query --url`: stdlib only, no FAISS or numpy
+(its result types come from `matcher.results`).
 
 | what              | how                                                                           |
 |-------------------|-------------------------------------------------------------------------------|
@@ -9,8 +10,8 @@
 | errors            | 404 → `LookupError`, 400/422 → `ValueError`, 401 → `PermissionError`, no server → `ConnectionError`; |
 |                   | each with the server's own message                                            |
 
-    >>> client = MatcherClient("http://127.0.0.1:8080", read_token(Path("keys/http-token")))
-    >>> result_from_dict(client.query({"sighting_id": 123})).to_text()
+    client = MatcherClient("http://127.0.0.1:8080", read_token(Path("keys/http-token")))
+    print(result_from_dict(client.query({"sighting_id": 123})).to_text())
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from crossview.matcher.query import QueryResult, TrackHit
-from crossview.matcher.store import SightingRecord
+from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
 
 API_PREFIX = "/api/v1"
 TOKEN_ENV = "CROSSVIEW_TOKEN"
@@ -104,7 +104,7 @@ class MatcherClient:
 
 def _record(d: dict) -> SightingRecord:
     return SightingRecord(d["id"], d["node"], d["camera"], d["ts"], d["frame"], d["track"], d["track_id"], tuple(d["box"]),
-                          d["det_score"], d["model"], d["has_thumbnail"])
+                          d["score"], d["model"], d["has_thumbnail"])
 
 
 def result_from_dict(d: dict) -> QueryResult:

@@ -16,10 +16,10 @@
 | recovery        | `recover()`: load snapshots, add the store's sightings above each snapshot's highest id, |
 |                 | apply deletions logged after its position; a model without a usable snapshot is rebuilt from the store |
 
-    >>> index = Index(cfg.index, store, data_dir / "index")
-    >>> index.recover()
-    >>> index.add("osnet-3", ids, vecs)          # after the store committed them
-    >>> scores, ids = index.search("osnet-3", query_vec, k=80)
+    index = Index(cfg.index, store, data_dir / "index")
+    index.recover()
+    index.add("osnet-3", ids, vecs)          # (n,) int64 store ids, (n, dim) float32 unit rows, once committed
+    scores, ids = index.search("osnet-3", query_vec, k=80)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 | `crossview_matcher_partition_size`        | model, kind   |
 | `crossview_matcher_ingest_batch_seconds`  | (histogram: one batch, from its commit's start until searchable) |
 
-    >>> m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
+    m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
 """
 
 from __future__ import annotations

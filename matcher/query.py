@@ -12,23 +12,22 @@
 | filters     | read from the store and scored exactly instead: over-fetching would walk most of the index |
 | tracks      | sightings grouped by `track_id`; a track scores as its best sighting; the query's own track |
 |             | is left out                                                                                |
-| results     | `QueryResult.cameras`: camera → `TrackHit`s by time, cameras by their first hit;          |
-|             | `ranked()` best first; `to_dict()` for JSON; `to_text()` for a terminal                    |
+| results     | `QueryResult.cameras` (see `matcher.results`): camera → `TrackHit`s by time, cameras by   |
+|             | their first hit; `ranked()` best first; `to_dict()` for JSON; `to_text()` for a terminal   |
 | errors      | `LookupError` for a missing sighting, track or model partition; `ValueError` for bad input or |
 |             | an image query naming a model version with no loaded ONNX file                           |
 
-    >>> engine = QueryEngine(store, index, load_embedders(cfg.models), cfg.query)
-    >>> result = engine.search_sighting(123, Filters(cameras=["gate", "lobby"], min_score=0.6, top_k=5))
-    >>> [(hit.camera, hit.track, round(hit.score, 2)) for hit in result.ranked()]
-    [('lobby', 17, 0.91), ('gate', 4, 0.74)]
+    engine = QueryEngine(store, index, load_embedders(cfg.models), cfg.query)   # or Matcher(cfg).queries
+    result = engine.search_sighting(123, Filters(cameras=["gate", "lobby"], min_score=0.6, top_k=5))
+    [(hit.camera, hit.track, round(hit.score, 2)) for hit in result.ranked()]
+    # [('lobby', 17, 0.91), ('gate', 4, 0.74)]
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +35,8 @@ import numpy as np
 
 from crossview.kernel.config import QueryConfig
 from crossview.matcher.index import Index
-from crossview.matcher.store import SightingRecord, Store
+from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
+from crossview.matcher.store import Store
 
 if TYPE_CHECKING:
     from crossview.kernel.embedder import Embedder
@@ -70,61 +70,6 @@ class Filters:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class TrackHit:
-    node: str
-    camera: str
-    track: int
-    model: str
-    score: float  # best sighting's similarity to the query
-    first_ts: float  # the whole stored track's time span
-    last_ts: float
-    best: SightingRecord
-    sightings: list[SightingRecord]  # the best-matching few, by time
-    track_id: int = 0  # store's track id (first sighting's id): stable handle for a track
-    n_sightings: int = 0  # stored sightings of the track
-
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("node", "camera", "track", "track_id", "model", "score", "first_ts", "last_ts",
-                                            "n_sightings")}
-        return {**d, "best": self.best.to_dict(), "sightings": [s.to_dict() for s in self.sightings]}
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    model: str
-    query: dict
-    cameras: dict[str, list[TrackHit]] = field(default_factory=dict)
-
-    def ranked(self) -> list[TrackHit]:
-        return sorted((h for hits in self.cameras.values() for h in hits), key=lambda h: -h.score)
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "query": self.query,
-                "cameras": {cam: [h.to_dict() for h in hits] for cam, hits in self.cameras.items()}}
-
-    def to_text(self) -> str:
-        lines = [f"model {self.model}, query {_describe(self.query)}"]
-        if not self.cameras:
-            return "\n".join([*lines, "no matching tracks"])
-        lines.append(f"{'camera':<16} {'node:camera:track':<28} {'score':>6}  {'first seen':<19}  {'last seen':<19}  "
-                     f"{'best id':>8}  box")
-        for cam, hits in self.cameras.items():
-            for h in hits:
-                box = ",".join(f"{v:.0f}" for v in h.best.box)
-                lines.append(f"{cam:<16} {f'{h.node}:{h.camera}:{h.track}':<28} {h.score:6.3f}  {_clock(h.first_ts)}  "
-                             f"{_clock(h.last_ts)}  {h.best.id:>8}  {box}")
-        return "\n".join(lines)
-
-
-def _clock(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _describe(query: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in query.items() if k != "filters" and not isinstance(v, dict))
 
 
 def _unit(vec: np.ndarray) -> np.ndarray:

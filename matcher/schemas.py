@@ -47,7 +47,7 @@ class SightingOut(_TrackKey):
     ts: float = Field(description="capture time, Unix seconds")
     frame: int
     box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in frame pixels")
-    det_score: float = Field(description="detector confidence")
+    score: float = Field(description="the detector's confidence, as the edge sent it")
     has_thumbnail: bool
 
     @computed_field(description="GET it with the bearer token; null when the edge sent no thumbnail")

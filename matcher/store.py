@@ -6,22 +6,23 @@
 | pages                 | 16 KiB in a new file (thumbnails fit in a page); an existing file keeps its own size |
 | WAL checkpoints       | by SQLite on the committing thread, or with `checkpoint_in_background()` by the caller's |
 |                       | own thread calling `checkpoint()`, off the commit path                       |
-| ingest                | `insert(sightings)` → ids: one transaction per batch; ids are the FAISS ids |
+| ingest                | `insert(ids, sightings, track_ids, vecs)`: one transaction per batch, rows as given; |
+|                       | the caller decides ids (from `next_id()` on; they are the FAISS ids) and track ids (`matcher.tracks`) |
 | ids                   | `AUTOINCREMENT`, so an id is never reused after a deletion (snapshot replay relies on it) |
-| tracks                | each sighting gets `track_id`: the id of its track's first sighting; an edge track id |
-|                       | seen again after `track_gap_s` starts a new track (edge ids restart with the node); |
-|                       | recent tracks are kept in memory (loaded at open), so assigning costs no query |
-| lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()` |
+| old files             | a store written before the detector score was named `score` (as on the wire) has a |
+|                       | `det_score` column: renamed at a writable open, read under its old name when read-only |
+| lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()`, |
+|                       | `track_ends(since)` (what a restarted matcher's tracks continue)              |
 | deletions             | `delete(ids)` removes rows, embeddings and thumbnails (`secure_delete`: their bytes are |
 |                       | overwritten in the file) and appends (seq, id, model) to the `deletions` log |
 | retention             | `older_than(ts)`, `over_quota(n)`: ids to delete                             |
 | readers               | pooled connections, one per concurrent reader; `read_only=True` opens the file `mode=ro` |
 |                       | (safe beside a running service)                                             |
 
-    >>> store = Store(Path("var/matcher/sightings.db"))
-    >>> ids = store.insert(sightings)          # on disk when this returns
-    >>> store.records(ids)[ids[0]].camera
-    'gate'
+    store = Store(Path("var/matcher/sightings.db"))
+    first = store.next_id()
+    store.insert(ids, sightings, track_ids, vecs)     # on disk when this returns; ids = first, first + 1, ...
+    store.records(ids)[first].camera                  # 'gate'
 
 Camera ids are site-wide: two nodes reporting the same camera id are one camera.
 """
@@ -31,14 +32,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from crossview.kernel.wire import Sighting
+from crossview.matcher.results import SightingRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS sightings (
     track INTEGER NOT NULL,
     track_id INTEGER NOT NULL,
     x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
-    det_score REAL NOT NULL,
+    score REAL NOT NULL,
     model TEXT NOT NULL,
     has_thumb INTEGER NOT NULL
 );
@@ -72,32 +73,14 @@ CREATE TABLE IF NOT EXISTS deletions (
 );
 CREATE TABLE IF NOT EXISTS pruned (upto INTEGER NOT NULL);  -- one row: deletion log forgotten up to here
 """
-_RECORD = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, det_score, model, has_thumb"
+_COLUMNS = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, score, model, has_thumb"
+_OLD_SCORE = "det_score"  # the score column's name in stores written before it was named as on the wire
 _PAGE_SIZE = 16384
 _VECTOR_CHUNK = 20000
-_TRACK_CACHE = 100_000  # edge tracks remembered before the ones past track_gap_s are dropped
 
 
-@dataclass(frozen=True)
-class SightingRecord:
-    id: int
-    node: str
-    camera: str
-    ts: float
-    frame: int
-    track: int
-    track_id: int  # id of the track's first sighting: tracks are (node, camera, track, model) split at gaps
-    box: tuple[float, float, float, float]
-    det_score: float
-    model: str
-    has_thumbnail: bool
-
-    @classmethod
-    def from_row(cls, r: tuple) -> "SightingRecord":
-        return cls(r[0], r[1], r[2], r[3], r[4], r[5], r[6], (r[7], r[8], r[9], r[10]), r[11], r[12], bool(r[13]))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "box": list(self.box)}
+def _record(r: tuple) -> SightingRecord:
+    return SightingRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], (r[7], r[8], r[9], r[10]), r[11], r[12], bool(r[13]))
 
 
 def _id_vectors(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,21 +97,15 @@ def _ids_json(ids: Iterable[int]) -> str:
 
 
 class Store:
-    def __init__(self, path: Path, read_only: bool = False, track_gap_s: float = 60.0):
+    def __init__(self, path: Path, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
-        self.track_gap_s = track_gap_s
         if read_only and not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no matcher store here")
         self._idle: list[sqlite3.Connection] = []  # reader pool; list.pop/append are atomic
         self._conns: list[sqlite3.Connection] = []
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        # Edge track key (node, camera, track, model) -> (track_id, last ts) for every track within track_gap_s
-        # of its node's newest sighting: all a new sighting can continue, so a miss is a new track.
-        self._tracks: dict[tuple[str, str, int, str], tuple[int, float]] = {}
-        self._newest: dict[str, float] = {}  # node -> newest sighting time (nodes' clocks may differ)
-        self._prune_at = _TRACK_CACHE
         self._checkpointer: sqlite3.Connection | None = None
         if not read_only:
             self._writer = self._connect()
@@ -137,7 +114,16 @@ class Store:
             self._writer.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.executescript(SCHEMA)
-            self._load_recent_tracks()
+        self._record = self._record_columns()
+
+    def _record_columns(self) -> str:
+        """What a `SightingRecord` is selected as; an old store's score column is renamed first, when writable."""
+        if _OLD_SCORE not in {r[1] for r in self._all("PRAGMA table_info(sightings)")}:
+            return _COLUMNS
+        if self.read_only:
+            return _COLUMNS.replace("score", f"{_OLD_SCORE} AS score")
+        self._writer.execute(f"ALTER TABLE sightings RENAME COLUMN {_OLD_SCORE} TO score")
+        return _COLUMNS
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -210,68 +196,36 @@ class Store:
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def insert(self, sightings: list[Sighting]) -> list[int]:
-        """Store a batch in one transaction; embeddings must be float32 and unit length. Returns the new ids."""
+    def next_id(self) -> int:
+        """The id the next inserted sighting takes: ids are never reused, not even a deleted one's."""
+        return (self._one("SELECT seq FROM sqlite_sequence WHERE name = 'sightings'") or (0,))[0] + 1
 
-        def work(db: sqlite3.Connection) -> tuple[list[int], dict]:
-            first = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'sightings'").fetchone() or (0,))[0] + 1
-            ids = list(range(first, first + len(sightings)))
-            tracks, seen = self._assign_tracks(sightings, ids)
+    def insert(self, ids: Sequence[int], sightings: Sequence[Sighting], track_ids: Sequence[int],
+               vecs: Sequence[np.ndarray]) -> None:
+        """Store a batch in one transaction, row for row: new ids (`next_id()` on), sightings, their track ids and
+        their embeddings as float32 unit vectors (not the sightings' own, which may be float16 and unnormalised)."""
+
+        def work(db: sqlite3.Connection) -> None:
             db.executemany(
-                f"INSERT INTO sightings ({_RECORD}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, s.node, s.camera, s.ts, s.frame, s.track, tracks[i], *s.box, s.score, s.model, s.thumbnail is not None)
-                 for i, s in zip(ids, sightings)],
+                f"INSERT INTO sightings ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, s.node, s.camera, s.ts, s.frame, s.track, t, *s.box, s.score, s.model, s.thumbnail is not None)
+                 for i, s, t in zip(ids, sightings, track_ids)],
             )
-            db.executemany("INSERT INTO vectors (id, vec) VALUES (?, ?)",
-                           [(i, s.embedding.astype(np.float32, copy=False).tobytes()) for i, s in zip(ids, sightings)])
+            db.executemany("INSERT INTO vectors (id, vec) VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
             db.executemany("INSERT INTO thumbnails (id, jpeg) VALUES (?, ?)",
                            [(i, s.thumbnail) for i, s in zip(ids, sightings) if s.thumbnail is not None])
             db.executemany("INSERT OR IGNORE INTO models (model, dim) VALUES (?, ?)",
-                           {(s.model, len(s.embedding)) for s in sightings})
-            return ids, seen
+                           {(s.model, len(v)) for s, v in zip(sightings, vecs)})
 
-        if not sightings:
-            return []
-        ids, seen = self._transaction(work)
-        self._remember_tracks(seen)  # only once committed: a rolled-back track_id must not be reused
-        return ids
-
-    def _load_recent_tracks(self) -> None:
-        self._newest = dict(self._all("SELECT node, MAX(ts) FROM sightings GROUP BY node"))
-        if not self._newest:
-            return
-        since = min(self._newest.values()) - self.track_gap_s
-        # SQLite takes a bare column (track_id) from the row holding the MAX().
-        rows = self._all("SELECT node, camera, track, model, track_id, MAX(ts) FROM sightings WHERE ts >= ? "
-                         "GROUP BY node, camera, track, model", (since,))
-        self._tracks = {(n, c, t, m): (tid, ts) for n, c, t, m, tid, ts in rows if ts >= self._newest[n] - self.track_gap_s}
-
-    def _assign_tracks(self, sightings: list[Sighting], ids: list[int]) -> tuple[dict, dict]:
-        """({sighting id: track_id}, {edge track key: (track_id, last ts)}) for a batch about to be inserted."""
-        out, seen = {}, {}
-        for i, s in zip(ids, sightings):
-            key = (s.node, s.camera, s.track, s.model)
-            known = seen.get(key) or self._tracks.get(key)
-            if known and abs(s.ts - known[1]) <= self.track_gap_s:
-                seen[key] = (known[0], max(s.ts, known[1]))
-            else:
-                seen[key] = (i, s.ts)
-            out[i] = seen[key][0]
-        return out, seen
-
-    def _remember_tracks(self, seen: dict) -> None:
-        self._tracks.update(seen)
-        for (node, *_), (_, ts) in seen.items():
-            self._newest[node] = max(ts, self._newest.get(node, ts))
-        if len(self._tracks) > self._prune_at:  # drop tracks any new sighting would start afresh anyway
-            self._tracks = {k: v for k, v in self._tracks.items() if v[1] >= self._newest[k[0]] - self.track_gap_s}
-            self._prune_at = max(_TRACK_CACHE, 2 * len(self._tracks))
+        if sightings:
+            self._transaction(work)
 
     # -- lookups -------------------------------------------------------------------------------
 
     def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
-        rows = self._all(f"SELECT {_RECORD} FROM sightings WHERE id IN (SELECT value FROM json_each(?))", (_ids_json(ids),))
-        return {r[0]: SightingRecord.from_row(r) for r in rows}
+        rows = self._all(f"SELECT {self._record} FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
+                         (_ids_json(ids),))
+        return {r[0]: _record(r) for r in rows}
 
     def record(self, sighting_id: int) -> SightingRecord | None:
         return self.records([sighting_id]).get(int(sighting_id))
@@ -286,12 +240,12 @@ class Store:
 
     def latest_in_track(self, node: str, camera: str, track: int, model: str | None = None) -> SightingRecord | None:
         """The newest sighting of an edge track: it carries the track's best (longest running mean) embedding."""
-        sql = f"SELECT {_RECORD} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
+        sql = f"SELECT {self._record} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
         args: tuple = (node, camera, int(track))
         if model is not None:
             sql, args = sql + " AND model = ?", (*args, model)
         row = self._one(sql + " ORDER BY ts DESC LIMIT 1", args)
-        return None if row is None else SightingRecord.from_row(row)
+        return None if row is None else _record(row)
 
     def track_spans(self, track_ids: Iterable[int]) -> dict[int, tuple[float, float, int]]:
         """track_id -> (first ts, last ts, sightings stored)."""
@@ -301,14 +255,24 @@ class Store:
 
     def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
         where, args = ("WHERE camera = ?", (camera,)) if camera is not None else ("", ())
-        rows = self._all(f"SELECT {_RECORD} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
-        return [SightingRecord.from_row(r) for r in rows]
+        rows = self._all(f"SELECT {self._record} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
+        return [_record(r) for r in rows]
 
     def cameras(self) -> list[dict]:
         rows = self._all("SELECT camera, GROUP_CONCAT(DISTINCT node), COUNT(*), COUNT(DISTINCT track_id), MIN(ts), MAX(ts) "
                          "FROM sightings GROUP BY camera ORDER BY camera")
         return [{"camera": r[0], "node": r[1], "sightings": r[2], "tracks": r[3], "first_ts": r[4], "last_ts": r[5]}
                 for r in rows]
+
+    def newest_by_node(self) -> dict[str, float]:
+        """node -> its newest sighting's time."""
+        return dict(self._all("SELECT node, MAX(ts) FROM sightings GROUP BY node"))
+
+    def track_ends(self, since: float) -> list[tuple[str, str, int, str, int, float]]:
+        """(node, camera, track, model, track_id, last ts) of every edge track seen since `since`: its latest stretch."""
+        # SQLite takes a bare column (track_id) from the row holding the MAX().
+        return self._all("SELECT node, camera, track, model, track_id, MAX(ts) FROM sightings WHERE ts >= ? "
+                         "GROUP BY node, camera, track, model", (since,))
 
     def models(self) -> dict[str, int]:
         """Every model version ever stored, with its embedding dimension."""

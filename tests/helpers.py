@@ -10,11 +10,12 @@
 | `matcher_config(dir)`  | a `MatcherConfig` for tests: plain ZeroMQ on a free port, data in `dir`    |
 | `person_world(...)`    | synthetic sightings: people walking past cameras, one edge track per person and camera |
 | `Pusher(endpoint)`     | a real ZeroMQ PUSH socket, as an edge node has, for sightings or raw bytes |
+| `store_insert(store, sightings)` | sightings straight into a matcher store, each its own track: their ids |
 | `wait_until(cond, s)`  | poll until `cond()` holds, or fail saying what was awaited                |
 | `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
 
     >>> world = person_world(persons=20)           # world.sightings, world.centers, world.track(p, "gate")
-    >>> with Pusher(matcher.endpoint) as push:
+    >>> with Pusher(matcher.ingest.endpoint) as push:
     ...     push.send(world.sightings)
     >>> with MjpegServer(jpeg_frames(shared_data("vtest.avi"), 50)) as cam:
     ...     cap = cv2.VideoCapture(cam.url, cv2.CAP_FFMPEG)
@@ -227,6 +228,15 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 def make_sighting(vec: np.ndarray, node: str = "edge-1", camera: str = "gate", ts: float = T0, frame: int = 0,
                   track: int = 1, model: str = "m1", thumbnail: bytes | None = TINY_JPEG) -> Sighting:
     return Sighting(node, camera, ts, frame, track, (10.0, 20.0, 50.0, 140.0), 0.9, np.asarray(vec, np.float32), model, thumbnail)
+
+
+def store_insert(store, sightings: list[Sighting]) -> list[int]:
+    """Straight into a `crossview.matcher.store.Store`, past the ingest pipeline: embeddings as they are (float32
+    unit vectors), each sighting its own track. Returns their ids."""
+    first = store.next_id()
+    ids = list(range(first, first + len(sightings)))
+    store.insert(ids, sightings, ids, [s.embedding for s in sightings])
+    return ids
 
 
 class PersonWorld:

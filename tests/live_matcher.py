@@ -99,7 +99,7 @@ class LiveMatcher:
         self.matcher = Matcher(self.cfg)
         self.matcher.start()
         try:
-            push(self.matcher.endpoint, self.sightings)
+            push(self.matcher.ingest.endpoint, self.sightings)
             self._wait_accepted(len(self.sightings))
             self.server = serve(self.matcher, self.cfg.http)
         except BaseException:
@@ -110,8 +110,8 @@ class LiveMatcher:
 
     def _wait_accepted(self, n: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.matcher.accepted < n:
-            assert time.monotonic() < deadline, f"matcher accepted {self.matcher.accepted} of {n} sightings"
+        while self.matcher.ingest.accepted < n:
+            assert time.monotonic() < deadline, f"matcher accepted {self.matcher.ingest.accepted} of {n} sightings"
             time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:

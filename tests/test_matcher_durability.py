@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, unit_vectors, wait_until
+from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
 
 from crossview.kernel.config import load_matcher_config
 from crossview.matcher.query import Filters
@@ -40,10 +40,10 @@ def _store_ids(data_dir: Path) -> set[int]:
 
 
 def _ingest(m: Matcher, sightings: list) -> None:
-    target = m.accepted + len(sightings)
-    with Pusher(m.endpoint) as push:
+    target = m.ingest.accepted + len(sightings)
+    with Pusher(m.ingest.endpoint) as push:
         push.send(sightings)
-    wait_until(lambda: m.accepted == target, 20, f"{target} sightings accepted")
+    wait_until(lambda: m.ingest.accepted == target, 20, f"{target} sightings accepted")
 
 
 def _filled(cfg, sightings: list) -> None:
@@ -55,7 +55,7 @@ def _filled(cfg, sightings: list) -> None:
 
 
 def _ranked(m: Matcher, world, person: int) -> list[tuple]:
-    result = m.search_track(*world.track(person, "gate"), None, Filters(top_k=5))
+    result = m.queries.search_track(*world.track(person, "gate"), None, Filters(top_k=5))
     return [(h.camera, h.track, round(h.score, 5), h.n_sightings) for h in result.ranked()]
 
 
@@ -90,7 +90,7 @@ def test_a_damaged_snapshot_is_rebuilt_from_the_store(tmp_path, caplog):
     again = Matcher(cfg)
     assert "unusable" in caplog.text and "rebuilt from the store" in caplog.text
     assert again.index.partition("m1").size == len(world.sightings)
-    assert len(again.search_track(*world.track(2, "gate"), None, Filters(min_score=0.7)).ranked()) == 2
+    assert len(again.queries.search_track(*world.track(2, "gate"), None, Filters(min_score=0.7)).ranked()) == 2
     again.stop()
 
 
@@ -118,7 +118,7 @@ def test_background_checkpoints_restart_the_wal(tmp_path):
     rng, wal = np.random.default_rng(4), tmp_path / "sightings.db-wal"
     sizes = []
     for k in range(6):
-        store.insert([make_sighting(v, frame=k) for v in unit_vectors(rng, 300, 64)])
+        store_insert(store, [make_sighting(v, frame=k) for v in unit_vectors(rng, 300, 64)])
         sizes.append(wal.stat().st_size)
         store.checkpoint()
     store.close()

@@ -27,26 +27,26 @@ def test_a_track_on_one_camera_finds_the_same_person_on_the_other(default_model,
     m.start()
     try:
         cams = [{"id": cam, "source": str(clip), "fps": 5} for cam in ("campus-a", "campus-b")]
-        stats = EdgeNode(edge_config(default_model, cams, m.endpoint)).run(max_seconds=60)
+        stats = EdgeNode(edge_config(default_model, cams, m.ingest.endpoint)).run(max_seconds=60)
         published = sum(s.published for s in stats.values())
         assert stats["campus-a"].frames == stats["campus-b"].frames == 15 and published > 0
-        wait_until(lambda: m.accepted == published, 20, f"all {published} published sightings accepted")
+        wait_until(lambda: m.ingest.accepted == published, 20, f"all {published} published sightings accepted")
 
-        on_a = m.recent("campus-a", limit=1000)
+        on_a = m.store.recent("campus-a", limit=1000)
         track, n = Counter(r.track for r in on_a).most_common(1)[0]
         assert n >= 5, "the longest track on camera A should span several frames"
-        result = m.search_track("test-edge", "campus-a", track, None, Filters(top_k=3))
+        result = m.queries.search_track("test-edge", "campus-a", track, None, Filters(top_k=3))
         top = result.ranked()[0]
         assert result.model == "mobilenetv2-imagenet-1"
         assert top.camera == "campus-b" and top.score > 0.99, f"best hit {top.camera}:{top.track} at {top.score:.3f}"
         # Its twin: the same frames, the same boxes.
         query_boxes = {(r.frame, tuple(round(v) for v in r.box)) for r in on_a if r.track == track}
         assert {(s.frame, tuple(round(v) for v in s.box)) for s in top.sightings} <= query_boxes
-        assert m.thumbnail(top.best.id)[:2] == b"\xff\xd8"
+        assert m.store.thumbnail(top.best.id)[:2] == b"\xff\xd8"
 
         # A crop of that person, embedded by the matcher's own copy of the model, finds both tracks.
         crop = _crop(clip, top.best)
-        by_image = m.search_image(crop, "mobilenetv2-imagenet-1", Filters(top_k=2))
+        by_image = m.queries.search_image(crop, "mobilenetv2-imagenet-1", Filters(top_k=2))
         assert {h.camera for h in by_image.ranked()} == {"campus-a", "campus-b"}
     finally:
         m.stop()

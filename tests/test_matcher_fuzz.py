@@ -25,9 +25,9 @@ FIELDS = msgpack.unpackb(GOOD)
 def matcher(tmp_path_factory):
     m = Matcher(matcher_config(tmp_path_factory.mktemp("fuzz")))
     m.start()
-    with Pusher(m.endpoint) as push:
+    with Pusher(m.ingest.endpoint) as push:
         push.send_raw(GOOD)  # fixes model m1 at 64-d
-        wait_until(lambda: m.accepted == 1, 10, "the first sighting")
+        wait_until(lambda: m.ingest.accepted == 1, 10, "the first sighting")
         m.push = push
         yield m
     m.stop()
@@ -35,11 +35,11 @@ def matcher(tmp_path_factory):
 
 def _send_and_account(m: Matcher, junk: list[bytes]) -> tuple[int, int]:
     """Send junk then one good message; wait until every message is accounted for. Returns (accepted, rejected) deltas."""
-    accepted, rejected = m.accepted, sum(m.rejected.values())
+    accepted, rejected = m.ingest.accepted, sum(m.ingest.rejected.values())
     m.push.send_raw(*junk, encode(make_sighting(unit_vectors(RNG, 1, 64)[0])))
-    wait_until(lambda: m.accepted + sum(m.rejected.values()) == accepted + rejected + len(junk) + 1, 10,
+    wait_until(lambda: m.ingest.accepted + sum(m.ingest.rejected.values()) == accepted + rejected + len(junk) + 1, 10,
                f"{len(junk) + 1} messages accepted or rejected")
-    return m.accepted - accepted, sum(m.rejected.values()) - rejected
+    return m.ingest.accepted - accepted, sum(m.ingest.rejected.values()) - rejected
 
 
 def _with(**changes) -> bytes:
@@ -69,9 +69,9 @@ NAMED_DEFECTS = {
 @pytest.mark.parametrize("name", NAMED_DEFECTS)
 def test_each_defect_is_counted_under_its_reason(matcher, name):
     message, reason = NAMED_DEFECTS[name]
-    counts = dict(matcher.rejected)
+    counts = dict(matcher.ingest.rejected)
     assert _send_and_account(matcher, [message]) == (1, 1)
-    [moved] = [r for r, n in matcher.rejected.items() if n != counts.get(r, 0)]
+    [moved] = [r for r, n in matcher.ingest.rejected.items() if n != counts.get(r, 0)]
     assert moved.startswith(reason) or reason.startswith(moved)  # the receiver keeps a reason's first 60 characters
 
 
@@ -120,7 +120,7 @@ def test_flipped_bytes_in_real_messages(matcher):
 def test_oversized_messages_cost_only_their_own_connection(matcher):
     """ZeroMQ's MAXMSGSIZE cuts a sender off mid-message; other edges go on."""
     size = matcher.index.partition("m1").size
-    with Pusher(matcher.endpoint) as rogue:
+    with Pusher(matcher.ingest.endpoint) as rogue:
         rogue.send_raw(b"\x00" * (MAX_MESSAGE_BYTES + 1), b"\x00" * (8 * MAX_MESSAGE_BYTES))
         accepted, rejected = _send_and_account(matcher, [GOOD] * 3)
     assert accepted == 4 and rejected == 0

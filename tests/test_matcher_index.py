@@ -10,7 +10,7 @@ import time
 import faiss
 import numpy as np
 import pytest
-from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, unit_vectors, wait_until
+from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
 
 from crossview.kernel.config import IndexConfig
 from crossview.matcher import index as matcher_index
@@ -41,10 +41,10 @@ class _Prober(threading.Thread):
             before = self.m.index.rebuilding("m1")
             t0 = time.perf_counter()
             try:
-                self.m.search_embedding(self.centers[rng.integers(len(self.centers))], "m1", Filters(top_k=5))
+                self.m.queries.search_embedding(self.centers[rng.integers(len(self.centers))], "m1", Filters(top_k=5))
             except LookupError:  # nothing ingested yet
                 continue
-            self.samples.append((time.perf_counter() - t0, before and self.m.index.rebuilding("m1"), self.m.accepted))
+            self.samples.append((time.perf_counter() - t0, before and self.m.index.rebuilding("m1"), self.m.ingest.accepted))
 
 
 @pytest.mark.timeout(120)
@@ -56,8 +56,8 @@ def test_exact_to_ivf_in_the_background_while_ingest_and_queries_continue(tmp_pa
     prober = _Prober(m, world.centers)
     prober.start()
     try:
-        _paced_push(m.endpoint, world.sightings)
-        wait_until(lambda: m.accepted == 12000, 60, "12000 sightings accepted")
+        _paced_push(m.ingest.endpoint, world.sightings)
+        wait_until(lambda: m.ingest.accepted == 12000, 60, "12000 sightings accepted")
         assert m.index.wait_rebuilds(60)
     finally:
         prober.done.set()
@@ -94,16 +94,16 @@ def _check_recall(m: Matcher, world) -> None:
 
 
 def _remove_a_track(m: Matcher, world, person: int) -> None:
-    before = m.search_embedding(world.centers[person], "m1", Filters(min_score=0.7))
+    before = m.queries.search_embedding(world.centers[person], "m1", Filters(min_score=0.7))
     assert len(before.ranked()) == 5  # this person's track on each of the five cameras
     gone = [s.id for s in before.ranked()[0].sightings]
     size = m.index.partition("m1").size
     assert m.remove(gone) == len(gone) and m.remove(gone) == 0
-    after = m.search_embedding(world.centers[person], "m1", Filters(min_score=0.7, top_k=20))
+    after = m.queries.search_embedding(world.centers[person], "m1", Filters(min_score=0.7, top_k=20))
     assert not {s.id for h in after.ranked() for s in h.sightings} & set(gone)
     assert m.index.partition("m1").size == size - len(gone)
     assert not index_ids(m.index.partition("m1").index) & set(gone)
-    assert all(m.sighting(i) is None and m.thumbnail(i) is None for i in gone)
+    assert all(m.store.record(i) is None and m.store.thumbnail(i) is None for i in gone)
 
 
 @pytest.mark.timeout(120)
@@ -112,31 +112,31 @@ def test_hnsw_tombstones_removed_ids_and_a_rebuild_purges_them(tmp_path):
     cfg = matcher_config(tmp_path, index={"exact_max": 300, "kind": "hnsw", "hnsw_m": 16})
     m = Matcher(cfg)
     m.start()
-    _paced_push(m.endpoint, world.sightings)
-    wait_until(lambda: m.accepted == 1200, 30, "1200 sightings accepted")
+    _paced_push(m.ingest.endpoint, world.sightings)
+    wait_until(lambda: m.ingest.accepted == 1200, 30, "1200 sightings accepted")
     assert m.index.wait_rebuilds(60)
     p = m.index.partition("m1")
     assert p.kind == "hnsw" and p.size == 1200
 
-    track = m.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()
+    track = m.queries.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()
     assert len(track) == 4
     gone = [s.id for s in track[0].sightings]
     m.remove(gone)
     assert p.kind == "hnsw" and p.tombstones == set(gone) and p.size == 1200 - len(gone)
-    again = m.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()
+    again = m.queries.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()
     assert [h.track_id for h in again] == [h.track_id for h in track[1:]]  # filtered out, the rest still found
 
     m.remove(list(range(1, 201)))  # past 10% tombstones: a rebuild drops them from the graph
     assert m.index.wait_rebuilds(30)
     assert p.kind == "hnsw" and not p.tombstones and p.index.ntotal == p.size == 1200 - len(set(gone) | set(range(1, 201)))
-    final = [h.track_id for h in m.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()]
+    final = [h.track_id for h in m.queries.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()]
     assert len(final) == 2  # ids 1-200 held person 5's track on camera a too
     m.stop()
 
     restarted = Matcher(cfg)
     q = restarted.index.partition("m1")
     assert (q.kind, q.size) == ("hnsw", p.size)
-    assert [h.track_id for h in restarted.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()] == final
+    assert [h.track_id for h in restarted.queries.search_embedding(world.centers[5], "m1", Filters(min_score=0.7)).ranked()] == final
     restarted.stop()
 
 
@@ -170,13 +170,13 @@ def test_a_removal_waits_for_committed_batches_to_be_indexed(tmp_path, monkeypat
     m = Matcher(matcher_config(tmp_path))
     m.start()
     try:
-        with Pusher(m.endpoint) as push:
+        with Pusher(m.ingest.endpoint) as push:
             push.send([make_sighting(v, frame=i) for i, v in enumerate(unit_vectors(np.random.default_rng(3), 20, 64))])
-        wait_until(lambda: len(m.recent(limit=100)) == 20, 10, "20 sightings committed")
-        assert m.accepted < 20, "some committed sightings are not indexed yet"
-        ids = sorted(r.id for r in m.recent(limit=100))
+        wait_until(lambda: len(m.store.recent(limit=100)) == 20, 10, "20 sightings committed")
+        assert m.ingest.accepted < 20, "some committed sightings are not indexed yet"
+        ids = sorted(r.id for r in m.store.recent(limit=100))
         assert m.remove(ids[:10]) == 10
-        assert m.accepted == 20 and index_ids(m.index.partition("m1").index) == set(ids[10:])
+        assert m.ingest.accepted == 20 and index_ids(m.index.partition("m1").index) == set(ids[10:])
     finally:
         m.stop()
 
@@ -206,7 +206,7 @@ def test_a_partition_that_outgrew_its_rebuild_is_rebuilt_again(tmp_path, monkeyp
     vecs = unit_vectors(np.random.default_rng(4), 4101, 64)
 
     def ingest(rows: np.ndarray) -> None:
-        ids = m.store.insert([make_sighting(v, frame=i) for i, v in enumerate(rows)])
+        ids = store_insert(m.store, [make_sighting(v, frame=i) for i, v in enumerate(rows)])
         m.index.add("m1", np.array(ids), rows)
 
     ingest(vecs[:101])  # past exact_max: an IVF is trained on these 101

@@ -33,10 +33,10 @@ def matcher(tmp_path_factory, world):
     m.start()
     other = person_world(persons=5, cameras=("lobby", "yard", "dock"), dim=32, model="m2", seed=1)
     mirror = [make_sighting(s.embedding, "edge-3", "mirror", s.ts, s.frame, s.track, "m3") for s in world.sightings]
-    with Pusher(m.endpoint) as push:
+    with Pusher(m.ingest.endpoint) as push:
         push.send(world.sightings + other.sightings + mirror)
     total = 2 * len(world.sightings) + len(other.sightings)
-    wait_until(lambda: m.accepted == total, 20, f"{total} sightings accepted")
+    wait_until(lambda: m.ingest.accepted == total, 20, f"{total} sightings accepted")
     yield m
     m.stop()
 
@@ -51,7 +51,7 @@ def test_everything_sent_is_accepted_and_partitioned_by_model(matcher, world):
 
 def test_a_track_finds_the_same_person_on_the_other_cameras(matcher, world):
     node, camera, track = world.track(PERSON, "gate")
-    result = matcher.search_track(node, camera, track, None, Filters(top_k=5))
+    result = matcher.queries.search_track(node, camera, track, None, Filters(top_k=5))
     ranked = result.ranked()
     assert result.model == "m1" and result.query["by"] == "track"
     assert {(h.camera, h.track) for h in ranked[:2]} == {("hall", PERSON + 1), ("street", PERSON + 1)}
@@ -68,7 +68,7 @@ def test_a_track_finds_the_same_person_on_the_other_cameras(matcher, world):
 
 
 def test_results_are_grouped_per_camera_and_ordered_by_time(matcher, world):
-    result = matcher.search_track(*world.track(PERSON, "gate"), None, Filters(top_k=30, min_score=-1))
+    result = matcher.queries.search_track(*world.track(PERSON, "gate"), None, Filters(top_k=30, min_score=-1))
     assert sum(len(h) for h in result.cameras.values()) == 30
     firsts = []
     for camera, hits in result.cameras.items():
@@ -81,24 +81,24 @@ def test_results_are_grouped_per_camera_and_ordered_by_time(matcher, world):
 
 def test_filters(matcher, world):
     query = world.track(PERSON, "gate")
-    only_street = matcher.search_track(*query, None, Filters(cameras=["street"], top_k=3))
+    only_street = matcher.queries.search_track(*query, None, Filters(cameras=["street"], top_k=3))
     assert list(only_street.cameras) == ["street"] and only_street.ranked()[0].track == PERSON + 1
     assert len(only_street.cameras["street"]) == 3  # over-fetching still fills top_k from one camera
 
-    window = matcher.search_track(*query, None, Filters(since=world.ts(0, 1), until=world.ts(19, 1, 5), top_k=4))
+    window = matcher.queries.search_track(*query, None, Filters(since=world.ts(0, 1), until=world.ts(19, 1, 5), top_k=4))
     assert list(window.cameras) == ["hall"] and window.ranked()[0].track == PERSON + 1
 
-    sure = matcher.search_track(*query, None, Filters(min_score=0.7, top_k=10))
+    sure = matcher.queries.search_track(*query, None, Filters(min_score=0.7, top_k=10))
     assert {(h.camera, h.track) for h in sure.ranked()} == {("hall", PERSON + 1), ("street", PERSON + 1)}
     assert all(s_.ts for h in sure.ranked() for s_ in h.sightings)
 
-    one = matcher.search_track(*query, None, Filters(top_k=1))
+    one = matcher.queries.search_track(*query, None, Filters(top_k=1))
     assert len(one.ranked()) == 1 and one.ranked()[0].track == PERSON + 1
 
     for empty in (Filters(cameras=["nowhere"]), Filters(since=world.ts(19, 2, 6)), Filters(cameras=["gate"], min_score=0.9999)):
-        assert matcher.search_track(*query, None, empty).cameras == {}
+        assert matcher.queries.search_track(*query, None, empty).cameras == {}
 
-    late = matcher.search_track(*query, None, Filters(since=world.ts(PERSON, 2, 3), min_score=0.7))
+    late = matcher.queries.search_track(*query, None, Filters(since=world.ts(PERSON, 2, 3), min_score=0.7))
     [hit] = late.ranked()
     assert hit.camera == "street" and all(s.ts >= world.ts(PERSON, 2, 3) for s in hit.sightings)
     assert late.query["filters"]["since"] == world.ts(PERSON, 2, 3)
@@ -121,29 +121,29 @@ def test_selective_filters_scanned_exactly_agree_with_over_fetching(matcher, wor
 
 
 def test_query_by_sighting_and_by_embedding(matcher, world):
-    gate = [r for r in matcher.recent("gate", limit=200) if r.track == PERSON + 1]
-    by_sighting = matcher.search_sighting(gate[0].id, Filters(min_score=0.7))
+    gate = [r for r in matcher.store.recent("gate", limit=200) if r.track == PERSON + 1]
+    by_sighting = matcher.queries.search_sighting(gate[0].id, Filters(min_score=0.7))
     assert {(h.camera, h.track) for h in by_sighting.ranked()} == {("hall", PERSON + 1), ("street", PERSON + 1)}
-    by_vector = matcher.search_embedding(world.centers[PERSON], "m1", Filters(min_score=0.7))
+    by_vector = matcher.queries.search_embedding(world.centers[PERSON], "m1", Filters(min_score=0.7))
     assert {(h.camera, h.track) for h in by_vector.ranked()} == {(c, PERSON + 1) for c in world.cameras}
     assert list(by_vector.cameras) == list(world.cameras)  # visited in this order
-    mirrored = matcher.search_embedding(world.centers[PERSON], "m3", Filters(min_score=0.7))
+    mirrored = matcher.queries.search_embedding(world.centers[PERSON], "m3", Filters(min_score=0.7))
     assert [(h.camera, h.model) for h in mirrored.ranked()] == [("mirror", "m3")] * 3
 
 
 def test_clear_errors(matcher):
     with pytest.raises(LookupError, match="sighting 999999 not found"):
-        matcher.search_sighting(999999)
+        matcher.queries.search_sighting(999999)
     with pytest.raises(LookupError, match="no track edge-1:gate:777"):
-        matcher.search_track("edge-1", "gate", 777)
+        matcher.queries.search_track("edge-1", "gate", 777)
     with pytest.raises(LookupError, match=r"no sightings of embedding model version 'nope' \(indexed versions: m1, m2, m3\)"):
-        matcher.search_embedding(np.ones(64), "nope")
+        matcher.queries.search_embedding(np.ones(64), "nope")
     with pytest.raises(ValueError, match="query embedding has 64 dimensions, model version 'm2' has 32"):
-        matcher.search_embedding(np.ones(64), "m2")
+        matcher.queries.search_embedding(np.ones(64), "m2")
     with pytest.raises(ValueError, match="finite and non-zero"):
-        matcher.search_embedding(np.zeros(64), "m1")
+        matcher.queries.search_embedding(np.zeros(64), "m1")
     with pytest.raises(ValueError, match="no embedding model loaded for version 'm1'"):
-        matcher.search_image(np.zeros((128, 64, 3), np.uint8), "m1")
+        matcher.queries.search_image(np.zeros((128, 64, 3), np.uint8), "m1")
     with pytest.raises(ValueError, match="top_k"):
         Filters(top_k=0)
     with pytest.raises(ValueError, match="since"):
@@ -151,11 +151,11 @@ def test_clear_errors(matcher):
 
 
 def test_lookups_for_a_picker(matcher, world):
-    newest = matcher.recent("street", limit=3)
+    newest = matcher.store.recent("street", limit=3)
     assert [r.ts for r in newest] == sorted((s.ts for s in world.sightings if s.camera == "street"), reverse=True)[:3]
-    assert matcher.sighting(newest[0].id) == newest[0] and newest[0].has_thumbnail
-    assert matcher.thumbnail(newest[0].id) == TINY_JPEG and matcher.sighting(10**9) is None
-    cams = {c["camera"]: c for c in matcher.cameras()}
+    assert matcher.store.record(newest[0].id) == newest[0] and newest[0].has_thumbnail
+    assert matcher.store.thumbnail(newest[0].id) == TINY_JPEG and matcher.store.record(10**9) is None
+    cams = {c["camera"]: c for c in matcher.store.cameras()}
     assert cams["street"] == {"camera": "street", "node": "edge-2", "sightings": 120, "tracks": 20,
                               "first_ts": world.ts(0, 2), "last_ts": world.ts(19, 2, 5)}
     assert newest[0].to_dict()["box"] == [10.0, 20.0, 50.0, 140.0]
@@ -178,16 +178,16 @@ def test_wrong_dimension_and_zero_embeddings_are_counted_and_dropped(tmp_path, c
     m.start()
     try:
         rng = np.random.default_rng(5)
-        with Pusher(m.endpoint) as push:
+        with Pusher(m.ingest.endpoint) as push:
             push.send([make_sighting(unit_vectors(rng, 1, 64)[0], track=1)])  # fixes m1 at 64-d
-            wait_until(lambda: m.accepted == 1, 10, "the first sighting")
+            wait_until(lambda: m.ingest.accepted == 1, 10, "the first sighting")
             push.send([make_sighting(v, node="edge-9", track=2) for v in unit_vectors(rng, 3, 32)])
             push.send([make_sighting(np.zeros(64), track=3)])
             push.send([make_sighting(unit_vectors(rng, 1, 64)[0], track=4)])
-            wait_until(lambda: m.accepted == 2, 10, "good traffic after the bad")
-        assert m.rejected == {"wrong dimension": 3, "zero embedding": 1}
+            wait_until(lambda: m.ingest.accepted == 2, 10, "good traffic after the bad")
+        assert m.ingest.rejected == {"wrong dimension": 3, "zero embedding": 1}
         assert m.stats()["partitions"]["m1"]["size"] == 2
-        assert {r.track for r in m.recent()} == {1, 4}
+        assert {r.track for r in m.store.recent()} == {1, 4}
         assert "dropped sighting from node edge-9 camera gate: model version 'm1' has 64-d embeddings, got 32" in caplog.text
     finally:
         m.stop()
@@ -201,13 +201,13 @@ def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path):
         first = [make_sighting(v[0], ts=1000 + i, track=7) for i in range(3)]
         again = [make_sighting(v[1], ts=1100 + i, track=7) for i in range(2)]  # the edge restarted: id 7 is someone else
         other = [make_sighting(v[0], camera="hall", ts=1200, track=7)]
-        with Pusher(m.endpoint) as push:
+        with Pusher(m.ingest.endpoint) as push:
             push.send(first + again + other)
-            wait_until(lambda: m.accepted == 6, 10, "six sightings")
-        assert {c["camera"]: c["tracks"] for c in m.cameras()} == {"gate": 2, "hall": 1}  # gate: one edge id, two tracks
-        result = m.search_track("edge-1", "gate", 7, "m1", Filters(min_score=0.9))  # the latest one: v[1]
-        assert result.ranked() == [] and result.query["track_id"] == m.recent("gate")[0].track_id
-        [hit] = m.search_sighting(m.recent("gate")[-1].id, Filters(min_score=0.9)).ranked()  # the first one: v[0]
+            wait_until(lambda: m.ingest.accepted == 6, 10, "six sightings")
+        assert {c["camera"]: c["tracks"] for c in m.store.cameras()} == {"gate": 2, "hall": 1}  # gate: one edge id, two tracks
+        result = m.queries.search_track("edge-1", "gate", 7, "m1", Filters(min_score=0.9))  # the latest one: v[1]
+        assert result.ranked() == [] and result.query["track_id"] == m.store.recent("gate")[0].track_id
+        [hit] = m.queries.search_sighting(m.store.recent("gate")[-1].id, Filters(min_score=0.9)).ranked()  # the first one: v[0]
         assert (hit.camera, hit.n_sightings) == ("hall", 1)
     finally:
         m.stop()
@@ -219,9 +219,9 @@ def test_a_track_continues_across_a_matcher_restart(tmp_path):
     for times in ([1000, 1001], [1010, 1100]):  # 9 s after the restart, then a 90 s gap
         m = Matcher(cfg)
         m.start()
-        with Pusher(m.endpoint) as push:
+        with Pusher(m.ingest.endpoint) as push:
             push.send([make_sighting(v, ts=t, track=7) for t in times])
-            wait_until(lambda: m.accepted == 2, 10, "two sightings")
-        tracks = [r.track_id for r in sorted(m.recent(limit=10), key=lambda r: r.ts)]
+            wait_until(lambda: m.ingest.accepted == 2, 10, "two sightings")
+        tracks = [r.track_id for r in sorted(m.store.recent(limit=10), key=lambda r: r.ts)]
         m.stop()
     assert tracks == [1, 1, 1, 4]

@@ -28,25 +28,25 @@ def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path):
     cfg = matcher_config(tmp_path, retention={"max_age_hours": 1, "max_per_camera": 50, "check_interval_s": 0.1})
     m = Matcher(cfg)
     m.start()
-    with Pusher(m.endpoint) as push:
+    with Pusher(m.ingest.endpoint) as push:
         push.send(old + fresh_gate + busy_hall)
-    wait_until(lambda: m.accepted == 130, 10, "130 sightings accepted")
-    wait_until(lambda: {c["camera"]: c["sightings"] for c in m.cameras()} == {"gate": 20, "hall": 50}, 10, "retention")
+    wait_until(lambda: m.ingest.accepted == 130, 10, "130 sightings accepted")
+    wait_until(lambda: {c["camera"]: c["sightings"] for c in m.store.cameras()} == {"gate": 20, "hall": 50}, 10, "retention")
 
-    kept = {r.id: r for r in m.recent(limit=1000)}
+    kept = {r.id: r for r in m.store.recent(limit=1000)}
     assert sorted(r.ts for r in kept.values() if r.camera == "hall") == [s.ts for s in busy_hall[30:]]  # the newest 50
     assert sorted(r.ts for r in kept.values() if r.camera == "gate") == [s.ts for s in fresh_gate]
     assert index_ids(m.index.partition("m1").index) == set(kept)
     gone = set(range(1, 131)) - set(kept)
-    assert len(gone) == 60 and all(m.sighting(i) is None and m.thumbnail(i) is None for i in gone)
+    assert len(gone) == 60 and all(m.store.record(i) is None and m.store.thumbnail(i) is None for i in gone)
     for s in old[:3] + busy_hall[:3]:  # their own embeddings no longer find them
-        assert m.search_embedding(s.embedding, "m1", Filters(min_score=0.99)).ranked() == []
+        assert m.queries.search_embedding(s.embedding, "m1", Filters(min_score=0.99)).ranked() == []
 
     # New sightings keep being policed by the background thread.
-    with Pusher(m.endpoint) as push:
+    with Pusher(m.ingest.endpoint) as push:
         push.send([make_sighting(vecs[130 + i], camera="hall", ts=now + i, frame=100 + i, track=50) for i in range(10)])
-    wait_until(lambda: m.accepted == 140, 10, "ten more")
-    wait_until(lambda: m.cameras()[1]["sightings"] == 50 and m.index.partition("m1").size == 70, 10, "hall back to 50")
+    wait_until(lambda: m.ingest.accepted == 140, 10, "ten more")
+    wait_until(lambda: m.store.cameras()[1]["sightings"] == 50 and m.index.partition("m1").size == 70, 10, "hall back to 50")
     m.stop()
 
     db = sqlite3.connect(tmp_path / "sightings.db")

@@ -86,7 +86,7 @@ def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tm
     visit.wait_thumbs("#grid img.thumb")
 
     # Person 3 seen in hall: the timeline should show gate (earlier) above hall.
-    subject = next(r for r in live_matcher.matcher.recent("hall", 100) if r.track == 3)
+    subject = next(r for r in live_matcher.matcher.store.recent("hall", 100) if r.track == 3)
     page.click(f".pick[data-id='{subject.id}']")
     page.wait_for_selector("#results .row")
     visit.wait_thumbs("#timeline img.thumb")

@@ -31,7 +31,7 @@ def sighting(**kw) -> Sighting:
 def test_round_trip(dtype):
     s = sighting(embedding=sighting().embedding.astype(dtype))
     out = decode(encode(s))
-    assert out == s and out.embedding.dtype == dtype and out.version == SCHEMA_VERSION
+    assert out == s and out.embedding.dtype == dtype and out.schema == SCHEMA_VERSION
 
 
 def test_no_thumbnail():
@@ -41,7 +41,7 @@ def test_no_thumbnail():
 def test_decodes_a_stored_v1_message():
     """A message written by schema version 1 must keep decoding to the same sighting in later versions."""
     s = decode(FIXTURE_V1.read_bytes())
-    assert (s.node, s.camera, s.frame, s.track, s.model, s.version) == ("edge-1", "gate", 42, 7, "mobilenetv2-imagenet-1", 1)
+    assert (s.node, s.camera, s.frame, s.track, s.model, s.schema) == ("edge-1", "gate", 42, 7, "mobilenetv2-imagenet-1", 1)
     assert s.embedding.shape == (16,) and abs(np.linalg.norm(s.embedding) - 1) < 1e-5
 
 

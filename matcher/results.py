@@ -1,0 +1,91 @@
+"""What the matcher answers with: plain dataclasses, stdlib only, so the HTTP client needs neither FAISS nor numpy.
+
+| type             | what                                                                              |
+|------------------|-----------------------------------------------------------------------------------|
+| `SightingRecord` | one stored sighting: where, when, its box and detector score, its track ids         |
+| `TrackHit`       | one matching track: similarity of its best sighting, time span, best few sightings |
+| `QueryResult`    | a query's answer: `cameras` (camera → hits by time), `ranked()`, `to_dict()`, `to_text()` |
+
+    >>> r = SightingRecord(7, "edge-1", "gate", 0.0, 3, 17, 5, (10.0, 20.0, 50.0, 140.0), 0.9, "m1", False)
+    >>> hit = TrackHit("edge-1", "gate", 17, "m1", 0.83, 0.0, 4.0, r, [r], track_id=5, n_sightings=9)
+    >>> QueryResult("m1", {"by": "sighting"}, {"gate": [hit]}).ranked()[0].score
+    0.83
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class SightingRecord:
+    id: int
+    node: str
+    camera: str
+    ts: float
+    frame: int
+    track: int
+    track_id: int  # id of the track's first sighting: tracks are (node, camera, track, model) split at gaps
+    box: tuple[float, float, float, float]
+    score: float  # the detector's confidence, as on the wire
+    model: str
+    has_thumbnail: bool
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "box": list(self.box)}
+
+
+@dataclass(frozen=True)
+class TrackHit:
+    node: str
+    camera: str
+    track: int
+    model: str
+    score: float  # best sighting's similarity to the query
+    first_ts: float  # the whole stored track's time span
+    last_ts: float
+    best: SightingRecord
+    sightings: list[SightingRecord]  # the best-matching few, by time
+    track_id: int = 0  # store's track id (first sighting's id): stable handle for a track
+    n_sightings: int = 0  # stored sightings of the track
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("node", "camera", "track", "track_id", "model", "score", "first_ts", "last_ts",
+                                            "n_sightings")}
+        return {**d, "best": self.best.to_dict(), "sightings": [s.to_dict() for s in self.sightings]}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    model: str
+    query: dict
+    cameras: dict[str, list[TrackHit]] = field(default_factory=dict)
+
+    def ranked(self) -> list[TrackHit]:
+        return sorted((h for hits in self.cameras.values() for h in hits), key=lambda h: -h.score)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "query": self.query,
+                "cameras": {cam: [h.to_dict() for h in hits] for cam, hits in self.cameras.items()}}
+
+    def to_text(self) -> str:
+        lines = [f"model {self.model}, query {_describe(self.query)}"]
+        if not self.cameras:
+            return "\n".join([*lines, "no matching tracks"])
+        lines.append(f"{'camera':<16} {'node:camera:track':<28} {'score':>6}  {'first seen':<19}  {'last seen':<19}  "
+                     f"{'best id':>8}  box")
+        for cam, hits in self.cameras.items():
+            for h in hits:
+                box = ",".join(f"{v:.0f}" for v in h.best.box)
+                lines.append(f"{cam:<16} {f'{h.node}:{h.camera}:{h.track}':<28} {h.score:6.3f}  {_clock(h.first_ts)}  "
+                             f"{_clock(h.last_ts)}  {h.best.id:>8}  {box}")
+        return "\n".join(lines)
+
+
+def _clock(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _describe(query: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in query.items() if k != "filters" and not isinstance(v, dict))
