@@ -12,8 +12,8 @@
     PosixPath('harvest/back_door/edge-1_back_door_t7_f1234.jpg')
     >>> CropName.parse("harvest/back_door/edge-1_back_door_t7_f1234.jpg") == s.name
     True
-    >>> decode(encode(s)) == s
-    True
+    >>> decode(encode(s)) == s, s.schema
+    (True, 1)
 
 Layout: `<root>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg`, a JPEG, and the same path with `.json`,
 the sidecar. The camera folder tells where `<node>` ends, since ids may hold `_`. The edge writes the
@@ -95,7 +95,7 @@ class Sidecar:
     box: tuple[float, float, float, float]
     score: float
     model: str
-    version: int = field(default=SCHEMA_VERSION)
+    schema: int = field(default=SCHEMA_VERSION)  # the sidecar schema's version; `model` is the embedding model's
 
     @property
     def name(self) -> CropName:
@@ -149,16 +149,16 @@ def _parse(buf: bytes) -> Sidecar:
         raise HarvestError(f"not JSON: {e}") from None
     if type(m) is not dict:
         raise HarvestError(f"sidecar is a JSON {type(m).__name__}, not an object")
-    version = m.get("v", LEGACY_VERSION)
-    if type(version) is not int or version not in SUPPORTED_VERSIONS:
-        raise HarvestError(f"schema version {version!r:.20} not supported (supported: {SUPPORTED_VERSIONS})")
+    schema = m.get("v", LEGACY_VERSION)
+    if type(schema) is not int or schema not in SUPPORTED_VERSIONS:
+        raise HarvestError(f"schema version {schema!r:.20} not supported (supported: {SUPPORTED_VERSIONS})")
     for key, (what, ok) in _FIELDS.items():
         if key not in m:
             raise HarvestError(f"missing field '{key}'")
         if not ok(m[key]):
             raise HarvestError(f"field '{key}' must be {what}, got {m[key]!r:.60}")
     return Sidecar(m["node"], m["camera"], float(m["ts"]), m["frame"], m["track"], tuple(map(float, m["box"])),
-                   float(m["score"]), m["model"], version)
+                   float(m["score"]), m["model"], schema)
 
 
 def decode(buf: bytes, source: str | Path = "sidecar") -> Sidecar:

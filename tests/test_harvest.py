@@ -28,7 +28,7 @@ from crossview.trainer.data.harvest import harvest_samples
 FIXTURE = Path(__file__).parent / "fixtures" / "harvest_v1"
 V1_CROP = FIXTURE / "back_door" / "edge-1_back_door_t7_f1234.jpg"
 V1_SIDECAR = Sidecar("edge-1", "back_door", 1714000000.4, 1234, 7, (101.3, 50.0, 117.3, 82.6), 0.8765,
-                     "mobilenetv2-imagenet-1", version=1)
+                     "mobilenetv2-imagenet-1", schema=1)
 VALID = json.loads(encode(V1_SIDECAR))
 
 
