@@ -22,6 +22,7 @@ the frame count). Live frames: `index` is a running counter across reconnects, `
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -57,8 +58,18 @@ class SourceError(RuntimeError):
     """A source that cannot be used at all; the message names the camera, the source and the problem."""
 
 
+def quiet_video_libraries() -> None:
+    """FFmpeg and OpenCV print lines of their own for every failed open or read of a dead stream or USB
+    device, again at every retry; our reconnect lines say what is going on. A user's own
+    OPENCV_FFMPEG_LOGLEVEL / OPENCV_LOG_LEVEL win (set them to see those lines)."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET; read when FFmpeg first opens a source
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
 def open_capture(source: str, timeout_s: float = 10.0) -> cv2.VideoCapture:
     """Open a file or URL through FFmpeg with open/read timeouts, or `usb:N` as device N."""
+    quiet_video_libraries()
     if source.startswith("usb:"):
         return cv2.VideoCapture(int(source[4:]))
     ms = int(timeout_s * 1000)
@@ -175,7 +186,7 @@ class CameraSource:
         if self.status != "streaming":  # before the frame is visible, so a reader never sees a stale status
             again = self.status == "reconnecting"
             self.status = "streaming"
-            log.info("camera %s: streaming %s%s", self.cfg.id, "again from " if again else "", self.cfg.source)
+            log.info("camera %s: streaming %s%s", self.cfg.id, "again from " if again else "", self.cfg.shown_source)
         with self._cond:
             while self._keep_all and len(self._buf) >= _QUEUE and self._current(gen):
                 self._cond.wait()  # backpressure: no file frame is lost, memory stays bounded
@@ -285,7 +296,7 @@ class CameraSource:
     def _outage(self, reason: str) -> float:
         """Record a failed or stalled stream; returns how long to wait before reopening."""
         self.reconnects += 1
-        self.error = f"camera {self.cfg.id}: {self.cfg.source}: {reason}"
+        self.error = f"camera {self.cfg.id}: {self.cfg.shown_source}: {reason}"
         if self.status != "reconnecting":  # warn once per outage, not once per attempt
             log.warning("%s; reconnecting (backoff %.1f-%.1f s)", self.error, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         else:

@@ -37,6 +37,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/]*):(.*)@(.*)$", re.S)
+
+
+def redact_url(url: str) -> str:
+    """`rtsp://user:secret@host/x` → `rtsp://user:***@host/x`; up to the last `@`, so a raw `@` in a
+    password is hidden too."""
+    return _URL_USERINFO.sub(r"\1\2:***@\4", url)
+
+
 class CameraConfig(_Strict):
     """One camera: a video file, an RTSP/HTTP URL or a USB device (`usb:0`)."""
 
@@ -59,6 +68,11 @@ class CameraConfig(_Strict):
     @property
     def is_file(self) -> bool:
         return "://" not in self.source and not self.source.startswith("usb:")
+
+    @property
+    def shown_source(self) -> str:
+        """The source as logs and errors show it: a URL's password is never written out."""
+        return redact_url(self.source)
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "CameraConfig":

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from crossview.kernel.config import ConfigError, load_edge_config
+from crossview.kernel.config import ConfigError, load_edge_config, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,3 +81,15 @@ def test_an_unset_environment_variable_names_the_key(tmp_path, monkeypatch):
     monkeypatch.delenv("CAM_PASS", raising=False)
     with pytest.raises(ConfigError, match=r"cameras\.0\.source: environment variable CAM_PASS is not set"):
         load_edge_config(write(tmp_path, "node_id: n\ncameras: [{id: a, source: 'rtsp://admin:${CAM_PASS}@h/x'}]\n" + PLAIN))
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://admin:secret@10.0.0.5:554/stream", "rtsp://admin:***@10.0.0.5:554/stream"),
+    ("rtsp://admin:p@ss/w@host/x", "rtsp://admin:***@host/x"),  # a raw '@' or '/' in the password stays hidden
+    ("http://user@host/x", "http://user@host/x"),
+    ("rtsp://host/x", "rtsp://host/x"),
+    ("usb:0", "usb:0"),
+    ("videos/a:b@c.mp4", "videos/a:b@c.mp4"),
+])
+def test_urls_are_shown_without_their_password(url, shown):
+    assert redact_url(url) == shown

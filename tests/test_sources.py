@@ -227,3 +227,28 @@ def test_watchdog_replaces_a_reader_stuck_in_capture(start, server):
     t = time.monotonic()
     s.stop()
     assert time.monotonic() - t < 2.0
+
+
+def test_a_dead_stream_logs_our_lines_only_and_never_its_password(tmp_path, default_model):
+    """A real node process: FFmpeg's and OpenCV's own spam stays out of its log, and so does the RTSP password."""
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as s:  # a port nobody listens on: every open is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {"node_id": "n", "cameras": [{"id": "door", "source": f"rtsp://admin:Pa55w0rd@127.0.0.1:{port}/live",
+                                        "reconnect_min_s": 0.2, "reconnect_max_s": 0.4, "stall_timeout_s": 1}],
+           "detector": {"kind": "hog"}, "embedder": {"model": str(default_model)},
+           "publisher": {"endpoint": "tcp://127.0.0.1:9", "security": {"mode": "plain"}}, "metrics": {"log_interval_s": 1}}
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "crossview.cli", "edge", "--config", str(tmp_path / "edge.yaml"),
+                          "--max-seconds", "4"], capture_output=True, text=True, timeout=120)
+    log = out.stdout + out.stderr
+    assert "Pa55w0rd" not in log
+    assert f"camera door: rtsp://admin:***@127.0.0.1:{port}/live: cannot open the stream; reconnecting" in log
+    foreign = [line for line in log.splitlines() if line.startswith("[") or "VIDEOIO" in line or "global " in line]
+    assert foreign == []
