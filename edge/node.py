@@ -94,7 +94,8 @@ class EdgeNode:
         self.metrics = EdgeMetrics()
         e = cfg.embedder
         # Models load before any camera starts, so a wrong model fails fast and says which file.
-        self.embedder = Embedder(e.model, batch_size=e.batch_size, device=e.device, reload_check_s=e.reload_check_s, threads=e.threads)
+        self.embedder = Embedder(e.model, batch_size=e.batch_size, device=e.device, reload_check_s=e.reload_check_s,
+                                 threads=e.threads, key="embedder.model")
         self.detector = build_detector(cfg.detector, e.device)
         self.cameras = {c.id: Camera(c, Tracker(cfg.tracker)) for c in cfg.cameras}
         self.publisher = Publisher(cfg.publisher)

@@ -112,7 +112,9 @@ class Embedder:
         device: str = "auto",
         reload_check_s: float = 2.0,
         threads: int = 0,
+        key: str = "model",
     ):
+        """`key` is the config key that named the file, for the error when it is missing."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path = Path(model_path)
@@ -124,7 +126,8 @@ class Embedder:
         # Stat before loading: a file replaced during the load then differs at the next check.
         self._state = _file_state(self.path)
         if self._state is None:
-            raise ModelError(f"{self.path}: model file not found")
+            raise ModelError(f"{key}: {self.path}: model file not found; `crossview build-embedder --out {self.path}` "
+                             "makes the default one")
         self._model = _load(self.path, device, threads)
         self._bad_state: object = _NO_BAD_STATE
         self._next_check = time.monotonic() + reload_check_s

@@ -117,3 +117,12 @@ def test_init_configs_are_plain_yaml_a_person_can_edit(tmp_path):
     text = (tmp_path / "s" / "e1" / "edge.yaml").read_text()
     assert text.startswith("# Made by `crossview init`")
     assert yaml.safe_load(text)["cameras"] == [{"id": "gate", "source": str(CLIP), "fps": 5}]
+
+
+def test_an_edge_without_its_embedder_names_the_key_and_the_fix(tmp_path):
+    """Straight after `init`, before `build-embedder`: the first thing a new user may run into."""
+    assert crossview("init", str(tmp_path / "s"), "--edges", "e1", "--camera", f"gate={CLIP}").returncode == 0
+    r = crossview("edge", "--config", str(tmp_path / "s" / "e1" / "edge.yaml"), "--max-seconds", "1")
+    model = tmp_path / "s" / "models" / "mobilenetv2-imagenet.onnx"
+    assert r.returncode == 2
+    assert f"embedder.model: {model}: model file not found; `crossview build-embedder --out {model}`" in r.stderr
