@@ -139,7 +139,10 @@ class EdgeNode:
             try:
                 cam.source.check()
             except SourceError as e:
-                log.error("camera %s left out: %s", cam.cfg.id, e)
+                log.error("camera %s left out: %s (other cameras keep running)", cam.cfg.id, e)
+                cam.source.leave_out(str(e))
+                cam.failure_logged = True
+                continue
             cam.source.start()
         log.info("edge node %s running %d camera(s)", self.cfg.node_id, len(self.cameras))
 

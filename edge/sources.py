@@ -6,6 +6,7 @@
 | file, `realtime: true`          | paced at the file's fps, newest frame only             | as above                                      |
 | URL (RTSP/HTTP), `usb:N`        | newest frame only (one slot)                           | reopen with exponential backoff ("reconnecting") |
 | capture call stuck past timeout | watchdog abandons the reader thread, starts a new one  | the stale thread's late result is ignored     |
+| `stop()` before any of these    |                                                        | "stopped"                                     |
 
     src = CameraSource(CameraConfig(id="gate", source="gate.mp4", fps=5))
     src.check()            # optional: raises SourceError if the file is missing or undecodable
@@ -124,8 +125,14 @@ class CameraSource:
             self._watchdog = threading.Thread(target=self._watch, name=f"cam-{self.cfg.id}-watchdog", daemon=True)
             self._watchdog.start()
 
+    def leave_out(self, error: str) -> None:
+        """The node does not start this source (its check failed): it reads as failed from now on."""
+        self.error, self.status = error, "failed"
+
     def stop(self) -> None:
-        """Stop reading; returns within ~1.5 s even if a capture call is stuck (that thread is left to die)."""
+        """Stop reading; returns within ~1.5 s even if a capture call is stuck (that thread is left to die).
+
+        A source that had not finished or failed is "stopped" afterwards, never "finished"."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -133,8 +140,8 @@ class CameraSource:
         for t in (self._watchdog, self._reader):
             if t is not None:
                 t.join(max(0.0, deadline - time.monotonic()))
-        if self.status != "failed":
-            self.status = "finished"
+        if self.status not in ("finished", "failed"):
+            self.status = "stopped"
 
     @property
     def queue_depth(self) -> int:

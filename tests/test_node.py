@@ -271,3 +271,25 @@ def test_cli_bad_config_names_the_key(tmp_path):
     assert r.returncode == 2
     assert "cameras.0.fsp: unknown key" in r.stderr and str(bad) in r.stderr
 
+
+
+@pytest.mark.timeout(120)
+def test_status_lines_never_contradict_each_other(default_model, tmp_path, caplog):
+    """A camera left out stays out (no "reconnecting" after it), and one that never delivered is "stopped",
+    not "finished"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"rtsp://127.0.0.1:{s.getsockname()[1]}/x"
+    cams = [{"id": "gone", "source": str(tmp_path / "nope.mp4")}, {"id": "usb", "source": "usb:7"},
+            {"id": "dead", "source": dead, "reconnect_min_s": 0.2, "reconnect_max_s": 0.2}]
+    caplog.set_level(logging.INFO, logger="crossview.edge")
+    stats = EdgeNode(edge_config(default_model, cams)).run(max_seconds=3)
+    assert {c: s.status for c, s in stats.items()} == {"gone": "failed", "usb": "failed", "dead": "stopped"}
+    for cam in ("gone", "usb"):
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"camera {cam}")]
+        assert "left out" in lines[0] and not any("reconnect" in x.split(",")[0] or "finished" in x for x in lines)
+        assert sum("left out" in x or "failed:" in x for x in lines) == 1, lines
+    dead_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("camera dead")]
+    assert not any("finished" in x for x in dead_lines) and "stopped" in dead_lines[-1]
