@@ -64,6 +64,7 @@ class Camera:
         self.gallery = TrackGallery()
         self.stats = CameraStats()
         self.next_due = 0.0
+        self.last_index = -1  # index of the last frame processed
         self.reconnects_seen = 0
         self.failure_logged = False
 
@@ -81,6 +82,29 @@ class Camera:
                 self.next_due = max(self.next_due + 1.0 / self.cfg.fps, now)
             return frame
         return self.source.read(timeout=0)
+
+
+_BEHIND = 0.8  # achieved / target fps below this, on a paced camera, is worth a word in the status line
+_SETTLED_FRAMES = 5  # the fps estimate needs a few frames first
+
+
+def _progress(cam: Camera, fps: float) -> str:
+    """", frame 120 of 795 (15%), ETA 2m10s" for a file; ", falling behind: 0.6 of 5 fps" for a paced camera."""
+    src = cam.source
+    if cam.stats.status != "streaming":
+        return ""
+    paced = not cam.cfg.is_file or cam.cfg.realtime
+    if paced and cam.stats.frames >= _SETTLED_FRAMES and fps < _BEHIND * cam.cfg.fps:
+        return f", falling behind: {fps:.1f} of {cam.cfg.fps:g} fps"
+    if not cam.cfg.is_file or not src.frame_count or cam.last_index < 0:
+        return ""
+    done = cam.last_index % src.frame_count + 1  # indices run on across loops
+    text = f", frame {done} of {src.frame_count} ({100 * done / src.frame_count:.0f}%)"
+    if not cam.cfg.loop and fps > 0:
+        rate = fps * src.stride if not cam.cfg.realtime else src.native_fps  # file frames per second
+        eta = int((src.frame_count - done) / rate)
+        text += f", ETA {eta // 60}m{eta % 60:02d}s"
+    return text
 
 
 def _crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -188,6 +212,7 @@ class EdgeNode:
         cam.stats.tracker_seconds += tracker_s
         cam.stats.frames += 1
         cam.stats.detections += len(tracked)
+        cam.last_index = frame.index
         return tracked
 
     def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
@@ -236,10 +261,11 @@ class EdgeNode:
         m = self.metrics
         for cid, cam in self.cameras.items():
             frames = max(cam.stats.frames, 1)
+            fps = m.value("crossview_edge_fps", cid)
             log.info(
-                "camera %s: %s, %.1f fps, %d frames, queue %d, detector %.0f ms/frame, tracker %.1f ms/frame, "
+                "camera %s: %s, %.1f fps, %d frames%s, queue %d, detector %.0f ms/frame, tracker %.1f ms/frame, "
                 "published %d, dropped %d, reconnects %d",
-                cid, cam.stats.status, m.value("crossview_edge_fps", cid), cam.stats.frames, cam.source.queue_depth,
+                cid, cam.stats.status, fps, cam.stats.frames, _progress(cam, fps), cam.source.queue_depth,
                 1000 * cam.stats.detector_seconds / frames, 1000 * cam.stats.tracker_seconds / frames,
                 cam.stats.published, cam.stats.dropped, cam.source.reconnects,
             )

@@ -90,6 +90,8 @@ class CameraSource:
         self.error: str | None = None
         self.frames_read = self.frames_skipped = self.reconnects = 0
         self.native_fps = 0.0
+        self.frame_count = 0  # files: frames the container reports (0: unknown)
+        self.stride = 1  # files: one frame in `stride` is handed out
         self._keep_all = cfg.is_file and not cfg.realtime
         self._buf: deque[Frame] = deque()
         self._cond = threading.Condition()  # guards _buf, _gen, _busy_since
@@ -220,7 +222,8 @@ class CameraSource:
             raise SourceError(f"camera {cid}: {src} opens but no frame decodes (corrupt or empty)")
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.native_fps = fps if 0 < fps < 1000 else self.cfg.fps  # unknown rate: take every frame
-        return cap, int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frame_count = max(0, int(cap.get(cv2.CAP_PROP_FRAME_COUNT)))
+        return cap, self.frame_count
 
     def _run_file(self, gen: int, _delay: float) -> None:
         stride = index = 0
@@ -234,7 +237,7 @@ class CameraSource:
                     self._cond.notify_all()
                 return
             if not stride:
-                stride = max(1, round(self.native_fps / self.cfg.fps))
+                stride = self.stride = max(1, round(self.native_fps / self.cfg.fps))
                 log.info("camera %s: %s at %.3g fps, keeping 1 frame in %d", self.cfg.id, self.cfg.source, self.native_fps, stride)
             self.status = "streaming"
             decoded, index = self._play(cap, gen, index, stride, t0, m0)

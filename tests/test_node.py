@@ -7,6 +7,7 @@ that arrive, the per-camera statistics, and that one bad camera or a dead matche
 from __future__ import annotations
 
 import logging
+import re
 import os
 import shutil
 import subprocess
@@ -293,3 +294,17 @@ def test_status_lines_never_contradict_each_other(default_model, tmp_path, caplo
         assert sum("left out" in x or "failed:" in x for x in lines) == 1, lines
     dead_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("camera dead")]
     assert not any("finished" in x for x in dead_lines) and "stopped" in dead_lines[-1]
+
+
+@pytest.mark.timeout(120)
+def test_status_line_shows_file_progress_and_a_camera_falling_behind(default_model, caplog):
+    """A file says how far it is and when it ends; a paced camera the node cannot keep up with says so."""
+    demo = Path(__file__).resolve().parents[1] / "data" / "demo"
+    cams = [{"id": "file", "source": str(demo / "vtest-a.mp4"), "fps": 5},
+            {"id": "paced", "source": str(demo / "tud-campus.mp4"), "fps": 25, "realtime": True, "loop": True}]
+    caplog.set_level(logging.INFO, logger="crossview.edge")
+    cfg = edge_config(default_model, cams, detector={"hog": {"upscale": 1.6}}, metrics={"log_interval_s": 0.5})
+    EdgeNode(cfg).run(max_seconds=15)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.search(r"^camera file: streaming, .* frame \d+ of 100 \(\d+%\), ETA \d+m\d\ds, queue", x) for x in lines)
+    assert any(re.search(r"^camera paced: streaming, .*, falling behind: \d+\.\d of 25 fps, queue", x) for x in lines)
