@@ -7,8 +7,8 @@ that arrive, the per-camera statistics, and that one bad camera or a dead matche
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,7 +299,7 @@ def test_status_lines_never_contradict_each_other(default_model, tmp_path, caplo
 @pytest.mark.timeout(120)
 def test_status_line_shows_file_progress_and_a_camera_falling_behind(default_model, caplog):
     """A file says how far it is and when it ends; a paced camera the node cannot keep up with says so."""
-    demo = Path(__file__).resolve().parents[1] / "data" / "demo"
+    demo = REPO / "data" / "demo"
     cams = [{"id": "file", "source": str(demo / "vtest-a.mp4"), "fps": 5},
             {"id": "paced", "source": str(demo / "tud-campus.mp4"), "fps": 25, "realtime": True, "loop": True}]
     caplog.set_level(logging.INFO, logger="crossview.edge")
