@@ -36,6 +36,7 @@ from crossview.edge.sources import CameraSource, Frame, SourceError
 from crossview.edge.tracking import Tracker, TrackGallery
 from crossview.kernel.config import CameraConfig, EdgeConfig
 from crossview.kernel.embedder import Embedder
+from crossview.kernel.runtime import listening
 from crossview.kernel.wire import Sighting
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class EdgeNode:
         self._stop = threading.Event()
         self._dtype = np.float16 if cfg.publisher.embedding_dtype == "float16" else np.float32
         if cfg.metrics.port:
-            self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
+            with listening("metrics.port", f"{cfg.metrics.host}:{cfg.metrics.port}"):
+                self.metrics.serve(cfg.metrics.port, cfg.metrics.host)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, cfg.metrics.port)
 
     def stop(self) -> None:

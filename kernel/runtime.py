@@ -6,14 +6,17 @@
 | `ultralytics()`      | the ultralytics module, imported offline and without its global thread limits |
 | `passive_threads()`  | idle OpenMP threads sleep instead of spinning: on a shared 2-core box spinning torch threads starve each other |
 | `setup_logging()`    | one log format for every service                                    |
+| `listening(key, address)` | a failed bind names the config key and the address, not a raw socket error |
 
 Import ultralytics through `ultralytics()`: it reads these variables at import.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from contextlib import contextmanager
 
 OFFLINE_ENV = {
     "YOLO_OFFLINE": "1",  # ultralytics treats the machine as offline: no hub, no downloads
@@ -56,3 +59,17 @@ def setup_logging(level: str = "INFO") -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: noise on every run
+
+
+@contextmanager
+def listening(key: str, address: str):
+    """Wrap a bind (ZeroMQ, HTTP, metrics): the error names the config key and the address."""
+    try:
+        yield
+    except Exception as e:  # OSError, zmq.ZMQError: both carry errno
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            raise OSError(f"{key}: {address} is already in use (another Crossview process, or another program); "
+                          "pick a free port") from None
+        if isinstance(e, OSError) or hasattr(e, "errno"):
+            raise OSError(f"{key}: cannot listen on {address}: {e}") from None
+        raise

@@ -126,3 +126,20 @@ def test_an_edge_without_its_embedder_names_the_key_and_the_fix(tmp_path):
     model = tmp_path / "s" / "models" / "mobilenetv2-imagenet.onnx"
     assert r.returncode == 2
     assert f"embedder.model: {model}: model file not found; `crossview build-embedder --out {model}`" in r.stderr
+
+
+def test_a_busy_port_names_the_config_key_and_the_address(tmp_path, default_model):
+    assert crossview("init", str(tmp_path / "s"), "--edges", "e1", "--camera", f"gate={CLIP}").returncode == 0
+    config = tmp_path / "s" / "e1" / "edge.yaml"
+    raw = yaml.safe_load(config.read_text())
+    (tmp_path / "s" / "models").mkdir()
+    (tmp_path / "s" / "models" / "mobilenetv2-imagenet.onnx").symlink_to(default_model)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config.write_text(yaml.safe_dump({**raw, "metrics": {"port": port}}))
+        r = crossview("edge", "--config", str(config), "--max-seconds", "1")
+    assert r.returncode == 2, r.stderr
+    assert f"metrics.port: 127.0.0.1:{port} is already in use" in r.stderr
+    assert "Traceback" not in r.stderr
