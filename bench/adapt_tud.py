@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from docsection import write_section
+from docsection import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "bench" / "train" / "tud-daam.yaml"
@@ -40,7 +39,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "grl": ("DAAM with GRL instead of the one-class L_DS", {"model": {"domain_loss": "grl"}}),
     "no-weights": ("DAAM, L_ReIDt without weights", {"loss": {"target": "hard"}}),
     "daal": ("DAAL: DBSCAN on k-reciprocal distance + soft labels, DAAL attention, GAP head",
-             {"model": {"attention": "daal", "head": "gap", "domain_loss": "none"},
+             {"method": "daal", "model": {"attention": "daal", "head": "gap", "domain_loss": "none"},
               "loss": {"ds": 0.0, "orth": 0.0, "target": "soft"},
               "clustering": {"method": "dbscan", "p": 0.02, "min_samples": 4}}),
 }
@@ -87,12 +86,19 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def report(base: dict, imagenet: dict, results: dict[str, list[dict]], load: tuple[str, str]) -> str:
+def versions() -> tuple[str, ...]:
+    import sklearn
+    import torch
+    import torchvision
+
+    return f"torch {torch.__version__}", f"torchvision {torchvision.__version__}", f"scikit-learn {sklearn.__version__}"
+
+
+def report(base: dict, imagenet: dict, results: dict[str, list[dict]], load: tuple[str, str], command: str) -> str:
     lines = [
         SECTION,
         "",
-        f"`python bench/adapt_tud.py --out docs/results.md`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU; "
+        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(*versions())}, trained on the CPU; "
         f"load average {load[0]} before, {load[1]} after (the machine is shared).",
         "",
         f"Source TUD-Campus (8 identities, labelled), target TUD-Stadtmitte (10 identities) used as unlabelled crops; "
@@ -142,7 +148,8 @@ def main() -> None:
     imagenet = imagenet_baseline(base)
     results = {name: run_variant(name, VARIANTS[name][1], base) for name in args.variants}
     after = os.getloadavg()
-    text = report(base, imagenet, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"))
+    command = " ".join(["python bench/adapt_tud.py", *sys.argv[1:]])
+    text = report(base, imagenet, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command)
     if args.out:
         write_section(args.out, SECTION, text)
     print(text)

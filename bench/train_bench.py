@@ -1,4 +1,4 @@
-"""Training images/s per backbone: one full DAAM step (source + target batch, every loss) on this machine.
+"""Training images/s per backbone: the engine's own step (`trainer.engine.train_step`) on the full DAAM model.
 
 Each row runs in a fresh process, because OpenMP reads OMP_WAIT_POLICY once at torch's import. The
 spinning row (OMP_WAIT_POLICY=ACTIVE, OpenMP's usual behaviour) next to the passive one shows what
@@ -12,46 +12,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from docsection import write_section
+from docsection import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Trainer: training speed (bench/train_bench.py)"
 
 
 def step_rate(backbone: str, height: int, width: int, batch: int, steps: int, device: str) -> float:
-    """Images/s of DAAM training steps (half source, half target images), after two warm-up steps."""
+    """Images/s of the engine's own `train_step` on the full DAAM model, with the engine's optimizer and AMP
+    setting, on batches of half source, half target images; after two warm-up steps."""
     import torch
 
-    from crossview.trainer.modeling.losses import Batch, LossWeights, total_loss
-    from crossview.trainer.modeling.network import ReidNet
+    from crossview.trainer.config import TrainConfig
+    from crossview.trainer.engine import make_optimizer, train_step
+    from crossview.trainer.methods import METHODS
+    from crossview.trainer.modeling.losses import Batch
 
+    cfg = TrainConfig(name="bench", source={"kind": "folders", "root": "."}, target={"kind": "images", "root": "."},
+                      model={"backbone": backbone, "pretrained": "none"})
     dev = torch.device(device)
-    net = ReidNet(100, backbone=backbone, pretrained="none").to(dev)
-    net.set_target_classes(torch.randn(50, net.dim))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    method = METHODS[cfg.method](cfg)
+    net = method.build(100).to(dev).train()
+    net.set_target_classes(torch.randn(50, net.dim))  # what DAAM's target step gives it: one row per cluster
+    opt = make_optimizer(net, cfg.adapt, cfg.optim)
+    amp = cfg.amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     half = batch // 2
-    x = torch.randn(batch, 3, height, width, device=dev)
-    b = Batch(x, half, torch.randint(0, 100, (half,), device=dev), torch.randint(0, 50, (half,), device=dev),
-              torch.rand(half, device=dev))
+    b = Batch(torch.randn(batch, 3, height, width, device=dev), half, torch.randint(0, 100, (half,), device=dev),
+              torch.randint(0, 50, (half,), device=dev), torch.rand(half, device=dev))
     for i in range(steps + 2):
         if i == 2:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=dev.type == "cuda"):
-            loss, _ = total_loss(net(b.images), b, LossWeights())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        train_step(net, method.losses, b, opt, scaler, amp, where=f"bench step {i}")
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
@@ -94,11 +94,11 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     load0 = os.getloadavg()[0]
     lines = [SECTION, "", f"`python bench/train_bench.py --steps {args.steps} --batch {args.batch}`, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPU cores "
-             f"({platform.machine()}), torch {torch.__version__}; "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(f'torch {torch.__version__}')}; "
              f"{'GPU: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU on this machine'}.",
-             "", "One step = forward + backward + SGD of the full DAAM model (attention, both branches, all five "
-             "losses) on a batch of half source, half target images; random weights (speed does not depend on them).",
+             "", "One step = the engine's own `train_step` (forward, the DAAM method's losses, backward, the engine's "
+             "Nesterov SGD) on the full DAAM model (attention, both branches, all five losses) and a batch of half "
+             "source, half target images; random weights (speed does not depend on them).",
              "", "| device | backbone | input | OpenMP idle threads | torch threads | images/s |", "|---|---|---|---|---|---|"]
     for device in devices:
         for backbone, size, wait in rows if device == "cpu" else [(b, (256, 128), "PASSIVE") for b in

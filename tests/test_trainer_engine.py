@@ -84,17 +84,18 @@ def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(trained):
     assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
-def test_daal_variant_runs_dbscan_with_soft_labels(tmp_path):
+def test_daal_method_runs_dbscan_with_soft_labels(tmp_path):
+    """`method: daal` brings DAAL's attention, GAP heads, losses and soft labels; only DBSCAN's p and M are set here."""
     path = _config(
         tmp_path,
+        method="daal",
         name="tiny-daal",
-        model={"backbone": "mobilenet_v2", "pretrained": "imagenet", "attention": "daal", "head": "gap",
-               "domain_loss": "none"},
-        loss={"ds": 0.0, "orth": 0.0, "target": "soft"},
         clustering={"method": "dbscan", "p": 0.05, "min_samples": 3},
         adapt={"iterations": 1, "epochs": 1, "lr": 0.005},
     )
-    onnx_path = Trainer(load_train_config(path)).run()
+    cfg = load_train_config(path)
+    assert (cfg.model.attention, cfg.model.head, cfg.loss.target) == ("daal", "gap", "soft")
+    onnx_path = Trainer(cfg).run()
     recs = _records(tmp_path / "run")
     (clu,) = [r for r in recs if r["event"] == "cluster"]
     assert clu["clusters"] >= 2 and 0 <= clu["outlier_share"] < 1
@@ -172,8 +173,12 @@ def test_bad_configs_and_checkpoints_are_named(tmp_path):
         Trainer(load_train_config(too_many))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a crossview training checkpoint"):
+    with pytest.raises(ValueError, match="junk.pt: not a crossview training checkpoint"):
         export_checkpoint(junk)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"not a checkpoint either")
+    with pytest.raises(ValueError, match="last.pt: not a crossview training checkpoint"):
+        Trainer(load_train_config(_config(tmp_path, "resume.yaml")), resume=True)
     out = subprocess.run([sys.executable, "-m", "crossview.cli", "train", "--config", str(bad)], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "model.backbone" in out.stderr

@@ -13,8 +13,16 @@
 Outliers (DBSCAN label −1) get weight 0 and an all-zero soft-label row: they add nothing to the loss,
 as UDAP/SSG leave them out of training.
 
-    >>> pl = cluster(features, method="dbscan", p=0.0016, min_samples=4, soft=True)
-    >>> pl.labels, pl.centers, pl.weights  # (N,), (K, d), (N, K)
+Four tight groups of five 8-d features, k-means with DAAL's soft labels:
+
+    >>> features = np.repeat(np.eye(4, 8), 5, axis=0) + 0.01 * np.random.default_rng(0).standard_normal((20, 8))
+    >>> pl = cluster(features, method="kmeans", k=4, soft=True)
+    >>> pl.n_clusters, pl.labels.shape, pl.centers.shape, pl.weights.shape
+    (4, (20,), (4, 8), (20, 4))
+    >>> [len(set(pl.labels[i:i + 5])) for i in range(0, 20, 5)]  # each group is one cluster
+    [1, 1, 1, 1]
+
+DAAL's own call is `cluster(features, method="dbscan", p=0.0016, min_samples=4, soft=True)`.
 """
 
 from __future__ import annotations

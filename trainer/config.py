@@ -2,6 +2,7 @@
 
 | section      | what                                                                       |
 |--------------|----------------------------------------------------------------------------|
+| `method`     | the adaptation method (`trainer.methods`); its paper's settings are the defaults of the keys below |
 | `source`     | the labelled source dataset (kind + root)                                  |
 | `target`     | the unlabelled target: harvested crops, an image folder, or a labelled set whose labels are used only for evaluation |
 | `model`      | backbone, attention variant, heads and the ablation switches               |
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from crossview.kernel.config import ConfigError, _Strict, load_config
 
@@ -107,6 +108,7 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    method: str = Field("daam", description="adaptation method: a key of crossview.trainer.methods.METHODS")
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="model name; versions are name-<date>")
     output_dir: Path = Path("runs/train")
     cache_dir: Path = Field(Path("runs/cache"), description="crops cut from MOT sequences are kept here")
@@ -125,6 +127,37 @@ class TrainConfig(_Strict):
     pretrain: ScheduleConfig = ScheduleConfig(epochs=60, lr=1e-3, milestones=[40])
     adapt: AdaptConfig = AdaptConfig(epochs=200, lr=1e-3, milestones=[20, 120])
     eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data):
+        """The chosen method's paper settings under the file's own keys: `method: daal` alone is DAAL."""
+        name = data.get("method", "daam") if isinstance(data, dict) else None
+        method = _methods().get(name) if isinstance(name, str) else None  # an unknown one: `_known_method` says so
+        return _under(method.defaults, data) if method is not None else data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in _methods():
+            raise ValueError(f"unknown method {v!r}; choose one of {', '.join(_methods())}")
+        return v
+
+
+def _methods() -> dict:
+    # Imported on use: the methods import torch, which reading this module should not need.
+    from crossview.trainer.methods import METHODS
+
+    return METHODS
+
+
+def _under(defaults: dict, data: dict) -> dict:
+    """`data` with `defaults` filled in where it has no value, section by section."""
+    out = dict(data)
+    for key, value in defaults.items():
+        mine = out.get(key)
+        out[key] = _under(value, mine) if isinstance(value, dict) and isinstance(mine, dict) else out.get(key, value)
+    return out
 
 
 TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root")]

@@ -1,15 +1,18 @@
-"""Algorithm 1 of DAAM / DAAL: pre-train on the source, then cluster the target and adapt, repeatedly.
+"""The training loop every adaptation method shares (Algorithm 1 of DAAM / DAAL in its general form).
 
 | step                      | what                                                                    |
 |---------------------------|-------------------------------------------------------------------------|
-| pre-train                 | source PK batches, L_ReIDs only (Alg. 1 line 1)                         |
-| each iteration            | extract f_sh on the target, cluster (k-means++ or DBSCAN), weights (Eq. 9 or DAAL Eq. 4), train on L_total (Eq. 12) |
-| stop                      | after `adapt.iterations`, or when NMI(previous, new pseudo labels) > `adapt.nmi_stop` |
-| every epoch               | checkpoint (`last.pt`), JSON-lines metrics, progress bar                |
-| `resume=True`             | continues from `last.pt` at the next epoch, with the same pseudo labels |
-| devices                   | CUDA with AMP when available, CPU otherwise; several GPUs under torchrun (DDP, rank 0 clusters, evaluates and writes) |
+| method                    | `method:` in the train YAML picks one of `trainer.methods.METHODS`: its network, losses and step on the target |
+| pre-train                 | source PK batches (Alg. 1 line 1)                                        |
+| each iteration            | the method's step on the target (DAAM / DAAL: cluster, pseudo labels, weights), then `adapt.epochs` on source + target batches |
+| stop                      | after `adapt.iterations`, or when the method's step says so (DAAM / DAAL: NMI of consecutive pseudo labels > `adapt.nmi_stop`) |
+| one step                  | `train_step`: forward under autocast, the method's losses, backward and SGD through the AMP scaler (bench/train_bench.py times it) |
+| every epoch               | checkpoint (`last.pt`, format `crossview.kernel.checkpoint`), JSON-lines metrics, progress bar |
+| `resume=True`             | continues from `last.pt` at the next epoch, with the method's saved state (the same pseudo labels) |
+| devices                   | CUDA with AMP when available, CPU otherwise; several GPUs under torchrun (DDP, rank 0 runs the target step, evaluates and writes) |
 
-The run ends by exporting the domain-shared path to `<output_dir>/<name>.onnx` for the edge nodes.
+The run ends by exporting the method's deployable network (`.embedder()`) to `<output_dir>/<name>.onnx`
+for the edge nodes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,15 +35,14 @@ from torch.nn import functional as F  # noqa: N812
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from crossview.trainer.clustering import PseudoLabels, cluster, nmi
+from crossview.kernel import checkpoint
 from crossview.trainer.config import TrainConfig
 from crossview.trainer.data.build import TrainData, load_train_data
 from crossview.trainer.data.loader import make_eval_loader, make_train_loader
-from crossview.trainer.data.samples import with_labels
 from crossview.trainer.data.transforms import build_transforms
 from crossview.trainer.evaluation import evaluate_features
-from crossview.trainer.modeling.losses import Batch, LossWeights, total_loss
-from crossview.trainer.modeling.network import ReidNet
+from crossview.trainer.methods import METHODS
+from crossview.trainer.modeling.losses import Batch
 
 log = logging.getLogger("crossview.trainer")
 CHECKPOINT = "last.pt"
@@ -56,6 +59,8 @@ class State:
 
 
 class Trainer:
+    """One training run: the shared loop around `cfg.method`; to the method it is the `Run` (data, extract, share, log)."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -64,13 +69,10 @@ class Trainer:
         self.amp = cfg.amp and self.device.type == "cuda"
         _seed_everything(cfg.seed + self.rank)
         self.data: TrainData = self._load_data()
-        if cfg.clustering.method == "kmeans" and cfg.clustering.k >= len(self.data.target):
-            raise ValueError(f"clustering.k is {cfg.clustering.k} but the target has only {len(self.data.target)} "
-                             "images; lower it or harvest more crops")
-        self.model = ReidNet.from_config(cfg.model, self.data.num_source_ids).to(self.device)
+        self.method = METHODS[cfg.method](cfg)
+        self.method.check(self.data)
+        self.model = self.method.build(self.data.num_source_ids).to(self.device)
         self.state = State()
-        self.labels: PseudoLabels | None = None
-        self.weights = LossWeights(**cfg.loss.model_dump(exclude={"target"}))
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume_ckpt = self._load_checkpoint() if resume else None
 
@@ -85,7 +87,7 @@ class Trainer:
         while self.state.stage == "adapt" and (self.state.iteration < cfg.adapt.iterations or self.state.epoch):
             if self.state.epoch == 0:
                 self.state.iteration += 1
-                if self._recluster():
+                if self.method.target_step(self, self.model):
                     break
             self._stage(cfg.adapt, self._adapt_epoch)
             self._evaluate(f"iteration {self.state.iteration}")
@@ -102,9 +104,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(sched, e))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if self._resume_ckpt is not None:
-            optimizer.load_state_dict(self._resume_ckpt["optimizer"])
-            scheduler.load_state_dict(self._resume_ckpt["scheduler"])
-            scaler.load_state_dict(self._resume_ckpt["scaler"])
+            optimizer.load_state_dict(self._resume_ckpt.optimizer)
+            scheduler.load_state_dict(self._resume_ckpt.scheduler)
+            scaler.load_state_dict(self._resume_ckpt.scaler)
             self._resume_ckpt = None
         net = self._wrapped()
         while self.state.epoch < sched.epochs:
@@ -115,11 +117,11 @@ class Trainer:
             self.state.epoch += 1
             seconds = time.perf_counter() - t0
             self._save(optimizer, scheduler, scaler)  # before the log line: a logged epoch is always resumable
-            self._log("epoch", **terms, lr=lr, images=images,
-                      images_per_s=round(images * self.world / seconds, 2), seconds=round(seconds, 2))
+            self.log("epoch", **terms, lr=lr, images=images,
+                     images_per_s=round(images * self.world / seconds, 2), seconds=round(seconds, 2))
 
     def _pretrain_epoch(self, net, optimizer, scaler) -> tuple[dict, int]:
-        source = self._source_iter()
+        source = self._source_iter(self.data.source)
         steps = max(1, math.ceil(len(self.data.source) / self._batch()))
 
         def batch() -> Batch:
@@ -129,10 +131,11 @@ class Trainer:
         return self._train_steps(net, optimizer, scaler, steps, batch)
 
     def _adapt_epoch(self, net, optimizer, scaler) -> tuple[dict, int]:
-        source = self._source_iter()
-        target = self._target_iter()
-        inliers = int((self.labels.labels >= 0).sum())
-        steps = max(1, math.ceil(max(len(self.data.source), inliers) / self._batch()))
+        draw = self.method.adapt_samples(self.data)
+        source = self._source_iter(draw.source)
+        target = self._target_iter(draw.target, draw.target_weights)
+        inliers = sum(s.pid >= 0 for s in draw.target)
+        steps = max(1, math.ceil(max(len(draw.source), inliers) / self._batch()))
 
         def batch() -> Batch:
             xs, ys = next(source)
@@ -148,54 +151,24 @@ class Trainer:
         desc = f"{self.state.stage} it{self.state.iteration} ep{self.state.epoch + 1}"
         for _ in tqdm(range(steps), desc=desc, disable=self.rank != 0, leave=False):
             b = _to(make_batch(), self.device)
-            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                loss, terms = total_loss(net(b.images), b, self.weights)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at {desc}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
             images += b.images.shape[0]
-            for k, v in {"loss": float(loss.detach()), **terms}.items():
+            for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
         return {k: round(v / steps, 5) for k, v in sums.items()}, images
 
-    # ---------------------------------------------------- pseudo labels
-    def _recluster(self) -> bool:
-        """Alg. 1 lines 3-5; True when the labels stopped changing (NMI above the threshold)."""
-        previous, t0 = self.labels, time.perf_counter()
-        payload = [self._cluster_target() if self.rank == 0 else None]
+    # ------------------------------------------------- for the method (`trainer.methods.base.Run`)
+    def share(self, compute):
+        """`compute()` on rank 0, its result broadcast to every rank."""
+        payload = [compute() if self.rank == 0 else None]
         if self.world > 1:
             dist.broadcast_object_list(payload, src=0)
-        self.labels = payload[0]
-        score = nmi(previous.labels, self.labels.labels) if previous is not None else None
-        self._log("cluster", clusters=self.labels.n_clusters, outlier_share=round(self.labels.outlier_share, 4),
-                  **_cluster_sizes(self.labels), seconds=round(time.perf_counter() - t0, 2),
-                  **({"nmi": round(score, 4)} if score is not None else {}))
-        if self.labels.n_clusters < 2:
-            raise RuntimeError(f"clustering found {self.labels.n_clusters} clusters on the target; "
-                               "check clustering.p / min_samples (DBSCAN) or the target data")
-        self.model.set_target_classes(torch.as_tensor(self.labels.centers))
-        converged = score is not None and score > self.cfg.adapt.nmi_stop
-        if converged:
-            log.info("pseudo labels stopped changing (NMI > %s): stopping", self.cfg.adapt.nmi_stop)
-        return converged
-
-    def _cluster_target(self) -> PseudoLabels:
-        """f_sh of the target → clusters and their weights (all ones for the "w/o weights" ablation)."""
-        c = self.cfg.clustering
-        labels = cluster(self.extract(self.data.target), method=c.method, k=c.k, k1=c.k1, k2=c.k2, p=c.p,
-                         min_samples=c.min_samples, soft=self.cfg.loss.target == "soft", epsilon=c.epsilon,
-                         seed=self.cfg.seed)
-        if self.cfg.loss.target == "hard":
-            labels.weights = np.ones(len(labels.labels), np.float32)
-        return labels
+        return payload[0]
 
     # ------------------------------------------------------------- features
     @torch.no_grad()
     def extract(self, samples) -> np.ndarray:
-        """L2-normalised f_sh of `samples`, in order (the space the clusters and distances live in)."""
+        """L2-normalised embeddings of `samples` (DAAM / DAAL: f_sh), in order: the space clusters and distances live in."""
         self.model.eval()
         loader = make_eval_loader(samples, build_transforms(self._size), self.cfg.eval_batch_size, self.cfg.workers)
         out = []
@@ -212,7 +185,7 @@ class Trainer:
                                    self.data.query, self.data.gallery)
         entry = {"label": label, **result}
         self.state.history.append(entry)
-        self._log("eval", **entry)
+        self.log("eval", **entry)
 
     # ------------------------------------------------------------- batches
     @property
@@ -223,14 +196,12 @@ class Trainer:
         """Images per step over all ranks: an epoch is one pass over the data whatever the GPU count."""
         return self.cfg.sampler.p * self.cfg.sampler.k * self.world
 
-    def _source_iter(self):
-        for images, pids, _, _ in self._loader(self.data.source, stream=0):
+    def _source_iter(self, samples):
+        for images, pids, _, _ in self._loader(samples, stream=0):
             yield images, pids
 
-    def _target_iter(self):
-        weights = torch.as_tensor(self.labels.weights)
-        samples = with_labels(self.data.target, self.labels.labels)  # outliers (-1) are never drawn
-        for images, labels, _, index in self._loader(samples, stream=1):
+    def _target_iter(self, samples, weights: torch.Tensor):
+        for images, labels, _, index in self._loader(samples, stream=1):  # pid -1 (outliers) is never drawn
             yield images, labels, weights[index]
 
     def _loader(self, samples, stream: int):
@@ -258,52 +229,39 @@ class Trainer:
         if self.world == 1:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # Every head reaches the loss (idle ones x0, see `total_loss`), so no unused-parameter search.
+        # Every parameter reaches the method's loss (DAAM: idle heads x0, see `total_loss`): no unused-parameter search.
         return DistributedDataParallel(self.model, device_ids=ids)
 
     def _optimizer(self, sched) -> torch.optim.Optimizer:
-        trunk = list(self.model.trunk.parameters())
-        trunk_ids = {id(p) for p in trunk}
-        rest = [p for p in self.model.parameters() if id(p) not in trunk_ids]
-        groups = [{"params": trunk, "lr": sched.lr * sched.backbone_lr_mult}, {"params": rest, "lr": sched.lr}]
-        o = self.cfg.optim
-        return torch.optim.SGD(groups, lr=sched.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+        return make_optimizer(self.model, sched, self.cfg.optim)
 
     # ------------------------------------------------------- checkpoints
     def _save(self, optimizer=None, scheduler=None, scaler=None) -> None:
         if self.rank != 0:
             return
-        ckpt = {
-            "state": asdict(self.state),
-            "model": self.model.state_dict(),
-            "labels": asdict(self.labels) if self.labels is not None else None,
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "scaler": scaler.state_dict() if scaler else None,
-            "config": self.cfg.model_dump(mode="json"),
-            "num_source_ids": self.data.num_source_ids,
-        }
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)  # a kill mid-write leaves the previous checkpoint whole
+        ckpt = checkpoint.Checkpoint(
+            config=self.cfg.model_dump(mode="json"), num_source_ids=self.data.num_source_ids,
+            model=self.model.state_dict(), state=asdict(self.state), method=self.method.state_dict(),
+            optimizer=optimizer.state_dict() if optimizer else None,
+            scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict() if scaler else None,
+        )
+        checkpoint.save(ckpt, self.out / CHECKPOINT)  # atomic: a kill mid-write leaves the previous one whole
 
-    def _load_checkpoint(self) -> dict | None:
+    def _load_checkpoint(self) -> checkpoint.Checkpoint | None:
         path = self.out / CHECKPOINT
         if not path.is_file():
             log.warning("--resume: no checkpoint at %s, starting from scratch", path)
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by _save
-        self.state = State(**ckpt["state"])
-        if ckpt["labels"] is not None:
-            self.labels = PseudoLabels(**ckpt["labels"])
-            self.model.set_target_classes(torch.as_tensor(self.labels.centers))
-        self.model.load_state_dict(ckpt["model"])
+        ckpt = checkpoint.load(path)
+        self.state = State(**ckpt.state)
+        self.method.load_state_dict(ckpt.method, self.model)
+        self.model.load_state_dict(ckpt.model)
         log.info("resumed %s at %s iteration %d after epoch %d", path, self.state.stage, self.state.iteration,
                  self.state.epoch)
-        return ckpt if ckpt["optimizer"] is not None and self.state.epoch > 0 else None
+        return ckpt if ckpt.optimizer is not None and self.state.epoch > 0 else None
 
     # ------------------------------------------------------------- output
-    def _log(self, event: str, **fields) -> None:
+    def log(self, event: str, **fields) -> None:
         if self.rank != 0:
             return
         record = {"event": event, "time": round(time.time(), 3), "stage": self.state.stage,
@@ -318,12 +276,29 @@ class Trainer:
         return export_trained(self.model, self.cfg, self.state.history, self.out / f"{self.cfg.name}.onnx")
 
 
-def _cluster_sizes(pl: PseudoLabels) -> dict:
-    """Cluster size spread and the mean confidence weight: how the pseudo labels look without ground truth."""
-    sizes = np.bincount(pl.labels[pl.labels >= 0], minlength=pl.n_clusters)
-    inlier_w = pl.weights[pl.labels >= 0]
-    return {"size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
-            "mean_weight": round(float(inlier_w.max(axis=1).mean() if inlier_w.ndim == 2 else inlier_w.mean()), 4)}
+def train_step(net: nn.Module, losses: Callable, batch: Batch, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, amp: bool, *, where: str) -> tuple[float, dict[str, float]]:
+    """One optimisation step of the shared loop: forward under autocast (fp16 when `amp`), `losses(out, batch)`,
+    backward and optimizer step through the AMP scaler; returns the loss and its weighted terms. `where` names the
+    step in the error when the loss is not finite."""
+    with torch.autocast(batch.images.device.type, dtype=torch.float16, enabled=amp):
+        loss, terms = losses(net(batch.images), batch)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at {where}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach()), terms
+
+
+def make_optimizer(model: nn.Module, sched, optim) -> torch.optim.Optimizer:
+    """Nesterov SGD with the backbone (`model.trunk`) at `sched.lr * sched.backbone_lr_mult`, the rest at `sched.lr`."""
+    trunk = list(model.trunk.parameters())
+    trunk_ids = {id(p) for p in trunk}
+    rest = [p for p in model.parameters() if id(p) not in trunk_ids]
+    groups = [{"params": trunk, "lr": sched.lr * sched.backbone_lr_mult}, {"params": rest, "lr": sched.lr}]
+    return torch.optim.SGD(groups, lr=sched.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=True)
 
 
 def _lr_factor(sched, epoch: int) -> float:

@@ -12,8 +12,15 @@
 |                      | `trainer.kreciprocal.rerank`                                                          |
 | for the trainer      | `evaluate_features(qf, gf, query, gallery)` → {"rank1", "rank5", "rank10", "mAP", ...} |
 
-    >>> cmc, mAP = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids)
-    >>> evaluate_features(qf, gf, query_samples, gallery_samples, rerank=True)["rank1"]
+Two queries, two gallery images from the other camera, each query nearest its own identity:
+
+    >>> dist = np.array([[0.1, 0.9], [0.8, 0.2]])
+    >>> cmc, mAP = evaluate_rank(dist, np.array([1, 2]), np.array([1, 2]), np.array([0, 0]), np.array([1, 1]))
+    >>> float(cmc[0]), float(mAP)
+    (1.0, 1.0)
+
+With `Sample`s and features the trainer calls
+`evaluate_features(qf, gf, query_samples, gallery_samples, rerank=True)["rank1"]`.
 """
 
 from __future__ import annotations

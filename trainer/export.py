@@ -4,17 +4,17 @@
 |-----------------------|----------------------------------------------------------------------------|
 | export any embedder   | `export_onnx(model, "models/x.onnx", meta)` → max abs diff vs PyTorch       |
 | default edge embedder | `build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))`           |
-| trained DAAM model    | `export_trained(net, cfg, history, out)`: only the domain-shared path        |
+| trained model         | `export_trained(net, cfg, history, out)`: only its `.embedder()` (DAAM: the domain-shared path) |
+| from a checkpoint     | `export_checkpoint("runs/train/daam/last.pt")`, read by `crossview.kernel.checkpoint` |
 | graph contract        | input "images" (batch, 3, H, W) float, mean/std normalised RGB;              |
 |                       | output "embeddings" (batch, D), not L2-normalised; batch axis dynamic        |
 | metadata contract     | `crossview.kernel.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
 
 The file appears atomically (temp file + `os.replace`), so an edge node hot-reloading it never
-reads a half-written model.
+reads a half-written model. For example, the default edge embedder:
 
-    >>> meta = build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))
-    >>> meta.version, meta.embedding_dim
-    ('mobilenetv2-imagenet-1', 1280)
+    meta = build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))
+    meta.version, meta.embedding_dim  # ('mobilenetv2-imagenet-1', 1280)
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
-    """Export a trained `ReidNet`'s domain-shared path with the run's provenance in the metadata."""
+    """Export a trained network's `.embedder()` (DAAM / DAAL: the domain-shared path) with the run's provenance."""
     now = datetime.now(timezone.utc)
     meta = ModelMeta(
         name=cfg.name,
@@ -156,22 +156,22 @@ def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out: Path | None = None) -> Path:
+def export_checkpoint(path: str | Path, out: Path | None = None) -> Path:
     """Re-export a training checkpoint (`<output_dir>/last.pt`) without training again."""
-    from crossview.trainer.config import TrainConfig
-    from crossview.trainer.modeling.network import ReidNet
+    from pydantic import ValidationError
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:  # our own training checkpoint: it holds numpy pseudo labels, so not weights_only
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = TrainConfig.model_validate(ckpt["config"])
-        state, ids, history = ckpt["model"], ckpt["num_source_ids"], ckpt["state"]["history"]
-    except Exception as e:
-        raise ValueError(f"{path}: not a crossview training checkpoint ({e})") from e
-    net = ReidNet.from_config(cfg.model, ids, pretrained="none")
-    if ckpt.get("labels") is not None:
-        net.set_target_classes(torch.as_tensor(ckpt["labels"]["centers"]))
-    net.load_state_dict(state)
-    return export_trained(net, cfg, history, out or path.with_name(f"{cfg.name}.onnx"))
+    from crossview.kernel import checkpoint
+    from crossview.trainer.config import TrainConfig
+    from crossview.trainer.methods import METHODS
+
+    path = Path(path)
+    ckpt = checkpoint.load(path)
+    try:
+        cfg = TrainConfig.model_validate(ckpt.config)
+    except ValidationError as e:
+        raise ValueError(f"{path}: not a crossview training checkpoint (its config: {e})") from e
+    method = METHODS[cfg.method](cfg)
+    net = method.build(ckpt.num_source_ids, pretrained="none")
+    method.load_state_dict(ckpt.method, net)
+    net.load_state_dict(ckpt.model)
+    return export_trained(net, cfg, ckpt.state["history"], out or path.with_name(f"{cfg.name}.onnx"))

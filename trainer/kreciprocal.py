@@ -16,8 +16,8 @@ Nothing N x N is ever dense: 13,000 x 256-d features take seconds and a few hund
 code's dense loop takes minutes and several GB. Results equal that dense computation
 (tests/reference/kreciprocal_dense.py) to 1e-5.
 
-    >>> jaccard = jaccard_distance(features)          # scipy.sparse.csr_matrix, float32
-    >>> final = rerank(query_features, gallery_features)  # (nq, ng) float32
+    jaccard = jaccard_distance(features)              # scipy.sparse.csr_matrix, float32
+    final = rerank(query_features, gallery_features)  # (nq, ng) float32
 """
 
 from __future__ import annotations

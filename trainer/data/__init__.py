@@ -10,9 +10,10 @@
 | `loader`        | `ImageDataset`, `filter_readable`, `PKSampler`, `make_train_loader` / `make_eval_loader` |
 | `build`         | a run's data from its config: `load_train_data(cfg)`, `labelled_split(kind, root, cache_dir)` |
 
-    >>> from trainer.data.datasets import build_dataset
-    >>> from trainer.data.loader import make_train_loader
-    >>> from trainer.data.transforms import build_transforms
-    >>> split = build_dataset("market1501", "data/Market-1501-v15.09.15")
-    >>> loader = make_train_loader(split.train, build_transforms((256, 128), train=True), p=16, k=4)
+    from crossview.trainer.data.datasets import build_dataset
+    from crossview.trainer.data.loader import make_train_loader
+    from crossview.trainer.data.transforms import build_transforms
+
+    split = build_dataset("market1501", "data/Market-1501-v15.09.15")
+    loader = make_train_loader(split.train, build_transforms((256, 128), train=True), p=16, k=4)
 """

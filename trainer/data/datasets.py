@@ -13,8 +13,8 @@ As in torchreid, pid -1 (junk) is dropped and pid 0 (distractors) stays in the g
 numbers start at 0. Parsers return the release's own pids; `build_dataset` also drops unreadable
 images and relabels training pids to 0..N-1.
 
-    >>> split = build_dataset("market1501", "data/Market-1501-v15.09.15")
-    >>> print(split.summary())
+    split = build_dataset("market1501", "data/Market-1501-v15.09.15")
+    print(split.summary())
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 | samples         | `mot_crops(seq, cache)` → Sample(pid = MOT id, camid 0, frame = MOT frame number)       |
 | one-camera eval | `time_split(samples)` → query (first half of each identity's frames, camid 0) and gallery (second half, camid 1) |
 
-    >>> crops = mot_crops("data/TUD-Campus", "runs/cache")
-    >>> query, gallery = time_split(crops, query_stride=5)
+    crops = mot_crops("data/TUD-Campus", "runs/cache")
+    query, gallery = time_split(crops, query_stride=5)
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Random erasing (Zhong et al. 2017: area 2-40 %, aspect 0.3-3.3) runs after norma
 i.e. the ImageNet mean colour ("RE-M" in the paper). Randomness comes from torch's RNG, so
 `torch.manual_seed` (or a DataLoader generator) makes it reproducible.
 
-    >>> build_transforms((256, 128), train=True)(pil_image).shape
+    >>> from PIL import Image
+    >>> build_transforms((256, 128), train=True)(Image.new("RGB", (50, 120))).shape
     torch.Size([3, 256, 128])
 """
 

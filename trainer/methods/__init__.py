@@ -1,0 +1,17 @@
+"""Adaptation methods, one module each, behind `trainer.methods.base.Method`; the train YAML's `method:` picks one.
+
+| key    | module  | method                                                                         |
+|--------|---------|--------------------------------------------------------------------------------|
+| `daam` | `daam`  | DAAM: attention split, k-means++ pseudo labels with Eq. 9 weights (the default) |
+| `daal` | `daal`  | DAAL: DAAM's loop with DAAL's attention, GAP heads, DBSCAN and soft labels      |
+
+A new method is one module with a `Method` subclass, added to `METHODS`.
+"""
+
+from __future__ import annotations
+
+from crossview.trainer.methods.base import Method
+from crossview.trainer.methods.daal import Daal
+from crossview.trainer.methods.daam import Daam
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Daam, Daal)}
