@@ -9,6 +9,8 @@ the OpenAPI schema, localhost binding, and `crossview query --url`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -126,6 +128,7 @@ def test_cameras_stats_and_recent_sightings(live_matcher):
     assert [r["ts"] for r in recent] == sorted((r["ts"] for r in recent), reverse=True)
     one = ok_json(live_matcher, "GET", f"/api/v1/sightings/{recent[0]['id']}")
     assert one == recent[0] and one["thumbnail_url"] == f"/api/v1/sightings/{one['id']}/thumbnail"
+    assert one["score"] == pytest.approx(sent(live_matcher, one).score) and "det_score" not in one  # named as on the wire
     assert call(live_matcher, "GET", "/api/v1/sightings?limit=0")[0] == 422
 
 
@@ -264,6 +267,12 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
     hit = spec["components"]["schemas"]["TrackHitOut"]["properties"]
     assert {"score", "first_ts", "last_ts", "best", "sightings"} <= set(hit)
     assert call(live_matcher, "GET", "/docs", headers={})[0] == 200
+
+
+def test_the_client_needs_neither_faiss_nor_numpy():
+    code = "import sys, crossview.matcher.client; print(sorted({'faiss', 'numpy'} & sys.modules.keys()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 def test_cli_query_over_http(live_matcher, tud_frames, tmp_path, capsys, caplog):
