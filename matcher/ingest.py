@@ -14,8 +14,8 @@
 
 Bounded queues between the threads push back on ZeroMQ, which buffers up to `rcvhwm` messages.
 A sighting counts as accepted only once it is committed (WAL, `synchronous=FULL`) and indexed, so
-`kill -9` never loses an accepted sighting and a counted one is findable. `quiet()` holds commits
-back until every committed batch is indexed: deletions run inside it, so an add never revives them.
+`kill -9` never loses an accepted sighting and a counted one is findable. Inside `quiet()` no commit
+runs and every committed batch is indexed: deletions run there, so no later add revives what they delete.
 
     pipeline = Pipeline(cfg.ingest, store, index, Tracks(store, cfg.query.track_gap_s), metrics)
     pipeline.start()                    # binds cfg.ingest.endpoint

@@ -114,7 +114,7 @@ class Store:
             self._writer.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.executescript(SCHEMA)
-        self._record = self._record_columns()
+        self._record_sql = self._record_columns()
 
     def _record_columns(self) -> str:
         """What a `SightingRecord` is selected as; an old store's score column is renamed first, when writable."""
@@ -223,7 +223,7 @@ class Store:
     # -- lookups -------------------------------------------------------------------------------
 
     def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
-        rows = self._all(f"SELECT {self._record} FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
+        rows = self._all(f"SELECT {self._record_sql} FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
                          (_ids_json(ids),))
         return {r[0]: _record(r) for r in rows}
 
@@ -240,7 +240,7 @@ class Store:
 
     def latest_in_track(self, node: str, camera: str, track: int, model: str | None = None) -> SightingRecord | None:
         """The newest sighting of an edge track: it carries the track's best (longest running mean) embedding."""
-        sql = f"SELECT {self._record} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
+        sql = f"SELECT {self._record_sql} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
         args: tuple = (node, camera, int(track))
         if model is not None:
             sql, args = sql + " AND model = ?", (*args, model)
@@ -255,7 +255,7 @@ class Store:
 
     def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
         where, args = ("WHERE camera = ?", (camera,)) if camera is not None else ("", ())
-        rows = self._all(f"SELECT {self._record} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
+        rows = self._all(f"SELECT {self._record_sql} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
         return [_record(r) for r in rows]
 
     def cameras(self) -> list[dict]:
