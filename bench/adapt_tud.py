@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 from docsection import machine, write_section
 
+from crossview.trainer.config import overlay
+
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "bench" / "train" / "tud-daam.yaml"
 RUNS = REPO / "runs" / "bench"
@@ -45,16 +47,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def run_variant(name: str, changes: dict, base: dict) -> list[dict]:
     """Train one variant in its own process; return its evaluation history."""
-    cfg = merged(base, {**changes, "name": f"tud-{name}", "output_dir": str(RUNS / f"tud-{name}"),
+    cfg = overlay(base, {**changes, "name": f"tud-{name}", "output_dir": str(RUNS / f"tud-{name}"),
                         "cache_dir": str(RUNS.parent / "cache")})
     for section in ("source", "target"):  # the base file's relative roots, made absolute for the temp config
         cfg[section]["root"] = str((BASE.parent / cfg[section]["root"]).resolve())

@@ -134,7 +134,7 @@ class TrainConfig(_Strict):
         """The chosen method's paper settings under the file's own keys: `method: daal` alone is DAAL."""
         name = data.get("method", "daam") if isinstance(data, dict) else None
         method = _methods().get(name) if isinstance(name, str) else None  # an unknown one: `_known_method` says so
-        return _under(method.defaults, data) if method is not None else data
+        return overlay(method.defaults, data) if method is not None else data
 
     @field_validator("method")
     @classmethod
@@ -151,12 +151,11 @@ def _methods() -> dict:
     return METHODS
 
 
-def _under(defaults: dict, data: dict) -> dict:
-    """`data` with `defaults` filled in where it has no value, section by section."""
-    out = dict(data)
-    for key, value in defaults.items():
-        mine = out.get(key)
-        out[key] = _under(value, mine) if isinstance(value, dict) and isinstance(mine, dict) else out.get(key, value)
+def overlay(base: dict, changes: dict) -> dict:
+    """`base` with `changes` laid over it, section by section: nested dicts merge, any other value replaces."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -167,4 +166,4 @@ def load_train_config(path: str | Path) -> TrainConfig:
     return load_config(path, TrainConfig, TRAIN_PATH_KEYS)
 
 
-__all__ = ["ConfigError", "TrainConfig", "load_train_config"]
+__all__ = ["ConfigError", "TrainConfig", "load_train_config", "overlay"]
