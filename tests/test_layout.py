@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import doctest
 import importlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -113,8 +114,14 @@ def test_no_generic_top_level_packages_are_importable(tmp_path):
 @pytest.mark.timeout(300)
 def test_the_wheel_installs_one_crossview_package(tmp_path):
     """Build the wheel, install it into a fresh venv: every folder is under crossview/, nothing generic beside it."""
+    src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=240)
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=240)
     wheel = next((tmp_path / "dist").glob("crossview-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
