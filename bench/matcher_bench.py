@@ -17,6 +17,8 @@
 |          | at other nprobe values                                                                       |
 | memory   | process RSS growth and FAISS index bytes per sighting; SQLite bytes per sighting            |
 | restart  | `Matcher(cfg)` on the largest data directory: from the final snapshot, and with no snapshot |
+| HTTP     | at the largest size, `GET /api/v1/sightings/{id}` one request at a time over 127.0.0.1: on one |
+|          | keep-alive connection, and on a fresh connection each                                     |
 
 Data: identities with 50 sightings each (5 cameras x 10-sighting tracks); a sighting is its
 identity's random unit vector plus Gaussian noise (cosine to the identity ≈ 0.86), like re-ID
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import logging
 import multiprocessing as mp
 import os
@@ -49,6 +52,7 @@ from otherload import OtherLoad  # noqa: E402
 
 from crossview.kernel.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
 from crossview.kernel.wire import Sighting, encode  # noqa: E402
+from crossview.matcher.api import serve  # noqa: E402
 from crossview.matcher.query import Filters  # noqa: E402
 from crossview.matcher.service import Matcher  # noqa: E402
 
@@ -99,7 +103,7 @@ def _send(endpoint: str, start: int, stop: int, thumb_bytes: int) -> None:
 
 def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
     index = {"snapshot_interval_s": 3600, **({"exact_max": exact_max} if exact_max else {})}
-    return parse_config({"data_dir": str(data_dir), "http": {"token": "bench-token-0123456789"},
+    return parse_config({"data_dir": str(data_dir), "http": {"token": "bench-token-0123456789", "port": 0},
                          "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
                          "index": index, "metrics": {"log_interval_s": 30}}, MatcherConfig)
 
@@ -195,6 +199,32 @@ def _partition_search(m: Matcher, queries: np.ndarray, exact_ids: np.ndarray) ->
     return percentiles(seconds), recall
 
 
+def http_bench(m: Matcher, n: int = 200) -> dict:
+    """(p50, p99) ms of a sighting lookup over the HTTP API: keep-alive (one connection) and fresh (one each)."""
+    server = serve(m, m.cfg.http)
+    headers = {"Authorization": f"Bearer {m.cfg.http.token}"}
+    ids = m.store.older_than(float("inf"), n)
+
+    def timed(conn: http.client.HTTPConnection, sighting_id: int) -> float:
+        t0 = time.perf_counter()
+        conn.request("GET", f"/api/v1/sightings/{sighting_id}", headers=headers)
+        conn.getresponse().read()
+        return time.perf_counter() - t0
+
+    try:
+        keep = http.client.HTTPConnection(server.host, server.port)
+        kept = [timed(keep, i) for i in ids]
+        keep.close()
+        fresh = []
+        for i in ids:
+            conn = http.client.HTTPConnection(server.host, server.port)
+            fresh.append(timed(conn, i))
+            conn.close()
+    finally:
+        server.stop()
+    return {"keep_alive": percentiles(kept), "fresh": percentiles(fresh), "n": len(ids)}
+
+
 def rss_bytes() -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
 
@@ -259,6 +289,8 @@ def run(sizes: list[int], n_queries: int, workdir: Path, only_ingest: bool = Fal
             results["queries"].append(query_bench(m, n_queries))
             log.info("at %d: %s", size, results["queries"][-1])
     results["rss_per_sighting"] = (rss_bytes() - rss0) / done
+    if not only_ingest:
+        results["http"] = http_bench(m)
     m.stop()
     results["store_bytes"] = store_bytes(data) / done
     if not only_ingest:
@@ -338,7 +370,11 @@ def report(r: dict, command: str, minutes: float) -> str:
               f"### Restart at {big['n']:,}", "",
               f"- From the final snapshot ({rs['snapshot_kind']}): **{rs['snapshot_s']:.1f} s** until queries are served",
               f"- With no snapshot: {rs['store_s']:.1f} s to an exact index built from the store (queries served), "
-              f"{rs['retrain_s']:.1f} s until the background IVF training is done", ""]
+              f"{rs['retrain_s']:.1f} s until the background IVF training is done", "",
+              f"### HTTP API at {big['n']:,}: `GET /api/v1/sightings/{{id}}`, {r['http']['n']} requests one at a time", "",
+              "| connection | p50 / p99 ms |", "|---|---|",
+              *(f"| {name} | **{r['http'][key][0]:.1f}** / {r['http'][key][1]:.1f} |"
+                for key, name in (("keep_alive", "one keep-alive connection"), ("fresh", "a fresh connection each"))), ""]
     return "\n".join(lines)
 
 

@@ -236,6 +236,11 @@ class HttpConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = Field(None, min_length=16, description="bearer token; or token_file")
     token_file: Path | None = None
+    # Refused before parsing or decoding, so one request cannot exhaust the matcher's memory.
+    max_json_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (a 4096-d embedding is ~100 KB)")
+    max_upload_bytes: int = Field(8 << 20, ge=1024, description="largest image-query request body")
+    max_image_pixels: int = Field(16 << 20, ge=1024, description="largest uploaded image, width x height from its header "
+                                                                "(decoding costs 3 bytes a pixel and more)")
 
     @model_validator(mode="after")
     def _one_token(self) -> "HttpConfig":

@@ -14,8 +14,9 @@
 Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`, compared in constant
 time; there is no `?token=` form, so the token never lands in URLs, logs or browser history (the page
 fetches thumbnails with the header and shows them as blob URLs). Errors are `{"detail": "..."}`:
-401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`);
-a malformed request is FastAPI's 422 with one entry per field.
+401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`),
+413 a body over `http.max_json_bytes` / `max_upload_bytes` (`matcher.limits`); a malformed request, an id or
+track number out of range included, is FastAPI's 422 with one entry per field.
 
     server = serve(matcher, cfg.http)     # binds cfg.http.host (127.0.0.1 unless configured)
     server.url                            # 'http://127.0.0.1:8080/'
@@ -33,19 +34,22 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import cv2
 import numpy as np
 import pydantic
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from crossview import __version__
 from crossview.kernel.config import HttpConfig
+from crossview.kernel.runtime import listening
+from crossview.matcher.limits import BodyLimit, decode_image
 from crossview.matcher.schemas import (
     API_PREFIX,
+    MAX_ID,
     CameraOut,
     ErrorOut,
     HealthOut,
@@ -59,9 +63,9 @@ from crossview.matcher.service import Matcher
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).with_name("web")
-MAX_UPLOAD_BYTES = 10 << 20
 # The page loads nothing from elsewhere; thumbnails are blob URLs made from authenticated fetches.
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+SightingId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a sighting's id")]
 _BEARER = HTTPBearer(auto_error=False, description="the token from the matcher's `http.token` or `http.token_file`")
 _ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong token"}}
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "no such sighting (or it has no thumbnail)"}}
@@ -81,28 +85,7 @@ def _token_check(token: str):
     return check
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """BGR pixels of an uploaded JPEG or PNG; `ValueError` naming what is wrong with it."""
-    if not data:
-        raise ValueError(f"upload {name!r} is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise ValueError(f"upload {name!r} is larger than {MAX_UPLOAD_BYTES >> 20} MiB; send a person crop")
-    if data.startswith(b"\xff\xd8"):
-        kind = "JPEG"
-        # libjpeg pads a cut-off file with grey instead of failing, so check the end-of-image marker.
-        if not data.rstrip(b"\0\r\n").endswith(b"\xff\xd9"):
-            raise ValueError(f"upload {name!r} is a truncated or corrupt JPEG (no end-of-image marker)")
-    elif data.startswith(b"\x89PNG\r\n\x1a\n"):
-        kind = "PNG"
-    else:
-        raise ValueError(f"upload {name!r} is not a JPEG or PNG image (it starts with {data[:8]!r})")
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"upload {name!r} is a corrupt {kind}: it could not be decoded")
-    return image
-
-
-def _api_router(matcher: Matcher, token: str) -> APIRouter:
+def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
     queries, store = matcher.queries, matcher.store
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(token))], responses=_ERRORS)
 
@@ -119,7 +102,7 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
         return [SightingOut.model_validate(r) for r in store.recent(camera=camera, limit=limit)]
 
     @api.get("/sightings/{sighting_id}", summary="One sighting", responses=_NOT_FOUND)
-    def sighting(sighting_id: int) -> SightingOut:
+    def sighting(sighting_id: SightingId) -> SightingOut:
         record = store.record(sighting_id)
         if record is None:
             raise LookupError(f"no sighting {sighting_id}")
@@ -127,7 +110,7 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
 
     @api.get("/sightings/{sighting_id}/thumbnail", summary="A sighting's JPEG thumbnail", response_class=Response,
              responses={**_NOT_FOUND, 200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
-    def thumbnail(sighting_id: int) -> Response:
+    def thumbnail(sighting_id: SightingId) -> Response:
         jpeg = store.thumbnail(sighting_id)
         if jpeg is None:
             raise LookupError(f"sighting {sighting_id} does not exist or has no thumbnail")
@@ -149,7 +132,7 @@ def _api_router(matcher: Matcher, token: str) -> APIRouter:
     @api.post("/query/image", summary="Where was the person in this crop seen", responses=_QUERY_ERRORS)
     def query_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
                     form: Annotated[ImageQueryForm, Form()]) -> QueryOut:
-        pixels = decode_image(image.file.read(MAX_UPLOAD_BYTES + 1), image.filename or "image")
+        pixels = decode_image(image.file.read(), image.filename or "image", max_pixels)  # BodyLimit bounds its size
         return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
 
     return api
@@ -170,12 +153,12 @@ def _schema_bug(_: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
-def create_app(matcher: Matcher, token: str) -> FastAPI:
-    """The API and page over `matcher`; every `/api/v1` path but health needs `token`."""
-    if not token:
-        raise ValueError("the HTTP API needs a token")
+def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
+    """The API and page over `matcher`; every `/api/v1` path but health needs the token (`load_token(cfg)`)."""
+    token = load_token(cfg)
     app = FastAPI(title="Crossview matcher", version=__version__,
                   description="Where else was this person seen: sightings from the edge nodes, searched by appearance.")
+    app.add_middleware(BodyLimit, max_json=cfg.max_json_bytes, max_upload=cfg.max_upload_bytes)
     app.add_exception_handler(LookupError, _error(404))
     app.add_exception_handler(ValueError, _error(400))
     app.add_exception_handler(pydantic.ValidationError, _schema_bug)
@@ -184,7 +167,7 @@ def create_app(matcher: Matcher, token: str) -> FastAPI:
     def health() -> HealthOut:
         return HealthOut()
 
-    app.include_router(_api_router(matcher, token))
+    app.include_router(_api_router(matcher, token, cfg.max_image_pixels))
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -216,13 +199,16 @@ class ApiServer:
 
     def __init__(self, app: FastAPI, host: str, port: int):
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP. Without it (proto 0)
+        # every keep-alive response after the first waited ~40 ms: Nagle holding its body for the delayed ACK.
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            self._sock.bind((host, port))
-        except OSError as e:
+            with listening("http.port", f"{host}:{port}"):
+                self._sock.bind((host, port))
+        except OSError:
             self._sock.close()
-            raise OSError(e.errno, f"HTTP API: cannot listen on {host}:{port}: {e.strerror}") from None
+            raise
         self.host, self.port = host, self._sock.getsockname()[1]
         config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
@@ -260,7 +246,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(matcher: Matcher, cfg: HttpConfig) -> ApiServer:
     """Start the API and page on `cfg.host:cfg.port` in a background thread; `.stop()` shuts it down."""
-    server = ApiServer(create_app(matcher, load_token(cfg)), cfg.host, cfg.port).start()
+    server = ApiServer(create_app(matcher, cfg), cfg.host, cfg.port).start()
     log.info("HTTP API and web page on %s (bearer token required)", server.url)
     if not _is_loopback(cfg.host):
         log.warning("HTTP API listens on %s, reachable from the network in plain HTTP: put TLS in front of it", cfg.host)

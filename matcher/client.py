@@ -8,7 +8,8 @@
 | image query       | `query_image(jpeg_bytes, "crop.jpg", model, filters)` (multipart upload)      |
 | back to objects   | `result_from_dict(d)` → `QueryResult`, so the CLI prints the same table either way |
 | errors            | 404 → `LookupError`, 400/422 → `ValueError`, 401 → `PermissionError`, no server → `ConnectionError`; |
-|                   | each with the server's own message                                            |
+|                   | each with the server's own message; a URL without http(s):// → `ValueError`;  |
+|                   | a server that is not a matcher API (the metrics port) → `ConnectionError` saying so |
 
     client = MatcherClient("http://127.0.0.1:8080", read_token(Path("keys/http-token")))
     print(result_from_dict(client.query({"sighting_id": 123})).to_text())
@@ -16,6 +17,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -58,37 +60,62 @@ def encode_multipart(fields: dict[str, object], files: dict[str, tuple[str, byte
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def _detail(err: urllib.error.HTTPError) -> str:
+def _detail(err: urllib.error.HTTPError) -> str | None:
+    """The API's own error message; None when the body is not one (then the server is not a matcher API)."""
     try:
         detail = json.loads(err.read()).get("detail")
-    except ValueError:
-        return f"HTTP {err.code} {err.reason}"
+    except (ValueError, AttributeError):
+        return None
     if isinstance(detail, list):  # a malformed request: FastAPI lists each field's problem
         return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}" for e in detail)
-    return str(detail)
+    return None if detail is None else str(detail)
+
+
+def _checked_url(url: str) -> str:
+    """`url` without its trailing slash; `ValueError` saying what to fix when it is no http(s) URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"--url needs a scheme: http://{url}")
+    if scheme.lower() not in ("http", "https") or not rest:
+        raise ValueError(f"--url {url!r}: give an http:// or https:// address, e.g. http://127.0.0.1:8080")
+    return url.rstrip("/")
 
 
 class MatcherClient:
     def __init__(self, url: str, token: str, timeout: float = 60.0):
-        self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
+        self.url, self.token, self.timeout = _checked_url(url), token, timeout
+
+    def _not_ours(self, what: str) -> ConnectionError:
+        return ConnectionError(f"{self.url}: that is not a Crossview matcher API (metrics port?): {what}")
 
     def _call(self, path: str, body: bytes, content_type: str) -> dict:
         req = urllib.request.Request(f"{self.url}{API_PREFIX}{path}", data=body, method="POST",
                                      headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as res:
-                return json.load(res)
+                answer, kind = res.read(), res.headers.get_content_type()
         except urllib.error.HTTPError as e:
-            message = f"{self.url}: {_detail(e)}"
-            if e.code == 404:
-                raise LookupError(message) from None
-            if e.code == 401:
-                raise PermissionError(message) from None
-            if e.code in (400, 422):
-                raise ValueError(message) from None
-            raise ConnectionError(f"{self.url}: HTTP {e.code}: {_detail(e)}") from None
+            raise self._http_error(e) from None
         except urllib.error.URLError as e:
             raise ConnectionError(f"cannot reach the matcher at {self.url}: {e.reason}") from None
+        except http.client.HTTPException as e:  # not HTTP at all, e.g. the ZeroMQ port
+            raise self._not_ours(f"{type(e).__name__} {e}") from None
+        if kind != "application/json":
+            raise self._not_ours(f"it answered {kind}")
+        return json.loads(answer)
+
+    def _http_error(self, e: urllib.error.HTTPError) -> Exception:
+        detail = _detail(e)
+        if detail is None:
+            return self._not_ours(f"HTTP {e.code} {e.reason}")
+        message = f"{self.url}: {detail}"
+        if e.code == 404:
+            return LookupError(message)
+        if e.code == 401:
+            return PermissionError(message)
+        if e.code in (400, 422):
+            return ValueError(message)
+        return ConnectionError(f"{self.url}: HTTP {e.code}: {detail}")
 
     def query(self, body: dict) -> dict:
         """POST /api/v1/query: `body` holds one of embedding + model, sighting_id or track, plus filters."""

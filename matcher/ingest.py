@@ -42,6 +42,7 @@ import numpy as np
 import zmq
 
 from crossview.kernel.config import CurveConfig, IngestConfig
+from crossview.kernel.runtime import listening
 from crossview.kernel.transport import secure_server
 from crossview.kernel.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode_many
 from crossview.matcher.index import Index
@@ -263,7 +264,8 @@ class Receiver:
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames are cut off by ZeroMQ itself
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
+        with listening("ingest.endpoint", endpoint):
+            self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.accepted = 0
         self.rejected: Counter[str] = Counter()

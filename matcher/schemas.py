@@ -25,6 +25,7 @@ from crossview.kernel.wire import MAX_EMBEDDING_DIM
 from crossview.matcher.query import Filters
 
 API_PREFIX = "/api/v1"
+MAX_ID = 2**63 - 1  # SQLite's INTEGER: a larger id or track number could never be stored, so it is a 422, not a 500
 
 
 class _Out(BaseModel):
@@ -128,14 +129,14 @@ class TrackRef(BaseModel):
 
     node: str
     camera: str
-    track: int = Field(ge=0)
+    track: int = Field(ge=0, le=MAX_ID)
     model: str | None = Field(None, description="needed only if the track was embedded by several models")
 
 
 class QueryIn(QueryFilters):
     embedding: list[float] | None = Field(None, max_length=MAX_EMBEDDING_DIM, description="an embedding; needs `model`")
     model: str | None = None
-    sighting_id: int | None = None
+    sighting_id: int | None = Field(None, ge=1, le=MAX_ID)
     track: TrackRef | None = None
 
     @model_validator(mode="after")

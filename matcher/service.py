@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
+from crossview.kernel.runtime import listening
 from crossview.matcher.index import Index
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
@@ -84,7 +85,8 @@ class Matcher:
             t.start()
             self._threads.append(t)
         if self.cfg.metrics.port:
-            self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.host)
+            with listening("metrics.port", f"{self.cfg.metrics.host}:{self.cfg.metrics.port}"):
+                self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.host)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.cfg.metrics.port)
         log.info("matcher ingesting on %s (%s), data in %s", self.ingest.endpoint, self.cfg.ingest.security.mode,
                  self.cfg.data_dir)
