@@ -13,9 +13,12 @@
 The network `build` returns has the backbone as `.trunk` (its lr is scaled by `backbone_lr_mult`), the
 embedding width as `.dim` and the deployable part as `.embedder()`; in train mode its forward returns
 what `losses` reads, in eval mode the re-ID embedding (N, dim). Every parameter must reach the loss of
-every batch (x0 where a term is off), because DDP runs without the unused-parameter search. A method that translates images (EDAAN)
-writes them in `target_step` and returns them as `adapt_samples(...).source`; one with autoencoder
-or disentangling heads (ARN, ADFL) builds them in `build` and scores them in `losses`.
+every batch (x0 where a term is off): DDP runs without the unused-parameter search.
+
+How the later papers fit: ARN's autoencoder (shared / private encoders, decoder) and ADFL's attention
+branches are built in `build` and scored in `losses` (reconstruction, difference, contrastive, triplet);
+a method without a target step returns False from `target_step`. EDAAN translates source images into
+the target style in `target_step` and returns the translated images as `adapt_samples(...).source`.
 
 Everything else is the engine's (`trainer.engine`), shared by every method: epochs and schedules,
 checkpoints and `--resume`, DDP, AMP, evaluation, metrics.jsonl and the ONNX export.
