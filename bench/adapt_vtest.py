@@ -41,7 +41,7 @@ def harvest() -> tuple[dict, float]:
         "cameras": [{"id": "vtest", "source": str(SHARED / "vtest.avi"), "fps": 5}],
         "detector": {"kind": "hog"},
         "embedder": {"model": str(model)},
-        "publisher": {"endpoint": "tcp://127.0.0.1:5597", "security": {"mode": "plain"}},  # no matcher: dropped
+        "publisher": {"endpoint": "tcp://127.0.0.1:5597", "security": {"mode": "plain"}},  # no matcher: spooled
         "harvest": {"enabled": True, "dir": str(WORK / "harvest"), "every_k": 2, "min_height": 48, "min_score": 0.0},
     }
     path = WORK / "edge.yaml"

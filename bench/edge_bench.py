@@ -45,7 +45,6 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-import zmq  # noqa: E402
 from docsection import machine, write_section  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -64,6 +63,7 @@ from crossview.kernel.config import (  # noqa: E402
     PublisherConfig,
 )
 from crossview.kernel.embedder import Embedder  # noqa: E402
+from crossview.matcher.ingest import Receiver  # noqa: E402
 from crossview.trainer.export import build_default_embedder  # noqa: E402
 from crossview.trainer.modeling.backbones import GapEmbedder, mobilenet_v2_imagenet  # noqa: E402
 
@@ -323,12 +323,12 @@ def yolo_latency(models: dict[str, Path], frames: list[np.ndarray]) -> dict[str,
 # ---- 2./3. edge node end to end ---------------------------------------------------------------
 
 
-class PullReceiver:
-    """A local ZeroMQ PULL socket on a thread, standing in for the matcher; counts messages."""
+class AckReceiver:
+    """The matcher's own receiver on a thread, standing in for the matcher: acknowledges and counts sightings."""
 
     def __init__(self):
-        self.sock = zmq.Context.instance().socket(zmq.PULL)
-        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+        self.rx = Receiver("tcp://127.0.0.1:*")
+        self.endpoint = self.rx.endpoint
         self.count = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -336,9 +336,7 @@ class PullReceiver:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.sock.poll(50):
-                self.sock.recv()
-                self.count += 1
+            self.count += len(self.rx.receive_batch(0.05, 1000))
 
     def close(self, expect: int, timeout: float = 3.0) -> int:
         deadline = time.monotonic() + timeout
@@ -346,7 +344,7 @@ class PullReceiver:
             time.sleep(0.01)
         self._stop.set()
         self._thread.join()
-        self.sock.close()
+        self.rx.close()
         return self.count
 
 
@@ -377,13 +375,14 @@ class NodeRun:
 def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, people: list | None = None,
              ort_opts: dict | None = None, profile: cProfile.Profile | None = None) -> NodeRun:
     """EdgeNode on the first `frames` frames of vtest.avi; `people`: feed these boxes, the detector only timed."""
-    receiver = PullReceiver()
+    receiver = AckReceiver()
     cfg = EdgeConfig(
         node_id="bench",
         cameras=[CameraConfig(id="vtest", source=str(VIDEO), fps=10)],  # native 10 fps: every frame, in order
         detector=detector,
         embedder=EmbedderConfig(model=model, batch_size=BATCH, device="cpu"),
-        publisher=PublisherConfig(endpoint=receiver.endpoint, security=CurveConfig(mode="plain")),  # loopback
+        publisher=PublisherConfig(endpoint=receiver.endpoint, security=CurveConfig(mode="plain"),  # loopback
+                                  spool_dir=Path(tempfile.mkdtemp(prefix="bench-spool-"))),
         metrics=MetricsConfig(port=0, log_interval_s=3600),
     )
     with ort_options(**(ort_opts or {})):
@@ -411,7 +410,7 @@ def run_node(name: str, detector: DetectorConfig, model: Path, frames: int, peop
     if stats.frames != frames:
         raise RuntimeError(f"{name}: node processed {stats.frames} frames, expected {frames}")
     return NodeRun(name, stats.frames, m.wall, det.seconds, trk.seconds, emb.seconds, pub.seconds,
-                   stats.detections, stats.published, receiver.close(stats.published), m.other_cores)
+                   stats.detections, stats.sightings, receiver.close(stats.sightings), m.other_cores)
 
 
 def node_runs(frames: int, model: Path, yolos: dict[str, Path], people: list) -> list[list[NodeRun]]:

@@ -53,13 +53,15 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
     from crossview.matcher.service import Matcher
 
     edge_cfg = load_edge_config(config)
+    # a spool of its own too, or what an interrupted demo left unacknowledged would land in this one's empty matcher
+    edge_cfg = edge_cfg.model_copy(update={"publisher": edge_cfg.publisher.model_copy(update={"spool_dir": out / "spool"})})
     ensure_default_embedder(edge_cfg.embedder.model)
     shutil.rmtree(out, ignore_errors=True)  # each demo starts from an empty matcher
     matcher = Matcher(_matcher_config(edge_cfg, out / "matcher"))
     matcher.start()
     try:
         stats = EdgeNode(edge_cfg).run()
-        _drain(matcher, sum(s.published for s in stats.values()))
+        _drain(matcher, sum(s.sightings for s in stats.values()))
         _print_cameras(stats, matcher)
         result = _cross_camera_query(matcher, Filters(top_k=5, cameras=[c for c in stats if c != QUERY_CAMERA]))
         if result is None:
@@ -76,20 +78,21 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
     return 0
 
 
-def _drain(matcher, published: int, wait_s: float = 10.0) -> None:
-    """Let the matcher commit what is still in flight before reporting."""
+def _drain(matcher, made: int, wait_s: float = 10.0) -> None:
+    """Let the matcher index what it acknowledged before reporting."""
     deadline = time.monotonic() + wait_s
-    while matcher.ingest.accepted < published and time.monotonic() < deadline:
+    while matcher.ingest.accepted < made and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
 def _print_cameras(stats: dict, matcher) -> None:
-    header = f"{'camera':<16} {'status':<9} {'frames':>6} {'people':>6} {'published':>9} {'dropped':>7} {'stored':>7}"
+    header = f"{'camera':<16} {'status':<9} {'frames':>6} {'people':>6} {'sightings':>9} {'stored':>7}"
     print("\n" + header + "\n" + "-" * len(header))
     for cid, s in stats.items():
-        print(f"{cid:<16} {s.status:<9} {s.frames:>6} {len(s.tracks):>6} {s.published:>9} {s.dropped:>7} "
+        print(f"{cid:<16} {s.status:<9} {s.frames:>6} {len(s.tracks):>6} {s.sightings:>9} "
               f"{matcher.ingest.accepted_by_camera[cid]:>7}")
-    print("people = distinct tracks per camera; stored = sightings committed by the matcher")
+    print("people = distinct tracks per camera; sightings = sent by the edge (spooled until acknowledged); "
+          "stored = committed by the matcher")
 
 
 def _cross_camera_query(matcher, filters):

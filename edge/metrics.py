@@ -4,7 +4,12 @@
 |--------------------------------------|----------|
 | `crossview_edge_frames_total`        | camera   |
 | `crossview_edge_detections_total`    | camera   |
-| `crossview_edge_published_total` / `_dropped_total` | camera |
+| `crossview_edge_sightings_total`     | camera: sightings made and spooled for the matcher |
+| `crossview_edge_acknowledged`        | sightings the matcher acknowledged (committed) since start |
+| `crossview_edge_spooled` / `_spool_bytes` | unacknowledged sightings in the spool now, and its size |
+| `crossview_edge_spool_dropped`       | unacknowledged sightings dropped since start: the spool was full |
+| `crossview_edge_oldest_unacknowledged_seconds` | age of the oldest sighting in the spool |
+| `crossview_edge_matcher_reachable`   | 1 while the CURVE/ZeroMQ connection to the matcher is up |
 | `crossview_edge_reconnects_total`    | camera   |
 | `crossview_edge_fps`                 | camera   |
 | `crossview_edge_queue_depth`         | camera   |
@@ -42,8 +47,7 @@ class EdgeMetrics:
         r = self.registry
         self.frames = Counter("crossview_edge_frames", "Frames processed", ["camera"], registry=r)
         self.detections = Counter("crossview_edge_detections", "Tracked person detections", ["camera"], registry=r)
-        self.published = Counter("crossview_edge_published", "Sightings sent to the matcher", ["camera"], registry=r)
-        self.dropped = Counter("crossview_edge_dropped", "Sightings dropped: matcher slow or down", ["camera"], registry=r)
+        self.sightings = Counter("crossview_edge_sightings", "Sightings made and spooled for the matcher", ["camera"], registry=r)
         self.reconnects = Counter("crossview_edge_reconnects", "Stream reopen attempts", ["camera"], registry=r)
         self.fps = Gauge("crossview_edge_fps", "Processed frames per second", ["camera"], registry=r)
         self.queue = Gauge("crossview_edge_queue_depth", "Frames waiting in the camera's buffer", ["camera"], registry=r)
@@ -51,6 +55,18 @@ class EdgeMetrics:
         self.track_s = Histogram("crossview_edge_tracker_seconds", "Tracker time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
         self.emb_s = Histogram("crossview_edge_embedder_seconds", "Embedder time per batch", buckets=_LATENCY_BUCKETS, registry=r)
         self._frame_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
+
+    def watch(self, publisher) -> None:
+        """Delivery gauges, read from an `edge.publisher.Publisher` at each scrape."""
+        for name, text, read in (
+            ("acknowledged", "Sightings the matcher acknowledged (committed) since start", lambda: publisher.acknowledged),
+            ("spooled", "Unacknowledged sightings in the spool", lambda: publisher.spooled),
+            ("spool_bytes", "Spool size in bytes", lambda: publisher.spool.bytes),
+            ("spool_dropped", "Unacknowledged sightings dropped since start: spool full", lambda: publisher.dropped),
+            ("oldest_unacknowledged_seconds", "Age of the oldest unacknowledged sighting", publisher.oldest_age_s),
+            ("matcher_reachable", "1 while connected to the matcher", lambda: float(publisher.reachable)),
+        ):
+            Gauge(f"crossview_edge_{name}", text, registry=self.registry).set_function(read)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

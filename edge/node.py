@@ -6,7 +6,7 @@
 | detect     | `edge.detectors`  | frame                                |
 | track      | `edge.tracking`   | camera                               |
 | embed      | `crossview.kernel.embedder`   | one batch of all cameras' crops      |
-| publish    | `edge.publisher`  | sighting                             |
+| publish    | `edge.publisher`  | sighting: spooled, sent, acknowledged |
 | harvest    | `edge.harvest`    | sampled sighting                     |
 
     node = EdgeNode(load_edge_config("configs/edge.yaml"))
@@ -46,8 +46,7 @@ log = logging.getLogger(__name__)
 class CameraStats:
     frames: int = 0
     detections: int = 0
-    published: int = 0
-    dropped: int = 0
+    sightings: int = 0  # handed to the publisher's spool; what the matcher acknowledged is the publisher's to say
     detector_seconds: float = 0.0
     tracker_seconds: float = 0.0
     tracks: set[int] = field(default_factory=set)
@@ -124,6 +123,7 @@ class EdgeNode:
         self.detector = build_detector(cfg.detector, e.device)
         self.cameras = {c.id: Camera(c, Tracker(cfg.tracker)) for c in cfg.cameras}
         self.publisher = Publisher(cfg.publisher)
+        self.metrics.watch(self.publisher)
         self.harvester = Harvester(cfg.harvest, cfg.node_id) if cfg.harvest.enabled else None
         self._stop = threading.Event()
         self._dtype = np.float16 if cfg.publisher.embedding_dtype == "float16" else np.float32
@@ -245,10 +245,9 @@ class EdgeNode:
                 box=tuple(float(v) for v in box), score=score, embedding=track.mean.astype(self._dtype),
                 model=self.embedder.version, thumbnail=self._thumbnail(crop) if pub.thumbnails else None,
             )
-            sent = self.publisher.send(sighting)
-            counter, stat = (self.metrics.published, "published") if sent else (self.metrics.dropped, "dropped")
-            counter.labels(cam.cfg.id).inc()
-            setattr(cam.stats, stat, getattr(cam.stats, stat) + 1)
+            self.publisher.send(sighting)
+            self.metrics.sightings.labels(cam.cfg.id).inc()
+            cam.stats.sightings += 1
         if self.harvester and self.harvester.wants(track.sightings, height, score):
             self.harvester.save(cam.cfg.id, tid, frame.index, frame.ts, crop, box, score, self.embedder.version)
 
@@ -266,15 +265,16 @@ class EdgeNode:
             fps = m.value("crossview_edge_fps", cid)
             log.info(
                 "camera %s: %s, %.1f fps, %d frames%s, queue %d, detector %.0f ms/frame, tracker %.1f ms/frame, "
-                "published %d, dropped %d, reconnects %d",
+                "sightings %d, reconnects %d",
                 cid, cam.stats.status, fps, cam.stats.frames, _progress(cam, fps), cam.source.queue_depth,
                 1000 * cam.stats.detector_seconds / frames, 1000 * cam.stats.tracker_seconds / frames,
-                cam.stats.published, cam.stats.dropped, cam.source.reconnects,
+                cam.stats.sightings, cam.source.reconnects,
             )
+        log.info("delivery: %s", self.publisher.status())
 
     def _shutdown(self) -> None:
         for cam in self.cameras.values():
             cam.source.stop()
             self._sync_source_state(cam)
-        self.publisher.close()
         self._log_status()
+        self.publisher.close()  # waits up to publisher.drain_s for the matcher's acknowledgements, and says how it ended

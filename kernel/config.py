@@ -140,7 +140,11 @@ class CurveConfig(_Strict):
 
 class PublisherConfig(_Strict):
     endpoint: str = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint")
-    hwm: int = Field(2000, ge=1, description="messages buffered while the matcher is slow or down; beyond, dropped")
+    hwm: int = Field(2000, ge=1, description="sightings in flight (sent, not yet acknowledged) at most; the rest wait "
+                                             "in the spool")
+    spool_dir: Path = Field(Path("spool"), description="where unacknowledged sightings are kept (survives restarts)")
+    spool_mb: float = Field(500.0, gt=0, description="spool size bound; beyond it the oldest sightings are dropped")
+    drain_s: float = Field(10.0, ge=0, description="on stop, how long to wait for the matcher to acknowledge the spool")
     embedding_dtype: Literal["float32", "float16"] = "float32"
     thumbnails: bool = True
     thumbnail_height: int = Field(128, ge=16, le=512)
@@ -214,6 +218,9 @@ class IndexConfig(_Strict):
     threads: int = Field(1, ge=0, description="FAISS OpenMP threads, process-wide; 0 = all cores. One query at a time "
                                               "gains little from more, and stalls when the cores are busy")
     snapshot_interval_s: float = Field(300.0, gt=0)
+    max_models: int = Field(8, ge=1, description="model versions holding sightings at once: a new one beyond is refused "
+                                                 "(`unknown_model`), so bit flips cannot make partitions without end; "
+                                                 "a version whose sightings all expired no longer counts")
 
 
 class RetentionConfig(_Strict):
@@ -324,7 +331,7 @@ def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -
 
 EDGE_PATH_KEYS = [
     ("detector", "weights"), ("embedder", "model"), ("harvest", "dir"),
-    ("publisher", "security", "secret_key"), ("publisher", "security", "server_key"),
+    ("publisher", "security", "secret_key"), ("publisher", "security", "server_key"), ("publisher", "spool_dir"),
 ]
 
 

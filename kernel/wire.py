@@ -6,31 +6,47 @@
 | encode             | `encode(s)` → bytes: a MessagePack map, never pickle                   |
 | decode + validate  | `decode(buf)` → `Sighting`, or `WireError` saying what was wrong       |
 | a batch            | `decode_many(bufs)` → a `Sighting` or `WireError` per message, in order |
+| acknowledgement    | `encode_ack(seqs)` / `decode_ack(buf)`: matcher → edge, the `seq`s it has committed |
+| why one is refused | `Reason`: a fixed set of codes (`WireError.code`), so counters keyed by them stay small; |
+|                    | the value that was wrong is in `WireError.detail` only, escaped with `ascii()`         |
 
     >>> s = Sighting("edge-1", "gate", 1700000000.25, 42, 7, (10.0, 20.0, 40.0, 100.0), 0.9,
     ...              np.full(4, 0.5, np.float32), "mobilenetv2-imagenet-1")
     >>> decode(encode(s)) == s, s.schema    # `schema`: the wire schema's version; `model`: the embedding model's
-    (True, 1)
+    (True, 2)
+    >>> decode_ack(encode_ack([5, 6, 7, 9]))
+    [(5, 7), (9, 9)]
 
-Schema version 1 (a MessagePack map with short keys):
+Schema version 2 (a MessagePack map with short keys; version 1 is the same without `seq`):
 
 | key   | type                  | meaning                                                   |
 |-------|-----------------------|-----------------------------------------------------------|
-| `v`   | int                   | schema version (1)                                        |
-| `node`| str ≤ 64              | edge node id                                              |
-| `cam` | str ≤ 64              | camera id                                                 |
-| `ts`  | float                 | capture time, Unix seconds                                |
-| `frame`| int ≥ 0              | frame index within the camera's source                    |
-| `track`| int ≥ 0              | track id, unique per camera while the node runs           |
-| `box` | [x1, y1, x2, y2] float| pixel box in the frame                                    |
+| `v`   | int                   | schema version (2; 1 is still decoded)                    |
+| `seq` | int in [0, 2^63-1]    | v2: the edge's sequence number, rising per node across restarts; the matcher stores |
+|       | (or absent)           | each (node, seq) once and acknowledges it. Absent (tools, v1): stored, never deduplicated |
+| `node`| str ≤ 64, printable   | edge node id (identifiers hold no control characters: they end up in logs) |
+| `cam` | str ≤ 64, printable   | camera id                                                 |
+| `ts`  | float in [0, MAX_TS]  | capture time, Unix seconds (MAX_TS: the year 2200)        |
+| `frame`| int in [0, 2^63-1]   | frame index within the camera's source (SQLite's INTEGER range) |
+| `track`| int in [0, 2^63-1]   | track id, unique per camera while the node runs           |
+| `box` | [x1, y1, x2, y2] float| pixel box in the frame, each within ±MAX_PIXELS           |
 | `score`| float in [0, 1]      | detector confidence                                       |
 | `emb` | bytes                 | embedding, little-endian, L2-normalised                   |
 | `dt`  | "f4" or "f2"          | embedding element type (float32 / float16)                |
-| `model`| str ≤ 128            | embedding model version: vectors of different versions are never compared |
+| `model`| str ≤ 128, printable | embedding model version: vectors of different versions are never compared |
 | `thumb`| bytes or nil         | optional JPEG of the crop                                 |
 
 Decoders accept every version in `SUPPORTED_VERSIONS`; a new version adds an upgrade step
 rather than changing what an old message means.
+
+Delivery is at least once: edges are ZeroMQ DEALER sockets, the matcher one ROUTER. A ROUTER sees
+which connection each message came in on and can answer on that same CURVE-authenticated
+connection, so acknowledgements need no second socket, port, key pair or allow-list (PUSH plus a
+return channel would need all of those and a way to pair the two connections). The matcher answers
+with an acknowledgement once a batch is committed (and for duplicates and sightings it refuses for
+good, so the edge stops resending them); the edge keeps every sighting in its spool until then.
+An acknowledgement is a map `{"v": 2, "ack": [[first, last], ...]}`: ranges of `seq`, at most
+`MAX_ACK_RANGES` of them and `MAX_ACK_SEQS` numbers in all. PUSH edges (before v2) cannot connect.
 """
 
 from __future__ import annotations
@@ -42,17 +58,48 @@ from dataclasses import dataclass, field
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a 4096-d float32 embedding plus a generous thumbnail
 MAX_EMBEDDING_DIM = 4096
 MAX_ID_LEN = 64
+MAX_INT = 2**63 - 1  # SQLite's INTEGER range: a larger frame or track number would refuse its whole commit
+MAX_TS = 7.3e9  # the year 2200: later times are bit flips or broken clocks, and datetime cannot show 1e308
+MAX_PIXELS = 1 << 20  # a box coordinate's magnitude; boxes may reach past the frame's edge, not this far
+MAX_ACK_RANGES = 4096
+MAX_ACK_SEQS = 1 << 20
 _DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2")}
 _JPEG_MAGIC = b"\xff\xd8"
 
 
+class Reason:
+    """Why a message was refused: a fixed set of codes (`REASONS`), so the counters keyed by them stay small whatever
+    is sent. The wire schema's codes, then the matcher's own checks past it (one vocabulary for edges and matcher)."""
+
+    MALFORMED = "malformed"  # not a MessagePack map
+    OVERSIZED = "oversized"  # over MAX_MESSAGE_BYTES
+    SCHEMA_VERSION = "schema_version"
+    MISSING_FIELD = "missing_field"
+    FIELD_TYPE = "field_type"
+    FIELD_RANGE = "field_range"  # a value out of bounds, an empty or too long string, an empty box, a ragged embedding
+    IDENTIFIER = "identifier"  # a node, camera or model id holding control characters
+    NOT_FINITE = "not_finite"  # NaN or infinite values
+    DIMENSION = "dimension"  # an embedding length other than its model version's
+    ZERO_EMBEDDING = "zero_embedding"
+    UNKNOWN_MODEL = "unknown_model"  # a new model version past the matcher's limit
+    STORE_REFUSED = "store_refused"
+
+
+REASONS = frozenset(code for name, code in vars(Reason).items() if name.isupper())
+
+
 class WireError(ValueError):
-    """A message that does not follow the schema; the text says which field and why."""
+    """A message that does not follow the schema: `code` says why (one of `REASONS`), `detail` which field and what
+    it held (escaped: safe to log)."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
 
 
 @dataclass(eq=False)
@@ -68,9 +115,11 @@ class Sighting:
     model: str
     thumbnail: bytes | None = None
     schema: int = field(default=SCHEMA_VERSION)  # the wire schema's version; `model` is the embedding model's
+    seq: int | None = None  # the edge's sequence number (v2); None: not deduplicated
 
     def _scalars(self) -> tuple:
-        return (self.node, self.camera, self.ts, self.frame, self.track, tuple(self.box), self.score, self.model, self.thumbnail)
+        return (self.node, self.camera, self.ts, self.frame, self.track, tuple(self.box), self.score, self.model, self.thumbnail,
+                self.seq)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sighting):
@@ -82,7 +131,7 @@ def encode(s: Sighting) -> bytes:
     emb = np.asarray(s.embedding)
     dt = {np.dtype("float32"): "f4", np.dtype("float16"): "f2"}.get(emb.dtype)
     if dt is None:
-        raise WireError(f"embedding dtype must be float32 or float16, got {emb.dtype}")
+        raise WireError(Reason.FIELD_TYPE, f"embedding dtype must be float32 or float16, got {emb.dtype}")
     return msgpack.packb(
         {
             "v": SCHEMA_VERSION,
@@ -97,9 +146,36 @@ def encode(s: Sighting) -> bytes:
             "dt": dt,
             "model": s.model,
             "thumb": s.thumbnail,
+            **({} if s.seq is None else {"seq": int(s.seq)}),
         },
         use_bin_type=True,
     )
+
+
+def encode_ack(seqs: Iterable[int]) -> bytes:
+    """An acknowledgement of `seqs` (any order, repeats allowed), as ranges of consecutive numbers."""
+    ranges: list[list[int]] = []
+    for s in sorted(set(seqs)):
+        if ranges and s == ranges[-1][1] + 1:
+            ranges[-1][1] = s
+        else:
+            ranges.append([s, s])
+    return msgpack.packb({"v": SCHEMA_VERSION, "ack": ranges})
+
+
+def decode_ack(buf: bytes | memoryview) -> list[tuple[int, int]]:
+    """The (first, last) ranges of an acknowledgement; `WireError` for anything else."""
+    try:
+        m = msgpack.unpackb(buf, raw=False, max_array_len=MAX_ACK_RANGES, max_bin_len=0, max_str_len=8, max_map_len=2)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise WireError(Reason.MALFORMED, f"not an acknowledgement: {type(e).__name__}") from None
+    ranges = m.get("ack") if type(m) is dict and m.get("v") == 2 else None
+    if type(ranges) is not list or not all(type(r) is list and len(r) == 2 and all(type(x) is int for x in r) for r in ranges):
+        raise WireError(Reason.MALFORMED, "not an acknowledgement: want {'v': 2, 'ack': [[first, last], ...]}")
+    out = [(a, b) for a, b in ranges]
+    if not all(0 <= a <= b <= MAX_INT for a, b in out) or sum(b - a + 1 for a, b in out) > MAX_ACK_SEQS:
+        raise WireError(Reason.FIELD_RANGE, f"acknowledgement ranges out of bounds (at most {MAX_ACK_SEQS} numbers)")
+    return out
 
 
 _NUMBER = (int, float)
@@ -109,22 +185,35 @@ _MISSING = object()
 
 def _get(m: dict, key: str, types: tuple[type, ...]):
     value = m.get(key, _MISSING)
+    if value is _MISSING:
+        raise WireError(Reason.MISSING_FIELD, f"missing field '{key}'")
     if type(value) not in types:  # exact types: msgpack makes no subclasses, and bool must not pass as int
-        raise WireError(f"missing field '{key}'" if value is _MISSING else f"field '{key}' has type {type(value).__name__}")
+        raise WireError(Reason.FIELD_TYPE, f"field '{key}' has type {type(value).__name__}")
     return value
 
 
 def _ident(m: dict, key: str, max_len: int = MAX_ID_LEN) -> str:
     value = _get(m, key, (str,))
     if not value or len(value) > max_len:
-        raise WireError(f"field '{key}' must be 1..{max_len} characters")
+        raise WireError(Reason.FIELD_RANGE, f"field '{key}' must be 1..{max_len} characters")
+    if not value.isprintable():  # a newline in a node id would forge log lines; other controls garble terminals
+        raise WireError(Reason.IDENTIFIER, f"field '{key}' holds control characters: {ascii(value)}")
     return value
 
 
-def _finite(m: dict, key: str) -> float:
+def _finite(m: dict, key: str, low: float, high: float) -> float:
     value = float(_get(m, key, _NUMBER))
     if not math.isfinite(value):
-        raise WireError(f"field '{key}' is not finite")
+        raise WireError(Reason.NOT_FINITE, f"field '{key}' is not finite")
+    if not low <= value <= high:
+        raise WireError(Reason.FIELD_RANGE, f"field '{key}' {value!r} outside [{low:g}, {high:g}]")
+    return value
+
+
+def _count(m: dict, key: str) -> int:
+    value = _get(m, key, (int,))
+    if not 0 <= value <= MAX_INT:
+        raise WireError(Reason.FIELD_RANGE, f"field '{key}' must be in [0, 2^63-1], got {value}")
     return value
 
 
@@ -132,21 +221,23 @@ def _embedding(m: dict) -> np.ndarray:
     """The embedding's shape and type; whether its values are finite is checked for the whole batch."""
     dt = _get(m, "dt", (str,))
     if dt not in _DTYPES:
-        raise WireError(f"field 'dt' must be one of {sorted(_DTYPES)}, got {dt!r}")
+        raise WireError(Reason.FIELD_RANGE, f"field 'dt' must be one of {sorted(_DTYPES)}, got {ascii(dt)}")
     raw = _get(m, "emb", (bytes,))
     size = _DTYPES[dt].itemsize
     if not raw or len(raw) % size or len(raw) // size > MAX_EMBEDDING_DIM:
-        raise WireError(f"field 'emb' has {len(raw)} bytes: not 1..{MAX_EMBEDDING_DIM} {dt} values")
+        raise WireError(Reason.FIELD_RANGE, f"field 'emb' has {len(raw)} bytes: not 1..{MAX_EMBEDDING_DIM} {dt} values")
     return np.frombuffer(raw, _DTYPES[dt])
 
 
 def _box(m: dict) -> tuple[float, float, float, float]:
     box = _get(m, "box", (list,))
-    if len(box) != 4 or not set(map(type, box)) <= _NUMBER_TYPES or not all(map(math.isfinite, box)):
-        raise WireError("field 'box' must be 4 finite numbers")
+    if len(box) != 4 or not set(map(type, box)) <= _NUMBER_TYPES:
+        raise WireError(Reason.FIELD_TYPE, "field 'box' must be 4 numbers")
+    if not all(abs(v) <= MAX_PIXELS for v in box):  # NaN fails too
+        raise WireError(Reason.FIELD_RANGE, f"field 'box' must be 4 numbers within ±{MAX_PIXELS}")
     x1, y1, x2, y2 = map(float, box)
     if x2 <= x1 or y2 <= y1:
-        raise WireError(f"field 'box' is empty: {box}")
+        raise WireError(Reason.FIELD_RANGE, f"field 'box' is empty: {box}")
     return x1, y1, x2, y2
 
 
@@ -155,30 +246,26 @@ def _thumbnail(m: dict) -> bytes | None:
     if thumb is None:
         return None
     if type(thumb) is not bytes or not thumb.startswith(_JPEG_MAGIC):
-        raise WireError("field 'thumb' is not a JPEG")
+        raise WireError(Reason.FIELD_TYPE, "field 'thumb' is not a JPEG")
     return thumb
 
 
 def _parse(buf: bytes | memoryview) -> Sighting:
     if len(buf) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message of {len(buf)} bytes exceeds {MAX_MESSAGE_BYTES}")
+        raise WireError(Reason.OVERSIZED, f"message of {len(buf)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         m = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_bin_len=MAX_MESSAGE_BYTES)
     except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise WireError(f"not a MessagePack message: {type(e).__name__}: {e}") from None
+        raise WireError(Reason.MALFORMED, f"not a MessagePack message: {type(e).__name__}: {e}") from None
     if type(m) is not dict:
-        raise WireError(f"message is a {type(m).__name__}, not a map")
+        raise WireError(Reason.MALFORMED, f"message is a {type(m).__name__}, not a map")
     schema = _get(m, "v", (int,))
     if schema not in SUPPORTED_VERSIONS:
-        raise WireError(f"schema version {schema} not supported (supported: {SUPPORTED_VERSIONS})")
-    score = _finite(m, "score")
-    if not 0.0 <= score <= 1.0:
-        raise WireError(f"field 'score' {score} outside [0, 1]")
-    frame, track = _get(m, "frame", (int,)), _get(m, "track", (int,))
-    if frame < 0 or track < 0:
-        raise WireError("fields 'frame' and 'track' must be >= 0")
-    return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts"), frame, track, _box(m), score, _embedding(m),
-                    _ident(m, "model", 128), _thumbnail(m), schema)
+        raise WireError(Reason.SCHEMA_VERSION, f"schema version {schema} not supported (supported: {SUPPORTED_VERSIONS})")
+    score = _finite(m, "score", 0.0, 1.0)
+    return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts", 0.0, MAX_TS), _count(m, "frame"),
+                    _count(m, "track"), _box(m), score, _embedding(m), _ident(m, "model", 128), _thumbnail(m), schema,
+                    _count(m, "seq") if schema >= 2 and "seq" in m else None)
 
 
 _NOT_FINITE = "field 'emb' holds NaN or infinite values"
@@ -202,7 +289,7 @@ def decode_many(bufs: Iterable[bytes | memoryview]) -> list[Sighting | WireError
         embs = [out[n].embedding for n in rows]  # joined as bytes: much faster than np.stack for many small rows
         finite = np.isfinite(np.frombuffer(b"".join(embs), embs[0].dtype).reshape(len(embs), -1)).all(axis=1)
         for k in np.flatnonzero(~finite).tolist():
-            out[rows[k]] = WireError(_NOT_FINITE)
+            out[rows[k]] = WireError(Reason.NOT_FINITE, _NOT_FINITE)
     return out
 
 

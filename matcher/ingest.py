@@ -3,16 +3,22 @@
 | step      | thread  | what happens                                                                           |
 |-----------|---------|----------------------------------------------------------------------------------------|
 | receive   | receive | `Receiver`: whatever is queued (≤ batch_max), decoded as a batch against the wire schema; |
-|           |         | malformed messages are counted per reason, logged (rate-limited) with the sender, dropped |
+|           |         | malformed or oversized messages are counted per reason, logged with the sender, dropped  |
 | check     | receive | the checks the schema cannot make (a model version keeps the dimension of its first      |
-|           |         | sighting; no zero embeddings), grouped by model version once: a `Batch` of `Rows`, each  |
-|           |         | the model's sightings and their float32 unit vectors, row for row                        |
+|           |         | sighting; no zero embeddings; at most index.max_models versions), grouped by model version |
+|           |         | once: a `Batch` of `Rows`, each the model's sightings and their float32 unit vectors     |
 | commit    | commit  | group commit: queued batches (a lone sighting waits ≤ batch_wait_ms) into one SQLite      |
-|           |         | transaction of ≤ batch_max, with ids and track ids (`matcher.tracks`) decided before it  |
+|           |         | transaction of ≤ batch_max, with ids and track ids (`matcher.tracks`) decided before it; |
+|           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
 |           |         | next commit, as SQLite and FAISS both run without the GIL                                 |
+| ack       | receive | once a batch is committed, its `seq`s go back to the edges (ROUTER → DEALER, `kernel.wire`); |
+|           |         | a resent (node, seq) stored already is not stored again, only acknowledged again, as are   |
+|           |         | sightings the checks refuse for good                                                     |
 
 Bounded queues between the threads push back on ZeroMQ, which buffers up to `rcvhwm` messages.
+Rejections are counted by reason (`wire.REASONS`, a fixed set) in `Rejections`; their details go to the log, one
+line per reason per 10 s at most.
 A sighting counts as accepted only once it is committed (WAL, `synchronous=FULL`) and indexed, so
 `kill -9` never loses an accepted sighting and a counted one is findable. Inside `quiet()` no commit
 runs and every committed batch is indexed: deletions run there, so no later add revives what they delete.
@@ -23,12 +29,13 @@ runs and every committed batch is indexed: deletions run there, so no later add 
     pipeline.stop()                     # what was received is still committed and indexed
 
     rx = Receiver("tcp://127.0.0.1:5555", security=cfg.ingest.security)   # on its own: CURVE + allow-list
-    rx.receive_batch(0.1, 1000)         # what is queued (≤ 1000), decoded as one batch
+    rx.receive_batch(0.1, 1000)         # what is queued (≤ 1000), decoded as one batch; acknowledged at once
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import sqlite3
 import threading
@@ -44,7 +51,7 @@ import zmq
 from crossview.kernel.config import CurveConfig, IngestConfig
 from crossview.kernel.runtime import listening
 from crossview.kernel.transport import secure_server
-from crossview.kernel.wire import MAX_MESSAGE_BYTES, Sighting, WireError, decode_many
+from crossview.kernel.wire import MAX_MESSAGE_BYTES, Reason, Sighting, WireError, decode_many, encode_ack
 from crossview.matcher.index import Index
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.store import Store
@@ -52,8 +59,13 @@ from crossview.matcher.tracks import Tracks
 
 log = logging.getLogger(__name__)
 PLAIN = CurveConfig(mode="plain")
-_LOGGED_REJECTS = 10  # first few rejects of a reason are logged, then every 1000th
+_LOG_EVERY_S = 10.0  # one log line per rejection reason at most this often
 _QUEUED_BATCHES = 4  # batches waiting between two steps; beyond, ZeroMQ buffers
+_MAX_PEERS = 4096  # nodes whose connection is remembered for acknowledgements
+# ZeroMQ cuts the connection of a sender over this, losing what it sent after: so well above the schema's limit,
+# for a slightly oversized message to be counted and logged as one, with the connection kept.
+_SOCKET_MAX_BYTES = 4 * MAX_MESSAGE_BYTES
+_REFUSED = (sqlite3.Error, OverflowError)  # what the store raises for a row it cannot take
 
 
 @dataclass
@@ -82,6 +94,34 @@ def _merged(batches: list[Batch]) -> Batch:
     return {model: Rows([s for r in rs for s in r.sightings], np.concatenate([r.vecs for r in rs])) for model, rs in parts.items()}
 
 
+class Rejections:
+    """Refused messages counted by reason; each reason's first is logged at once, later ones at most once per
+    _LOG_EVERY_S with the number left unlogged meanwhile, so a flood of junk cannot flood the log."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: Counter[str] = Counter()
+        self._lock = threading.Lock()  # the receive and commit threads both count
+
+    def add(self, reason: str, what: str, n: int = 1) -> None:
+        """Count `n` refused for `reason`; `what` (escaped detail and sender) is logged if a line is due."""
+        with self._lock:
+            self._counts[reason] += n
+            now = time.monotonic()
+            if now - self._logged_at.get(reason, -math.inf) < _LOG_EVERY_S:
+                self._unlogged[reason] += n
+                return
+            self._logged_at[reason] = now
+            total, unlogged = self._counts[reason], self._unlogged.pop(reason, 0)
+        log.warning("dropped %s [%s: %d so far%s]", what, reason, total,
+                    f", {unlogged} not logged since the last line" if unlogged else "")
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._counts)
+
+
 class Pipeline:
     """receive → check → commit → index; see the module docstring."""
 
@@ -90,7 +130,7 @@ class Pipeline:
         self.receiver: Receiver | None = None
         self.accepted = 0  # committed and indexed since start
         self.accepted_by_camera: Counter[str] = Counter()
-        self._rejected: Counter[str] = Counter()  # checks past the wire schema; the receiver counts its own
+        self._rejections = Rejections()  # checks past the wire schema and the store's; the receiver counts its own
         self._dims = store.models()  # model version -> dimension, fixed by its first sighting
         self._write = threading.Lock()  # commits, and `quiet()`
         self._stop = threading.Event()
@@ -100,7 +140,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.receiver = Receiver(self.cfg.endpoint, security=self.cfg.security, rcvhwm=self.cfg.rcvhwm)
+        self.receiver = Receiver(self.cfg.endpoint, security=self.cfg.security, rcvhwm=self.cfg.rcvhwm, ack_on_receipt=False)
         for name, target in (("receive", self._receive_loop), ("commit", self._commit_loop), ("index", self._index_loop)):
             thread = threading.Thread(target=target, name=f"matcher-{name}", daemon=True)
             thread.start()
@@ -129,15 +169,17 @@ class Pipeline:
 
     @property
     def rejected(self) -> Counter[str]:
-        # dict() copies in one step while the ingest threads keep counting
-        return Counter(dict(self.receiver.rejected) if self.receiver else {}) + Counter(dict(self._rejected))
+        return (self.receiver.rejected if self.receiver else Counter()) + self._rejections.counts()
 
     # -- receive and check ---------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
         """Decoding and checks overlap the committer's disk writes; a full queue pushes back on ZeroMQ."""
         while not self._stop.is_set():
-            batch = self._checked(self.receiver.receive_batch(0.1, self.cfg.batch_max))  # short, so stop() is noticed
+            sightings = self.receiver.receive_batch(0.1, self.cfg.batch_max)  # short, so stop() is noticed
+            batch = self._checked(sightings)
+            kept = {id(s) for rows in batch.values() for s in rows.sightings}
+            self.receiver.ack([s for s in sightings if id(s) not in kept])  # refused for good: not to be resent
             if batch:
                 self._received.put(batch)
         self._received.put(None)
@@ -146,12 +188,26 @@ class Pipeline:
         """The sightings passing the checks the wire schema cannot make, by model version."""
         by_model: dict[str, list[Sighting]] = {}
         for s in sightings:
+            if not self._admits(s.model):
+                self._reject(s, Reason.UNKNOWN_MODEL, f"new model version {s.model!r}: {self.index.cfg.max_models} "
+                             "versions hold sightings already (index.max_models)")
+                continue
             dim = self._dims.setdefault(s.model, len(s.embedding))
             if len(s.embedding) == dim:
                 by_model.setdefault(s.model, []).append(s)
             else:
-                self._reject(s, "wrong dimension", f"model version {s.model!r} has {dim}-d embeddings, got {len(s.embedding)}")
+                self._reject(s, Reason.DIMENSION, f"model version {s.model!r} has {dim}-d embeddings, got {len(s.embedding)}")
         return {model: rows for model, group in by_model.items() if (rows := self._unit_rows(group))}
+
+    def _admits(self, model: str) -> bool:
+        """A version known already, or a new one while fewer than index.max_models hold sightings: each makes a
+        partition and a snapshot file. A version whose sightings all expired no longer counts (retraining makes new
+        versions); one not yet indexed does."""
+        if model in self._dims:
+            return True
+        parts = self.index.partitions
+        held = sum(1 for m in self._dims if m not in parts or parts[m].size)
+        return held < self.index.cfg.max_models
 
     def _unit_rows(self, group: list[Sighting]) -> Rows | None:
         """One model's sightings with their embeddings as float32 unit vectors, in one array: numpy calls cost per
@@ -163,15 +219,12 @@ class Pipeline:
         zero = norms < 1e-6
         if zero.any():
             for n in np.flatnonzero(zero).tolist():
-                self._reject(group[n], "zero embedding", "embedding has zero length")
+                self._reject(group[n], Reason.ZERO_EMBEDDING, "embedding has zero length")
             group, vecs = [s for s, z in zip(group, zero.tolist()) if not z], vecs[~zero]
         return Rows(group, vecs) if group else None
 
     def _reject(self, s: Sighting, reason: str, detail: str) -> None:
-        self._rejected[reason] += 1
-        n = self._rejected[reason]
-        if n <= _LOGGED_REJECTS or n % 1000 == 0:
-            log.warning("dropped sighting from node %s camera %s: %s [%d %s so far]", s.node, s.camera, detail, n, reason)
+        self._rejections.add(reason, f"sighting from node {s.node} camera {s.camera}: {detail}")
 
     # -- commit --------------------------------------------------------------------------------
 
@@ -215,19 +268,65 @@ class Pipeline:
 
     def _commit(self, batch: Batch) -> None:
         t0 = time.perf_counter()
-        sightings = [s for rows in batch.values() for s in rows.sightings]
         with self._write:
-            try:
-                first = self.store.next_id()  # the only writer, under this lock: no one takes these ids meanwhile
-                ids = list(range(first, first + len(sightings)))
-                track_ids, seen = self.tracks.assign(sightings, ids)
-                self.store.insert(ids, sightings, track_ids, [v for rows in batch.values() for v in rows.vecs])
-            except sqlite3.Error as e:
-                log.error("%d sightings lost: the store refused the batch (%s)", len(sightings), e)
-                self._rejected["store error"] += len(sightings)
-                return
-            self.tracks.remember(seen)  # only once committed: a rolled-back track id must not be continued
-            self._committed.put((batch, np.arange(first, first + len(ids), dtype=np.int64), t0))  # under the lock, for quiet()
+            batch, repeats = self._unseen(batch)
+            if batch:
+                try:
+                    first = self._insert(batch)
+                except _REFUSED as e:  # one row can refuse the whole transaction: find it, keep the others
+                    log.warning("the store refused a batch of %d sightings (%s): committing them one by one", _size(batch), e)
+                    batch, first = self._insert_each(batch)
+            if batch:  # under the lock, for quiet()
+                self._committed.put((batch, np.arange(first, first + _size(batch), dtype=np.int64), t0))
+        self.receiver.ack(repeats + [s for rows in batch.values() for s in rows.sightings])  # committed: on disk
+
+    def _unseen(self, batch: Batch) -> tuple[Batch, list[Sighting]]:
+        """(the batch without resent sightings, the resent ones): a (node, seq) stored already or twice in the batch."""
+        keys = [(s.node, s.seq) for rows in batch.values() for s in rows.sightings if s.seq is not None]
+        if not keys:
+            return batch, []
+        seen, repeats, fresh = self.store.stored(keys), [], {}
+        for model, rows in batch.items():
+            keep = []
+            for k, s in enumerate(rows.sightings):
+                key = (s.node, s.seq)
+                if s.seq is not None and key in seen:
+                    repeats.append(s)
+                else:
+                    keep.append(k)
+                    if s.seq is not None:
+                        seen.add(key)
+            if keep:
+                fresh[model] = rows if len(keep) == len(rows.sightings) else Rows([rows.sightings[k] for k in keep], rows.vecs[keep])
+        return fresh, repeats
+
+    def _insert(self, batch: Batch) -> int:
+        """Commit a batch in one transaction; returns its first id (the others follow, in batch order)."""
+        sightings = [s for rows in batch.values() for s in rows.sightings]
+        first = self.store.next_id()  # the only writer, under self._write: no one takes these ids meanwhile
+        ids = list(range(first, first + len(sightings)))
+        track_ids, seen = self.tracks.assign(sightings, ids)
+        self.store.insert(ids, sightings, track_ids, [v for rows in batch.values() for v in rows.vecs])
+        self.tracks.remember(seen)  # only once committed: a rolled-back track id must not be continued
+        return first
+
+    def _insert_each(self, batch: Batch) -> tuple[Batch, int]:
+        """(what the store took of `batch`, committing it sighting by sighting, and the first id). A refused one
+        rolls its id back, so the next takes it: the ids stay consecutive, in batch order."""
+        first, kept = self.store.next_id(), {}
+        for model, rows in batch.items():
+            took = [k for k, s in enumerate(rows.sightings) if self._insert_one(model, s, rows.vecs[k:k + 1])]
+            if took:
+                kept[model] = Rows([rows.sightings[k] for k in took], rows.vecs[took])
+        return kept, first
+
+    def _insert_one(self, model: str, s: Sighting, vec: np.ndarray) -> bool:
+        try:
+            self._insert({model: Rows([s], vec)})
+        except _REFUSED as e:
+            self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
+            return False
+        return True
 
     # -- index ---------------------------------------------------------------------------------
 
@@ -256,19 +355,30 @@ class Pipeline:
 
 
 class Receiver:
-    def __init__(self, endpoint: str, security: CurveConfig = PLAIN, rcvhwm: int = 10000):
+    """A ROUTER socket for edge DEALERs. With `ack_on_receipt`, what `receive_batch` returns is acknowledged at once
+    (a standalone receiver: tests, benchmarks); otherwise the caller acknowledges with `ack()` once it is committed."""
+
+    def __init__(self, endpoint: str, security: CurveConfig = PLAIN, rcvhwm: int = 10000, ack_on_receipt: bool = True):
         # A context of its own: ZeroMQ allows one CURVE authenticator per context.
         self._ctx = zmq.Context()
-        self.sock = self._ctx.socket(zmq.PULL)
+        self.ack_on_receipt = ack_on_receipt
+        self._peers: dict[str, bytes] = {}  # node id -> the ROUTER identity of its latest connection
+        # Only the receiving thread may use the ROUTER: other threads hand it acknowledgements over inproc sockets.
+        self._acks_in = self._ctx.socket(zmq.PULL)
+        self._acks_in.setsockopt(zmq.LINGER, 0)
+        self._acks_in.bind(f"inproc://acks-{id(self)}")
+        self._acks_out = threading.local()
+        self._ack_socks: list[zmq.Socket] = []  # closed with the receiver, once the threads using them have ended
+        self.sock = self._ctx.socket(zmq.ROUTER)
         self.guard = secure_server(self.sock, security)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # oversized frames are cut off by ZeroMQ itself
+        self.sock.setsockopt(zmq.MAXMSGSIZE, _SOCKET_MAX_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
         with listening("ingest.endpoint", endpoint):
             self.sock.bind(endpoint)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.accepted = 0
-        self.rejected: Counter[str] = Counter()
+        self.rejections = Rejections()
 
     def receive(self, timeout: float) -> Sighting | None:
         """The next valid sighting, or None when nothing valid arrived within `timeout` seconds."""
@@ -279,23 +389,78 @@ class Receiver:
         """Valid sightings, at most `max_n`: once one message is in, whatever else is already queued is taken
         without waiting and decoded as one batch. [] when nothing valid arrived within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-            frames = [self.sock.recv(copy=False)]
-            while len(frames) < max_n:
-                try:
-                    frames.append(self.sock.recv(zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-            valid = []
-            for frame, s in zip(frames, decode_many([f.buffer for f in frames])):
-                if isinstance(s, WireError):
-                    self._reject(frame, s)
-                else:
-                    valid.append(s)
-            if valid:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._acks_in, zmq.POLLIN)
+        while ready := dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000)))):
+            if self._acks_in in ready:
+                self._forward_acks()
+            if self.sock in ready and (valid := self._take(max_n)):
                 self.accepted += len(valid)
+                if self.ack_on_receipt:
+                    self._send_acks(valid)
                 return valid
         return []
+
+    def _take(self, max_n: int) -> list[Sighting]:
+        """The valid sightings among what is queued (≤ max_n messages), their senders remembered for the acks."""
+        msgs = []
+        while len(msgs) < max_n:
+            try:
+                msgs.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        msgs = [m for m in msgs if len(m) == 2 or self._reject(m[-1], WireError(Reason.MALFORMED, f"{len(m) - 1} frames"))]
+        if self.guard:  # an edge whose key was removed is cut off, open connection or not (never acknowledged)
+            msgs = [m for m in msgs if self.guard.allows(m[-1])]
+        valid = []
+        for (peer, frame), s in zip(msgs, decode_many([m[1].buffer for m in msgs])):
+            if isinstance(s, WireError):
+                self._reject(frame, s)
+            else:
+                valid.append(s)
+                if s.seq is not None:
+                    self._remember(s.node, peer.bytes)
+        return valid
+
+    def _remember(self, node: str, peer: bytes) -> None:
+        if self._peers.get(node) != peer:
+            self._peers.pop(node, None)  # newest last, so the bound forgets the longest-quiet node
+            if len(self._peers) >= _MAX_PEERS:
+                del self._peers[next(iter(self._peers))]
+            self._peers[node] = peer
+
+    def ack(self, sightings: list[Sighting]) -> None:
+        """Acknowledge these sightings to their edges (any thread; sent by the receiving one)."""
+        by_node = _seqs_by_node(sightings)
+        if by_node:
+            out = getattr(self._acks_out, "sock", None)
+            if out is None:
+                out = self._acks_out.sock = self._ctx.socket(zmq.PUSH)
+                out.setsockopt(zmq.LINGER, 0)
+                out.connect(f"inproc://acks-{id(self)}")
+                self._ack_socks.append(out)
+            out.send_pyobj(by_node)
+
+    def _forward_acks(self) -> None:
+        while True:
+            try:
+                by_node = self._acks_in.recv_pyobj(zmq.NOBLOCK)  # from our own threads only: inproc
+            except zmq.Again:
+                return
+            self._route(by_node)
+
+    def _send_acks(self, sightings: list[Sighting]) -> None:
+        self._route(_seqs_by_node(sightings))
+
+    def _route(self, by_node: dict[str, list[int]]) -> None:
+        for node, seqs in by_node.items():
+            peer = self._peers.get(node)
+            if peer is not None:
+                try:  # a peer gone meanwhile, or not reading: it resends, and the duplicate is acknowledged then
+                    self.sock.send_multipart([peer, encode_ack(seqs)], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
     def iter(self, timeout: float) -> Iterator[Sighting]:
         """Sightings until none arrives for `timeout` seconds."""
@@ -303,13 +468,11 @@ class Receiver:
             yield s
 
     def _reject(self, frame: zmq.Frame, err: WireError) -> None:
-        reason = str(err).split(":")[0][:60]
-        self.rejected[reason] += 1
-        total = sum(self.rejected.values())
-        if total <= 10 or total % 1000 == 0:
-            sender = _peer(frame)
-            log.warning("dropped malformed message from %s (%d bytes): %s [%d rejected so far]", sender, len(frame.buffer), err,
-                        total)
+        self.rejections.add(err.code, f"message from {_peer(frame)} ({len(frame.buffer)} bytes): {err.detail}")
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.rejections.counts()
 
     @property
     def denied(self) -> int:
@@ -318,9 +481,19 @@ class Receiver:
 
     def close(self) -> None:
         self.sock.close()
+        for sock in (self._acks_in, *self._ack_socks):
+            sock.close()
         if self.guard:
             self.guard.stop()
         self._ctx.term()
+
+
+def _seqs_by_node(sightings: list[Sighting]) -> dict[str, list[int]]:
+    by_node: dict[str, list[int]] = {}
+    for s in sightings:
+        if s.seq is not None:
+            by_node.setdefault(s.node, []).append(s.seq)
+    return by_node
 
 
 def _peer(frame: zmq.Frame) -> str:

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS sightings (
     x1 REAL NOT NULL, y1 REAL NOT NULL, x2 REAL NOT NULL, y2 REAL NOT NULL,
     score REAL NOT NULL,
     model TEXT NOT NULL,
-    has_thumb INTEGER NOT NULL
+    has_thumb INTEGER NOT NULL,
+    seq INTEGER  -- the edge's sequence number (wire v2), NULL for v1: (node, seq) is stored once
 );
 CREATE INDEX IF NOT EXISTS sightings_camera_ts ON sightings (camera, ts);
 CREATE INDEX IF NOT EXISTS sightings_ts ON sightings (ts);
@@ -114,7 +115,15 @@ class Store:
             self._writer.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._writer.execute("PRAGMA journal_mode=WAL")
             self._writer.executescript(SCHEMA)
+            self._dedupe_key()
         self._record_sql = self._record_columns()
+
+    def _dedupe_key(self) -> None:
+        """The UNIQUE (node, seq) index that keeps a resent sighting from being stored twice; a store from before
+        wire v2 gains the column first (NULLs never collide)."""
+        if "seq" not in {r[1] for r in self._all("PRAGMA table_info(sightings)")}:
+            self._writer.execute("ALTER TABLE sightings ADD COLUMN seq INTEGER")
+        self._writer.execute("CREATE UNIQUE INDEX IF NOT EXISTS sightings_node_seq ON sightings (node, seq)")
 
     def _record_columns(self) -> str:
         """What a `SightingRecord` is selected as; an old store's score column is renamed first, when writable."""
@@ -207,8 +216,8 @@ class Store:
 
         def work(db: sqlite3.Connection) -> None:
             db.executemany(
-                f"INSERT INTO sightings ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, s.node, s.camera, s.ts, s.frame, s.track, t, *s.box, s.score, s.model, s.thumbnail is not None)
+                f"INSERT INTO sightings ({_COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(i, s.node, s.camera, s.ts, s.frame, s.track, t, *s.box, s.score, s.model, s.thumbnail is not None, s.seq)
                  for i, s, t in zip(ids, sightings, track_ids)],
             )
             db.executemany("INSERT INTO vectors (id, vec) VALUES (?, ?)", [(i, v.tobytes()) for i, v in zip(ids, vecs)])
@@ -219,6 +228,12 @@ class Store:
 
         if sightings:
             self._transaction(work)
+
+    def stored(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of these (node, seq) are stored already."""
+        rows = self._all("SELECT s.node, s.seq FROM json_each(?) AS j CROSS JOIN sightings AS s "  # CROSS: one index probe each
+                         "ON s.node = j.value ->> 0 AND s.seq = j.value ->> 1", (json.dumps([[n, int(s)] for n, s in keys]),))
+        return {(n, s) for n, s in rows}
 
     # -- lookups -------------------------------------------------------------------------------
 

@@ -6,10 +6,10 @@
 | `jpeg_frames(path, n)` | the first `n` frames of a video, JPEG-encoded                              |
 | `raw_export(...)`      | ONNX export without the contract checks, for models that break it           |
 | `MjpegServer`          | `multipart/x-mixed-replace` stream on 127.0.0.1 that a test can kill, restart or stall |
-| `edge_config(model, cams)` | an `EdgeConfig` for tests: HOG, plain ZeroMQ, the given embedder          |
+| `edge_config(model, cams)` | an `EdgeConfig` for tests: HOG, plain ZeroMQ, the given embedder, a fresh spool |
 | `matcher_config(dir)`  | a `MatcherConfig` for tests: plain ZeroMQ on a free port, data in `dir`    |
 | `person_world(...)`    | synthetic sightings: people walking past cameras, one edge track per person and camera |
-| `Pusher(endpoint)`     | a real ZeroMQ PUSH socket, as an edge node has, for sightings or raw bytes |
+| `Pusher(endpoint)`     | a real ZeroMQ DEALER socket, as an edge node has, for sightings or raw bytes (acks unread) |
 | `store_insert(store, sightings)` | sightings straight into a matcher store, each its own track: their ids |
 | `wait_until(cond, s)`  | poll until `cond()` holds, or fail saying what was awaited                |
 | `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
 import warnings
@@ -193,7 +194,7 @@ def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0
         # People in TUD are large and vtest's are small: upscale only as much as the test needs.
         "detector": {"kind": "hog", "hog": {"upscale": 1.0}},
         "embedder": {"model": str(model), "reload_check_s": 0.2},
-        "publisher": {"endpoint": endpoint, "security": {"mode": "plain"}},
+        "publisher": {"endpoint": endpoint, "security": {"mode": "plain"}, "spool_dir": tempfile.mkdtemp(prefix="spool-")},
         "metrics": {"log_interval_s": 2},
     }
     for key, value in sections.items():
@@ -275,11 +276,12 @@ def person_world(persons: int = 20, cameras: tuple[str, ...] = ("gate", "hall", 
 
 
 class Pusher:
-    """A ZeroMQ PUSH socket connected to the matcher, like an edge node's publisher."""
+    """A ZeroMQ DEALER socket connected to the matcher, like an edge node's publisher, but without a spool: what it
+    sends goes once, and the matcher's acknowledgements are left unread."""
 
     def __init__(self, endpoint: str):
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # unlimited: a test's messages are never dropped on this side
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(endpoint)

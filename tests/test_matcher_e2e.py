@@ -28,9 +28,9 @@ def test_a_track_on_one_camera_finds_the_same_person_on_the_other(default_model,
     try:
         cams = [{"id": cam, "source": str(clip), "fps": 5} for cam in ("campus-a", "campus-b")]
         stats = EdgeNode(edge_config(default_model, cams, m.ingest.endpoint)).run(max_seconds=60)
-        published = sum(s.published for s in stats.values())
-        assert stats["campus-a"].frames == stats["campus-b"].frames == 15 and published > 0
-        wait_until(lambda: m.ingest.accepted == published, 20, f"all {published} published sightings accepted")
+        made = sum(s.sightings for s in stats.values())
+        assert stats["campus-a"].frames == stats["campus-b"].frames == 15 and made > 0
+        wait_until(lambda: m.ingest.accepted == made, 20, f"all {made} sightings accepted")
 
         on_a = m.store.recent("campus-a", limit=1000)
         track, n = Counter(r.track for r in on_a).most_common(1)[0]

@@ -102,8 +102,9 @@ def test_three_real_cameras_and_two_broken_ones(default_model, clips, tmp_path):
         endpoint=(rx := Collector()).endpoint,
         detector={"hog": {"upscale": 1.6}},
     )
-    stats = EdgeNode(cfg).run(max_seconds=240)
-    got = rx.close(expect=sum(s.published for s in stats.values()))
+    node = EdgeNode(cfg)
+    stats = node.run(max_seconds=240)
+    got = rx.close(expect=sum(s.sightings for s in stats.values()))
 
     # Frame counts follow each file's own rate: 10 fps → every 2nd frame, 25 fps → every 5th.
     assert {c: stats[c].frames for c in ("overhead", "campus", "stadtmitte")} == {"overhead": 15, "campus": 15, "stadtmitte": 12}
@@ -112,7 +113,8 @@ def test_three_real_cameras_and_two_broken_ones(default_model, clips, tmp_path):
     assert all(stats[c].status == "finished" for c in ("overhead", "campus", "stadtmitte"))
 
     by_cam = {c: [s for s in got if s.camera == c] for c in stats}
-    assert len(got) == sum(s.published for s in stats.values()) > 0
+    assert len(got) == sum(s.sightings for s in stats.values()) == node.publisher.acknowledged > 0
+    assert node.publisher.spooled == 0 and sorted(s.seq for s in got) == list(range(got[0].seq, got[0].seq + len(got)))
     for cam in ("overhead", "campus", "stadtmitte"):
         assert by_cam[cam], f"no sightings from {cam}"
         assert len(stats[cam].tracks) >= 2  # several people walk through each clip
@@ -128,11 +130,15 @@ def test_three_real_cameras_and_two_broken_ones(default_model, clips, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_matcher_down_the_node_keeps_going_and_counts_drops(default_model, clips):
-    cfg = edge_config(default_model, [{"id": "campus", "source": str(clips["campus"]), "fps": 5}], publisher={"hwm": 3})
-    stats = EdgeNode(cfg).run(max_seconds=100)["campus"]
+def test_matcher_down_the_node_keeps_going_spools_and_counts_drops(default_model, clips):
+    """A spool too small for the clip's sightings: the oldest are dropped and counted, the rest kept for later."""
+    cfg = edge_config(default_model, [{"id": "campus", "source": str(clips["campus"]), "fps": 5}], publisher={"spool_mb": 0.1})
+    node = EdgeNode(cfg)
+    stats = node.run(max_seconds=100)["campus"]
+    pub = node.publisher
     assert stats.frames == 15 and stats.status == "finished"
-    assert stats.dropped > 0 and stats.published <= 3 + 1
+    assert pub.dropped > 0 and pub.spooled > 0 and pub.spooled + pub.dropped == stats.sightings and pub.acknowledged == 0
+    assert pub.spool.bytes <= 0.1e6 and not pub.reachable
 
 
 @pytest.mark.timeout(180)
@@ -239,7 +245,8 @@ def test_metrics_endpoint(default_model, clips):
     EdgeNode(cfg).run(max_seconds=100)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'crossview_edge_frames_total{camera="campus"} 15.0' in text
-    for name in ("crossview_edge_dropped_total", "crossview_edge_detector_seconds_bucket", "crossview_edge_tracker_seconds_bucket",
+    for name in ("crossview_edge_sightings_total", "crossview_edge_spooled", "crossview_edge_spool_dropped",
+                 "crossview_edge_oldest_unacknowledged_seconds", "crossview_edge_detector_seconds_bucket", "crossview_edge_tracker_seconds_bucket",
                  "crossview_edge_embedder_seconds_count", "crossview_edge_fps"):
         assert name in text
 

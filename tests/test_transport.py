@@ -41,13 +41,14 @@ def server(keys) -> Receiver:
 def edge(endpoint: str, keys, name: str) -> Publisher:
     folder, _ = keys
     sec = CurveConfig(secret_key=folder / f"{name}.key_secret", server_key=folder / "matcher.key")
-    return Publisher(PublisherConfig(endpoint=endpoint, security=sec))
+    return Publisher(PublisherConfig(endpoint=endpoint, security=sec, spool_dir=folder.parent / "spool" / name))
 
 
 def test_allowed_edge_gets_through_and_unknown_edge_gets_nothing(keys):
     rx = server(keys)
     good, bad = edge(rx.endpoint, keys, "edge-1"), edge(rx.endpoint, keys, "edge-2")
-    plain = Publisher(PublisherConfig(endpoint=rx.endpoint, security=CurveConfig(mode="plain")))
+    plain = Publisher(PublisherConfig(endpoint=rx.endpoint, security=CurveConfig(mode="plain"),
+                                      spool_dir=keys[0].parent / "spool" / "plain"))
     try:
         for _ in range(5):
             bad.send(sighting("edge-2"))
@@ -87,5 +88,5 @@ def test_bad_key_files_are_named(keys, tmp_path):
     junk.write_text("hello")
     with pytest.raises(KeyFileError, match="security.server_key: .*junk.key"):
         edge("tcp://127.0.0.1:9", (folder, allowed), "edge-1").close()  # sanity: a good edge builds
-        Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:9",
+        Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:9", spool_dir=tmp_path / "spool",
                                   security=CurveConfig(secret_key=folder / "edge-1.key_secret", server_key=junk)))
