@@ -4,7 +4,8 @@
 |-------------------------|----------------------------------------------------------------------|
 | key pairs               | `generate_keys(dir, name)` → `name.key` (public) + `name.key_secret`; `crossview keys` |
 | edge (client) socket    | `secure_client(sock, cfg)`: encrypts, authenticates to the matcher's public key |
-| matcher (server) socket | `secure_server(sock, cfg)`: encrypts; only edge public keys found in `allowed_clients` get through (re-read when the folder changes, so an edge is added without a restart) |
+| matcher (server) socket | `secure_server(sock, cfg)`: encrypts; only edge public keys found in `allowed_clients` get through (re-read when the folder changes, so an edge is added without a restart); files that are no key are skipped and logged |
+| removing an edge        | `guard.allows(frame)`: false once the key its connection logged in with left the folder (checked at most 1 s late) |
 | plain TCP               | only with `mode: plain` in the config                                 |
 
     $ crossview keys --out keys --name matcher      # on the matcher
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import zmq
@@ -66,36 +68,84 @@ def secure_client(sock: zmq.Socket, cfg: CurveConfig) -> None:
     sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
 
 
+_REREAD_S = 1.0  # the allow-list folder is looked at this often at most: a removed key is cut off within it
+_KEY_LEN = 40  # a CURVE public key, Z85-encoded
+
+
+def _public_key(path: Path) -> bytes | None:
+    """The Z85 public key in a certificate file; None, logged, for anything else (an empty or junk file)."""
+    try:
+        public, _ = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        log.warning("CURVE allow-list: %s skipped: not a public key file (%s)", path, e)
+        return None
+    if len(public) != _KEY_LEN:
+        log.warning("CURVE allow-list: %s skipped: its public key is not %d Z85 characters", path, _KEY_LEN)
+        return None
+    return public
+
+
 class _AllowList:
-    """ZAP credentials provider: a client key is allowed if a public key file in `folder` holds it."""
+    """ZAP credentials provider, and the check of every message: a client key is allowed while a public key file in
+    `folder` holds it. Files are parsed again only when they change, so a bad one is logged once per change."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.denied = 0
-        self._stamp: tuple | None = None
-        self._keys: set[bytes] = set()
+        self.denied = 0  # connections refused
+        self.cut_off = 0  # messages dropped: their connection's key was removed from the folder since
+        self._files: dict[str, tuple[tuple[int, int], bytes | None]] = {}  # name -> ((mtime, size), key or None)
+        self._keys: frozenset[bytes] = frozenset()
+        self._read_at = float("-inf")
         self._lock = threading.Lock()
 
-    def _current(self) -> set[bytes]:
-        files = sorted(self.folder.glob("*.key"))
-        stamp = tuple((f.name, f.stat().st_mtime_ns) for f in files)
-        if stamp != self._stamp:
-            self._keys = {zmq.auth.load_certificate(f)[0] for f in files}
-            self._stamp = stamp
-            log.info("CURVE allow-list: %d edge key(s) in %s", len(self._keys), self.folder)
-        return self._keys
+    def keys(self, max_age: float = _REREAD_S) -> frozenset[bytes]:
+        """The allowed keys, the folder re-read if it was last read over `max_age` seconds ago."""
+        with self._lock:
+            if time.monotonic() - self._read_at >= max_age:
+                self._reread()
+            return self._keys
+
+    def _reread(self) -> None:
+        files = {}
+        for path in sorted(self.folder.glob("*.key")):
+            try:
+                st = path.stat()
+            except OSError:  # removed since the listing
+                continue
+            stamp, old = (st.st_mtime_ns, st.st_size), self._files.get(path.name)
+            files[path.name] = old if old and old[0] == stamp else (stamp, _public_key(path))
+        keys = frozenset(key for _, key in files.values() if key)
+        if keys != self._keys or not self._files:
+            log.info("CURVE allow-list: %d edge key(s) in %s", len(keys), self.folder)
+        self._files, self._keys, self._read_at = files, keys, time.monotonic()
 
     def callback(self, domain: str, key: bytes) -> bool:
-        with self._lock:
-            if key in self._current():
-                return True
+        """Called by the authenticator thread at each connection attempt. It must never raise: an exception
+        ends that thread, and with it every later CURVE login and the socket's shutdown."""
+        try:
+            allowed = key in self.keys(max_age=0)  # a key just added is let in at once
+        except Exception:
+            log.exception("CURVE allow-list: %s could not be read; connection refused", self.folder)
+            allowed = False
+        if not allowed:
             self.denied += 1
-        log.warning("refused a connection with an edge key not on the allow-list: %s", key.decode())
+            log.warning("refused a connection with an edge key not on the allow-list: %s", key.decode())
+        return allowed
+
+    def allows(self, user_id: str) -> bool:
+        """Whether a message whose connection authenticated as `user_id` (its Z85 key) may still be taken."""
+        if user_id.encode() in self.keys():
+            return True
+        self.cut_off += 1
+        if self.cut_off <= 10 or self.cut_off % 1000 == 0:
+            log.warning("dropped a message from edge key %s: removed from the allow-list since it connected "
+                        "[%d dropped so far]", user_id, self.cut_off)
         return False
 
 
 class ServerGuard:
-    """The ZAP authenticator thread and allow-list of one server socket; `denied` counts refused edges."""
+    """The ZAP authenticator thread and allow-list of one server socket; `denied` counts refused connections,
+    `cut_off` the messages dropped because their connection's key was removed."""
 
     def __init__(self, auth: ThreadAuthenticator, allow: _AllowList):
         self._auth, self._allow = auth, allow
@@ -103,6 +153,16 @@ class ServerGuard:
     @property
     def denied(self) -> int:
         return self._allow.denied
+
+    @property
+    def cut_off(self) -> int:
+        return self._allow.cut_off
+
+    def allows(self, frame: zmq.Frame) -> bool:
+        """Whether the key this message's connection logged in with is still on the allow-list (ZeroMQ gives it
+        as the frame's User-Id, which the authenticator set to the Z85 key). Removing a key cuts off an open
+        connection this way within `_REREAD_S`: ZeroMQ cannot close one connection of a bound socket."""
+        return self._allow.allows(frame.get("User-Id"))
 
     def stop(self) -> None:
         self._auth.stop()
@@ -118,7 +178,7 @@ def secure_server(sock: zmq.Socket, cfg: CurveConfig) -> ServerGuard | None:
     if cfg.allowed_clients is None or not Path(cfg.allowed_clients).is_dir():
         raise KeyFileError(f"security.allowed_clients: {cfg.allowed_clients}: not a folder of edge public keys")
     allow = _AllowList(Path(cfg.allowed_clients))
-    allow._current()
+    allow.keys()
     auth = ThreadAuthenticator(sock.context)
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=allow)
