@@ -12,11 +12,14 @@ from crossview.kernel.wire import (
     Sighting,
     WireError,
     decode,
+    decode_ack,
     decode_many,
     encode,
+    encode_ack,
 )
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "sighting-v1.msgpack"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "sighting-v2.msgpack"
 JPEG = b"\xff\xd8\xff\xe0fakejpeg"
 
 
@@ -45,6 +48,32 @@ def test_decodes_a_stored_v1_message():
     assert s.embedding.shape == (16,) and abs(np.linalg.norm(s.embedding) - 1) < 1e-5
 
 
+def test_decodes_a_stored_v2_message():
+    """Version 2 adds the edge's sequence number; a v1 message has none, so the matcher never deduplicates it."""
+    s = decode(FIXTURE_V2.read_bytes())
+    assert (s.node, s.camera, s.frame, s.track, s.model, s.schema, s.seq) == (
+        "edge-1", "gate", 42, 7, "mobilenetv2-imagenet-1", 2, 1_796_160_000_000_042)
+    assert s == sighting(seq=1_796_160_000_000_042) and decode(FIXTURE_V1.read_bytes()).seq is None
+
+
+@pytest.mark.parametrize("seq, needle", [(-1, "'seq' must be in"), (2**63, "'seq' must be in"), ("7", "'seq' has type str"),
+                                         (True, "'seq' has type bool")])
+def test_seq_is_bounded(seq, needle):
+    with pytest.raises(WireError, match=needle):
+        decode(_raw(seq=seq))
+
+
+def test_acknowledgements_round_trip_as_ranges_and_refuse_junk():
+    assert decode_ack(encode_ack([9, 3, 4, 5, 5, 11, 10])) == [(3, 5), (9, 11)]
+    assert decode_ack(encode_ack([])) == []
+    for junk in (b"", b"\x01", msgpack.packb({"v": 2, "ack": [[5, 4]]}), msgpack.packb({"v": 2, "ack": [[0, 2**63]]}),
+                 msgpack.packb({"v": 2, "ack": [[0, 1 << 30]]}), msgpack.packb({"v": 1, "ack": []}),
+                 msgpack.packb({"v": 2, "ack": [[1, 2]] * 5000}), msgpack.packb({"v": 2, "ack": [["1", 2]]}),
+                 encode(sighting())):
+        with pytest.raises(WireError):
+            decode_ack(junk)
+
+
 def _raw(**override) -> bytes:
     m = msgpack.unpackb(encode(sighting()), raw=False)
     m.update(override)
@@ -67,7 +96,7 @@ def _raw(**override) -> bytes:
         (_raw(cam="x" * 65), "'cam' must be"),
         (_raw(ts=float("nan")), "'ts' is not finite"),
         (_raw(score=1.5), "outside [0, 1]"),
-        (_raw(frame=-1), "must be >= 0"),
+        (_raw(frame=-1), "must be in [0, 2^63-1]"),
         (_raw(box=[1, 2, 3]), "'box' must be 4"),
         (_raw(box=[5, 5, 1, 1]), "'box' is empty"),
         (_raw(emb=b"\x00\x00\xc0\x7f" * 4), "NaN"),
