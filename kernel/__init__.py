@@ -4,6 +4,8 @@
 |---------------|------------------------------------------------------------------------|
 | `config`      | typed, validated configuration; `ConfigError` names the file and key    |
 | `wire`        | the edge → matcher message format (versioned MessagePack schema)        |
+| `harvest`     | the edge → trainer crop format: file names and versioned JSON sidecars  |
+| `checkpoint`  | the training checkpoint format (versioned; written by training, read by export) |
 | `modelmeta`   | the `crossview.*` metadata keys an embedding model carries              |
 | `embedder`    | the ONNX re-ID embedding runtime (preprocessing + session + hot reload) |
 | `ort`         | ONNX Runtime sessions: providers, threads                               |

@@ -115,7 +115,8 @@ def test_no_generic_top_level_packages_are_importable(tmp_path):
 def test_the_wheel_installs_one_crossview_package(tmp_path):
     """Build the wheel, install it into a fresh venv: every folder is under crossview/, nothing generic beside it."""
     src = tmp_path / "src"  # a copy: setuptools writes build/ and *.egg-info into the tree it builds
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    files = subprocess.run(listed, cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
     for name in filter(None, files):
         if (REPO / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
