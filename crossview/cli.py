@@ -118,15 +118,19 @@ def _matcher(args: argparse.Namespace) -> int:
 
 
 def _when(text: str) -> float:
-    """Unix seconds, or an ISO 8601 date/time (local time unless it says otherwise)."""
+    """Unix seconds, or an ISO 8601 date/time (local time unless it says otherwise), within the wire's bounds."""
+    from crossview.kernel.wire import MAX_TS
+
     try:
-        return float(text)
+        ts = float(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not Unix seconds or an ISO date/time: {text!r}") from None
+        try:
+            ts = datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not Unix seconds or an ISO date/time: {text!r}") from None
+    if not 0 <= ts <= MAX_TS:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 1970 .. 2200 (Unix seconds 0 .. {MAX_TS:.0f})")
+    return ts
 
 
 def _track_ref(text: str) -> tuple[str, str, int]:

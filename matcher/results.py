@@ -84,7 +84,10 @@ class QueryResult:
 
 
 def _clock(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):  # a time stored before the wire bounded them (1e308, -1e20)
+        return f"{ts:g}"
 
 
 def _describe(query: dict) -> str:
