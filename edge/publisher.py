@@ -104,7 +104,7 @@ class Publisher:
         return 0.0 if oldest is None else max(0.0, time.time() - oldest)
 
     def status(self) -> str:
-        spool = f"{self.spooled:,} sightings spooled ({self.spool.bytes / 1e6:.0f} of {self.cfg.spool_mb:g} MB)"
+        spool = f"{self.spooled:,} sightings spooled ({self.spool.bytes / 1e6:.1f} of {self.cfg.spool_mb:g} MB)"
         where = "matcher reachable" if self.reachable else f"matcher unreachable since {_clock(self.unreachable_since)}"
         return (f"{where}, {spool}, oldest unacknowledged {self.oldest_age_s():.0f} s, {self.acknowledged:,} acknowledged, "
                 f"{self.dropped:,} dropped")

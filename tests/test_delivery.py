@@ -1,0 +1,289 @@
+"""Delivery edge → matcher, with real processes and sockets: nothing lost, nothing stored twice, nothing silent.
+
+| test                              | what is killed or wrong                     | checked exactly                       |
+|-----------------------------------|---------------------------------------------|---------------------------------------|
+| matcher down while a clip runs    | no matcher for OUTAGE_S (≥ 20 s)            | every sequence number stored once     |
+| edge `kill -9` mid-clip           | the edge process, then restarted            | the spool left behind is stored, once |
+| matcher `kill -9`, five times     | the matcher process during ingest           | acknowledged ⊆ stored, no duplicates  |
+| wrong matcher key                 | `publisher.security.server_key`             | the edge says so within 10 s          |
+
+`CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import make_sighting, unit_vectors, wait_until
+
+from crossview.edge.publisher import Publisher
+from crossview.kernel.config import CurveConfig, PublisherConfig
+from crossview.kernel.transport import generate_keys
+from crossview.matcher.ingest import Receiver
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP = REPO / "data" / "demo" / "tud-stadtmitte.mp4"  # 7 s of large pedestrians: HOG finds them without upscaling
+OUTAGE_S = max(20.0, float(os.environ.get("CROSSVIEW_TEST_OUTAGE_S", "22")))
+NODE = "edge-d"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A `crossview` subprocess whose log goes to a file the test reads."""
+
+    def __init__(self, log: Path, *args: str):
+        self.log_path = log
+        self._log = log.open("a")
+        self.started = time.monotonic()
+        self.p = subprocess.Popen([sys.executable, "-m", "crossview.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                  cwd=REPO)
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.p.wait(timeout)
+        self._log.close()
+        return rc
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._log.close()
+
+
+def matcher_yaml(tmp: Path, port: int) -> Path:
+    path = tmp / "matcher.yaml"
+    path.write_text(yaml.safe_dump({
+        "data_dir": str(tmp / "matcher"),
+        "ingest": {"endpoint": f"tcp://127.0.0.1:{port}", "security": {"mode": "plain"}, "batch_wait_ms": 2},
+        "http": {"token": "test-token-0123456789", "port": 0},
+    }))
+    return path
+
+
+def edge_yaml(tmp: Path, model: Path, port: int, **publisher) -> Path:
+    path = tmp / "edge.yaml"
+    path.write_text(yaml.safe_dump({
+        "node_id": NODE,
+        # paced like a live camera, looped: the node runs as long as the test says
+        "cameras": [{"id": "street", "source": str(CLIP), "fps": 3, "realtime": True, "loop": True}],
+        "detector": {"kind": "hog", "hog": {"upscale": 1.0}},
+        "embedder": {"model": str(model), "threads": 1},
+        "publisher": {"endpoint": f"tcp://127.0.0.1:{port}", "security": {"mode": "plain"}, "spool_dir": str(tmp / "spool"),
+                      "drain_s": 30, "thumbnails": False, **publisher},
+        "metrics": {"log_interval_s": 1},
+    }))
+    return path
+
+
+def start_matcher(tmp: Path, port: int) -> Proc:
+    return Proc(tmp / "matcher.log", "matcher", "--config", str(matcher_yaml(tmp, port)))
+
+
+def start_edge(tmp: Path, config: Path, seconds: float, log: str = "edge.log") -> Proc:
+    return Proc(tmp / log, "edge", "--config", str(config), "--max-seconds", str(seconds))
+
+
+def read(db: Path, sql: str) -> list[tuple]:
+    """Rows from an SQLite file another process writes (or left behind, killed)."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def stored_seqs(tmp: Path) -> list[int]:
+    return [r[0] for r in read(tmp / "matcher" / "sightings.db", f"SELECT seq FROM sightings WHERE node = '{NODE}'")]
+
+
+def spooled_seqs(tmp: Path) -> list[int]:
+    return [r[0] for r in read(tmp / "spool" / "spool.db", "SELECT seq FROM spool ORDER BY seq")]
+
+
+def made(log: str) -> int:
+    """The sightings the edge made, from its last status line."""
+    return int(re.findall(r"camera street: .*sightings (\d+), reconnects", log)[-1])
+
+
+def final_delivery(log: str) -> tuple[int, int, int]:
+    """(spooled, acknowledged, dropped) as the edge said when it stopped."""
+    m = re.findall(r"publisher stopped: matcher \w+(?: since \S+)?, ([\d,]+) sightings spooled .*?, ([\d,]+) acknowledged, "
+                   r"([\d,]+) dropped", log)[-1]
+    return tuple(int(x.replace(",", "")) for x in m)
+
+
+def assert_once(seqs: list[int], n: int) -> None:
+    """`n` sightings stored, each sequence number once, none missing in between."""
+    assert len(seqs) == len(set(seqs)) == n > 0
+    assert sorted(seqs) == list(range(min(seqs), min(seqs) + n))
+
+
+@pytest.mark.timeout(150)
+def test_matcher_down_for_a_while_then_every_sighting_is_stored_once(tmp_path, default_model):
+    port = free_port()
+    edge = start_edge(tmp_path, edge_yaml(tmp_path, default_model, port), OUTAGE_S + 8)
+    matcher = None
+    try:
+        wait_until(lambda: "matcher unreachable since" in edge.text() and len(spooled_seqs(tmp_path)) > 0, 30,
+                   "the edge to spool while the matcher is down")
+        time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - edge.started)))
+        down = edge.text()
+        assert re.search(r"delivery: matcher unreachable since \d\d:\d\d:\d\d, [1-9][\d,]* sightings spooled \([\d.]+ of 500 MB\)",
+                         down), down[-2000:]
+        assert stored_seqs(tmp_path) == []
+        matcher = start_matcher(tmp_path, port)
+        assert edge.wait(60) == 0
+        log = edge.text()
+        n = made(log)
+        assert final_delivery(log) == (0, n, 0)
+        assert_once(stored_seqs(tmp_path), n)
+        assert "matcher at tcp://127.0.0.1:%d reachable" % port in log
+    finally:
+        edge.stop()
+        if matcher:
+            matcher.stop()
+
+
+@pytest.mark.timeout(150)
+def test_edge_killed_mid_clip_delivers_its_spool_after_restart(tmp_path, default_model):
+    port = free_port()
+    config = edge_yaml(tmp_path, default_model, port)
+    first = start_edge(tmp_path, config, 120, "edge-1.log")  # no matcher yet: everything stays spooled
+    matcher = None
+    try:
+        wait_until(lambda: len(spooled_seqs(tmp_path)) >= 20, 60, "20 sightings spooled")
+        first.kill9()
+        left = spooled_seqs(tmp_path)
+        assert len(left) >= 20 and left == list(range(left[0], left[0] + len(left)))  # nothing torn, nothing lost
+        matcher = start_matcher(tmp_path, port)
+        second = start_edge(tmp_path, config, 5, "edge-2.log")
+        assert second.wait(60) == 0
+        log = second.text()
+        n = made(log)
+        assert f"{len(left)} unacknowledged sightings from before" in log
+        assert final_delivery(log) == (0, len(left) + n, 0)
+        seqs = stored_seqs(tmp_path)
+        assert set(left) <= set(seqs)
+        assert_once(seqs, len(left) + n)  # the restarted edge numbers on after the spool it found
+    finally:
+        first.stop()
+        if matcher:
+            matcher.stop()
+
+
+class Acked:
+    """The sequence numbers the matcher acknowledged to a publisher, as its spool forgets them."""
+
+    def __init__(self, pub: Publisher):
+        self.seqs: set[int] = set()
+        self._lock = threading.Lock()
+        forget = pub.spool.ack
+
+        def ack(seqs):
+            seqs = list(seqs)
+            n = forget(seqs)
+            with self._lock:
+                self.seqs.update(seqs)
+            return n
+
+        pub.spool.ack = ack
+
+    def now(self) -> set[int]:
+        with self._lock:
+            return set(self.seqs)
+
+
+@pytest.mark.timeout(150)
+def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_path):
+    port, total = free_port(), 2400
+    vecs = unit_vectors(np.random.default_rng(0), total, 64)
+    pub = Publisher(PublisherConfig(endpoint=f"tcp://127.0.0.1:{port}", security=CurveConfig(mode="plain"),
+                                    spool_dir=tmp_path / "spool", hwm=500, drain_s=60))
+    acked = Acked(pub)
+    stop = threading.Event()
+
+    def feed():  # a steady stream, as cameras make it: 200 sightings/s
+        for k in range(total):
+            if stop.is_set():
+                return
+            pub.send(make_sighting(vecs[k], node=NODE, frame=k, track=1 + k // 50, ts=1.7e9 + k / 200, thumbnail=None))
+            time.sleep(1 / 200)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    matcher = start_matcher(tmp_path, port)
+    feeder.start()
+    try:
+        for kill in range(5):
+            before = len(acked.now())
+            wait_until(lambda: len(acked.now()) >= before + 100, 60, f"ingest going before kill {kill + 1}")
+            matcher.kill9()
+            sure = acked.now()  # acknowledged before the kill: must be in the store
+            missing = sure - set(stored_seqs(tmp_path))
+            assert not missing, f"kill {kill + 1}: {len(missing)} acknowledged sightings not stored"
+            matcher = start_matcher(tmp_path, port)
+        feeder.join(60)
+        wait_until(lambda: pub.spooled == 0, 60, "the spool drained")
+        seqs = stored_seqs(tmp_path)
+        assert len(acked.now()) == pub.acknowledged == total and pub.dropped == 0
+        assert_once(seqs, total)
+        assert set(seqs) == acked.now()
+        assert matcher.text().count("matcher ingesting on") == 6  # five kills, six starts
+    finally:
+        stop.set()
+        pub.close(drain_s=0)
+        matcher.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_matcher_key_is_reported_within_10_s(tmp_path, default_model):
+    keys = tmp_path / "keys"
+    for name in ("matcher", "edge-1", "impostor"):
+        generate_keys(keys, name)
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "edge-1.key").write_bytes((keys / "edge-1.key").read_bytes())
+    rx = Receiver("tcp://127.0.0.1:*", CurveConfig(secret_key=keys / "matcher.key_secret", allowed_clients=allowed))
+    config = edge_yaml(tmp_path, default_model, int(rx.endpoint.rsplit(":", 1)[1]))
+    raw = yaml.safe_load(config.read_text())
+    raw["publisher"]["security"] = {"mode": "curve", "secret_key": str(keys / "edge-1.key_secret"),
+                                    "server_key": str(keys / "impostor.key")}  # not the matcher's
+    config.write_text(yaml.safe_dump(raw))
+    edge = start_edge(tmp_path, config, 30)
+    try:
+        wait_until(lambda: "CURVE handshake failing: check publisher.security.server_key" in edge.text(),
+                   10 - (time.monotonic() - edge.started), "the wrong key reported")
+        wait_until(lambda: re.search(r"delivery: matcher unreachable since .*[1-9][\d,]* sightings spooled", edge.text()), 20,
+                   "the status line to say the matcher is unreachable")
+        assert rx.receive(0.5) is None
+    finally:
+        edge.stop()
+        rx.close()
