@@ -14,7 +14,8 @@
 | lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()`, |
 |                       | `track_ends(since)` (what a restarted matcher's tracks continue)              |
 | deletions             | `delete(ids)` removes rows, embeddings and thumbnails (`secure_delete`: their bytes are |
-|                       | overwritten in the file) and appends (seq, id, model) to the `deletions` log |
+|                       | overwritten in the file; the next `checkpoint()` truncates the WAL, which held copies) |
+|                       | and appends (seq, id, model) to the `deletions` log                          |
 | retention             | `older_than(ts)`, `over_quota(n)`: ids to delete                             |
 | readers               | pooled connections, one per concurrent reader; `read_only=True` opens the file `mode=ro` |
 |                       | (safe beside a running service)                                             |
@@ -108,6 +109,7 @@ class Store:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._checkpointer: sqlite3.Connection | None = None
+        self._purge = False  # a deletion since the last WAL truncation: older WAL frames may still hold what it deleted
         if not read_only:
             self._writer = self._connect()
             # Only a new file takes it. 16 KiB, not 4: a 4 KB thumbnail fits in a page instead of spilling into an
@@ -183,12 +185,18 @@ class Store:
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file: the bulk beside ongoing commits, the rest between two, so the next
-        commit starts the WAL afresh (one written without pause would otherwise never restart, and grow)."""
+        commit starts the WAL afresh (one written without pause would otherwise never restart, and grow).
+        After a deletion the WAL is truncated too: a restarted WAL is overwritten from its start, so frames past
+        that still hold deleted thumbnails (secure_delete zeroes them in the database file only). Truncating needs
+        no reader in the middle of a read; with one, the next call tries again, without waiting for it."""
         if self._checkpointer is None:
             self._checkpointer = self._connect()
+            self._checkpointer.execute("PRAGMA busy_timeout=0")  # never hold up commits waiting for a reader
         self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         with self._write_lock:
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            purge = self._purge
+            busy = self._checkpointer.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if purge else 'PASSIVE'})").fetchone()[0]
+            self._purge = purge and bool(busy)
 
     def _transaction(self, work) -> object:
         if self.read_only:
@@ -346,7 +354,9 @@ class Store:
                 by_model.setdefault(model, []).append(i)
             return by_model, self._last_deletion(db)
 
-        return self._transaction(work)
+        result = self._transaction(work)
+        self._purge = True
+        return result
 
     @staticmethod
     def _last_deletion(db: sqlite3.Connection) -> int:
