@@ -1,6 +1,7 @@
 """Matcher benchmark: 256-d synthetic sightings through the real service, at 1e5 and 1e6 sightings.
 
     python bench/matcher_bench.py [--sizes 100000 1000000] [--queries 1000] [--out docs/benchmarks.md] [--only ingest]
+                                  [--sustained 200000]
 
 | part     | what is measured                                                                            |
 |----------|---------------------------------------------------------------------------------------------|
@@ -8,8 +9,10 @@
 |          | then pushes them over tcp://127.0.0.1 as fast as ZeroMQ takes them; the in-process `Matcher` |
 |          | commits each batch to SQLite (WAL, synchronous=FULL) before it counts it, then indexes it;  |
 |          | sightings/s from the first to the last accepted. Sustained: 200,000 sightings into an exact |
-|          | partition (exact_max raised above that), without and with 4 KB thumbnails; then the default |
-|          | config from 0 to each size, with the rate while a background IVF (re)training runs apart    |
+|          | partition (exact_max raised above that), without and with 4 KB thumbnails, and acknowledged: |
+|          | v2 messages with `seq`, deduplicated by the store, each acknowledged after its commit, the   |
+|          | sender keeping ACK_WINDOW in flight as an edge does; then the default config from 0 to each |
+|          | size, with the rate while a background IVF (re)training runs apart                           |
 | queries  | at each size, once background rebuilds are done: latency of the partition search (k=10) and |
 |          | of the whole `search_embedding` (over-fetch, SQLite lookups, track grouping), recall@10 of   |
 |          | the partition against exact brute force on the stored vectors, and FAISS `IndexFlatIP` one  |
@@ -51,7 +54,7 @@ from docsection import machine, write_section  # noqa: E402
 from otherload import OtherLoad  # noqa: E402
 
 from crossview.kernel.config import IndexConfig, MatcherConfig, parse_config  # noqa: E402
-from crossview.kernel.wire import Sighting, encode  # noqa: E402
+from crossview.kernel.wire import Sighting, decode_ack, encode  # noqa: E402
 from crossview.matcher.api import serve  # noqa: E402
 from crossview.matcher.query import Filters  # noqa: E402
 from crossview.matcher.service import Matcher  # noqa: E402
@@ -64,6 +67,7 @@ NPROBES = (16, 32, 64, 128, 256)
 SECTION = "## Matcher (bench/matcher_bench.py)"
 INGEST_SECTION = "### Ingest over loopback ZeroMQ"
 SUSTAINED = 200_000  # sightings per sustained-ingest row: ~10 s at the 20,000/s target
+ACK_WINDOW = 2000  # sightings in flight unacknowledged: an edge's default `publisher.hwm`
 log = logging.getLogger("bench")
 
 
@@ -77,28 +81,53 @@ def noisy(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _messages(start: int, stop: int, thumb: bytes | None, ids: np.ndarray) -> list[bytes]:
-    """Wire messages of sightings start..stop-1: sighting i is identity i // 50, camera (i // 10) % 5."""
+def _messages(start: int, stop: int, thumb: bytes | None, ids: np.ndarray, seq: bool) -> list[bytes]:
+    """Wire messages of sightings start..stop-1: sighting i is identity i // 50, camera (i // 10) % 5; with `seq`,
+    numbered i + 1 for the matcher to deduplicate and acknowledge."""
     rng = np.random.default_rng(start)
     idx = np.arange(start, stop)
     vecs = noisy(rng, ids[idx // PER_ID])
     return [encode(Sighting("bench-edge", f"cam{(i // 10) % 5}", 1.7e9 + i * 0.01, i, i // 10, (10.0, 20.0, 60.0, 180.0),
-                            0.9, v, MODEL, thumb)) for i, v in zip(idx.tolist(), vecs)]
+                            0.9, v, MODEL, thumb, seq=i + 1 if seq else None)) for i, v in zip(idx.tolist(), vecs)]
 
 
-def _send(endpoint: str, start: int, stop: int, thumb_bytes: int) -> None:
-    """Sender process: encode everything, then push with blocking sends (nothing is dropped)."""
+def _send(endpoint: str, start: int, stop: int, thumb_bytes: int, window: int, acked) -> None:
+    """Sender process: encode everything, then send with blocking sends (nothing is dropped). With a `window`,
+    at most that many unacknowledged, as an edge's publisher; `acked` gets (acknowledged, seconds first to last ack)."""
     ids = centers((stop + PER_ID - 1) // PER_ID)
     thumb = (b"\xff\xd8" + os.urandom(thumb_bytes - 2)) if thumb_bytes else None
-    messages = [m for a in range(start, stop, 20000) for m in _messages(a, min(a + 20000, stop), thumb, ids)]
+    messages = [m for a in range(start, stop, 20000) for m in _messages(a, min(a + 20000, stop), thumb, ids, window > 0)]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
+    sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, -1)
     sock.connect(endpoint)
-    for m in messages:
-        sock.send(m)
+    if window:
+        acked.put(_send_acknowledged(sock, messages, window))
+    else:
+        for m in messages:
+            sock.send(m)
     sock.close()
     ctx.term()
+
+
+def _send_acknowledged(sock: zmq.Socket, messages: list[bytes], window: int) -> tuple[int, float]:
+    sent = done = 0
+    first = last = 0.0
+    while done < len(messages):
+        while sent < len(messages) and sent - done < window:
+            sock.send(messages[sent])
+            sent += 1
+        if sock.poll(5000):
+            while True:
+                try:
+                    done += sum(b - a + 1 for a, b in decode_ack(sock.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+            last = time.perf_counter()
+            first = first or last
+        else:
+            raise RuntimeError(f"no acknowledgement for 5 s: {done} of {len(messages)} acknowledged")
+    return done, last - first
 
 
 def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
@@ -108,12 +137,15 @@ def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
                          "index": index, "metrics": {"log_interval_s": 30}}, MatcherConfig)
 
 
-def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
-    """Push sightings start..stop-1 from another process; sightings/s (accepted, so committed) once the first
-    one is in, overall and while a partition rebuild (IVF training) runs."""
+def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0, window: int = 0) -> dict:
+    """Send sightings start..stop-1 from another process; sightings/s (accepted, so committed) once the first
+    one is in, overall and while a partition rebuild (IVF training) runs. With a `window`: acknowledged sending,
+    and the sender's own rate, first to last acknowledgement."""
     target = m.ingest.accepted + stop - start
     batches0 = _batch_seconds(m)
-    sender = mp.get_context("spawn").Process(target=_send, args=(m.ingest.endpoint, start, stop, thumb_bytes))
+    spawn = mp.get_context("spawn")
+    acked = spawn.Queue()
+    sender = spawn.Process(target=_send, args=(m.ingest.endpoint, start, stop, thumb_bytes, window, acked))
     sender.start()
     while m.ingest.accepted <= target - (stop - start):
         _check(sender, 0.0005)
@@ -124,6 +156,7 @@ def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
             _check(sender, 0.01)
             samples.append((time.perf_counter(), m.ingest.accepted, m.index.rebuilding(MODEL)))
     matcher_cpu = sum(me.cpu_times()[:2]) - cpu0
+    n_acked, ack_s = acked.get(timeout=60) if window else (None, None)
     sender.join()
     (t0, n0, _), (t1, n1, _) = samples[0], samples[-1]
     during = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(samples, samples[1:]) if a[2] and b[2]]
@@ -131,7 +164,8 @@ def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0) -> dict:
     batches, batch_s = (b - a for a, b in zip(batches0, _batch_seconds(m)))
     return {"n": stop - start, "rate": (n1 - n0) / (t1 - t0), "seconds": t1 - t0, "batch_ms": 1000 * batch_s / max(batches, 1),
             "rebuild_share": rebuild_s / (t1 - t0), "rebuild_rate": sum(n for _, n in during) / rebuild_s if rebuild_s else None,
-            "cpu_us": 1e6 * matcher_cpu / (n1 - n0), "other": other.cores}
+            "cpu_us": 1e6 * matcher_cpu / (n1 - n0), "other": other.cores,
+            "acked": n_acked, "acked_rate": n_acked / ack_s if window else None}
 
 
 def _batch_seconds(m: Matcher) -> tuple[float, float]:
@@ -255,23 +289,26 @@ def versions() -> tuple[str, ...]:
             f"SQLite {__import__('sqlite3').sqlite_version}")
 
 
-def sustained(workdir: Path, thumb_bytes: int) -> dict:
-    """SUSTAINED sightings into a fresh matcher whose partition stays exact (exact_max above it): no IVF training."""
-    data = workdir / f"sustained-{thumb_bytes}"
-    m = Matcher(config(data, exact_max=2 * SUSTAINED))
+def sustained(workdir: Path, n: int, thumb_bytes: int, window: int = 0) -> dict:
+    """`n` sightings into a fresh matcher whose partition stays exact (exact_max above it): no IVF training."""
+    data = workdir / f"sustained-{thumb_bytes}-{window}"
+    m = Matcher(config(data, exact_max=2 * n))
     m.start()
     try:
-        result = ingest(m, 0, SUSTAINED, thumb_bytes)
+        result = ingest(m, 0, n, thumb_bytes, window)
     finally:
         m.stop()
-    result["store_bytes"] = store_bytes(data) / SUSTAINED
+    if window and result["acked"] != n:
+        raise RuntimeError(f"{result['acked']} of {n} sightings acknowledged")
+    result["store_bytes"] = store_bytes(data) / n
     shutil.rmtree(data)
     return result
 
 
-def run(sizes: list[int], n_queries: int, workdir: Path, only_ingest: bool = False) -> dict:
+def run(sizes: list[int], n_queries: int, workdir: Path, only_ingest: bool = False, n_sustained: int = SUSTAINED) -> dict:
     results: dict = {"load_start": Path("/proc/loadavg").read_text().split()[:3]}
-    results["sustained"] = [sustained(workdir, 0), sustained(workdir, 4000)]
+    results["sustained"] = [sustained(workdir, n_sustained, 0), sustained(workdir, n_sustained, 4000),
+                            sustained(workdir, n_sustained, 0, ACK_WINDOW)]
     results["thumb_store_bytes"] = results["sustained"][1]["store_bytes"]
 
     data = workdir / "data"
@@ -315,8 +352,10 @@ def ingest_report(r: dict, run_line: str | None = None) -> list[str]:
         "| matcher CPU µs per sighting | mean ms per batch (≤ 1000), commit start to searchable | other load (cores) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for i, thumb in zip(r["sustained"], ("none", "4 KB")):
-        lines.append(_ingest_row(f"exact (`exact_max` {2 * SUSTAINED:,})", f"0 → {i['n']:,}", thumb, i))
+    for i, thumb in zip(r["sustained"], ("none", "4 KB", "none")):
+        how = f", acknowledged ({ACK_WINDOW:,} in flight)" if i["acked"] else ""
+        lines.append(_ingest_row(f"exact (`exact_max` {2 * i['n']:,}){how}", f"0 → {i['n']:,}", thumb, i))
+    acked = r["sustained"][2]
     start = 0
     for i in r["ingest"]:
         lines.append(_ingest_row("default", f"{start:,} → {start + i['n']:,}", "none", i))
@@ -326,7 +365,10 @@ def ingest_report(r: dict, run_line: str | None = None) -> list[str]:
         "encoded its messages beforehand. \"Matcher CPU\" is the matcher process's CPU time (all its threads: ZeroMQ, "
         "decoding, SQLite, FAISS, IVF training) per accepted sighting, the sender's not included. Rows with the default "
         "config pass `exact_max` (50,000) or grow the IVF partition 4x, so a background IVF training (one FAISS thread) "
-        "competes for the 2 cores during the share of the time shown.", ""]
+        "competes for the 2 cores during the share of the time shown. The acknowledged row sends wire v2 messages with a "
+        f"sequence number, as edges do: the matcher deduplicates them against the store and acknowledges each batch once "
+        f"committed; the sender keeps at most {ACK_WINDOW:,} unacknowledged and saw {acked['acked_rate']:,.0f} "
+        "acknowledgements/s from the first to the last.", ""]
 
 
 def report(r: dict, command: str, minutes: float) -> str:
@@ -384,6 +426,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=None, help="markdown file whose Matcher section is replaced")
     ap.add_argument("--workdir", type=Path, default=None, help="data directory parent (default: a temporary one)")
+    ap.add_argument("--sustained", type=int, default=SUSTAINED, help="sightings per sustained-ingest row (default: %(default)s)")
     ap.add_argument("--only", choices=["ingest"], default=None,
                     help="ingest only (no queries, memory, restart); --out then replaces only the ingest subsection")
     args = ap.parse_args()
@@ -391,7 +434,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="matcher-bench-"))
     t0 = time.time()
     try:
-        results = run(args.sizes, args.queries, workdir, only_ingest=args.only == "ingest")
+        results = run(args.sizes, args.queries, workdir, only_ingest=args.only == "ingest", n_sustained=args.sustained)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
