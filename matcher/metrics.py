@@ -1,10 +1,10 @@
 """Matcher metrics for Prometheus, read from the matcher's own counters at scrape time (one source of truth).
 
-| series                                    | labels        |
-|-------------------------------------------|---------------|
-| `crossview_matcher_accepted_total`        | camera        |
-| `crossview_matcher_rejected_total`        | reason        |
-| `crossview_matcher_partition_size`        | model, kind   |
+| series                                    | labels                                   |
+|-------------------------------------------|------------------------------------------|
+| `crossview_matcher_accepted_total`        | camera                                   |
+| `crossview_matcher_rejected_total`        | reason (one of the fixed `wire.REASONS`) |
+| `crossview_matcher_partition_size`        | model, kind                              |
 | `crossview_matcher_ingest_batch_seconds`  | (histogram: one batch, from its commit's start until searchable) |
 
     m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
