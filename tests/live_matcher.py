@@ -5,7 +5,7 @@
 | sightings      | TUD-Campus ground-truth crops embedded by the default ONNX model, every 3rd frame:     |
 |                | frames 1-30 as camera `gate` (node `edge-1`), 36-71 as `hall` (node `edge-2`); a person's |
 |                | id is their track id, so persons 2-5 walk from gate to hall                            |
-| transport      | encoded with `crossview.kernel.wire` and sent through a real ZeroMQ PUSH socket              |
+| transport      | encoded with `crossview.kernel.wire` and sent through a real ZeroMQ DEALER socket (`Pusher`) |
 | service        | `Matcher` on a temporary data dir, ingest on a free port, `serve()` on 127.0.0.1:0    |
 
     >>> with LiveMatcher(tmp_path, model_path, tud_frames) as live:
@@ -19,12 +19,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import zmq
-from helpers import shared_data
+from helpers import Pusher, shared_data
 
 from crossview.kernel.config import MatcherConfig, parse_config
 from crossview.kernel.embedder import Embedder
-from crossview.kernel.wire import Sighting, encode
+from crossview.kernel.wire import Sighting
 from crossview.matcher.api import serve
 from crossview.matcher.service import Matcher
 
@@ -71,17 +70,6 @@ def tud_sightings(embedder: Embedder, frames: list[np.ndarray], t0: float) -> li
     ]
 
 
-def push(endpoint: str, sightings: list[Sighting]) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 5000)  # close() waits until everything is sent
-    sock.connect(endpoint)
-    for s in sightings:
-        sock.send(encode(s))
-    sock.close()
-    ctx.term()
-
-
 class LiveMatcher:
     def __init__(self, data_dir: Path, model: Path, tud_frames: list[np.ndarray]):
         self.cfg = parse_config({
@@ -99,7 +87,8 @@ class LiveMatcher:
         self.matcher = Matcher(self.cfg)
         self.matcher.start()
         try:
-            push(self.matcher.ingest.endpoint, self.sightings)
+            with Pusher(self.matcher.ingest.endpoint) as pusher:  # a DEALER, as edges have
+                pusher.send(self.sightings)
             self._wait_accepted(len(self.sightings))
             self.server = serve(self.matcher, self.cfg.http)
         except BaseException:
