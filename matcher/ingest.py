@@ -407,10 +407,13 @@ class Receiver:
         msgs = []
         while len(msgs) < max_n:
             try:
-                msgs.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-        msgs = [m for m in msgs if len(m) == 2 or self._reject(m[-1], WireError(Reason.MALFORMED, f"{len(m) - 1} frames"))]
+            if len(msg) == 2:  # [the sender's identity, one sighting]
+                msgs.append(msg)
+            else:
+                self._reject(msg[-1], WireError(Reason.MALFORMED, f"{len(msg) - 1} frames, not one"))
         if self.guard:  # an edge whose key was removed is cut off, open connection or not (never acknowledged)
             msgs = [m for m in msgs if self.guard.allows(m[-1])]
         valid = []

@@ -6,12 +6,14 @@
 | edge `kill -9` mid-clip           | the edge process, then restarted            | the spool left behind is stored, once |
 | matcher `kill -9`, five times     | the matcher process during ingest           | acknowledged ⊆ stored, no duplicates  |
 | wrong matcher key                 | `publisher.security.server_key`             | the edge says so within 10 s          |
+| resends, in process               | the same v2 sightings three times, a restart | one row each, every one acknowledged  |
 
 `CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -26,12 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import make_sighting, unit_vectors, wait_until
+from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_until
 
 from crossview.edge.publisher import Publisher
 from crossview.kernel.config import CurveConfig, PublisherConfig
 from crossview.kernel.transport import generate_keys
+from crossview.kernel.wire import decode_ack
 from crossview.matcher.ingest import Receiver
+from crossview.matcher.service import Matcher
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "data" / "demo" / "tud-stadtmitte.mp4"  # 7 s of large pedestrians: HOG finds them without upscaling
@@ -287,3 +291,37 @@ def test_a_wrong_matcher_key_is_reported_within_10_s(tmp_path, default_model):
     finally:
         edge.stop()
         rx.close()
+
+
+def acks(push: Pusher, want: int, timeout: float = 10.0) -> list[int]:
+    """Sequence numbers acknowledged to `push`, until `want` distinct ones or `timeout`."""
+    got: list[int] = []
+    deadline = time.monotonic() + timeout
+    while len(set(got)) < want and push.sock.poll(max(0, int(1000 * (deadline - time.monotonic())))):
+        got += [s for a, b in decode_ack(push.sock.recv()) for s in range(a, b + 1)]
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_resent_sightings_are_stored_once_and_acknowledged_each_time_across_a_restart(tmp_path):
+    vecs = unit_vectors(np.random.default_rng(1), 120, 16)
+    v2 = [dataclasses.replace(make_sighting(v, frame=k), seq=1000 + k) for k, v in enumerate(vecs[:100])]
+    v1 = [make_sighting(v, frame=100 + k) for k, v in enumerate(vecs[100:])]  # no seq: stored, never deduplicated
+    cfg = matcher_config(tmp_path / "matcher")
+    for restart in range(2):
+        m = Matcher(cfg)
+        m.start()
+        try:
+            with Pusher(m.ingest.endpoint) as push:
+                for _ in range(3):
+                    push.send(v2)
+                got = acks(push, 100)
+                if restart == 0:
+                    push.send(v1)
+                    wait_until(lambda: m.ingest.accepted == 120, 10, "100 + 20 sightings accepted")
+                assert set(got) == set(range(1000, 1100))  # after a restart too: duplicates are acknowledged again
+            assert m.store._one("SELECT COUNT(*), COUNT(seq), COUNT(DISTINCT seq) FROM sightings") == (120, 100, 100)
+            assert m.ingest.accepted == (120 if restart == 0 else 0)
+        finally:
+            m.stop()
+
