@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import sqlite3
 import threading
 import time
 
@@ -55,6 +56,7 @@ class Publisher:
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir, int(cfg.spool_mb * 1e6))
         self.acknowledged = 0
+        self.unspooled = 0  # sightings the spool could not take (disk full or failing)
         self.refused = 0  # handshakes the matcher refused: this edge's key is not on its allow-list
         self.key_failures = 0  # handshakes that failed otherwise: most likely a wrong matcher key
         self.reachable = False
@@ -81,18 +83,25 @@ class Publisher:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    def send(self, sighting: Sighting) -> int:
-        """Spool the sighting and queue it for sending; its sequence number."""
+    def send(self, sighting: Sighting) -> int | None:
+        """Spool the sighting and queue it for sending; its sequence number, or None when the spool could not take it
+        (a full or failing disk: counted in `dropped`, logged, and the node goes on)."""
         seq = self.spool.next_seq()
         msg = encode(dataclasses.replace(sighting, seq=seq))
-        self.spool.add(seq, time.time(), msg)
+        try:
+            self.spool.add(seq, time.time(), msg)
+        except sqlite3.Error as e:
+            self.unspooled += 1
+            self._log_once("spool", logging.ERROR, "SPOOL WRITE FAILED (%s): %s; %d sightings dropped so far", self.spool.path, e,
+                           self.dropped)
+            return None
         self._live.append((seq, msg))  # the I/O thread sends it; if it falls off, the resend pass does
         return seq
 
     @property
     def dropped(self) -> int:
-        """Sightings dropped unacknowledged: the spool was full."""
-        return self.spool.dropped
+        """Sightings dropped unacknowledged: the spool was full, or could not be written."""
+        return self.spool.dropped + self.unspooled
 
     @property
     def spooled(self) -> int:
@@ -129,12 +138,19 @@ class Publisher:
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set() or (self.spool.count and self.reachable and time.monotonic() < self._drain_until):
             poller.poll(_POLL_MS)
-            self._read_acks()
-            self._watch_handshakes()
-            if self.reachable:
-                self._expire()
-                self._send_live()
-                self._resend()
+            try:
+                self._round()
+            except Exception:  # a bug, or a spool that cannot be read, must not end delivery: what is spooled stays
+                self._log_once("round", logging.ERROR, "publisher: delivery round failed, retried", exc_info=True)
+                time.sleep(1)
+
+    def _round(self) -> None:
+        self._read_acks()
+        self._watch_handshakes()
+        if self.reachable:
+            self._expire()
+            self._send_live()
+            self._resend()
 
     def _read_acks(self) -> None:
         while True:
@@ -226,9 +242,9 @@ class Publisher:
                   self.cfg.endpoint, self._retry_s)
         self._retry_s = min(self._retry_s * 2, _RETRY_MAX_S)
 
-    def _log_once(self, what: str, level: int, msg: str, *args) -> None:
+    def _log_once(self, what: str, level: int, msg: str, *args, exc_info: bool = False) -> None:
         """Log a recurring problem once per `_REPEAT_S`."""
         now = time.monotonic()
         if now - self._logged.get(what, -_REPEAT_S) >= _REPEAT_S:
             self._logged[what] = now
-            log.log(level, msg, *args)
+            log.log(level, msg, *args, exc_info=exc_info)

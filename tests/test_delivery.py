@@ -7,6 +7,7 @@
 | matcher `kill -9`, five times     | the matcher process during ingest           | acknowledged ⊆ stored, no duplicates  |
 | wrong matcher key                 | `publisher.security.server_key`             | the edge says so within 10 s          |
 | resends, in process               | the same v2 sightings three times, a restart | one row each, every one acknowledged  |
+| the spool on its own              | a bound too small, reopening, a wiped spool | oldest dropped, numbers never reused  |
 
 `CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
 """
@@ -31,6 +32,7 @@ import yaml
 from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_until
 
 from crossview.edge.publisher import Publisher
+from crossview.edge.spool import Spool
 from crossview.kernel.config import CurveConfig, PublisherConfig
 from crossview.kernel.transport import generate_keys
 from crossview.kernel.wire import decode_ack
@@ -325,3 +327,22 @@ def test_resent_sightings_are_stored_once_and_acknowledged_each_time_across_a_re
         finally:
             m.stop()
 
+
+
+def test_the_spool_is_bounded_drops_its_oldest_and_numbers_on_across_reopening(tmp_path, caplog):
+    spool = Spool(tmp_path / "a", max_bytes=100_000)
+    first = spool.next_seq()
+    for _ in range(100):
+        spool.add(spool.next_seq(), time.time(), b"x" * 2000)
+    kept = [s for s, _ in spool.after(0, 1000)]
+    assert spool.dropped == 100 - len(kept) > 0 and spool.count == len(kept) and spool.bytes <= 100_000
+    assert kept == list(range(first + 100 - len(kept), first + 100))  # the newest, oldest dropped first
+    assert "SPOOL FULL" in caplog.text
+    assert spool.ack(kept[:10] + [first]) == 10  # the dropped one is gone already
+    spool.close()
+    again = Spool(tmp_path / "a", max_bytes=100_000)
+    assert again.count == len(kept) - 10 and again.next_seq() == first + 100
+    again.ack(kept)
+    again.close()
+    assert Spool(tmp_path / "a", max_bytes=100_000).next_seq() == first + 100  # AUTOINCREMENT: never reused
+    assert Spool(tmp_path / "wiped", max_bytes=100_000).next_seq() > first + 100  # a new spool starts at the clock
