@@ -404,16 +404,17 @@ class Receiver:
 
     def _take(self, max_n: int) -> list[Sighting]:
         """The valid sightings among what is queued (≤ max_n messages), their senders remembered for the acks."""
-        msgs = []
+        msgs: list[tuple[bytes, zmq.Frame]] = []
         while len(msgs) < max_n:
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            try:  # two recv calls, not recv_multipart: a third of the per-message cost (bench)
+                peer = self.sock.recv(zmq.NOBLOCK)  # the sender's identity, from the ROUTER
             except zmq.Again:
                 break
-            if len(msg) == 2:  # [the sender's identity, one sighting]
-                msgs.append(msg)
+            frame = self.sock.recv(copy=False)  # a message arrives whole, so its frames are all here
+            if frame.more:
+                self._reject(frame, WireError(Reason.MALFORMED, f"{1 + self._discard_rest()} frames, not one"))
             else:
-                self._reject(msg[-1], WireError(Reason.MALFORMED, f"{len(msg) - 1} frames, not one"))
+                msgs.append((peer, frame))
         if self.guard:  # an edge whose key was removed is cut off, open connection or not (never acknowledged)
             msgs = [m for m in msgs if self.guard.allows(m[-1])]
         valid = []
@@ -423,8 +424,15 @@ class Receiver:
             else:
                 valid.append(s)
                 if s.seq is not None:
-                    self._remember(s.node, peer.bytes)
+                    self._remember(s.node, peer)
         return valid
+
+    def _discard_rest(self) -> int:
+        """Drop the remaining frames of a multi-frame message; how many there were."""
+        n = 1
+        while self.sock.recv(copy=False).more:
+            n += 1
+        return n
 
     def _remember(self, node: str, peer: bytes) -> None:
         if self._peers.get(node) != peer:
