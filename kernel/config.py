@@ -356,7 +356,12 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
-    return load_config(path, EdgeConfig, EDGE_PATH_KEYS)
+    cfg = load_config(path, EdgeConfig, EDGE_PATH_KEYS)
+    pub = cfg.publisher
+    if not pub.spool_dir.is_absolute():  # the default, unresolved: beside the config file too, not wherever the node starts
+        pub = pub.model_copy(update={"spool_dir": Path(path).resolve().parent / pub.spool_dir})
+        cfg = cfg.model_copy(update={"publisher": pub})
+    return cfg
 
 
 MATCHER_PATH_KEYS = [

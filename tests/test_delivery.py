@@ -8,6 +8,7 @@
 | wrong matcher key                 | `publisher.security.server_key`             | the edge says so within 10 s          |
 | resends, in process               | the same v2 sightings three times, a restart | one row each, every one acknowledged  |
 | the spool on its own              | a bound too small, reopening, a wiped spool | oldest dropped, numbers never reused  |
+| its config                        | `publisher.spool_dir` left out, `spool_mb` 0 | beside the config file; the key named |
 
 `CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
 """
@@ -33,7 +34,7 @@ from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_un
 
 from crossview.edge.publisher import Publisher
 from crossview.edge.spool import Spool
-from crossview.kernel.config import CurveConfig, PublisherConfig
+from crossview.kernel.config import ConfigError, CurveConfig, PublisherConfig, load_edge_config
 from crossview.kernel.transport import generate_keys
 from crossview.kernel.wire import decode_ack
 from crossview.matcher.ingest import Receiver
@@ -346,3 +347,15 @@ def test_the_spool_is_bounded_drops_its_oldest_and_numbers_on_across_reopening(t
     again.close()
     assert Spool(tmp_path / "a", max_bytes=100_000).next_seq() == first + 100  # AUTOINCREMENT: never reused
     assert Spool(tmp_path / "wiped", max_bytes=100_000).next_seq() > first + 100  # a new spool starts at the clock
+
+
+def test_the_spool_lies_beside_the_config_file_and_its_bound_is_checked(tmp_path):
+    raw = {"node_id": "n", "cameras": [{"id": "a", "source": "x.mp4"}], "publisher": {"security": {"mode": "plain"}}}
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_edge_config(path).publisher.spool_dir == tmp_path / "spool"  # the default too, wherever the node starts
+    path.write_text(yaml.safe_dump({**raw, "publisher": {**raw["publisher"], "spool_dir": "var/s"}}))
+    assert load_edge_config(path).publisher.spool_dir == tmp_path / "var" / "s"
+    path.write_text(yaml.safe_dump({**raw, "publisher": {**raw["publisher"], "spool_mb": 0}}))
+    with pytest.raises(ConfigError, match=r"edge.yaml: invalid configuration\n  publisher.spool_mb: "):
+        load_edge_config(path)
