@@ -120,7 +120,7 @@ def _send_acknowledged(sock: zmq.Socket, messages: list[bytes], window: int) -> 
         if sock.poll(5000):
             while True:
                 try:
-                    done += sum(b - a + 1 for a, b in decode_ack(sock.recv(zmq.NOBLOCK)))
+                    done += sum(b - a + 1 for a, b in decode_ack(sock.recv(zmq.NOBLOCK)).ranges)
                 except zmq.Again:
                     break
             last = time.perf_counter()

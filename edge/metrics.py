@@ -8,6 +8,7 @@
 | `crossview_edge_acknowledged`        | sightings the matcher acknowledged (committed) since start |
 | `crossview_edge_spooled` / `_spool_bytes` | unacknowledged sightings in the spool now, and its size |
 | `crossview_edge_spool_dropped`       | unacknowledged sightings dropped since start: the spool was full |
+| `crossview_edge_refused`             | sightings the matcher refused for good since start (malformed, or failing its checks) |
 | `crossview_edge_oldest_unacknowledged_seconds` | age of the oldest sighting in the spool |
 | `crossview_edge_matcher_reachable`   | 1 while the CURVE/ZeroMQ connection to the matcher is up |
 | `crossview_edge_reconnects_total`    | camera   |
@@ -61,6 +62,7 @@ class EdgeMetrics:
         for name, text, read in (
             ("acknowledged", "Sightings the matcher acknowledged (committed) since start", lambda: publisher.acknowledged),
             ("spooled", "Unacknowledged sightings in the spool", lambda: publisher.spooled),
+            ("refused", "Sightings the matcher refused for good since start (its log says why)", lambda: publisher.refused),
             ("spool_bytes", "Spool size in bytes", lambda: publisher.spool.bytes),
             ("spool_dropped", "Unacknowledged sightings dropped since start: spool full", lambda: publisher.dropped),
             ("oldest_unacknowledged_seconds", "Age of the oldest unacknowledged sighting", publisher.oldest_age_s),

@@ -56,6 +56,7 @@ class Publisher:
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir, int(cfg.spool_mb * 1e6))
         self.acknowledged = 0
+        self.refused = 0  # acknowledged as never to be stored: malformed, or refused by the matcher's checks
         self.unspooled = 0  # sightings the spool could not take (disk full or failing)
         self.refused = 0  # handshakes the matcher refused: this edge's key is not on its allow-list
         self.key_failures = 0  # handshakes that failed otherwise: most likely a wrong matcher key
@@ -115,8 +116,9 @@ class Publisher:
     def status(self) -> str:
         spool = f"{self.spooled:,} sightings spooled ({self.spool.bytes / 1e6:.1f} of {self.cfg.spool_mb:g} MB)"
         where = "matcher reachable" if self.reachable else f"matcher unreachable since {_clock(self.unreachable_since)}"
+        refused = f", {self.refused:,} refused by the matcher" if self.refused else ""
         return (f"{where}, {spool}, oldest unacknowledged {self.oldest_age_s():.0f} s, {self.acknowledged:,} acknowledged, "
-                f"{self.dropped:,} dropped")
+                f"{self.dropped:,} dropped{refused}")
 
     def close(self, drain_s: float | None = None) -> None:
         """While the matcher is reachable, wait up to `drain_s` (default: the config's) for the spool to be
@@ -159,13 +161,20 @@ class Publisher:
             except zmq.Again:
                 return
             try:
-                seqs = [s for first, last in decode_ack(buf) for s in range(first, last + 1)]
+                ack = decode_ack(buf)
             except WireError as e:
                 self._log_once("ack", logging.WARNING, "unreadable acknowledgement from the matcher: %s", e)
                 continue
+            seqs = ack.seqs
             for s in seqs:
                 self._in_flight.pop(s, None)
-            self.acknowledged += self.spool.ack(seqs)
+            done = self.spool.ack(seqs)
+            if ack.refused:
+                self.refused += done
+                self._log_once("refused", logging.ERROR, "the matcher refused %d sightings for good (its log says why); "
+                               "%d refused so far, dropped from the spool", done, self.refused)
+            else:
+                self.acknowledged += done
 
     def _put(self, seq: int, msg: bytes) -> bool:
         """Send one sighting unless already in flight; False when ZeroMQ takes no more now."""

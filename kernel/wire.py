@@ -6,7 +6,7 @@
 | encode             | `encode(s)` → bytes: a MessagePack map, never pickle                   |
 | decode + validate  | `decode(buf)` → `Sighting`, or `WireError` saying what was wrong       |
 | a batch            | `decode_many(bufs)` → a `Sighting` or `WireError` per message, in order |
-| acknowledgement    | `encode_ack(seqs)` / `decode_ack(buf)`: matcher → edge, the `seq`s it has committed |
+| acknowledgement    | `encode_ack(seqs, refused)` / `decode_ack(buf)` → `Ack`: matcher → edge, the `seq`s it has committed, or refused for good |
 | why one is refused | `Reason`: a fixed set of codes (`WireError.code`), so counters keyed by them stay small; |
 |                    | the value that was wrong is in `WireError.detail` only, escaped with `ascii()`         |
 
@@ -15,7 +15,7 @@
     >>> decode(encode(s)) == s, s.schema    # `schema`: the wire schema's version; `model`: the embedding model's
     (True, 2)
     >>> decode_ack(encode_ack([5, 6, 7, 9]))
-    [(5, 7), (9, 9)]
+    Ack(ranges=[(5, 7), (9, 9)], refused=False)
 
 Schema version 2 (a MessagePack map with short keys; version 1 is the same without `seq`):
 
@@ -54,6 +54,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
@@ -97,9 +98,10 @@ class WireError(ValueError):
     """A message that does not follow the schema: `code` says why (one of `REASONS`), `detail` which field and what
     it held (escaped: safe to log)."""
 
-    def __init__(self, code: str, detail: str):
+    def __init__(self, code: str, detail: str, seq: int | None = None):
         super().__init__(f"{code}: {detail}")
         self.code, self.detail = code, detail
+        self.seq = seq  # the sender's sequence number, when the message was readable that far: it can be refused
 
 
 @dataclass(eq=False)
@@ -152,21 +154,31 @@ def encode(s: Sighting) -> bytes:
     )
 
 
-def encode_ack(seqs: Iterable[int]) -> bytes:
-    """An acknowledgement of `seqs` (any order, repeats allowed), as ranges of consecutive numbers."""
+class Ack(NamedTuple):
+    ranges: list[tuple[int, int]]  # (first, last) seqs the edge may forget
+    refused: bool  # True: the matcher will never store these (they broke the schema or its checks), not committed
+
+    @property
+    def seqs(self) -> list[int]:
+        return [s for first, last in self.ranges for s in range(first, last + 1)]
+
+
+def encode_ack(seqs: Iterable[int], refused: bool = False) -> bytes:
+    """An acknowledgement of `seqs` (any order, repeats allowed), as ranges of consecutive numbers. `refused`:
+    they are acknowledged so the edge stops resending what can never be stored, and counts them apart."""
     ranges: list[list[int]] = []
     for s in sorted(set(seqs)):
         if ranges and s == ranges[-1][1] + 1:
             ranges[-1][1] = s
         else:
             ranges.append([s, s])
-    return msgpack.packb({"v": SCHEMA_VERSION, "ack": ranges})
+    return msgpack.packb({"v": SCHEMA_VERSION, "ack": ranges, **({"refused": True} if refused else {})})
 
 
-def decode_ack(buf: bytes | memoryview) -> list[tuple[int, int]]:
-    """The (first, last) ranges of an acknowledgement; `WireError` for anything else."""
+def decode_ack(buf: bytes | memoryview) -> Ack:
+    """The (first, last) ranges of an acknowledgement and whether they were refused; `WireError` for anything else."""
     try:
-        m = msgpack.unpackb(buf, raw=False, max_array_len=MAX_ACK_RANGES, max_bin_len=0, max_str_len=8, max_map_len=2)
+        m = msgpack.unpackb(buf, raw=False, max_array_len=MAX_ACK_RANGES, max_bin_len=0, max_str_len=8, max_map_len=3)
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise WireError(Reason.MALFORMED, f"not an acknowledgement: {type(e).__name__}") from None
     ranges = m.get("ack") if type(m) is dict and m.get("v") == 2 else None
@@ -175,7 +187,10 @@ def decode_ack(buf: bytes | memoryview) -> list[tuple[int, int]]:
     out = [(a, b) for a, b in ranges]
     if not all(0 <= a <= b <= MAX_INT for a, b in out) or sum(b - a + 1 for a, b in out) > MAX_ACK_SEQS:
         raise WireError(Reason.FIELD_RANGE, f"acknowledgement ranges out of bounds (at most {MAX_ACK_SEQS} numbers)")
-    return out
+    refused = m.get("refused", False)
+    if type(refused) is not bool:
+        raise WireError(Reason.MALFORMED, "not an acknowledgement: 'refused' must be true or false")
+    return Ack(out, refused)
 
 
 _NUMBER = (int, float)
@@ -262,10 +277,14 @@ def _parse(buf: bytes | memoryview) -> Sighting:
     schema = _get(m, "v", (int,))
     if schema not in SUPPORTED_VERSIONS:
         raise WireError(Reason.SCHEMA_VERSION, f"schema version {schema} not supported (supported: {SUPPORTED_VERSIONS})")
-    score = _finite(m, "score", 0.0, 1.0)
-    return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts", 0.0, MAX_TS), _count(m, "frame"),
-                    _count(m, "track"), _box(m), score, _embedding(m), _ident(m, "model", 128), _thumbnail(m), schema,
-                    _count(m, "seq") if schema >= 2 and "seq" in m else None)
+    seq = _count(m, "seq") if schema >= 2 and "seq" in m else None
+    try:
+        return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts", 0.0, MAX_TS), _count(m, "frame"),
+                        _count(m, "track"), _box(m), _finite(m, "score", 0.0, 1.0), _embedding(m), _ident(m, "model", 128),
+                        _thumbnail(m), schema, seq)
+    except WireError as e:
+        e.seq = seq
+        raise
 
 
 _NOT_FINITE = "field 'emb' holds NaN or infinite values"
@@ -289,7 +308,7 @@ def decode_many(bufs: Iterable[bytes | memoryview]) -> list[Sighting | WireError
         embs = [out[n].embedding for n in rows]  # joined as bytes: much faster than np.stack for many small rows
         finite = np.isfinite(np.frombuffer(b"".join(embs), embs[0].dtype).reshape(len(embs), -1)).all(axis=1)
         for k in np.flatnonzero(~finite).tolist():
-            out[rows[k]] = WireError(Reason.NOT_FINITE, _NOT_FINITE)
+            out[rows[k]] = WireError(Reason.NOT_FINITE, _NOT_FINITE, out[rows[k]].seq)
     return out
 
 

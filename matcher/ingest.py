@@ -179,7 +179,7 @@ class Pipeline:
             sightings = self.receiver.receive_batch(0.1, self.cfg.batch_max)  # short, so stop() is noticed
             batch = self._checked(sightings)
             kept = {id(s) for rows in batch.values() for s in rows.sightings}
-            self.receiver.ack([s for s in sightings if id(s) not in kept])  # refused for good: not to be resent
+            self.receiver.ack([s for s in sightings if id(s) not in kept], refused=True)  # never to be stored
             if batch:
                 self._received.put(batch)
         self._received.put(None)
@@ -417,14 +417,18 @@ class Receiver:
                 msgs.append((peer, frame))
         if self.guard:  # an edge whose key was removed is cut off, open connection or not (never acknowledged)
             msgs = [m for m in msgs if self.guard.allows(m[-1])]
-        valid = []
+        valid, refused = [], {}
         for (peer, frame), s in zip(msgs, decode_many([m[1].buffer for m in msgs])):
             if isinstance(s, WireError):
                 self._reject(frame, s)
+                if s.seq is not None:  # readable that far: the edge is told, or it would resend it forever
+                    refused.setdefault(peer, []).append(s.seq)
             else:
                 valid.append(s)
                 if s.seq is not None:
                     self._remember(s.node, peer)
+        for peer, seqs in refused.items():
+            self._send_ack(peer, seqs, refused=True)
         return valid
 
     def _discard_rest(self) -> int:
@@ -441,8 +445,9 @@ class Receiver:
                 del self._peers[next(iter(self._peers))]
             self._peers[node] = peer
 
-    def ack(self, sightings: list[Sighting]) -> None:
-        """Acknowledge these sightings to their edges (any thread; sent by the receiving one)."""
+    def ack(self, sightings: list[Sighting], refused: bool = False) -> None:
+        """Acknowledge these sightings to their edges (any thread; sent by the receiving one); `refused`: they are
+        not stored and never will be, so the edge stops resending them."""
         by_node = _seqs_by_node(sightings)
         if by_node:
             out = getattr(self._acks_out, "sock", None)
@@ -451,27 +456,30 @@ class Receiver:
                 out.setsockopt(zmq.LINGER, 0)
                 out.connect(f"inproc://acks-{id(self)}")
                 self._ack_socks.append(out)
-            out.send_pyobj(by_node)
+            out.send_pyobj((by_node, refused))
 
     def _forward_acks(self) -> None:
         while True:
             try:
-                by_node = self._acks_in.recv_pyobj(zmq.NOBLOCK)  # from our own threads only: inproc
+                by_node, refused = self._acks_in.recv_pyobj(zmq.NOBLOCK)  # from our own threads only: inproc
             except zmq.Again:
                 return
-            self._route(by_node)
+            self._route(by_node, refused)
 
     def _send_acks(self, sightings: list[Sighting]) -> None:
         self._route(_seqs_by_node(sightings))
 
-    def _route(self, by_node: dict[str, list[int]]) -> None:
+    def _route(self, by_node: dict[str, list[int]], refused: bool = False) -> None:
         for node, seqs in by_node.items():
             peer = self._peers.get(node)
             if peer is not None:
-                try:  # a peer gone meanwhile, or not reading: it resends, and the duplicate is acknowledged then
-                    self.sock.send_multipart([peer, encode_ack(seqs)], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
+                self._send_ack(peer, seqs, refused)
+
+    def _send_ack(self, peer: bytes, seqs: list[int], refused: bool) -> None:
+        try:  # a peer gone meanwhile, or not reading: it resends, and the duplicate is acknowledged then
+            self.sock.send_multipart([peer, encode_ack(seqs, refused)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def iter(self, timeout: float) -> Iterator[Sighting]:
         """Sightings until none arrives for `timeout` seconds."""

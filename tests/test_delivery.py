@@ -301,7 +301,7 @@ def acks(push: Pusher, want: int, timeout: float = 10.0) -> list[int]:
     got: list[int] = []
     deadline = time.monotonic() + timeout
     while len(set(got)) < want and push.sock.poll(max(0, int(1000 * (deadline - time.monotonic())))):
-        got += [s for a, b in decode_ack(push.sock.recv()) for s in range(a, b + 1)]
+        got += decode_ack(push.sock.recv()).seqs
     return got
 
 
@@ -359,3 +359,29 @@ def test_the_spool_lies_beside_the_config_file_and_its_bound_is_checked(tmp_path
     path.write_text(yaml.safe_dump({**raw, "publisher": {**raw["publisher"], "spool_mb": 0}}))
     with pytest.raises(ConfigError, match=r"edge.yaml: invalid configuration\n  publisher.spool_mb: "):
         load_edge_config(path)
+
+
+@pytest.mark.timeout(60)
+def test_sightings_the_matcher_refuses_for_good_leave_the_spool_counted_apart(tmp_path):
+    """A NaN embedding (wire check) and a wrong-dimension one (matcher check) are refused, not resent forever:
+    the edge drops them from its spool and counts them as refused, not as acknowledged."""
+    m = Matcher(matcher_config(tmp_path / "matcher"))
+    m.start()
+    pub = Publisher(PublisherConfig(endpoint=m.ingest.endpoint, security=CurveConfig(mode="plain"),
+                                    spool_dir=tmp_path / "spool", drain_s=5))
+    try:
+        vecs = unit_vectors(np.random.default_rng(2), 12, 16)
+        for k in range(10):
+            pub.send(make_sighting(vecs[k], node=NODE, frame=k, thumbnail=None))
+        wait_until(lambda: pub.acknowledged == 10, 20, "10 good sightings acknowledged")  # the model's dimension: 16
+        nan = vecs[10].copy()
+        nan[0] = np.nan
+        pub.send(make_sighting(nan, node=NODE, frame=10, thumbnail=None))
+        pub.send(make_sighting(unit_vectors(np.random.default_rng(3), 1, 8)[0], node=NODE, frame=11, thumbnail=None))
+        wait_until(lambda: pub.refused == 2, 20, "2 sightings refused")
+        assert (pub.acknowledged, pub.refused, pub.spooled, pub.dropped) == (10, 2, 0, 0)
+        assert m.ingest.rejected == {"not_finite": 1, "dimension": 1} and m.ingest.accepted == 10
+        assert "2 refused by the matcher" in pub.status()
+    finally:
+        pub.close(drain_s=0)
+        m.stop()

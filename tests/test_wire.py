@@ -64,11 +64,13 @@ def test_seq_is_bounded(seq, needle):
 
 
 def test_acknowledgements_round_trip_as_ranges_and_refuse_junk():
-    assert decode_ack(encode_ack([9, 3, 4, 5, 5, 11, 10])) == [(3, 5), (9, 11)]
-    assert decode_ack(encode_ack([])) == []
+    assert decode_ack(encode_ack([9, 3, 4, 5, 5, 11, 10])) == ([(3, 5), (9, 11)], False)
+    assert decode_ack(encode_ack([])) == ([], False)
+    assert decode_ack(encode_ack([4, 5], refused=True)) == ([(4, 5)], True)
     for junk in (b"", b"\x01", msgpack.packb({"v": 2, "ack": [[5, 4]]}), msgpack.packb({"v": 2, "ack": [[0, 2**63]]}),
                  msgpack.packb({"v": 2, "ack": [[0, 1 << 30]]}), msgpack.packb({"v": 1, "ack": []}),
                  msgpack.packb({"v": 2, "ack": [[1, 2]] * 5000}), msgpack.packb({"v": 2, "ack": [["1", 2]]}),
+                 msgpack.packb({"v": 2, "ack": [], "refused": 1}),
                  encode(sighting())):
         with pytest.raises(WireError):
             decode_ack(junk)
