@@ -13,6 +13,8 @@
 | `store_insert(store, sightings)` | sightings straight into a matcher store, each its own track: their ids |
 | `wait_until(cond, s)`  | poll until `cond()` holds, or fail saying what was awaited                |
 | `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
+| `free_port()`          | a TCP port of 127.0.0.1 nobody listens on now                              |
+| `CrossviewProcess(log, *args)` | a real `crossview ...` subprocess logging to a file: `text()`, `kill9()`, `stop()` |
 
     >>> world = person_world(persons=20)           # world.sightings, world.centers, world.track(p, "gate")
     >>> with Pusher(matcher.ingest.endpoint) as push:
@@ -26,7 +28,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -326,3 +331,47 @@ def wait_for(pred, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return pred()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CrossviewProcess:
+    """A `crossview` subprocess whose log goes to a file the test reads."""
+
+    def __init__(self, log: Path, *args: str):
+        self.log_path = log
+        self._log = log.open("a")
+        self.started = time.monotonic()
+        self.p = subprocess.Popen([sys.executable, "-m", "crossview.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
+                                  cwd=Path(__file__).resolve().parents[1])
+
+    def text(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_line(self, text: str, timeout: float = 60) -> str:
+        """Wait until the log holds `text` (or the process ended); the log."""
+        wait_until(lambda: text in self.text() or self.p.poll() is not None, timeout, f"{text!r} in {self.log_path}")
+        assert text in self.text(), self.text()
+        return self.text()
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.p.wait(timeout)
+        self._log.close()
+        return rc
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._log.close()

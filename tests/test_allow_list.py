@@ -8,15 +8,12 @@ import json
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import test_transport
 import yaml
-from helpers import wait_until
+from helpers import CrossviewProcess, free_port, wait_until
 from test_transport import edge, server, sighting
 
 from crossview.kernel.transport import _REREAD_S
@@ -93,28 +90,18 @@ def test_removing_a_key_cuts_off_its_open_connection(keys):
         rx.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_matcher_with_junk_in_its_allow_list_takes_edges_and_stops_on_sigterm(keys, tmp_path):
     folder, allowed = keys
     notes, _ = junk_files(allowed)
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     cfg = {"data_dir": str(tmp_path / "data"),
            "ingest": {"endpoint": endpoint, "security": {"secret_key": str(folder / "matcher.key_secret"),
                                                          "allowed_clients": str(allowed)}},
            "http": {"port": 0, "token": TOKEN}}
     (tmp_path / "matcher.yaml").write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "matcher.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "crossview.cli", "matcher", "--config", str(tmp_path / "matcher.yaml")],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = CrossviewProcess(tmp_path / "matcher.log", "matcher", "--config", str(tmp_path / "matcher.yaml"))
     try:
-        wait_until(lambda: "HTTP API and web page on" in log.read_text() or proc.poll() is not None, 60, "the matcher's HTTP API")
-        url = re.search(r"HTTP API and web page on (\S+)", log.read_text())[1]
+        url = re.search(r"HTTP API and web page on (\S+)", proc.wait_for_line("HTTP API and web page on"))[1]
 
         def accepted() -> int:
             req = urllib.request.Request(f"{url}api/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -128,10 +115,8 @@ def test_a_matcher_with_junk_in_its_allow_list_takes_edges_and_stops_on_sigterm(
             assert accepted() == n
             pub.close()
             notes.unlink(missing_ok=True)  # the second edge connects with the junk file gone
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()
+        proc.p.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "notes.key skipped" in log.read_text()
+        proc.stop()
+    assert "notes.key skipped" in proc.text()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import wait_for
+from helpers import CrossviewProcess, free_port, wait_for
 
 from crossview.cli import build_parser
 from crossview.kernel.config import load_edge_config, load_matcher_config
@@ -24,12 +24,6 @@ CLIP = REPO / "data" / "demo" / "tud-campus.mp4"
 
 def crossview(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "crossview.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_log_level_goes_before_or_after_the_verb():
@@ -85,19 +79,16 @@ def test_init_makes_a_site_whose_edge_and_matcher_talk_over_curve(tmp_path, defa
 
     (site / "models").mkdir()
     shutil.copy(default_model, site / "models" / "mobilenetv2-imagenet.onnx")
-    log = open(tmp_path / "matcher.log", "w")
-    matcher = subprocess.Popen([sys.executable, "-m", "crossview.cli", "matcher", "--config", str(site / "matcher" / "matcher.yaml")],
-                               stdout=log, stderr=subprocess.STDOUT)
+    matcher = CrossviewProcess(tmp_path / "matcher.log", "matcher", "--config", str(site / "matcher" / "matcher.yaml"))
     try:
         token = (site / "matcher" / "keys" / "http-token").read_text().strip()
         stats = _stats(http_port, token)
-        assert wait_for(lambda: stats() is not None, 60), (tmp_path / "matcher.log").read_text()
+        assert wait_for(lambda: stats() is not None, 60), matcher.text()
         edge = crossview("edge", "--config", str(site / "edge-1" / "edge.yaml"), "--max-seconds", "90", timeout=150)
         assert edge.returncode == 0, edge.stderr
         assert wait_for(lambda: (stats() or {}).get("cameras", {}).get("gate", 0) > 0, 30), (edge.stderr[-2000:], stats())
     finally:
-        matcher.terminate()
-        matcher.wait(30)
+        matcher.stop()
 
 
 def _stats(port: int, token: str):

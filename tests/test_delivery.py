@@ -18,11 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_until
+from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_config, unit_vectors, wait_until
 
 from crossview.edge.publisher import Publisher
 from crossview.edge.spool import Spool
@@ -44,44 +40,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "data" / "demo" / "tud-stadtmitte.mp4"  # 7 s of large pedestrians: HOG finds them without upscaling
 OUTAGE_S = max(20.0, float(os.environ.get("CROSSVIEW_TEST_OUTAGE_S", "22")))
 NODE = "edge-d"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A `crossview` subprocess whose log goes to a file the test reads."""
-
-    def __init__(self, log: Path, *args: str):
-        self.log_path = log
-        self._log = log.open("a")
-        self.started = time.monotonic()
-        self.p = subprocess.Popen([sys.executable, "-m", "crossview.cli", *args], stdout=self._log, stderr=subprocess.STDOUT,
-                                  cwd=REPO)
-
-    def text(self) -> str:
-        return self.log_path.read_text()
-
-    def kill9(self) -> None:
-        self.p.send_signal(signal.SIGKILL)
-        self.p.wait(10)
-
-    def wait(self, timeout: float) -> int:
-        rc = self.p.wait(timeout)
-        self._log.close()
-        return rc
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        self._log.close()
 
 
 def matcher_yaml(tmp: Path, port: int) -> Path:
@@ -109,12 +67,12 @@ def edge_yaml(tmp: Path, model: Path, port: int, **publisher) -> Path:
     return path
 
 
-def start_matcher(tmp: Path, port: int) -> Proc:
-    return Proc(tmp / "matcher.log", "matcher", "--config", str(matcher_yaml(tmp, port)))
+def start_matcher(tmp: Path, port: int) -> CrossviewProcess:
+    return CrossviewProcess(tmp / "matcher.log", "matcher", "--config", str(matcher_yaml(tmp, port)))
 
 
-def start_edge(tmp: Path, config: Path, seconds: float, log: str = "edge.log") -> Proc:
-    return Proc(tmp / log, "edge", "--config", str(config), "--max-seconds", str(seconds))
+def start_edge(tmp: Path, config: Path, seconds: float, log: str = "edge.log") -> CrossviewProcess:
+    return CrossviewProcess(tmp / log, "edge", "--config", str(config), "--max-seconds", str(seconds))
 
 
 def read(db: Path, sql: str) -> list[tuple]:

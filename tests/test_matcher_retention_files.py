@@ -5,17 +5,13 @@ FAISS snapshots. A real matcher process, fed through real ZeroMQ, killed with SI
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from helpers import Pusher, make_sighting, unit_vectors, wait_until
+from helpers import CrossviewProcess, Pusher, make_sighting, unit_vectors, wait_until
 
 PURGE_BOUND_S = 3.0  # the README's bound: the next WAL checkpoint (every second) after the retention pass, plus slack
 MAX_AGE_S = 4.0
@@ -45,27 +41,20 @@ def test_thumbnails_deleted_by_retention_leave_every_file_within_the_bound(tmp_p
            "http": {"port": 0, "token": "test-token-0123456789abcdef"},
            "retention": {"max_age_hours": MAX_AGE_S / 3600, "check_interval_s": 0.5}}
     (tmp_path / "matcher.yaml").write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "matcher.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "crossview.cli", "matcher", "--config", str(tmp_path / "matcher.yaml")],
-                                stdout=out, stderr=subprocess.STDOUT)
+    proc = CrossviewProcess(tmp_path / "matcher.log", "matcher", "--config", str(tmp_path / "matcher.yaml"))
     try:
-        wait_until(lambda: "matcher ingesting on" in log.read_text() or proc.poll() is not None, 60, "the matcher")
-        endpoint = log.read_text().split("matcher ingesting on ")[1].split()[0]
+        endpoint = proc.wait_for_line("matcher ingesting on").split("matcher ingesting on ")[1].split()[0]
         n, vecs, now = 2000, unit_vectors(np.random.default_rng(0), 2000, 64), time.time()
         with Pusher(endpoint) as push:
             push.send([make_sighting(vecs[i], ts=now + i / 1000, frame=i, track=i // 20, thumbnail=thumbnail(i))
                        for i in range(n)])
         wait_until(lambda: found(data, n).get("sightings.db", 0) + found(data, n).get("sightings.db-wal", 0) >= n, 30,
                    "the thumbnails on disk")
-        wait_until(lambda: sum(map(int, re.findall(r"retention: deleted (\d+) sightings", log.read_text()))) == n, 60,
+        wait_until(lambda: sum(map(int, re.findall(r"retention: deleted (\d+) sightings", proc.text()))) == n, 60,
                    "retention")
         time.sleep(PURGE_BOUND_S)
         assert found(data, n) == {}, "deleted thumbnails still readable while the matcher runs"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.kill9()
         assert found(data, n) == {}, "deleted thumbnails readable after kill -9"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.stop()

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_META, MjpegServer, edge_config, jpeg_frames, raw_export, shared_data, wait_for
+from helpers import TINY_META, MjpegServer, edge_config, free_port, jpeg_frames, raw_export, shared_data, wait_for
 from torch import nn
 
 from crossview.edge.detections import Detections
@@ -236,11 +236,7 @@ def test_harvest_saves_sampled_crops_within_quota(default_model, clips, tmp_path
 
 @pytest.mark.timeout(120)
 def test_metrics_endpoint(default_model, clips):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = edge_config(default_model, [{"id": "campus", "source": str(clips["campus"]), "fps": 5}], metrics={"port": port})
     EdgeNode(cfg).run(max_seconds=100)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -285,11 +281,7 @@ def test_cli_bad_config_names_the_key(tmp_path):
 def test_status_lines_never_contradict_each_other(default_model, tmp_path, caplog):
     """A camera left out stays out (no "reconnecting" after it), and one that never delivered is "stopped",
     not "finished"."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"rtsp://127.0.0.1:{s.getsockname()[1]}/x"
+    dead = f"rtsp://127.0.0.1:{free_port()}/x"
     cams = [{"id": "gone", "source": str(tmp_path / "nope.mp4")}, {"id": "usb", "source": "usb:7"},
             {"id": "dead", "source": dead, "reconnect_min_s": 0.2, "reconnect_max_s": 0.2}]
     caplog.set_level(logging.INFO, logger="crossview.edge")

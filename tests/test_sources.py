@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import MjpegServer, jpeg_frames, shared_data, wait_for
+from helpers import MjpegServer, free_port, jpeg_frames, shared_data, wait_for
 
 from crossview.edge.sources import CameraSource, Frame, SourceError, open_capture
 from crossview.kernel.config import CameraConfig
@@ -231,15 +231,12 @@ def test_watchdog_replaces_a_reader_stuck_in_capture(start, server):
 
 def test_a_dead_stream_logs_our_lines_only_and_never_its_password(tmp_path, default_model):
     """A real node process: FFmpeg's and OpenCV's own spam stays out of its log, and so does the RTSP password."""
-    import socket
     import subprocess
     import sys
 
     import yaml
 
-    with socket.socket() as s:  # a port nobody listens on: every open is refused at once
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens: every open is refused at once
     cfg = {"node_id": "n", "cameras": [{"id": "door", "source": f"rtsp://admin:Pa55w0rd@127.0.0.1:{port}/live",
                                         "reconnect_min_s": 0.2, "reconnect_max_s": 0.4, "stall_timeout_s": 1}],
            "detector": {"kind": "hog"}, "embedder": {"model": str(default_model)},
