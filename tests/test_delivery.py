@@ -82,6 +82,10 @@ def read(db: Path, sql: str) -> list[tuple]:
     conn = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
     try:
         return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # the file exists, its schema is still being written
+            return []
+        raise
     finally:
         conn.close()
 
