@@ -62,7 +62,7 @@ class EdgeMetrics:
         for name, text, read in (
             ("acknowledged", "Sightings the matcher acknowledged (committed) since start", lambda: publisher.acknowledged),
             ("spooled", "Unacknowledged sightings in the spool", lambda: publisher.spooled),
-            ("refused", "Sightings the matcher refused for good since start (its log says why)", lambda: publisher.refused),
+            ("refused", "Sightings the matcher refused for good since start (its log says why)", lambda: publisher.refused_sightings),
             ("spool_bytes", "Spool size in bytes", lambda: publisher.spool.bytes),
             ("spool_dropped", "Unacknowledged sightings dropped since start: spool full", lambda: publisher.dropped),
             ("oldest_unacknowledged_seconds", "Age of the oldest unacknowledged sighting", publisher.oldest_age_s),

@@ -56,7 +56,7 @@ class Publisher:
         self.cfg = cfg
         self.spool = Spool(cfg.spool_dir, int(cfg.spool_mb * 1e6))
         self.acknowledged = 0
-        self.refused = 0  # acknowledged as never to be stored: malformed, or refused by the matcher's checks
+        self.refused_sightings = 0  # acknowledged as never to be stored: malformed, or refused by the matcher's checks
         self.unspooled = 0  # sightings the spool could not take (disk full or failing)
         self.refused = 0  # handshakes the matcher refused: this edge's key is not on its allow-list
         self.key_failures = 0  # handshakes that failed otherwise: most likely a wrong matcher key
@@ -116,7 +116,7 @@ class Publisher:
     def status(self) -> str:
         spool = f"{self.spooled:,} sightings spooled ({self.spool.bytes / 1e6:.1f} of {self.cfg.spool_mb:g} MB)"
         where = "matcher reachable" if self.reachable else f"matcher unreachable since {_clock(self.unreachable_since)}"
-        refused = f", {self.refused:,} refused by the matcher" if self.refused else ""
+        refused = f", {self.refused_sightings:,} refused by the matcher" if self.refused_sightings else ""
         return (f"{where}, {spool}, oldest unacknowledged {self.oldest_age_s():.0f} s, {self.acknowledged:,} acknowledged, "
                 f"{self.dropped:,} dropped{refused}")
 
@@ -170,9 +170,9 @@ class Publisher:
                 self._in_flight.pop(s, None)
             done = self.spool.ack(seqs)
             if ack.refused:
-                self.refused += done
+                self.refused_sightings += done
                 self._log_once("refused", logging.ERROR, "the matcher refused %d sightings for good (its log says why); "
-                               "%d refused so far, dropped from the spool", done, self.refused)
+                               "%d refused so far, dropped from the spool", done, self.refused_sightings)
             else:
                 self.acknowledged += done
 

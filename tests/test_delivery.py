@@ -340,8 +340,8 @@ def test_sightings_the_matcher_refuses_for_good_leave_the_spool_counted_apart(tm
         nan[0] = np.nan
         pub.send(make_sighting(nan, node=NODE, frame=10, thumbnail=None))
         pub.send(make_sighting(unit_vectors(np.random.default_rng(3), 1, 8)[0], node=NODE, frame=11, thumbnail=None))
-        wait_until(lambda: pub.refused == 2, 20, "2 sightings refused")
-        assert (pub.acknowledged, pub.refused, pub.spooled, pub.dropped) == (10, 2, 0, 0)
+        wait_until(lambda: pub.refused_sightings == 2, 20, "2 sightings refused")
+        assert (pub.acknowledged, pub.refused_sightings, pub.refused, pub.spooled, pub.dropped) == (10, 2, 0, 0, 0)
         assert m.ingest.rejected == {"not_finite": 1, "dimension": 1} and m.ingest.accepted == 10
         assert "2 refused by the matcher" in pub.status()
     finally:
