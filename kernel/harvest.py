@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from crossview.kernel.wire import MAX_ID_LEN
+from crossview.kernel.wire import MAX_ID_LEN, MAX_INT
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -54,7 +54,6 @@ LEGACY_VERSION = 1  # what a sidecar without `v` is
 CROP_SUFFIX, SIDECAR_SUFFIX = ".jpg", ".json"
 MAX_SIDECAR_BYTES = 4096  # a v1 sidecar with the longest ids is under 1 KiB
 MAX_MODEL_LEN = 128
-MAX_INDEX = 2**63 - 1  # frame and track indices fit an int64
 _ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LEN}}}")  # the config's id pattern, at the wire's length limit
 _NAME = re.compile(r"(?P<head>[A-Za-z0-9_.-]+)_t(?P<track>\d{1,18})_f(?P<frame>\d{1,18})" + re.escape(CROP_SUFFIX))
 
@@ -120,7 +119,7 @@ def _number(v: object) -> bool:
 
 
 def _index(v: object) -> bool:
-    return type(v) is int and 0 <= v <= MAX_INDEX
+    return type(v) is int and 0 <= v <= MAX_INT
 
 
 def _box(v: object) -> bool:
@@ -132,8 +131,8 @@ _FIELDS = {
     "node": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-]", lambda v: type(v) is str and _ID.fullmatch(v)),
     "camera": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-]", lambda v: type(v) is str and _ID.fullmatch(v)),
     "ts": ("a finite number >= 0", lambda v: _number(v) and v >= 0),
-    "frame": (f"an integer in 0..{MAX_INDEX}", _index),
-    "track": (f"an integer in 0..{MAX_INDEX}", _index),
+    "frame": (f"an integer in 0..{MAX_INT}", _index),
+    "track": (f"an integer in 0..{MAX_INT}", _index),
     "box": ("[x1, y1, x2, y2]: finite numbers, x1 <= x2, y1 <= y2", _box),
     "score": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
     "model": (f"a string of 1..{MAX_MODEL_LEN} characters", lambda v: type(v) is str and 0 < len(v) <= MAX_MODEL_LEN),

@@ -21,11 +21,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from crossview.kernel.wire import MAX_EMBEDDING_DIM
+from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_INT
 from crossview.matcher.query import Filters
 
 API_PREFIX = "/api/v1"
-MAX_ID = 2**63 - 1  # SQLite's INTEGER: a larger id or track number could never be stored, so it is a 422, not a 500
+MAX_ID = MAX_INT  # SQLite's INTEGER: a larger id or track number could never be stored, so it is a 422, not a 500
 
 
 class _Out(BaseModel):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossview.kernel.wire import Sighting
+from crossview.kernel.wire import MAX_INT, Sighting
 from crossview.matcher.results import SightingRecord
 
 SCHEMA = """
@@ -306,7 +306,7 @@ class Store:
         with self._read() as db:  # one statement: one consistent read of the store
             cur = db.execute(
                 "SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? AND s.id > ? AND s.id <= ? "
-                "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else 2**63 - 1))
+                "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else MAX_INT))
             try:
                 while rows := cur.fetchmany(_VECTOR_CHUNK):
                     yield _id_vectors(rows)
