@@ -187,6 +187,19 @@ def _ask(engine, args: argparse.Namespace, filters):
     return engine.search_image(image, args.model, filters)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from crossview.matcher.client import MatcherClient, read_token
+    from crossview.matcher.edges import report_text
+
+    try:
+        report = MatcherClient(args.url, read_token(args.token_file), timeout=15).edges()
+    except (PermissionError, ConnectionError) as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else report_text(report))
+    return 0
+
+
 def _query_http(args: argparse.Namespace) -> int:
     """`crossview query --url`: the same question to a running matcher's HTTP API."""
     from crossview.matcher.client import MatcherClient, read_token, result_from_dict
@@ -316,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--url", help="ask a running matcher's HTTP API instead, e.g. http://127.0.0.1:8080")
     q.add_argument("--token-file", type=Path, help="with --url: file holding the API token (default: $CROSSVIEW_TOKEN)")
     q.set_defaults(run=_query)
+
+    st = verb("status", help="a running matcher's edges and cameras: online, stalled or offline, since when")
+    st.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
+    st.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    st.add_argument("--json", action="store_true", help="the API's JSON instead of lines")
+    st.set_defaults(run=_status)
 
     t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")

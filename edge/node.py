@@ -37,7 +37,7 @@ from crossview.edge.tracking import Tracker, TrackGallery
 from crossview.kernel.config import CameraConfig, EdgeConfig
 from crossview.kernel.embedder import Embedder
 from crossview.kernel.runtime import listening
-from crossview.kernel.wire import Sighting
+from crossview.kernel.wire import MAX_ERROR_LEN, CameraStatus, Heartbeat, Sighting
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +84,33 @@ class Camera:
         return self.source.read(timeout=0)
 
 
-_BEHIND = 0.8  # achieved / target fps below this, on a paced camera, is worth a word in the status line
-_SETTLED_FRAMES = 5  # the fps estimate needs a few frames first
-
-
-def _progress(cam: Camera, fps: float) -> str:
-    """", frame 120 of 795 (15%), ETA 2m10s" for a file; ", falling behind: 0.6 of 5 fps" for a paced camera."""
-    src = cam.source
-    if cam.stats.status != "streaming":
-        return ""
+def _camera_status(cam: Camera, fps: float) -> CameraStatus:
+    """What the status line and the heartbeat say of a camera. `target_fps` 0: a file read as fast as it decodes."""
+    src, st = cam.source, cam.stats
     paced = not cam.cfg.is_file or cam.cfg.realtime
-    if paced and cam.stats.frames >= _SETTLED_FRAMES and fps < _BEHIND * cam.cfg.fps:
-        return f", falling behind: {fps:.1f} of {cam.cfg.fps:g} fps"
-    if not cam.cfg.is_file or not src.frame_count or cam.last_index < 0:
+    position = eta = None
+    if cam.cfg.is_file and src.frame_count and cam.last_index >= 0:
+        done = cam.last_index % src.frame_count + 1  # indices run on across loops
+        position = (done, src.frame_count)
+        rate = src.native_fps if cam.cfg.realtime else fps * src.stride  # file frames per second
+        if not cam.cfg.loop and rate > 0:
+            eta = (src.frame_count - done) / rate
+    return CameraStatus(cam.cfg.id, st.status, fps, cam.cfg.fps if paced else 0.0, st.frames, position, eta,
+                        st.error[:MAX_ERROR_LEN] if st.error else None)
+
+
+def _progress(c: CameraStatus) -> str:
+    """", frame 120 of 795 (15%), ETA 2m10s" for a file; ", falling behind: 0.6 of 5 fps" for a paced camera."""
+    if c.state != "streaming":
         return ""
-    done = cam.last_index % src.frame_count + 1  # indices run on across loops
-    text = f", frame {done} of {src.frame_count} ({100 * done / src.frame_count:.0f}%)"
-    if not cam.cfg.loop and fps > 0:
-        rate = fps * src.stride if not cam.cfg.realtime else src.native_fps  # file frames per second
-        eta = int((src.frame_count - done) / rate)
+    if c.behind:
+        return f", falling behind: {c.fps:.1f} of {c.target_fps:g} fps"
+    if c.position is None:
+        return ""
+    done, total = c.position
+    text = f", frame {done} of {total} ({100 * done / total:.0f}%)"
+    if c.eta_s is not None:
+        eta = int(c.eta_s)
         text += f", ETA {eta // 60}m{eta % 60:02d}s"
     return text
 
@@ -140,6 +148,7 @@ class EdgeNode:
         self._start_cameras()
         deadline = time.monotonic() + max_seconds if max_seconds else float("inf")
         next_log = time.monotonic() + self.cfg.metrics.log_interval_s
+        next_beat = 0.0  # at once: the matcher's status page shows the cameras connecting
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 batch = self._collect()
@@ -156,6 +165,9 @@ class EdgeNode:
                 if time.monotonic() >= next_log:
                     self._log_status()
                     next_log = time.monotonic() + self.cfg.metrics.log_interval_s
+                if time.monotonic() >= next_beat:
+                    self._heartbeat()
+                    next_beat = time.monotonic() + self.cfg.publisher.heartbeat_s
         finally:
             self._shutdown()
         return {cid: cam.stats for cid, cam in self.cameras.items()}
@@ -258,15 +270,22 @@ class EdgeNode:
         ok, jpg = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, self.cfg.publisher.jpeg_quality])
         return jpg.tobytes() if ok else None
 
+    def _statuses(self) -> list[CameraStatus]:
+        return [_camera_status(cam, self.metrics.value("crossview_edge_fps", cid)) for cid, cam in self.cameras.items()]
+
+    def _heartbeat(self) -> None:
+        pub = self.publisher
+        self.publisher.beat(Heartbeat(self.cfg.node_id, time.time(), self.cfg.publisher.heartbeat_s, self.embedder.version,
+                                      pub.spooled, pub.oldest_age_s(), pub.dropped, tuple(self._statuses())))
+
     def _log_status(self) -> None:
-        m = self.metrics
-        for cid, cam in self.cameras.items():
-            frames = max(cam.stats.frames, 1)
-            fps = m.value("crossview_edge_fps", cid)
+        for c in self._statuses():
+            cam = self.cameras[c.id]
+            frames = max(c.frames, 1)
             log.info(
                 "camera %s: %s, %.1f fps, %d frames%s, queue %d, detector %.0f ms/frame, tracker %.1f ms/frame, "
                 "sightings %d, reconnects %d",
-                cid, cam.stats.status, fps, cam.stats.frames, _progress(cam, fps), cam.source.queue_depth,
+                c.id, c.state, c.fps, c.frames, _progress(c), cam.source.queue_depth,
                 1000 * cam.stats.detector_seconds / frames, 1000 * cam.stats.tracker_seconds / frames,
                 cam.stats.sightings, cam.source.reconnects,
             )
@@ -277,4 +296,5 @@ class EdgeNode:
             cam.source.stop()
             self._sync_source_state(cam)
         self._log_status()
+        self._heartbeat()  # the cameras' last states (stopped, finished), sent before the publisher stops
         self.publisher.close()  # waits up to publisher.drain_s for the matcher's acknowledgements, and says how it ended

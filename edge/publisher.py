@@ -11,6 +11,8 @@
 |                       | for a matcher not connected, so the spool alone holds what is undelivered |
 | handshakes            | a refused edge key (allow-list) and a wrong matcher key (`server_key`) are told apart and |
 |                       | logged; a refused key is retried with backoff, so a later allow-list entry gets through |
+| heartbeats            | `beat()`: the node's state, sent while the matcher is reachable, never spooled: only the |
+|                       | newest one waits, and a lost one is replaced by the next                            |
 | wire format           | `crossview.kernel.wire` (MessagePack, v2: `seq` from the spool, acknowledgements) |
 
     pub = Publisher(PublisherConfig(endpoint="tcp://127.0.0.1:5555", spool_dir=Path("var/spool")))
@@ -34,7 +36,7 @@ from zmq.utils.monitor import recv_monitor_message
 from crossview.edge.spool import Spool
 from crossview.kernel.config import PublisherConfig
 from crossview.kernel.transport import secure_client
-from crossview.kernel.wire import Sighting, WireError, decode_ack, encode
+from crossview.kernel.wire import Heartbeat, Sighting, WireError, decode_ack, encode, encode_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class Publisher:
         self.reachable = False
         self.unreachable_since: float | None = time.time()
         self._live: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=cfg.hwm)
+        self._beat: collections.deque[bytes] = collections.deque(maxlen=1)  # the newest heartbeat, not yet sent
         self._in_flight: dict[int, float] = {}  # seq -> when sent, oldest first
         self._cursor = 0  # the resend pass has offered every spooled sighting up to here
         self._logged: dict[str, float] = {}
@@ -98,6 +101,10 @@ class Publisher:
             return None
         self._live.append((seq, msg))  # the I/O thread sends it; if it falls off, the resend pass does
         return seq
+
+    def beat(self, heartbeat: Heartbeat) -> None:
+        """Queue the node's heartbeat; it replaces one not yet sent."""
+        self._beat.append(encode_heartbeat(heartbeat))
 
     @property
     def dropped(self) -> int:
@@ -145,11 +152,13 @@ class Publisher:
             except Exception:  # a bug, or a spool that cannot be read, must not end delivery: what is spooled stays
                 self._log_once("round", logging.ERROR, "publisher: delivery round failed, retried", exc_info=True)
                 time.sleep(1)
+        self._send_beat()  # the node's last word: its cameras stopped
 
     def _round(self) -> None:
         self._read_acks()
         self._watch_handshakes()
         if self.reachable:
+            self._send_beat()
             self._expire()
             self._send_live()
             self._resend()
@@ -186,6 +195,13 @@ class Publisher:
             return False
         self._in_flight[seq] = time.monotonic()
         return True
+
+    def _send_beat(self) -> None:
+        if self._beat:
+            try:
+                self._sock.send(self._beat.popleft(), zmq.NOBLOCK)
+            except zmq.Again:  # not connected or full: the next heartbeat says the same, newer
+                pass
 
     def _send_live(self) -> None:
         while self._live and len(self._in_flight) < self.cfg.hwm:

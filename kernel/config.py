@@ -150,6 +150,8 @@ class PublisherConfig(_Strict):
     thumbnail_height: int = Field(128, ge=16, le=512)
     jpeg_quality: int = Field(80, ge=10, le=100)
     every_k: int = Field(1, ge=1, description="publish every k-th sighting of a track")
+    heartbeat_s: float = Field(5.0, ge=0.1, le=3600, description="how often the node tells the matcher its state "
+                               "(cameras, fps, spool); three missed make it offline on the matcher's status page")
     security: CurveConfig = CurveConfig()
 
     @model_validator(mode="after")

@@ -7,6 +7,8 @@
 | decode + validate  | `decode(buf)` → `Sighting`, or `WireError` saying what was wrong       |
 | a batch            | `decode_many(bufs)` → a `Sighting` or `WireError` per message, in order |
 | acknowledgement    | `encode_ack(seqs, refused)` / `decode_ack(buf)` → `Ack`: matcher → edge, the `seq`s it has committed, or refused for good |
+| heartbeat          | `Heartbeat` of `CameraStatus`es: edge → matcher every few seconds, on the sightings' socket; |
+|                    | `encode_heartbeat(h)`; `decode_many` returns it in its place among the sightings        |
 | why one is refused | `Reason`: a fixed set of codes (`WireError.code`), so counters keyed by them stay small; |
 |                    | the value that was wrong is in `WireError.detail` only, escaped with `ascii()`         |
 
@@ -16,6 +18,10 @@
     (True, 2)
     >>> decode_ack(encode_ack([5, 6, 7, 9]))
     Ack(ranges=[(5, 7), (9, 9)], refused=False)
+    >>> h = Heartbeat("edge-1", 1700000000.0, 5.0, "mobilenetv2-imagenet-1", 0, 0.0, 0,
+    ...               (CameraStatus("gate", "streaming", 4.9, 5.0, 1200),))
+    >>> decode(encode_heartbeat(h)) == h
+    True
 
 Schema version 2 (a MessagePack map with short keys; version 1 is the same without `seq`):
 
@@ -35,6 +41,19 @@ Schema version 2 (a MessagePack map with short keys; version 1 is the same witho
 | `dt`  | "f4" or "f2"          | embedding element type (float32 / float16)                |
 | `model`| str ≤ 128, printable | embedding model version: vectors of different versions are never compared |
 | `thumb`| bytes or nil         | optional JPEG of the crop                                 |
+
+A heartbeat is a v2 map with `"hb": 1`, the node's state rather than a sighting, never spooled, never
+acknowledged (the next one replaces it), every field bounded like a sighting's:
+
+| key     | type                        | meaning                                                   |
+|---------|-----------------------------|-----------------------------------------------------------|
+| `node`  | str ≤ 64, printable         | edge node id                                              |
+| `ts`    | float in [0, MAX_TS]        | the edge's clock when sent                                |
+| `every` | float in [0.1, 3600]        | seconds until the next heartbeat: a few missed make the edge offline |
+| `model` | str ≤ 128, printable        | the embedding model version it runs                       |
+| `spool` | [int, float, int]           | sightings spooled unacknowledged, the oldest's age in s, sightings dropped so far |
+| `cams`  | ≤ MAX_CAMERAS maps          | per camera: `id`, `state` (one of `CAMERA_STATES`), `fps` achieved and `target`, |
+|         |                             | `frames` done; files: `pos`, `len` (frame n of N) and `eta` s; `error`: ≤ 256 printable |
 
 Decoders accept every version in `SUPPORTED_VERSIONS`; a new version adds an upgrade step
 rather than changing what an old message means.
@@ -68,6 +87,10 @@ MAX_INT = 2**63 - 1  # SQLite's INTEGER range: a larger frame or track number wo
 MAX_TS = 7.3e9  # the year 2200: later times are bit flips or broken clocks, and datetime cannot show 1e308
 MAX_PIXELS = 1 << 20  # a box coordinate's magnitude; boxes may reach past the frame's edge, not this far
 MAX_ACK_RANGES = 4096
+MAX_CAMERAS = 256  # per heartbeat
+MAX_ERROR_LEN = 256
+MAX_FPS = 1000.0
+CAMERA_STATES = ("connecting", "streaming", "reconnecting", "finished", "failed", "stopped")  # an edge source's states
 MAX_ACK_SEQS = 1 << 20
 _DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2")}
 _JPEG_MAGIC = b"\xff\xd8"
@@ -152,6 +175,56 @@ def encode(s: Sighting) -> bytes:
         },
         use_bin_type=True,
     )
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """One camera as its edge sees it."""
+
+    id: str
+    state: str  # one of CAMERA_STATES
+    fps: float  # achieved detection frames per second
+    target_fps: float
+    frames: int
+    position: tuple[int, int] | None = None  # files: (frame n, of N)
+    eta_s: float | None = None  # files: seconds to the end
+    error: str | None = None  # why it failed or reconnects
+
+    @property
+    def behind(self) -> bool:
+        """Streaming, paced, and achieving less than 0.8 of its target (once the estimate has a few frames)."""
+        return self.state == "streaming" and self.target_fps > 0 and self.frames >= 5 and self.fps < 0.8 * self.target_fps
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """An edge node's state, sent every `every_s` seconds."""
+
+    node: str
+    ts: float
+    every_s: float
+    model: str
+    spooled: int  # sightings not yet acknowledged
+    spool_age_s: float  # the oldest one's age
+    dropped: int  # sightings dropped unacknowledged (spool full or failing) since the node started
+    cameras: tuple[CameraStatus, ...]
+
+
+def _camera_map(c: CameraStatus) -> dict:
+    m = {"id": c.id, "state": c.state, "fps": float(c.fps), "target": float(c.target_fps), "frames": int(c.frames)}
+    if c.position is not None:
+        m["pos"], m["len"] = int(c.position[0]), int(c.position[1])
+    if c.eta_s is not None:
+        m["eta"] = float(c.eta_s)
+    if c.error is not None:
+        m["error"] = c.error
+    return m
+
+
+def encode_heartbeat(h: Heartbeat) -> bytes:
+    return msgpack.packb({"v": SCHEMA_VERSION, "hb": 1, "node": h.node, "ts": float(h.ts), "every": float(h.every_s),
+                          "model": h.model, "spool": [int(h.spooled), float(h.spool_age_s), int(h.dropped)],
+                          "cams": [_camera_map(c) for c in h.cameras]}, use_bin_type=True)
 
 
 class Ack(NamedTuple):
@@ -265,7 +338,46 @@ def _thumbnail(m: dict) -> bytes | None:
     return thumb
 
 
-def _parse(buf: bytes | memoryview) -> Sighting:
+def _text(m: dict, key: str, max_len: int) -> str | None:
+    """An optional free text (an error message): bounded, printable."""
+    value = m.get(key)
+    if value is None:
+        return None
+    if type(value) is not str or len(value) > max_len:
+        raise WireError(Reason.FIELD_RANGE, f"field '{key}' must be a string of at most {max_len} characters")
+    if not value.isprintable():
+        raise WireError(Reason.IDENTIFIER, f"field '{key}' holds control characters: {ascii(value)}")
+    return value
+
+
+def _camera_status(m) -> CameraStatus:
+    if type(m) is not dict:
+        raise WireError(Reason.FIELD_TYPE, "field 'cams' must hold maps")
+    state = _get(m, "state", (str,))
+    if state not in CAMERA_STATES:
+        raise WireError(Reason.FIELD_RANGE, f"camera state {ascii(state[:32])} is not one of {CAMERA_STATES}")
+    position = None
+    if "pos" in m or "len" in m:
+        position = (_count(m, "pos"), _count(m, "len"))
+    eta = _finite(m, "eta", 0.0, MAX_TS) if "eta" in m else None
+    return CameraStatus(_ident(m, "id"), state, _finite(m, "fps", 0.0, MAX_FPS), _finite(m, "target", 0.0, MAX_FPS),
+                        _count(m, "frames"), position, eta, _text(m, "error", MAX_ERROR_LEN))
+
+
+def _heartbeat(m: dict) -> Heartbeat:
+    spool = _get(m, "spool", (list,))
+    if len(spool) != 3:
+        raise WireError(Reason.FIELD_TYPE, "field 'spool' must be [spooled, oldest age s, dropped]")
+    spool_m = dict(zip(("spooled", "age", "dropped"), spool))
+    cams = _get(m, "cams", (list,))
+    if len(cams) > MAX_CAMERAS:
+        raise WireError(Reason.FIELD_RANGE, f"field 'cams' holds {len(cams)} cameras, at most {MAX_CAMERAS}")
+    return Heartbeat(_ident(m, "node"), _finite(m, "ts", 0.0, MAX_TS), _finite(m, "every", 0.1, 3600.0),
+                     _ident(m, "model", 128), _count(spool_m, "spooled"), _finite(spool_m, "age", 0.0, MAX_TS),
+                     _count(spool_m, "dropped"), tuple(_camera_status(c) for c in cams))
+
+
+def _parse(buf: bytes | memoryview) -> Sighting | Heartbeat:
     if len(buf) > MAX_MESSAGE_BYTES:
         raise WireError(Reason.OVERSIZED, f"message of {len(buf)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
@@ -277,6 +389,8 @@ def _parse(buf: bytes | memoryview) -> Sighting:
     schema = _get(m, "v", (int,))
     if schema not in SUPPORTED_VERSIONS:
         raise WireError(Reason.SCHEMA_VERSION, f"schema version {schema} not supported (supported: {SUPPORTED_VERSIONS})")
+    if schema >= 2 and m.get("hb") == 1:
+        return _heartbeat(m)
     seq = _count(m, "seq") if schema >= 2 and "seq" in m else None
     try:
         return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts", 0.0, MAX_TS), _count(m, "frame"),
@@ -290,11 +404,11 @@ def _parse(buf: bytes | memoryview) -> Sighting:
 _NOT_FINITE = "field 'emb' holds NaN or infinite values"
 
 
-def decode_many(bufs: Iterable[bytes | memoryview]) -> list[Sighting | WireError]:
-    """Parse and validate a batch of messages: in their order, a `Sighting` for each valid one and the
-    `WireError` for each defective one. The embeddings' values are checked in one numpy pass per
+def decode_many(bufs: Iterable[bytes | memoryview]) -> list[Sighting | Heartbeat | WireError]:
+    """Parse and validate a batch of messages: in their order, a `Sighting` (or `Heartbeat`) for each valid one and
+    the `WireError` for each defective one. The embeddings' values are checked in one numpy pass per
     (dtype, dimension): a numpy call costs microseconds however small its array."""
-    out: list[Sighting | WireError] = []
+    out: list[Sighting | Heartbeat | WireError] = []
     for buf in bufs:
         try:
             out.append(_parse(buf))
@@ -312,7 +426,7 @@ def decode_many(bufs: Iterable[bytes | memoryview]) -> list[Sighting | WireError
     return out
 
 
-def decode(buf: bytes | memoryview) -> Sighting:
+def decode(buf: bytes | memoryview) -> Sighting | Heartbeat:
     """Parse and validate one message; any defect raises `WireError`."""
     [s] = decode_many([buf])
     if isinstance(s, WireError):

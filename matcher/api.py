@@ -5,6 +5,7 @@
 | `GET /`                                  | the web page (`matcher/web/`); no token, it asks for one |
 | `GET /api/v1/health`                     | liveness; no token                                     |
 | `GET /api/v1/stats`, `/cameras`          | matcher totals; cameras with their counts              |
+| `GET /api/v1/edges`                      | edges and cameras online, stalled or offline, since when |
 | `GET /api/v1/sightings?camera=&limit=`   | newest sightings, for picking one                      |
 | `GET /api/v1/sightings/{id}[/thumbnail]` | one sighting; its JPEG thumbnail                       |
 | `POST /api/v1/query`                     | by embedding + model, by sighting id or by edge track  |
@@ -51,6 +52,7 @@ from crossview.matcher.schemas import (
     API_PREFIX,
     MAX_ID,
     CameraOut,
+    EdgesOut,
     ErrorOut,
     HealthOut,
     ImageQueryForm,
@@ -96,6 +98,10 @@ def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
     @api.get("/cameras", summary="Every camera with its sighting and track counts")
     def cameras() -> list[CameraOut]:
         return [CameraOut.model_validate(c) for c in store.cameras()]
+
+    @api.get("/edges", summary="Every edge and camera as its last heartbeat left it: online, stalled or offline")
+    def edges() -> EdgesOut:
+        return EdgesOut.model_validate(matcher.edges.report())
 
     @api.get("/sightings", summary="Newest sightings first, of one camera or all")
     def recent(camera: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[SightingOut]:

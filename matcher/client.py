@@ -88,9 +88,11 @@ class MatcherClient:
     def _not_ours(self, what: str) -> ConnectionError:
         return ConnectionError(f"{self.url}: that is not a Crossview matcher API (metrics port?): {what}")
 
-    def _call(self, path: str, body: bytes, content_type: str) -> dict:
-        req = urllib.request.Request(f"{self.url}{API_PREFIX}{path}", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {self.token}", "Content-Type": content_type})
+    def _call(self, path: str, body: bytes | None = None, content_type: str | None = None) -> dict:
+        """POST `body`, or GET without one."""
+        headers = {"Authorization": f"Bearer {self.token}", **({"Content-Type": content_type} if content_type else {})}
+        req = urllib.request.Request(f"{self.url}{API_PREFIX}{path}", data=body, method="GET" if body is None else "POST",
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as res:
                 answer, kind = res.read(), res.headers.get_content_type()
@@ -116,6 +118,10 @@ class MatcherClient:
         if e.code in (400, 422):
             return ValueError(message)
         return ConnectionError(f"{self.url}: HTTP {e.code}: {detail}")
+
+    def edges(self) -> dict:
+        """GET /api/v1/edges: every edge and camera, online, stalled or offline, since when."""
+        return self._call("/edges")
 
     def query(self, body: dict) -> dict:
         """POST /api/v1/query: `body` holds one of embedding + model, sighting_id or track, plus filters."""

@@ -12,6 +12,7 @@
 |           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
 |           |         | next commit, as SQLite and FAISS both run without the GIL                                 |
+| heartbeat | receive | an edge's state (`kernel.wire.Heartbeat`) goes to `on_heartbeat` (`matcher.edges`), no further |
 | ack       | receive | once a batch is committed, its `seq`s go back to the edges (ROUTER → DEALER, `kernel.wire`); |
 |           |         | a resent (node, seq) stored already is not stored again, only acknowledged again, as are   |
 |           |         | sightings the checks refuse for good                                                     |
@@ -41,7 +42,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ import zmq
 from crossview.kernel.config import CurveConfig, IngestConfig
 from crossview.kernel.runtime import listening
 from crossview.kernel.transport import secure_server
-from crossview.kernel.wire import MAX_MESSAGE_BYTES, Reason, Sighting, WireError, decode_many, encode_ack
+from crossview.kernel.wire import MAX_MESSAGE_BYTES, Heartbeat, Reason, Sighting, WireError, decode_many, encode_ack
 from crossview.matcher.index import Index
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.store import Store
@@ -125,8 +126,10 @@ class Rejections:
 class Pipeline:
     """receive → check → commit → index; see the module docstring."""
 
-    def __init__(self, cfg: IngestConfig, store: Store, index: Index, tracks: Tracks, metrics: MatcherMetrics):
+    def __init__(self, cfg: IngestConfig, store: Store, index: Index, tracks: Tracks, metrics: MatcherMetrics,
+                 on_heartbeat: Callable[[Heartbeat], None] | None = None):
         self.cfg, self.store, self.index, self.tracks, self.metrics = cfg, store, index, tracks, metrics
+        self.on_heartbeat = on_heartbeat
         self.receiver: Receiver | None = None
         self.accepted = 0  # committed and indexed since start
         self.accepted_by_camera: Counter[str] = Counter()
@@ -140,7 +143,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.receiver = Receiver(self.cfg.endpoint, security=self.cfg.security, rcvhwm=self.cfg.rcvhwm, ack_on_receipt=False)
+        self.receiver = Receiver(self.cfg.endpoint, security=self.cfg.security, rcvhwm=self.cfg.rcvhwm, ack_on_receipt=False,
+                                 on_heartbeat=self.on_heartbeat)
         for name, target in (("receive", self._receive_loop), ("commit", self._commit_loop), ("index", self._index_loop)):
             thread = threading.Thread(target=target, name=f"matcher-{name}", daemon=True)
             thread.start()
@@ -358,10 +362,12 @@ class Receiver:
     """A ROUTER socket for edge DEALERs. With `ack_on_receipt`, what `receive_batch` returns is acknowledged at once
     (a standalone receiver: tests, benchmarks); otherwise the caller acknowledges with `ack()` once it is committed."""
 
-    def __init__(self, endpoint: str, security: CurveConfig = PLAIN, rcvhwm: int = 10000, ack_on_receipt: bool = True):
+    def __init__(self, endpoint: str, security: CurveConfig = PLAIN, rcvhwm: int = 10000, ack_on_receipt: bool = True,
+                 on_heartbeat: Callable[[Heartbeat], None] | None = None):
         # A context of its own: ZeroMQ allows one CURVE authenticator per context.
         self._ctx = zmq.Context()
         self.ack_on_receipt = ack_on_receipt
+        self.on_heartbeat = on_heartbeat  # called on the receiving thread; heartbeats are dropped without it
         self._peers: dict[str, bytes] = {}  # node id -> the ROUTER identity of its latest connection
         # Only the receiving thread may use the ROUTER: other threads hand it acknowledgements over inproc sockets.
         self._acks_in = self._ctx.socket(zmq.PULL)
@@ -423,6 +429,9 @@ class Receiver:
                 self._reject(frame, s)
                 if s.seq is not None:  # readable that far: the edge is told, or it would resend it forever
                     refused.setdefault(peer, []).append(s.seq)
+            elif isinstance(s, Heartbeat):
+                if self.on_heartbeat:
+                    self.on_heartbeat(s)
             else:
                 valid.append(s)
                 if s.seq is not None:

@@ -5,6 +5,8 @@
 | `crossview_matcher_accepted_total`        | camera                                   |
 | `crossview_matcher_rejected_total`        | reason (one of the fixed `wire.REASONS`) |
 | `crossview_matcher_partition_size`        | model, kind                              |
+| `crossview_matcher_edges`                 | state (online, offline: `matcher.edges`)  |
+| `crossview_matcher_cameras`               | state (online, stalled, offline)         |
 | `crossview_matcher_ingest_batch_seconds`  | (histogram: one batch, from its commit's start until searchable) |
 
     m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
@@ -38,7 +40,12 @@ class _FromStats:
                                  labels=["model", "kind"])
         for model, p in s["partitions"].items():
             size.add_metric([model, p["kind"]], p["size"])
-        yield from (accepted, rejected, size)
+        status = [GaugeMetricFamily(f"crossview_matcher_{what}", f"{what.capitalize()} by state, from their heartbeats",
+                                    labels=["state"]) for what in s["status"]]
+        for family, counts in zip(status, s["status"].values()):
+            for state, n in counts.items():
+                family.add_metric([state], n)
+        yield from (accepted, rejected, size, *status)
 
 
 class MatcherMetrics:

@@ -7,6 +7,7 @@
 | `QueryOut`     | a query's answer: hits grouped by camera                                      |
 | `CameraOut`    | one camera's totals, for the page's camera list                               |
 | `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
+| `EdgesOut`     | every edge and camera as its last heartbeat left it (`matcher.edges`)         |
 | `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
 | `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
 | `ImageQueryForm` | the form fields beside an uploaded crop: `model` and the filters            |
@@ -17,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
@@ -95,6 +96,43 @@ class StatsOut(BaseModel):
     rejected: dict[str, int] = Field(description="messages dropped since start, by reason")
     partitions: dict[str, PartitionOut] = Field(description="embedding model version -> its index partition")
     cameras: dict[str, int] = Field(description="sightings accepted since start, by camera")
+
+
+class EdgeCameraOut(BaseModel):
+    id: str
+    state: Literal["online", "stalled", "offline"]
+    since: float = Field(description="Unix seconds, matcher clock: when it entered this state")
+    source_state: str = Field(description="the edge's word: connecting, streaming, reconnecting, finished, failed, stopped")
+    fps: float = Field(description="detection frames per second achieved")
+    target_fps: float = Field(description="its configured rate; 0: a file read as fast as it decodes")
+    behind: bool = Field(description="streaming below 0.8 of its target fps")
+    frames: int
+    position: list[int] | None = Field(description="files: [frame n, of N]")
+    eta_s: float | None = Field(description="files: seconds to the end")
+    error: str | None
+
+
+class SpoolOut(BaseModel):
+    sightings: int = Field(description="spooled on the edge, not yet acknowledged")
+    oldest_s: float = Field(description="age of the oldest of them")
+    dropped: int = Field(description="dropped unacknowledged since the edge started (spool full or failing)")
+
+
+class EdgeOut(BaseModel):
+    node: str
+    state: Literal["online", "offline"]
+    since: float = Field(description="online since (a heartbeat after a gap), or offline since its last heartbeat")
+    last_seen: float = Field(description="its last heartbeat, matcher clock")
+    heartbeat_s: float = Field(description="its heartbeat interval; 3 missed make it offline")
+    model: str = Field(description="the embedding model version it runs")
+    spool: SpoolOut
+    cameras: list[EdgeCameraOut]
+
+
+class EdgesOut(BaseModel):
+    now: float = Field(description="the matcher's clock when answering")
+    edges: list[EdgeOut]
+    summary: dict[str, dict[str, int]] = Field(description="edges and cameras counted by state")
 
 
 class HealthOut(BaseModel):

@@ -9,7 +9,8 @@
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
-| status         | thread: every `metrics.log_interval_s`, log the counts and partitions                    |
+| status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
+|                | edges' last heartbeats (`matcher.edges`)                                                 |
 
 At start the index loads its snapshots and replays the store, so what was accepted before a `kill -9` is
 searchable again. A deletion runs inside `ingest.quiet()`: every committed batch is indexed first and no
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
 from crossview.kernel.runtime import listening
+from crossview.matcher.edges import Edges
 from crossview.matcher.index import Index
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
@@ -67,7 +69,9 @@ class Matcher:
         self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models)
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
-        self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics)
+        self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
+        self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics,
+                               self.edges.heard)
         self._stop = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -103,6 +107,7 @@ class Matcher:
             t.join()
         self.index.close()
         self._snapshot()
+        self._save_edges()
         self.store.close()
         self._log_status()
         log.info("matcher stopped")
@@ -167,16 +172,25 @@ class Matcher:
 
     def stats(self) -> dict:
         return {"accepted": self.ingest.accepted, "rejected": dict(self.ingest.rejected), "partitions": self.index.stats(),
-                "cameras": dict(self.ingest.accepted_by_camera)}
+                "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"]}
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.cfg.metrics.log_interval_s):
             self._log_status()
+            self._save_edges()
+
+    def _save_edges(self) -> None:
+        try:
+            self.edges.save()
+        except OSError as e:  # the list in memory is whole; only a restart would start it empty
+            log.error("cannot save the edges' status to %s: %s", self.edges.path, e)
 
     def _log_status(self) -> None:
         s = self.stats()
         parts = ", ".join(f"{m} {p['size']} {p['kind']}{' (rebuilding)' if p['rebuilding'] else ''}"
                           for m, p in s["partitions"].items()) or "none"
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected"].items()))
-        log.info("ingest: %d accepted, %d rejected%s; partitions: %s",
-                 s["accepted"], sum(s["rejected"].values()), f" ({reasons})" if reasons else "", parts)
+        status = "; ".join(f"{what} " + ", ".join(f"{n} {state}" for state, n in counts.items())
+                           for what, counts in s["status"].items())
+        log.info("ingest: %d accepted, %d rejected%s; partitions: %s; %s",
+                 s["accepted"], sum(s["rejected"].values()), f" ({reasons})" if reasons else "", parts, status)

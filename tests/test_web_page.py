@@ -9,6 +9,7 @@ appears in a URL. Skipped only when chromium is not installed (`make browser` in
 from __future__ import annotations
 
 import shutil
+import time
 import urllib.parse
 
 import cv2
@@ -159,3 +160,37 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_fra
 
     assert not visit.errors
     assert not visit.foreign()
+
+
+def test_the_status_panel_shows_edges_and_cameras_and_updates_live(visit, live_matcher):
+    """Heartbeats of a panel-only edge (the API tests do not read edges): its cameras' states and a change of one
+    of them, shown without a reload."""
+    from helpers import Pusher
+
+    from crossview.kernel.wire import CameraStatus, Heartbeat, encode_heartbeat
+
+    def beat(lobby: str) -> bytes:
+        cams = (CameraStatus("gate", "streaming", 1.2, 5.0, 200), CameraStatus("lobby", lobby, 0.0, 5.0, 40, error="no frame for 10 s"))
+        return encode_heartbeat(Heartbeat("edge-panel", time.time(), 1.0, live_matcher.model, 3, 1.0, 0, cams))
+
+    page = visit.page
+    with Pusher(live_matcher.matcher.ingest.endpoint) as pusher:
+        pusher.send_raw(beat("reconnecting"))
+        visit.login()
+        page.wait_for_selector(".edge[data-node='edge-panel']")
+        edge = page.locator(".edge[data-node='edge-panel']")
+        assert edge.get_attribute("data-state") == "online"
+        assert edge.locator("[data-camera='lobby']").get_attribute("data-state") == "stalled"
+        assert "reconnecting: no frame for 10 s" in edge.locator("[data-camera='lobby']").inner_text()
+        assert "falling behind: 1.2 of 5 fps" in edge.locator("[data-camera='gate']").inner_text()
+        assert "spool 3" in edge.inner_text()
+        lobby_online = ".edge[data-node='edge-panel'] [data-camera='lobby'][data-state='online']"
+        deadline = time.monotonic() + 15
+        while not page.locator(lobby_online).count():  # beating, as an edge does, until the next poll shows it
+            assert time.monotonic() < deadline, page.locator("#edges").inner_text()
+            pusher.send_raw(beat("streaming"))
+            page.wait_for_timeout(500)
+    # no heartbeat for 3 x 1 s: the panel turns it offline at its next poll
+    page.wait_for_selector(".edge[data-node='edge-panel'][data-state='offline']", timeout=15000)
+    assert "Edges: " in page.locator("#status-summary").inner_text()
+    assert not visit.errors

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from crossview.kernel.wire import (
+    MAX_CAMERAS,
     MAX_MESSAGE_BYTES,
     SCHEMA_VERSION,
+    CameraStatus,
+    Heartbeat,
     Sighting,
     WireError,
     decode,
@@ -16,6 +19,7 @@ from crossview.kernel.wire import (
     decode_many,
     encode,
     encode_ack,
+    encode_heartbeat,
 )
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "sighting-v1.msgpack"
@@ -145,3 +149,66 @@ def test_random_bytes_never_escape_as_other_errors():
 def test_encode_rejects_other_dtypes():
     with pytest.raises(WireError, match="float32 or float16"):
         encode(sighting(embedding=np.zeros(4, np.float64)))
+
+
+# -- heartbeats --------------------------------------------------------------------------------
+
+
+def heartbeat(**kw) -> Heartbeat:
+    cams = (CameraStatus("gate", "streaming", 4.9, 5.0, 1200),
+            CameraStatus("clip", "streaming", 12.5, 0.0, 120, position=(120, 795), eta_s=54.0),
+            CameraStatus("lobby", "reconnecting", 0.0, 5.0, 30, error="no frame for 10 s"))
+    base = dict(node="edge-1", ts=1700000000.5, every_s=5.0, model="mobilenetv2-imagenet-1", spooled=12, spool_age_s=3.5,
+                dropped=0, cameras=cams)
+    return Heartbeat(**{**base, **kw})
+
+
+def _raw_beat(cam: dict | None = None, **fields) -> bytes:
+    m = msgpack.unpackb(encode_heartbeat(heartbeat()))
+    m.update(fields)
+    if cam is not None:
+        m["cams"][0].update(cam)
+    return msgpack.packb({k: v for k, v in m.items() if v is not None})
+
+
+def test_a_heartbeat_round_trips_and_takes_its_place_among_sightings():
+    out = decode_many([encode(sighting(frame=1)), encode_heartbeat(heartbeat()), encode(sighting(frame=2))])
+    assert [type(o).__name__ for o in out] == ["Sighting", "Heartbeat", "Sighting"]
+    assert out[1] == heartbeat() and out[1].cameras[1].position == (120, 795)
+    assert decode(encode_heartbeat(heartbeat(cameras=()))).cameras == ()
+
+
+def test_falling_behind_needs_a_paced_streaming_camera_and_a_settled_estimate():
+    c = CameraStatus("gate", "streaming", 0.6, 5.0, 100)
+    assert c.behind
+    assert not CameraStatus("gate", "streaming", 4.5, 5.0, 100).behind  # 0.9 of its target
+    assert not CameraStatus("gate", "streaming", 0.6, 5.0, 2).behind  # too few frames to say
+    assert not CameraStatus("clip", "streaming", 0.6, 0.0, 100).behind  # a file read as fast as it decodes
+    assert not CameraStatus("gate", "reconnecting", 0.0, 5.0, 100).behind
+
+
+@pytest.mark.parametrize(
+    "buf, needle",
+    [
+        (_raw_beat(cams=[{"id": f"c{i}", "state": "streaming", "fps": 1.0, "target": 1.0, "frames": 1}
+                         for i in range(MAX_CAMERAS + 1)]), "at most 256"),
+        (_raw_beat(cam={"state": "dancing"}), "is not one of"),
+        (_raw_beat(cam={"id": "gate\nERROR forged"}), "control characters"),
+        (_raw_beat(cam={"error": "x" * 257}), "at most 256 characters"),
+        (_raw_beat(cam={"error": "bad\x1b[31m"}), "control characters"),
+        (_raw_beat(cam={"fps": float("nan")}), "not finite"),
+        (_raw_beat(cam={"fps": 1e9}), "outside"),
+        (_raw_beat(cam={"pos": 5}), "missing field 'len'"),
+        (_raw_beat(cam={"frames": 2**63}), "must be in [0, 2^63-1]"),
+        (_raw_beat(every=0.0), "'every'"),
+        (_raw_beat(spool=[1, 2]), "'spool' must be"),
+        (_raw_beat(spool=[-1, 0.0, 0]), "'spooled'"),
+        (_raw_beat(cams="gate"), "'cams' has type str"),
+        (_raw_beat(cams=[7]), "must hold maps"),
+        (_raw_beat(node=None), "missing field 'node'"),
+    ],
+)
+def test_malformed_heartbeats_are_rejected_with_the_reason(buf, needle):
+    with pytest.raises(WireError) as e:
+        decode(buf)
+    assert needle in str(e.value)

@@ -5,9 +5,10 @@
 const API = "/api/v1";
 const TOKEN_KEY = "crossview-token";
 const RECENT_LIMIT = 60;
+const STATUS_EVERY_MS = 5000;
 
 const $ = (selector) => document.querySelector(selector);
-const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null };
+const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null, statusTimer: null };
 const thumbs = new Map(); // sighting id -> Promise of a blob URL
 
 class ApiError extends Error {
@@ -129,6 +130,7 @@ function showLogin(message = "") {
 }
 
 function logout(message = "") {
+  clearInterval(state.statusTimer);
   state.token = "";
   sessionStorage.removeItem(TOKEN_KEY);
   thumbs.forEach((url) => url.then(URL.revokeObjectURL, () => {}));
@@ -143,9 +145,61 @@ async function connect(token) {
   $("#app").hidden = false;
   $("#logout").hidden = false;
   await guarded(async () => {
-    await Promise.all([loadCameras(), loadModels()]);
+    await Promise.all([loadCameras(), loadModels(), loadEdges()]);
     await showRecent(null);
   });
+  clearInterval(state.statusTimer);
+  state.statusTimer = setInterval(refreshEdges, STATUS_EVERY_MS);
+}
+
+// ---- edge status -----------------------------------------------------------------------------
+
+function fmtAgo(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 120) return `${s}s`;
+  if (s < 7200) return `${Math.floor(s / 60)}m${pad(s % 60)}s`;
+  return `${Math.floor(s / 3600)}h${pad(Math.floor(s / 60) % 60)}m`;
+}
+
+const since = (ts, now) => `since ${fmtTime(ts)} (${fmtAgo(now - ts)})`;
+const stateBadge = (s) => el("span", { class: `state ${s}` }, s);
+
+function cameraDetail(c) {
+  if (c.state !== "online") return c.source_state + (c.error ? `: ${c.error}` : "");
+  const rate = c.target_fps ? `${c.fps.toFixed(1)} of ${c.target_fps} fps` : `${c.fps.toFixed(1)} fps`;
+  let text = c.behind ? `falling behind: ${rate}` : rate;
+  if (c.position) text += `, frame ${c.position[0]} of ${c.position[1]}`;
+  return text;
+}
+
+function edgeItem(e, now) {
+  const spool = `spool ${e.spool.sightings} (oldest ${fmtAgo(e.spool.oldest_s)}), ${e.spool.dropped} dropped`;
+  return el("li", { class: "edge", dataset: { node: e.node, state: e.state } },
+    el("strong", {}, e.node), stateBadge(e.state), el("span", { class: "muted" }, since(e.since, now)),
+    el("span", { class: "detail muted" }, `last heartbeat ${fmtAgo(now - e.last_seen)} ago · model ${e.model} · ${spool}`),
+    el("ul", { class: "edge-cameras" }, ...e.cameras.map((c) =>
+      el("li", { dataset: { camera: c.id, state: c.state } },
+        el("strong", {}, c.id), stateBadge(c.state), el("span", { class: "muted" }, since(c.since, now)),
+        el("span", { class: `detail${c.behind ? " behind" : " muted"}` }, cameraDetail(c))))));
+}
+
+async function loadEdges() {
+  const { now, edges, summary } = await getJson(`${API}/edges`);
+  const count = (what) => Object.entries(summary[what]).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`).join(", ");
+  $("#status-summary").textContent = edges.length
+    ? `Edges: ${count("edges")} · cameras: ${count("cameras") || "none"}`
+    : "No edge has sent a heartbeat yet.";
+  $("#edges").replaceChildren(...edges.map((e) => edgeItem(e, now)));
+}
+
+// Polled: a failure shows on the panel, not as the page's error banner, and the next poll retries.
+async function refreshEdges() {
+  try {
+    await loadEdges();
+  } catch (e) {
+    if (e.status === 401) logout("The token was not accepted.");
+    else $("#status-summary").textContent = `Status unavailable: ${e.message}`;
+  }
 }
 
 // ---- cameras, models, recent sightings -------------------------------------------------------
