@@ -212,3 +212,16 @@ def test_malformed_heartbeats_are_rejected_with_the_reason(buf, needle):
     with pytest.raises(WireError) as e:
         decode(buf)
     assert needle in str(e.value)
+
+
+def test_random_bytes_in_a_heartbeat_never_escape_as_other_errors():
+    rng = np.random.default_rng(1)
+    good = encode_heartbeat(heartbeat())
+    for i in range(2000):
+        buf = bytearray(good)
+        for pos in rng.integers(0, len(buf), size=1 + i % 8):
+            buf[pos] = rng.integers(0, 256)
+        try:
+            decode(bytes(buf))
+        except WireError:
+            pass
