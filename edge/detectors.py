@@ -45,7 +45,7 @@ def _letterbox(img: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, floa
     return out, r, (left, top)
 
 
-def _nms(xyxy: np.ndarray, conf: np.ndarray, conf_thr: float, iou: float) -> np.ndarray:
+def nms(xyxy: np.ndarray, conf: np.ndarray, conf_thr: float, iou: float) -> np.ndarray:
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     keep = cv2.dnn.NMSBoxes(xywh.tolist(), conf.tolist(), conf_thr, iou)
     return np.asarray(keep, dtype=np.int64).reshape(-1)
@@ -65,6 +65,7 @@ class YoloOnnx:
         # work than 640x640); follow the model rather than the config value.
         h, w = shape[2:]
         self.imgsz = (h if isinstance(h, int) else cfg.imgsz, w if isinstance(w, int) else cfg.imgsz)
+        self.tile_hw = self.imgsz  # motion-gated regions are cut to the input size: people at full resolution
         self.input_name = inp.name
         out = self.session.get_outputs()[0].shape
         if len(out) != 3 or (isinstance(out[1], int) and out[1] < 5):
@@ -81,7 +82,7 @@ class YoloOnnx:
         cx, cy, w, h = pred[:4, sel]
         xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
         xyxy = (xyxy - [dx, dy, dx, dy]) / r
-        keep = _nms(xyxy, conf[sel], self.cfg.conf, self.cfg.iou)
+        keep = nms(xyxy, conf[sel], self.cfg.conf, self.cfg.iou)
         return Detections(xyxy[keep], conf[sel][keep]).clip(frame.shape[1], frame.shape[0])
 
 
@@ -98,6 +99,7 @@ class YoloTorch:
         except Exception as e:  # ultralytics raises many types for a bad file
             raise DetectorError(f"{cfg.weights}: cannot load YOLO weights: {e}") from e
         self.device = None if device == "auto" else device
+        self.tile_hw = (cfg.imgsz, cfg.imgsz)
 
     def __call__(self, frame: np.ndarray) -> Detections:
         r = self.model.predict(
@@ -114,8 +116,12 @@ class HogDetector:
     carry generous margins, so they are shrunk toward the body.
     """
 
+    tile_hw = None  # a sliding window: any crop size, and the cost follows the pixels scanned
+
     def __init__(self, cfg: HogConfig):
         self.cfg = cfg
+        # A crop must hold the 64x128 window at this upscale, with room for a person's whole body around it.
+        self.min_region_wh = (round(1.5 * 64 / cfg.upscale), round(1.5 * 128 / cfg.upscale))
         self.hog = cv2.HOGDescriptor()
         self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
 
@@ -133,7 +139,7 @@ class HogDetector:
         xyxy = np.stack([x + dx, y + dy, x + w - dx, y + h - dy], axis=1)
         # SVM margins are unbounded; squash to (0, 1) so thresholds mean the same for every detector.
         conf = 1.0 / (1.0 + np.exp(-np.asarray(weights, np.float32).reshape(-1)))
-        keep = _nms(xyxy, conf, 0.0, 0.5)
+        keep = nms(xyxy, conf, 0.0, 0.5)
         return Detections(xyxy[keep], conf[keep]).clip(frame.shape[1], frame.shape[0])
 
 

@@ -15,6 +15,11 @@
 | `crossview_edge_fps`                 | camera   |
 | `crossview_edge_queue_depth`         | camera   |
 | `crossview_edge_detector_seconds`    | camera (histogram, the detector alone) |
+| `crossview_edge_detector_ms`         | camera: detector milliseconds per frame, mean of the last 50 frames |
+| `crossview_edge_motion_share`        | camera (histogram): share of the unmasked frame that moved, per gated frame |
+| `crossview_edge_regions`             | camera (histogram): crops the detector ran on per gated frame; 0: skipped |
+| `crossview_edge_motion_seconds`      | camera (histogram): motion gating's motion stage and region planning |
+| `crossview_edge_full_frames_total`   | camera: gated frames the detector saw whole (warm-up, schedule, too much motion) |
 | `crossview_edge_tracker_seconds`     | camera (histogram) |
 | `crossview_edge_embedder_seconds`    | (histogram, one batch of all cameras) |
 
@@ -40,6 +45,8 @@ from prometheus_client import (
 )
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_SHARE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+_REGION_BUCKETS = (0, 1, 2, 4, 8, 16)
 
 
 class EdgeMetrics:
@@ -54,8 +61,17 @@ class EdgeMetrics:
         self.queue = Gauge("crossview_edge_queue_depth", "Frames waiting in the camera's buffer", ["camera"], registry=r)
         self.det_s = Histogram("crossview_edge_detector_seconds", "Detector time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
         self.track_s = Histogram("crossview_edge_tracker_seconds", "Tracker time per frame", ["camera"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.det_ms = Gauge("crossview_edge_detector_ms", "Detector milliseconds per frame, last 50 frames", ["camera"], registry=r)
+        self.motion_share = Histogram("crossview_edge_motion_share", "Share of the unmasked frame that moved", ["camera"],
+                                      buckets=_SHARE_BUCKETS, registry=r)
+        self.regions = Histogram("crossview_edge_regions", "Crops the detector ran on per frame (0: skipped)", ["camera"],
+                                 buckets=_REGION_BUCKETS, registry=r)
+        self.motion_s = Histogram("crossview_edge_motion_seconds", "Motion stage time per frame", ["camera"],
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.full_frames = Counter("crossview_edge_full_frames", "Gated frames the detector saw whole", ["camera"], registry=r)
         self.emb_s = Histogram("crossview_edge_embedder_seconds", "Embedder time per batch", buckets=_LATENCY_BUCKETS, registry=r)
         self._frame_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
+        self._detector_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
 
     def watch(self, publisher) -> None:
         """Delivery gauges, read from an `edge.publisher.Publisher` at each scrape."""
@@ -81,8 +97,19 @@ class EdgeMetrics:
         self.detections.labels(camera).inc(detections)
         self.det_s.labels(camera).observe(detector_seconds)
         self.track_s.labels(camera).observe(tracker_seconds)
+        spent = self._detector_times[camera]
+        spent.append(detector_seconds)
+        self.det_ms.labels(camera).set(1000 * sum(spent) / len(spent))
         if len(times) > 1:
             self.fps.labels(camera).set((len(times) - 1) / max(times[-1] - times[0], 1e-9))
+
+    def gated(self, camera: str, share: float, regions: int, full: bool, motion_seconds: float) -> None:
+        """One motion-gated frame: how much moved, how many crops the detector ran on, and the motion stage's time."""
+        self.motion_s.labels(camera).observe(motion_seconds)
+        self.motion_share.labels(camera).observe(share)
+        self.regions.labels(camera).observe(regions)
+        if full:
+            self.full_frames.labels(camera).inc()
 
     def value(self, name: str, camera: str | None = None) -> float:
         """Current value of a series (for logs, summaries and tests)."""

@@ -47,6 +47,9 @@ class _UltralyticsBoxes:
         return _UltralyticsBoxes(self.xyxy[i], self.conf[i])
 
 
+_RECENTLY_LOST = 5  # frames; beyond it a lost track's predicted box drifts too far to be worth a look
+
+
 class Tracker:
     def __init__(self, cfg: TrackerConfig):
         ultralytics()  # offline, and OpenCV keeps its threads
@@ -69,6 +72,14 @@ class Tracker:
         idx = out[:, 7].astype(np.int64)
         # The tracker's smoothed box is steadier than the raw one; the score stays the detector's.
         return Detections(out[:, :4], dets.confidence[idx], out[:, 4].astype(np.int64))
+
+    def live_boxes(self) -> np.ndarray:
+        """(N, 4) boxes of the tracks being followed and of those lost only a few frames ago, where the Kalman
+        filter expects them: motion gating looks there even when the person stands still."""
+        t = self._impl
+        live = [s for s in t.tracked_stracks if s.is_activated]
+        live += [s for s in t.lost_stracks if t.frame_id - s.end_frame <= _RECENTLY_LOST]
+        return np.array([s.xyxy for s in live], np.float64).reshape(-1, 4)
 
 
 @dataclass

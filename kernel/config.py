@@ -46,6 +46,32 @@ def redact_url(url: str) -> str:
     return _URL_USERINFO.sub(r"\1\2:***@\4", url)
 
 
+Point = tuple[float, float]
+
+
+class CameraMotionConfig(_Strict):
+    """Per camera: whether motion gating runs (None: as `detector.motion.enabled`) and the areas it ignores."""
+
+    enabled: bool | None = Field(None, description="false for PTZ cameras: everything moves when they turn")
+    mask: list[list[Point]] = Field(default_factory=list, description="polygons in frame pixels, [[x, y], ...]: "
+                                                                      "motion there is ignored (a clock, trees)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_shorthand(cls, v: object) -> object:
+        return {"enabled": v} if isinstance(v, bool) else v
+
+    @field_validator("mask")
+    @classmethod
+    def _polygons(cls, polygons: list[list[Point]]) -> list[list[Point]]:
+        for i, poly in enumerate(polygons):
+            if len(poly) < 3:
+                raise ValueError(f"polygon {i} has {len(poly)} points, a polygon needs at least 3")
+            if any(x < 0 or y < 0 for x, y in poly):
+                raise ValueError(f"polygon {i}: frame pixel coordinates are never negative")
+        return polygons
+
+
 class CameraConfig(_Strict):
     """One camera: a video file, an RTSP/HTTP URL or a USB device (`usb:0`)."""
 
@@ -57,6 +83,8 @@ class CameraConfig(_Strict):
     stall_timeout_s: float = Field(10.0, gt=0, description="live only: no frame for this long reopens the stream")
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
+    motion: CameraMotionConfig = Field(CameraMotionConfig(), description="`false` turns motion gating off for this "
+                                                                        "camera (PTZ); or {enabled, mask}")
 
     @field_validator("source")
     @classmethod
@@ -81,6 +109,20 @@ class CameraConfig(_Strict):
         return self
 
 
+class MotionConfig(_Strict):
+    """Motion-gated detection: the detector looks only where something moved or a track is live."""
+
+    enabled: bool = Field(True, description="false: the detector sees every whole frame, as before motion gating")
+    width: int = Field(320, ge=64, le=1920, description="the motion stage works on frames scaled to this width")
+    threshold: float = Field(16.0, gt=0, description="MOG2 variance threshold: higher ignores fainter changes")
+    min_area: int = Field(300, ge=1, description="moving blobs smaller than this many frame pixels are noise")
+    history: int = Field(200, ge=2, description="MOG2 background history, in detection frames")
+    warmup_frames: int = Field(5, ge=1, description="the first frames learn the background; the detector sees them whole")
+    full_frame_every: int = Field(25, ge=0, description="a whole-frame pass every N frames, so people standing still "
+                                                        "are found again; 0: never")
+    pad: float = Field(0.3, ge=0, le=2, description="moved areas and live tracks grow by this share of their size per side")
+
+
 class HogConfig(_Strict):
     upscale: float = Field(1.6, ge=1.0, le=4.0, description="people ~30x80 px need upscaling for the 64x128 HOG window")
     hit_threshold: float = 0.0
@@ -97,6 +139,7 @@ class DetectorConfig(_Strict):
     imgsz: int = Field(640, ge=32, le=4096)
     min_box_height: int = Field(24, ge=1)
     hog: HogConfig = HogConfig()
+    motion: MotionConfig = MotionConfig()
 
     @field_validator("imgsz")
     @classmethod
