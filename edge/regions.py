@@ -3,12 +3,12 @@
 | function          | what                                                                          |
 |-------------------|-------------------------------------------------------------------------------|
 | `grow`            | boxes padded by a share of their size, at least a minimum size, inside the frame |
-| `merge`           | overlapping boxes joined into their union, until none overlap                  |
+| `merge`           | overlapping boxes joined into their union where that scans no more pixels      |
 | `pack`            | boxes gathered into as few tiles of a fixed size (a YOLO input) as they fit    |
 | `detect_regions`  | a detector run on region crops, boxes mapped back to the frame, NMS across crops |
 
-    >>> merge(np.array([[0, 0, 10, 10], [5, 5, 20, 20], [40, 40, 50, 50]]))
-    array([[ 0,  0, 20, 20],
+    >>> merge(np.array([[0, 0, 10, 20], [5, 0, 15, 20], [40, 40, 50, 50]]))
+    array([[ 0,  0, 15, 20],
            [40, 40, 50, 50]])
     >>> pack(np.array([[10, 10, 50, 90], [60, 20, 100, 100]]), (128, 128), 640, 480)
     array([[  0,   0, 128, 128]])
@@ -37,16 +37,22 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _area(b: np.ndarray) -> int:
+    return int((b[2] - b[0]) * (b[3] - b[1]))
+
+
 def merge(boxes: np.ndarray) -> np.ndarray:
-    """Overlapping boxes replaced by their union, repeated until no two overlap (a union can reach a third box)."""
+    """Overlapping boxes replaced by their union where the union is no larger than the two apart (so a crop never
+    scans more pixels for being merged), repeated until no such pair is left (a union can reach a third box)."""
     out = [np.asarray(b, np.int64) for b in np.asarray(boxes).reshape(-1, 4)]
     merged = True
     while merged:
         merged = False
         for i in range(len(out)):
             for j in range(i + 1, len(out)):
-                if _overlap(out[i], out[j]):
-                    out[i] = np.concatenate([np.minimum(out[i][:2], out[j][:2]), np.maximum(out[i][2:], out[j][2:])])
+                union = np.concatenate([np.minimum(out[i][:2], out[j][:2]), np.maximum(out[i][2:], out[j][2:])])
+                if _overlap(out[i], out[j]) and _area(union) <= _area(out[i]) + _area(out[j]):
+                    out[i] = union
                     del out[j]
                     merged = True
                     break
@@ -57,7 +63,8 @@ def merge(boxes: np.ndarray) -> np.ndarray:
 
 def pack(boxes: np.ndarray, tile_hw: tuple[int, int], width: int, height: int) -> np.ndarray:
     """Tiles of `tile_hw` (a fixed-input model's size) covering the boxes: boxes that fit in one tile together share
-    it, largest first; a box larger than a tile is its own tile, which the model then scales down."""
+    it, largest first. A box larger than a tile is its own tile, and tiles that overlap are joined (one pass instead of
+    two): the model scales those down."""
     th, tw = tile_hw
     groups: list[np.ndarray] = []
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)

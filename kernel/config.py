@@ -120,7 +120,7 @@ class MotionConfig(_Strict):
     warmup_frames: int = Field(5, ge=1, description="the first frames learn the background; the detector sees them whole")
     full_frame_every: int = Field(25, ge=0, description="a whole-frame pass every N frames, so people standing still "
                                                         "are found again; 0: never")
-    pad: float = Field(0.3, ge=0, le=2, description="moved areas and live tracks grow by this share of their size per side")
+    pad: float = Field(0.2, ge=0, le=2, description="moved areas and live tracks grow by this share of their size per side")
 
 
 class HogConfig(_Strict):
