@@ -14,6 +14,10 @@
 |                    | `crossview.matcher.client`      | with `--url`, a running matcher's HTTP API       |
 | `train`            | `crossview.trainer.engine`      | domain adaptation (DAAM / DAAL, Algorithm 1)     |
 | `export`           | `crossview.trainer.export`      | a training checkpoint's domain-shared path → ONNX |
+|                    | `crossview.trainer.quantize`    | with `--int8`, its statically quantised twin too  |
+| `calibrate`        | `crossview.trainer.calibration` | fit cosine → P(same person) on a harvest, into the model |
+| `quantize`         | `crossview.trainer.quantize`    | an fp32 ONNX embedder → int8 (QDQ), calibrated on a harvest |
+| `model-info`       | `crossview.kernel.modelmeta`    | a model's version, precision and score calibration |
 | `eval`             | `crossview.trainer.eval_onnx`   | rank-1/5/10 and mAP of an ONNX model on a labelled set |
 
 This is the app floor: the only code, with `crossview.demo`, that imports the services.
@@ -239,7 +243,44 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from crossview.trainer.export import export_checkpoint
 
-    print(f"model: {export_checkpoint(args.checkpoint, args.out)}")
+    if args.int8 and args.calib_harvest is None:
+        raise ValueError("--int8 needs --calib-harvest DIR: the harvested crops that set the int8 ranges")
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"model: {out}")
+    if args.int8:
+        _write_int8(out, out.with_name(f"{out.stem}-int8.onnx"), args)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from crossview.trainer.calibration import calibrate_model
+
+    cal = calibrate_model(args.model, args.harvest, args.out, min_gap_s=args.min_gap, method=args.method)
+    print(f"{args.out or args.model}: {cal.describe()}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    _write_int8(args.model, args.out, args)
+    return 0
+
+
+def _write_int8(model: Path, out: Path, args: argparse.Namespace) -> None:
+    """`quantize` and `export --int8`: the options of `_quantize_options`."""
+    from crossview.trainer.quantize import quantize_model
+
+    meta = quantize_model(model, args.calib_harvest, out, max_crops=args.max_crops, float_stem=args.float_stem)
+    print(f"{out}: {meta.name} version {meta.version}, {meta.precision} ({meta.extra['quantization']})")
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from crossview.kernel.calibration import describe
+    from crossview.kernel.embedder import Embedder
+
+    meta = Embedder(args.model, device="cpu").meta
+    print(f"{args.model}: {meta.name} version {meta.version}, {meta.precision}, input {meta.input_h}x{meta.input_w}, "
+          f"{meta.embedding_dim}-d")
+    print(f"score: {describe(meta.calibration)}")
     return 0
 
 
@@ -255,6 +296,14 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"mAP {result['mAP']:.1%}  rank-1 {result['rank1']:.1%}  rank-5 {result['rank5']:.1%}  "
               f"rank-10 {result['rank10']:.1%}")
     return 0
+
+
+def _quantize_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--calib-harvest", type=Path, required=required, metavar="DIR",
+                   help="harvested crops whose activations set the int8 ranges")
+    p.add_argument("--max-crops", type=int, default=256, help="calibration crops drawn from it (default: %(default)s)")
+    p.add_argument("--float-stem", type=int, metavar="N",
+                   help="keep the first N convolutions float (default: the fewest of 0, 2, 4, 8 whose vectors agree with fp32's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,7 +393,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex = verb("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
     ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/daam/last.pt")
     ex.add_argument("--out", type=Path, help="ONNX file (default: <name>.onnx beside the checkpoint)")
+    ex.add_argument("--int8", action="store_true", help="also write <out>-int8.onnx, statically quantised (needs --calib-harvest)")
+    _quantize_options(ex, required=False)
     ex.set_defaults(run=_export)
+
+    c = verb("calibrate", help="fit a model's map from cosine similarity to P(same person) on a site harvest")
+    c.add_argument("model", type=Path, help="ONNX embedder, e.g. models/mobilenetv2-imagenet.onnx")
+    c.add_argument("--harvest", type=Path, required=True, help="an edge harvest folder (crops + sidecars)")
+    c.add_argument("--out", type=Path, help="calibrated copy to write (default: the model file, replaced atomically)")
+    c.add_argument("--min-gap", type=float, default=2.0, metavar="S",
+                   help="positives: crops of one track at least this many seconds apart (default: %(default)s)")
+    c.add_argument("--method", choices=["isotonic", "platt"], default="isotonic",
+                   help="isotonic (monotone, any shape) or Platt (logistic) (default: %(default)s)")
+    c.set_defaults(run=_calibrate)
+
+    qz = verb("quantize", help="an fp32 ONNX embedder -> int8 (ONNX Runtime static QDQ, per channel) for the edges")
+    qz.add_argument("model", type=Path, help="fp32 ONNX embedder")
+    qz.add_argument("--out", type=Path, required=True, help="int8 ONNX file to write")
+    _quantize_options(qz, required=True)
+    qz.set_defaults(run=_quantize)
+
+    mi = verb("model-info", help="an ONNX embedder's version, precision and score calibration")
+    mi.add_argument("model", type=Path)
+    mi.set_defaults(run=_model_info)
 
     v = verb("eval", help="CMC rank-1/5/10 and mAP of an ONNX embedder on a labelled dataset")
     v.add_argument("model", type=Path, help="ONNX embedder with crossview metadata")

@@ -4,6 +4,8 @@
 |---------------|------------------------------------------------------------------------------------|
 | embed crops   | `Embedder(path).embed([bgr_uint8, ...])` → (N, dim) float32, rows L2-normalised     |
 | preprocessing | from the model's `crossview.*` metadata: resize to HxW, BGR→RGB, /255, mean/std     |
+|               | (`preprocess(crops)`: the batch `embed` feeds ONNX Runtime, for int8 calibration)  |
+| precision     | fp32 and quantised (int8 QDQ) models alike: float32 in, float32 out; `meta.precision` |
 | hot reload    | `maybe_reload()` each loop: a changed file is loaded, validated, then swapped in;   |
 |               | a broken file is logged once and the running model kept                            |
 | providers     | `crossview.kernel.ort.select_providers`: CUDA only when ONNX Runtime has it and a GPU is there  |
@@ -141,8 +143,16 @@ class Embedder:
         return self._model.meta.version
 
     @property
+    def input_name(self) -> str:
+        return self._model.input_name
+
+    @property
     def dim(self) -> int:
         return self._model.meta.embedding_dim
+
+    def preprocess(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(N, 3, H, W) float32: exactly the input `embed` gives the model, so quantisation calibrates on it."""
+        return _preprocess(self._model, crops)
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
         """(N, dim) float32 unit rows for BGR uint8 crops; (0, dim) for no crops."""

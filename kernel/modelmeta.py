@@ -6,6 +6,8 @@
 | read (edge)     | `ModelMeta.from_props(session.get_modelmeta().custom_metadata_map, path)`    |
 | errors          | `ValueError` naming the model file and the missing or bad key                |
 | free keys       | `extra={"source": ..., "target": ..., "date": ..., "metrics": ...}`           |
+| optional keys   | `crossview.precision` ("fp32" when absent, "int8" for a quantised model);     |
+|                 | `crossview.calibration` (`kernel.calibration.Calibration` JSON; absent: uncalibrated) |
 
 No torch or onnx import here: the edge node reads metadata through ONNX Runtime alone.
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from crossview.kernel.calibration import Calibration
+
 PREFIX = "crossview."
 KEY_NAME = "crossview.name"
 KEY_VERSION = "crossview.version"
@@ -31,6 +35,11 @@ KEY_EMBEDDING_DIM = "crossview.embedding_dim"
 REQUIRED_KEYS = (KEY_NAME, KEY_VERSION, KEY_INPUT_SIZE, KEY_MEAN, KEY_STD, KEY_EMBEDDING_DIM)
 # Optional free keys, stored in `ModelMeta.extra` without the prefix.
 KEY_SOURCE, KEY_TARGET, KEY_DATE, KEY_METRICS = (PREFIX + k for k in ("source", "target", "date", "metrics"))
+# Optional typed keys, added after the first models shipped: a model without them still loads.
+KEY_PRECISION = "crossview.precision"
+KEY_CALIBRATION = "crossview.calibration"
+PRECISIONS = ("fp32", "fp16", "int8")
+TYPED_KEYS = (*REQUIRED_KEYS, KEY_PRECISION, KEY_CALIBRATION)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class ModelMeta:
     std: tuple[float, float, float]
     embedding_dim: int
     extra: dict[str, str] = field(default_factory=dict)  # free keys without the "crossview." prefix
+    precision: str = "fp32"  # of the weights and arithmetic; the input and output stay float32
+    calibration: Calibration | None = None  # cosine → P(same person); None: scores are raw cosines
 
     def to_props(self) -> dict[str, str]:
         props = {
@@ -52,7 +63,10 @@ class ModelMeta:
             KEY_MEAN: _floats_str(self.mean),
             KEY_STD: _floats_str(self.std),
             KEY_EMBEDDING_DIM: str(self.embedding_dim),
+            KEY_PRECISION: self.precision,
         }
+        if self.calibration is not None:
+            props[KEY_CALIBRATION] = self.calibration.to_json()
         # Non-string extras (e.g. a metrics dict) are stored as JSON, the contract for crossview.metrics.
         props.update({PREFIX + k: v if isinstance(v, str) else json.dumps(v) for k, v in self.extra.items()})
         return props
@@ -66,8 +80,12 @@ class ModelMeta:
         mean = _parse(origin, props, KEY_MEAN, lambda s: [float(x) for x in s.split(",")], 3, "3 floats R,G,B")
         std = _parse(origin, props, KEY_STD, lambda s: [_positive(float(x)) for x in s.split(",")], 3, "3 floats > 0")
         (dim,) = _parse(origin, props, KEY_EMBEDDING_DIM, lambda s: [_positive(int(s))], 1, "an integer > 0")
-        extra = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX) and k not in REQUIRED_KEYS}
-        return cls(props[KEY_NAME], props[KEY_VERSION], h, w, tuple(mean), tuple(std), dim, extra)
+        precision = props.get(KEY_PRECISION, "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"{origin}: bad model metadata {KEY_PRECISION}={precision!r}, expected one of {PRECISIONS}")
+        calibration = Calibration.from_json(props[KEY_CALIBRATION], origin) if KEY_CALIBRATION in props else None
+        extra = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX) and k not in TYPED_KEYS}
+        return cls(props[KEY_NAME], props[KEY_VERSION], h, w, tuple(mean), tuple(std), dim, extra, precision, calibration)
 
 
 def _floats_str(values) -> str:

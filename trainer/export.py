@@ -6,6 +6,7 @@
 | default edge embedder | `build_default_embedder(Path("models/mobilenetv2-imagenet.onnx"))`           |
 | trained model         | `export_trained(net, cfg, history, out)`: only its `.embedder()` (DAAM: the domain-shared path) |
 | from a checkpoint     | `export_checkpoint("runs/train/daam/last.pt")`, read by `crossview.kernel.checkpoint` |
+| new metadata only     | `write_metadata(src, out, meta)`: same graph, `meta`'s props (calibration, quantisation) |
 | graph contract        | input "images" (batch, 3, H, W) float, mean/std normalised RGB;              |
 |                       | output "embeddings" (batch, D), not L2-normalised; batch axis dynamic        |
 | metadata contract     | `crossview.kernel.modelmeta` keys in ONNX `metadata_props` (re-exported here)       |
@@ -42,6 +43,7 @@ from crossview.kernel.modelmeta import (  # noqa: F401  (re-exported: the contra
     KEY_STD,
     KEY_TARGET,
     KEY_VERSION,
+    PREFIX,
     ModelMeta,
 )
 from crossview.trainer.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (re-exported)
@@ -64,8 +66,7 @@ def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int 
     try:
         _torch_export(model, tmp, meta, opset)
         proto = onnx.load(tmp)
-        for key, value in meta.to_props().items():
-            proto.metadata_props.add(key=key, value=value)
+        set_props(proto, meta)
         onnx.checker.check_model(proto)
         onnx.save(proto, tmp)
         diff = _parity(model, tmp, meta, path)
@@ -76,6 +77,27 @@ def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int 
     finally:
         tmp.unlink(missing_ok=True)
         model.train(was_training)
+
+
+def set_props(proto: onnx.ModelProto, meta: ModelMeta) -> None:
+    """Replace every `crossview.*` metadata prop of `proto` with `meta`'s; other tools' props are kept."""
+    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(PREFIX)]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *meta.to_props().items()]:
+        proto.metadata_props.add(key=key, value=value)
+
+
+def write_metadata(src: str | Path, out: str | Path, meta: ModelMeta) -> None:
+    """`src`'s graph with `meta` as its Crossview metadata, to `out` atomically (`out` may be `src`)."""
+    out = Path(out)
+    proto = onnx.load(src)
+    set_props(proto, meta)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(proto, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_default_embedder(out: Path, input_size: tuple[int, int] = (256, 128)) -> ModelMeta:
