@@ -6,8 +6,8 @@
 From Python: `run_demo(Path("configs/demo.yaml"), Path("runs/demo"))`.
 
 The edge node runs four cameras: two cut from one real overhead view (`campus-a` is its first ten
-seconds, `campus-b` the next ten, so the same people walk through both) and the two TUD street
-clips. The matcher ingests everything; then the longest track of `campus-a` is looked up on the
+seconds, `campus-b` the next ten, with `start_offset_s: 10` so its times follow on, and the same people
+walk through both) and the two TUD street clips. The matcher ingests everything; then the longest track of `campus-a` is looked up on the
 other cameras. Prints what each camera saw, the matches, and writes an HTML report with thumbnails.
 """
 
@@ -68,8 +68,11 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
             print(f"\nno track on {QUERY_CAMERA} to look up")
             return 1
         query, hits = result
+        others = [c for c in stats if c != QUERY_CAMERA]
+        unmatched = [c for c in others if c not in hits.cameras]
         print(f"\nWhere else was {QUERY_CAMERA} track {query.track} seen?\n{hits.to_text()}")
-        report = _write_report(out / "report.html", matcher, query, hits)
+        print("".join(f"{c}: no match\n" for c in unmatched), end="")
+        report = _write_report(out / "report.html", matcher, query, hits, unmatched)
         print(f"\nreport with thumbnails: {report}")
         if serve:
             _serve_until_interrupted(matcher)
@@ -115,22 +118,39 @@ def _img(matcher, sighting_id: int) -> str:
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(jpg).decode()}" alt="sighting {sighting_id}">'
 
 
-def _write_report(path: Path, matcher, query, result) -> Path:
+def _legend(result) -> str:
+    if not result.calibrated:
+        return ("<p class=legend>Scores are cosine similarity: this model has no calibration, so they are not "
+                "probabilities (<code>crossview calibrate</code> adds one).</p>")
+    return ("<p class=legend>P = P(same person), from the model's calibration: <b class=high>&ge; 0.9 likely same "
+            "person</b> <b class=mid>&ge; 0.5 possible</b> <b class=low>below: unlikely</b></p>")
+
+
+def _caption(hit, s) -> str:
+    score = f"P {hit.probability:.2f} · {hit.verdict}" if hit.probability is not None else f"sim {hit.score:.2f}"
+    return f"track {hit.track} · {score}<br>{time.strftime('%H:%M:%S', time.localtime(s.ts))}"
+
+
+def _band(hit) -> str:
+    return {"likely same person": "high", "possible": "mid", "unlikely": "low"}.get(hit.verdict, "raw")
+
+
+def _write_report(path: Path, matcher, query, result, unmatched: list[str]) -> Path:
     rows = []
     for cam, hits in result.cameras.items():
-        cells = "".join(
-            f'<figure>{_img(matcher, s.id)}<figcaption>track {h.track} · {h.score:.2f}<br>'
-            f'{time.strftime("%H:%M:%S", time.localtime(s.ts))}</figcaption></figure>'
-            for h in hits for s in h.sightings
-        )
+        cells = "".join(f'<figure class={_band(h)}>{_img(matcher, s.id)}<figcaption>{_caption(h, s)}</figcaption></figure>'
+                        for h in hits for s in h.sightings)
         rows.append(f"<h2>{html.escape(cam)}</h2><div class=row>{cells}</div>")
+    rows += [f"<h2>{html.escape(cam)}</h2><p>no match</p>" for cam in unmatched]
     path.write_text(
         "<!doctype html><meta charset=utf-8><title>Crossview demo</title>"
         "<style>body{font:14px sans-serif;margin:2em}.row{display:flex;flex-wrap:wrap;gap:8px}"
-        "figure{margin:0;text-align:center}img{height:128px}</style>"
+        "figure{margin:0;text-align:center;border-top:4px solid #999}img{height:128px}"
+        ".high{border-color:#2a9d5c;color:#2a9d5c}.mid{border-color:#c99a16;color:#c99a16}"
+        ".low{border-color:#c94848;color:#c94848}</style>"
         f"<h1>Where else was {html.escape(QUERY_CAMERA)} track {query.track} seen?</h1>"
         f"<figure>{_img(matcher, query.id)}<figcaption>query: sighting {query.id}</figcaption></figure>"
-        + ("".join(rows) or "<p>no matching tracks</p>")
+        + _legend(result) + "".join(rows)
     )
     return path.resolve()
 

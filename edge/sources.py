@@ -16,7 +16,7 @@
     src.stop()
 
 File frames: `index` counts decoded frames from 0 and keeps increasing across loops, so indices are unique
-and `ts = start wall-clock + index / native_fps` stays monotonic (the frame within the file is `index` modulo
+and `ts = start wall-clock + start_offset_s + index / native_fps` stays monotonic (the frame within the file is `index` modulo
 the frame count). Live frames: `index` is a running counter across reconnects, `ts` the wall-clock at capture.
 """
 
@@ -51,7 +51,7 @@ _STOP_JOIN_S = 1.5
 class Frame:
     camera_id: str
     index: int  # files: decoded frame number (continuing across loops); live: running counter
-    ts: float  # unix time; files: start wall-clock + index / native_fps
+    ts: float  # unix time; files: start wall-clock + start_offset_s + index / native_fps
     image: np.ndarray  # BGR uint8
 
 
@@ -227,7 +227,7 @@ class CameraSource:
 
     def _run_file(self, gen: int, _delay: float) -> None:
         stride = index = 0
-        t0, m0 = time.time(), time.monotonic()
+        t0, m0 = time.time() + self.cfg.start_offset_s, time.monotonic()
         while True:
             try:
                 cap, expected = self._open_file()

@@ -80,6 +80,8 @@ class CameraConfig(_Strict):
     fps: float = Field(5.0, gt=0, le=120, description="target detection frames per second")
     loop: bool = Field(False, description="files only: start again at the end")
     realtime: bool = Field(False, description="files only: pace reading at the file's own rate, like a live camera")
+    start_offset_s: float = Field(0.0, ge=0, le=86400 * 366, description="files only: the clip begins this long into "
+                                  "the recording, so its frame times are shifted by it (clips cut from one recording)")
     stall_timeout_s: float = Field(10.0, gt=0, description="live only: no frame for this long reopens the stream")
     reconnect_min_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
@@ -301,6 +303,30 @@ class HttpConfig(_Strict):
         return self
 
 
+class WebhookConfig(_Strict):
+    url: str = Field(pattern=r"^https?://", description="POSTed every alert as JSON")
+    secret: str | None = Field(None, min_length=16, description="HMAC-SHA256 key for the signature header; or secret_file")
+    secret_file: Path | None = None
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "WebhookConfig":
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("set exactly one of secret or secret_file: receivers check every alert's signature")
+        return self
+
+
+class WatchlistConfig(_Strict):
+    max_entries: int = Field(10_000, ge=1, le=1_000_000, description="people on the watchlist at most")
+    default_probability: float = Field(0.9, gt=0, lt=1, description="an entry's threshold on P(same person) unless it "
+                                                                    "gives one (calibrated models)")
+    default_similarity: float = Field(0.8, ge=-1, le=1, description="an entry's threshold on cosine similarity, for "
+                                                                    "models without a calibration")
+    webhooks: list[WebhookConfig] = Field(default_factory=list, max_length=16)
+    retry_max_s: float = Field(300.0, gt=0, description="longest wait between two tries of one webhook delivery")
+    max_attempts: int = Field(20, ge=1, description="tries of one delivery before it is given up (logged and counted)")
+
+
 class MatcherConfig(_Strict):
     data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
     ingest: IngestConfig  # required: the endpoint and its security
@@ -309,6 +335,7 @@ class MatcherConfig(_Strict):
     query: QueryConfig = QueryConfig()
     http: HttpConfig
     models: list[Path] = Field(default_factory=list, description="ONNX embedders for image queries, one per model version")
+    watchlist: WatchlistConfig = WatchlistConfig()
     metrics: MetricsConfig = MetricsConfig()
 
 
@@ -346,18 +373,23 @@ def _expand_env(node: object, origin: Path, where: tuple[str, ...] = ()) -> obje
 
 
 def _resolve_paths(raw: dict, base: Path, keys: list[tuple[str, ...]]) -> None:
-    """Make relative file paths in `raw` relative to the config file's folder."""
+    """Make relative file paths in `raw` relative to the config file's folder; `*` in a key: every list item."""
     for key in keys:
-        node = raw
-        for k in key[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            continue
-        value = node.get(key[-1])
-        if isinstance(value, str):
-            node[key[-1]] = _resolve(value, base)
-        elif isinstance(value, list):  # a list of paths, like the matcher's models
-            node[key[-1]] = [_resolve(v, base) if isinstance(v, str) else v for v in value]
+        for node in _parents(raw, key[:-1]):
+            value = node.get(key[-1])
+            if isinstance(value, str):
+                node[key[-1]] = _resolve(value, base)
+            elif isinstance(value, list):  # a list of paths, like the matcher's models
+                node[key[-1]] = [_resolve(v, base) if isinstance(v, str) else v for v in value]
+
+
+def _parents(node: object, key: tuple[str, ...]) -> list[dict]:
+    """The mappings `key` leads to in `node`."""
+    if not key:
+        return [node] if isinstance(node, dict) else []
+    if key[0] == "*":
+        return [n for item in node for n in _parents(item, key[1:])] if isinstance(node, list) else []
+    return _parents(node.get(key[0]), key[1:]) if isinstance(node, dict) else []
 
 
 def _resolve(path: str, base: Path) -> str:
@@ -412,6 +444,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
 MATCHER_PATH_KEYS = [
     ("data_dir",), ("http", "token_file"), ("models",),
     ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
+    ("watchlist", "webhooks", "*", "secret_file"),
 ]
 
 

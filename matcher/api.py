@@ -10,6 +10,10 @@
 | `GET /api/v1/sightings/{id}[/thumbnail]` | one sighting; its JPEG thumbnail                       |
 | `POST /api/v1/query`                     | by embedding + model, by sighting id or by edge track  |
 | `POST /api/v1/query/image`               | by an uploaded JPEG/PNG crop + model (multipart)       |
+| `GET/POST /api/v1/watchlist`             | watchlist entries; add one from a sighting or a track  |
+| `POST /api/v1/watchlist/image`           | add one from an uploaded crop + model (multipart)      |
+| `DELETE /api/v1/watchlist/{id}`          | remove one                                             |
+| `GET /api/v1/alerts?after=&limit=`       | alerts with an id above `after`, oldest first (poll with the last id seen) |
 | `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
 
 Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`, compared in constant
@@ -51,6 +55,7 @@ from crossview.matcher.limits import BodyLimit, decode_image
 from crossview.matcher.schemas import (
     API_PREFIX,
     MAX_ID,
+    AlertOut,
     CameraOut,
     EdgesOut,
     ErrorOut,
@@ -60,6 +65,9 @@ from crossview.matcher.schemas import (
     QueryOut,
     SightingOut,
     StatsOut,
+    WatchEntryOut,
+    WatchImageForm,
+    WatchIn,
 )
 from crossview.matcher.service import Matcher
 
@@ -68,6 +76,7 @@ WEB_DIR = Path(__file__).with_name("web")
 # The page loads nothing from elsewhere; thumbnails are blob URLs made from authenticated fetches.
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 SightingId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a sighting's id")]
+EntryId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a watchlist entry's id")]
 _BEARER = HTTPBearer(auto_error=False, description="the token from the matcher's `http.token` or `http.token_file`")
 _ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong token"}}
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "no such sighting (or it has no thumbnail)"}}
@@ -141,7 +150,49 @@ def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
         pixels = decode_image(image.file.read(), image.filename or "image", max_pixels)  # BodyLimit bounds its size
         return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
 
+    _watch_routes(api, matcher, max_pixels)
     return api
+
+
+def _watch_routes(api: APIRouter, matcher: Matcher, max_pixels: int) -> None:
+    queries, watchlist = matcher.queries, matcher.watchlist
+
+    @api.get("/watchlist", summary="Everyone on the watchlist")
+    def entries() -> list[WatchEntryOut]:
+        return [WatchEntryOut.model_validate(e.to_dict()) for e in watchlist.entries()]
+
+    @api.post("/watchlist", summary="Put the person of a sighting or track on the watchlist", responses=_QUERY_ERRORS)
+    def watch(body: WatchIn) -> WatchEntryOut:
+        if body.sighting_id is not None:
+            subject = queries.sighting_subject(body.sighting_id)
+        else:
+            t = body.track
+            subject = queries.track_subject(t.node, t.camera, t.track, t.model)
+        return _added(watchlist.add(body.name, subject, body.min_probability, body.min_similarity, body.cameras))
+
+    @api.post("/watchlist/image", summary="Put the person in this crop on the watchlist", responses=_QUERY_ERRORS)
+    def watch_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
+                    form: Annotated[WatchImageForm, Form()]) -> WatchEntryOut:
+        pixels = decode_image(image.file.read(), image.filename or "image", max_pixels)
+        subject = queries.image_subject(pixels, form.model)
+        subject = subject._replace(query={**subject.query, "filename": (image.filename or "image")[:128]})
+        return _added(watchlist.add(form.name, subject, form.min_probability, form.min_similarity, form.cameras))
+
+    @api.delete("/watchlist/{entry_id}", summary="Take someone off the watchlist (their alerts stay)",
+                responses={404: {"model": ErrorOut, "description": "no such entry"}})
+    def unwatch(entry_id: EntryId) -> dict:
+        if not watchlist.remove(entry_id):
+            raise LookupError(f"no watchlist entry {entry_id}")
+        return {"removed": entry_id}
+
+    @api.get("/alerts", summary="Alerts with an id above `after`, oldest first")
+    def alerts(after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
+        return [AlertOut.model_validate(a.to_dict()) for a in watchlist.alerts(after, limit)]
+
+
+def _added(entry) -> WatchEntryOut:
+    return WatchEntryOut.model_validate(entry.to_dict())
 
 
 def _error(status: int):

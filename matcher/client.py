@@ -144,8 +144,9 @@ def result_from_dict(d: dict) -> QueryResult:
     """The inverse of `QueryResult.to_dict()` (the API answers with its superset)."""
     cameras = {
         cam: [TrackHit(h["node"], h["camera"], h["track"], h["model"], h["score"], h["first_ts"], h["last_ts"],
-                       _record(h["best"]), [_record(s) for s in h["sightings"]], h["track_id"], h["n_sightings"])
+                       _record(h["best"]), [_record(s) for s in h["sightings"]], h["track_id"], h["n_sightings"],
+                       h.get("probability"))
               for h in hits]
         for cam, hits in d["cameras"].items()
     }
-    return QueryResult(d["model"], d["query"], cameras)
+    return QueryResult(d["model"], d["query"], cameras, d.get("calibrated", False))

@@ -12,6 +12,7 @@
 |           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
 |           |         | next commit, as SQLite and FAISS both run without the GIL                                 |
+| watch     | index   | each model's indexed rows go to `on_indexed` (`matcher.watchlist`): alerts          |
 | heartbeat | receive | an edge's state (`kernel.wire.Heartbeat`) goes to `on_heartbeat` (`matcher.edges`), no further |
 | ack       | receive | once a batch is committed, its `seq`s go back to the edges (ROUTER → DEALER, `kernel.wire`); |
 |           |         | a resent (node, seq) stored already is not stored again, only acknowledged again, as are   |
@@ -127,9 +128,11 @@ class Pipeline:
     """receive → check → commit → index; see the module docstring."""
 
     def __init__(self, cfg: IngestConfig, store: Store, index: Index, tracks: Tracks, metrics: MatcherMetrics,
-                 on_heartbeat: Callable[[Heartbeat], None] | None = None):
+                 on_heartbeat: Callable[[Heartbeat], None] | None = None,
+                 on_indexed: Callable[[str, np.ndarray, Rows], None] | None = None):
         self.cfg, self.store, self.index, self.tracks, self.metrics = cfg, store, index, tracks, metrics
         self.on_heartbeat = on_heartbeat
+        self.on_indexed = on_indexed  # each model's (ids, rows) once searchable: the watchlist checks them
         self.receiver: Receiver | None = None
         self.accepted = 0  # committed and indexed since start
         self.accepted_by_camera: Counter[str] = Counter()
@@ -356,6 +359,18 @@ class Pipeline:
         self.accepted += len(ids)
         self.accepted_by_camera.update(s.camera for rows in batch.values() for s in rows.sightings)
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        if self.on_indexed:
+            self._after_index(batch, ids)
+
+    def _after_index(self, batch: Batch, ids: np.ndarray) -> None:
+        start = 0
+        for model, rows in batch.items():
+            end = start + len(rows.sightings)
+            try:
+                self.on_indexed(model, ids[start:end], rows)
+            except Exception:  # the sightings are stored and searchable; only the check is lost
+                log.exception("watchlist check of %d sightings failed", end - start)
+            start = end
 
 
 class Receiver:

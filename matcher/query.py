@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from crossview.kernel.calibration import Calibration
 from crossview.kernel.config import QueryConfig
 from crossview.matcher.index import Index
 from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
@@ -95,33 +96,54 @@ def load_embedders(paths: list[Path]) -> dict[str, "Embedder"]:
     return out
 
 
+class Subject(NamedTuple):
+    """What is searched for: a unit vector of a model version, how the query was put, and the track it came from
+    (left out of its own answers)."""
+
+    vec: np.ndarray
+    model: str
+    query: dict
+    exclude_track: int | None = None
+
+
 class QueryEngine:
     def __init__(self, store: Store, index: Index, embedders: dict[str, "Embedder"], cfg: QueryConfig):
         self.store, self.index, self.embedders, self.cfg = store, index, embedders, cfg
 
     def search_embedding(self, vec: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
-        return self._search(_unit(vec), model, filters or Filters(), {"by": "embedding"})
+        return self._search(_unit(vec), model, {"by": "embedding"}, None, filters or Filters())
 
     def search_sighting(self, sighting_id: int, filters: Filters | None = None) -> QueryResult:
+        return self._search(*self.sighting_subject(sighting_id), filters or Filters())
+
+    def search_track(self, node: str, camera: str, track: int, model: str | None = None,
+                     filters: Filters | None = None) -> QueryResult:
+        return self._search(*self.track_subject(node, camera, track, model), filters or Filters())
+
+    def search_image(self, image_bgr: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+        return self._search(*self.image_subject(image_bgr, model), filters or Filters())
+
+    # -- what a query (or a watchlist entry) looks for -------------------------------------------
+
+    def sighting_subject(self, sighting_id: int) -> Subject:
         rec = self.store.record(sighting_id)
         vec = self.store.vector(sighting_id) if rec else None
         if rec is None or vec is None:
             raise LookupError(f"sighting {sighting_id} not found (never stored, or deleted by retention)")
         query = {"by": "sighting", "sighting": rec.id, "node": rec.node, "camera": rec.camera, "track": rec.track}
-        return self._search(vec, rec.model, filters or Filters(), query, exclude_track=rec.track_id)
+        return Subject(vec, rec.model, query, rec.track_id)
 
-    def search_track(self, node: str, camera: str, track: int, model: str | None = None,
-                     filters: Filters | None = None) -> QueryResult:
-        """The edge track's latest stretch (ids restart with an edge node) queried by its newest sighting."""
+    def track_subject(self, node: str, camera: str, track: int, model: str | None = None) -> Subject:
+        """The edge track's latest stretch (ids restart with an edge node), by its newest sighting."""
         rec = self.store.latest_in_track(node, camera, track, model)
         vec = self.store.vector(rec.id) if rec else None
         if rec is None or vec is None:
             of = f" with model version {model!r}" if model else ""
             raise LookupError(f"no track {node}:{camera}:{track}{of} in the store")
         query = {"by": "track", "node": node, "camera": camera, "track": int(track), "track_id": rec.track_id, "sighting": rec.id}
-        return self._search(vec, rec.model, filters or Filters(), query, exclude_track=rec.track_id)
+        return Subject(vec, rec.model, query, rec.track_id)
 
-    def search_image(self, image_bgr: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
+    def image_subject(self, image_bgr: np.ndarray, model: str) -> Subject:
         embedder = self.embedders.get(model)
         if embedder is None:
             loaded = ", ".join(sorted(self.embedders)) or "none"
@@ -131,14 +153,23 @@ class QueryEngine:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 2:
             raise ValueError(f"query image must be an (H, W, 3) uint8 BGR image, got {image.shape} {image.dtype}")
         vec = embedder.embed([image])[0]
-        return self._search(_unit(vec), model, filters or Filters(), {"by": "image", "height": image.shape[0],
-                                                                       "width": image.shape[1]})
+        return Subject(_unit(vec), model, {"by": "image", "height": image.shape[0], "width": image.shape[1]})
 
-    def _search(self, vec: np.ndarray, model: str, filters: Filters, query: dict, exclude_track: int | None = None) -> QueryResult:
+    def _search(self, vec: np.ndarray, model: str, query: dict, exclude_track: int | None, filters: Filters) -> QueryResult:
         groups = self._candidates(self._ranker(vec, model, filters), filters, exclude_track)
         best = sorted(groups.values(), key=lambda g: -g[0][0])[: filters.top_k]
         spans = self.store.track_spans(g[0][1].track_id for g in best)
-        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera([self._hit(g, spans) for g in best]))
+        hits = [self._hit(g, spans) for g in best]
+        cal = self.calibration_of(model)
+        if cal is not None:
+            probabilities = cal.probability([h.score for h in hits]).tolist() if hits else []
+            hits = [replace(h, probability=p) for h, p in zip(hits, probabilities)]
+        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera(hits), calibrated=cal is not None)
+
+    def calibration_of(self, model: str) -> Calibration | None:
+        """The model version's score calibration, from its ONNX file (the matcher's `models`); None: raw similarity."""
+        embedder = self.embedders.get(model)
+        return embedder.meta.calibration if embedder else None
 
     def _ranker(self, vec: np.ndarray, model: str, filters: Filters) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
         """`top(k) -> (scores, ids)` best first: the index, or exact scores of the few sightings a selective filter leaves."""

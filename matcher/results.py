@@ -3,7 +3,9 @@
 | type             | what                                                                              |
 |------------------|-----------------------------------------------------------------------------------|
 | `SightingRecord` | one stored sighting: where, when, its box and detector score, its track ids         |
-| `TrackHit`       | one matching track: similarity of its best sighting, time span, best few sightings |
+| `TrackHit`       | one matching track: similarity of its best sighting (and P(same person) when the model is |
+|                  | calibrated), time span, best few sightings                                        |
+| `verdict(p)`     | the words for a probability: "likely same person", "possible", "unlikely"           |
 | `QueryResult`    | a query's answer: `cameras` (camera → hits by time), `ranked()`, `to_dict()`, `to_text()` |
 
     >>> r = SightingRecord(7, "edge-1", "gate", 0.0, 3, 17, 5, (10.0, 20.0, 50.0, 140.0), 0.9, "m1", False)
@@ -36,6 +38,20 @@ class SightingRecord:
         return {**asdict(self), "box": list(self.box)}
 
 
+LIKELY, POSSIBLE = 0.9, 0.5  # P(same person) bands: the page's colours and the words below
+
+
+def verdict(probability: float | None) -> str:
+    """What an operator reads beside a score; "uncalibrated" when the model gives no probability.
+
+    >>> verdict(0.95), verdict(0.6), verdict(0.1), verdict(None)
+    ('likely same person', 'possible', 'unlikely', 'uncalibrated')
+    """
+    if probability is None:
+        return "uncalibrated"
+    return "likely same person" if probability >= LIKELY else "possible" if probability >= POSSIBLE else "unlikely"
+
+
 @dataclass(frozen=True)
 class TrackHit:
     node: str
@@ -49,11 +65,17 @@ class TrackHit:
     sightings: list[SightingRecord]  # the best-matching few, by time
     track_id: int = 0  # store's track id (first sighting's id): stable handle for a track
     n_sightings: int = 0  # stored sightings of the track
+    probability: float | None = None  # P(same person) from the model's calibration; None: uncalibrated
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.probability)
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("node", "camera", "track", "track_id", "model", "score", "first_ts", "last_ts",
-                                            "n_sightings")}
-        return {**d, "best": self.best.to_dict(), "sightings": [s.to_dict() for s in self.sightings]}
+        d = {k: getattr(self, k) for k in ("node", "camera", "track", "track_id", "model", "score", "probability",
+                                            "first_ts", "last_ts", "n_sightings")}
+        return {**d, "verdict": self.verdict, "best": self.best.to_dict(),
+                "sightings": [s.to_dict() for s in self.sightings]}
 
 
 @dataclass(frozen=True)
@@ -61,24 +83,30 @@ class QueryResult:
     model: str
     query: dict
     cameras: dict[str, list[TrackHit]] = field(default_factory=dict)
+    calibrated: bool = False  # the hits carry probabilities
 
     def ranked(self) -> list[TrackHit]:
         return sorted((h for hits in self.cameras.values() for h in hits), key=lambda h: -h.score)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "query": self.query,
+        return {"model": self.model, "query": self.query, "calibrated": self.calibrated,
                 "cameras": {cam: [h.to_dict() for h in hits] for cam, hits in self.cameras.items()}}
 
     def to_text(self) -> str:
-        lines = [f"model {self.model}, query {_describe(self.query)}"]
+        scale = ("P = P(same person), from the model's calibration" if self.calibrated
+                 else "score = cosine similarity (the model has no calibration: not a probability)")
+        lines = [f"model {self.model}, query {_describe(self.query)}", scale]
         if not self.cameras:
             return "\n".join([*lines, "no matching tracks"])
-        lines.append(f"{'camera':<16} {'node:camera:track':<28} {'score':>6}  {'first seen':<19}  {'last seen':<19}  "
+        head = "P" if self.calibrated else "score"
+        lines.append(f"{'camera':<16} {'node:camera:track':<28} {head:>6}  {'':<18}  {'first seen':<19}  {'last seen':<19}  "
                      f"{'best id':>8}  box")
         for cam, hits in self.cameras.items():
             for h in hits:
                 box = ",".join(f"{v:.0f}" for v in h.best.box)
-                lines.append(f"{cam:<16} {f'{h.node}:{h.camera}:{h.track}':<28} {h.score:6.3f}  {_clock(h.first_ts)}  "
+                value = h.probability if self.calibrated else h.score
+                lines.append(f"{cam:<16} {f'{h.node}:{h.camera}:{h.track}':<28} {value:6.3f}  "
+                             f"{h.verdict if self.calibrated else '':<18}  {_clock(h.first_ts)}  "
                              f"{_clock(h.last_ts)}  {h.best.id:>8}  {box}")
         return "\n".join(lines)
 

@@ -8,6 +8,7 @@
 | `CameraOut`    | one camera's totals, for the page's camera list                               |
 | `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
 | `EdgesOut`     | every edge and camera as its last heartbeat left it (`matcher.edges`)         |
+| `WatchIn`, `WatchImageForm`, `WatchEntryOut`, `AlertOut` | watchlist entries (from a sighting, a track or a crop) and their alerts |
 | `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
 | `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
 | `ImageQueryForm` | the form fields beside an uploaded crop: `model` and the filters            |
@@ -60,6 +61,8 @@ class SightingOut(_TrackKey):
 
 class TrackHitOut(_TrackKey):
     score: float = Field(description="cosine similarity of the track's best match to the query")
+    probability: float | None = Field(None, description="P(same person) from the model's calibration; null: uncalibrated")
+    verdict: str = Field(description="likely same person (P >= 0.9), possible (>= 0.5), unlikely, or uncalibrated")
     first_ts: float = Field(description="the whole stored track's time span")
     last_ts: float
     n_sightings: int = Field(description="sightings stored for the track")
@@ -70,6 +73,7 @@ class TrackHitOut(_TrackKey):
 class QueryOut(_Out):
     model: str
     query: dict[str, Any] = Field(description="what was searched for, as the matcher understood it")
+    calibrated: bool = Field(description="the model has a calibration: hits carry probabilities")
     cameras: dict[str, list[TrackHitOut]] = Field(description="camera id -> matching tracks by time; cameras by first hit")
 
 
@@ -185,3 +189,57 @@ class QueryIn(QueryFilters):
         if self.embedding is not None and not self.model:
             raise ValueError("an embedding query needs the model version that produced it")
         return self
+
+
+class _Threshold(BaseModel):
+    name: str = Field(min_length=1, max_length=128, description="who this is, as the operator calls them")
+    min_probability: float | None = Field(None, gt=0, lt=1, description="alert at or above this P(same person); "
+                                                                        "calibrated models only")
+    min_similarity: float | None = Field(None, ge=-1, le=1, description="alert at or above this cosine similarity")
+    cameras: list[str] | None = Field(None, max_length=1000, description="watch only these cameras; all when absent")
+
+
+class WatchIn(_Threshold):
+    model_config = ConfigDict(extra="forbid")
+
+    sighting_id: int | None = Field(None, ge=1, le=MAX_ID)
+    track: TrackRef | None = None
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> "WatchIn":
+        if (self.sighting_id is None) == (self.track is None):
+            raise ValueError("give exactly one of sighting_id, track (or upload a crop to /watchlist/image)")
+        return self
+
+
+class WatchImageForm(_Threshold):
+    model_config = ConfigDict(extra="ignore")  # the same form carries the image file
+
+    model: str = Field(description="embedding model version; the matcher needs its ONNX file")
+
+
+class WatchEntryOut(BaseModel):
+    id: int
+    name: str
+    model: str
+    calibrated: bool = Field(description="false: the model has no calibration, the threshold is raw similarity")
+    min_probability: float | None
+    min_similarity: float = Field(description="the cosine similarity the threshold stands for")
+    cameras: list[str] | None
+    origin: dict[str, Any] = Field(description="how the person was given: sighting, track or image")
+    created: float
+
+
+class AlertOut(BaseModel):
+    id: int
+    entry: int = Field(description="the watchlist entry")
+    name: str
+    sighting: int = Field(description="the sighting that raised it: the track's first over the threshold")
+    node: str
+    camera: str
+    track: int
+    track_id: int
+    ts: float
+    similarity: float
+    probability: float | None = Field(description="P(same person); null when the model has no calibration")
+    created: float = Field(description="when the matcher raised it")

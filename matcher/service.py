@@ -9,6 +9,7 @@
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
+| watchlist      | `matcher.watchlist`: every indexed batch checked against it; alerts to `matcher.webhooks` |
 | status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
 |                | edges' last heartbeats (`matcher.edges`)                                                 |
 
@@ -40,6 +41,8 @@ from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.query import QueryEngine, load_embedders
 from crossview.matcher.store import Store
 from crossview.matcher.tracks import Tracks
+from crossview.matcher.watchlist import Watchlist
+from crossview.matcher.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +73,23 @@ class Matcher:
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
+        self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of)
+        self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist)
+        self.watchlist.on_alerts(self.webhooks.enqueue)
         self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics,
-                               self.edges.heard)
+                               self.edges.heard, self._watch)
         self._stop = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def _watch(self, model: str, ids, rows) -> None:
+        self.watchlist.check(model, ids, rows.sightings, rows.vecs, self.store.records)
+
     def start(self) -> None:
         self.ingest.start()
+        self.webhooks.start()
         self.store.checkpoint_in_background()
         loops = [("checkpoint", self._checkpoint_loop), ("snapshots", self._snapshot_loop), ("status", self._status_loop)]
         if self.cfg.retention.max_age_hours or self.cfg.retention.max_per_camera:
@@ -105,11 +115,14 @@ class Matcher:
         self.ingest.stop()
         for t in self._threads:
             t.join()
+        self.webhooks.stop()
         self.index.close()
         self._snapshot()
         self._save_edges()
         self.store.close()
         self._log_status()
+        self.watchlist.close()
+        self.webhooks.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------
@@ -133,6 +146,8 @@ class Matcher:
             total += removed
             if not removed:
                 break
+        if r.max_age_hours:
+            self.watchlist.expire(now - r.max_age_hours * 3600)
         if total:
             log.info("retention: deleted %d sightings (max age %s h, max %s per camera)", total, r.max_age_hours, r.max_per_camera)
         return total
@@ -172,7 +187,10 @@ class Matcher:
 
     def stats(self) -> dict:
         return {"accepted": self.ingest.accepted, "rejected": dict(self.ingest.rejected), "partitions": self.index.stats(),
-                "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"]}
+                "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"],
+                "watchlist": {"entries": len(self.watchlist.entries()), "alerts": self.watchlist.alerted,
+                              "webhooks": {"delivered": self.webhooks.delivered, "failed_tries": self.webhooks.failures,
+                                           "given_up": self.webhooks.given_up, "pending": self.webhooks.pending}}}
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.cfg.metrics.log_interval_s):

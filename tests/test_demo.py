@@ -20,5 +20,8 @@ def test_demo_end_to_end(tmp_path):
         assert f"\n{camera} " in out and "finished" in out
     table = out[out.index("Where else was campus-a track"):]
     assert "\ncampus-b " in table  # campus-b shows the same people ten seconds later
-    report = tmp_path / "demo" / "report.html"
-    assert report.is_file() and report.read_text().count("data:image/jpeg;base64,") >= 2
+    assert "score = cosine similarity" in table or "P = P(same person)" in table  # the scale is said
+    for camera in ("tud-campus", "tud-stadtmitte"):  # a camera searched either matched or says it did not
+        assert f"\n{camera} " in table or f"\n{camera}: no match" in table
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert report.count("data:image/jpeg;base64,") >= 2 and "class=legend" in report

@@ -27,6 +27,8 @@ from crossview.matcher.client import encode_multipart
 PROTECTED = [
     ("GET", "/api/v1/stats"), ("GET", "/api/v1/cameras"), ("GET", "/api/v1/sightings"), ("GET", "/api/v1/sightings/1"),
     ("GET", "/api/v1/sightings/1/thumbnail"), ("POST", "/api/v1/query"), ("POST", "/api/v1/query/image"),
+    ("GET", "/api/v1/edges"), ("GET", "/api/v1/watchlist"), ("POST", "/api/v1/watchlist"), ("POST", "/api/v1/watchlist/image"),
+    ("DELETE", "/api/v1/watchlist/1"), ("GET", "/api/v1/alerts"),
 ]
 
 
@@ -250,7 +252,9 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
     assert ops == {("/api/v1/health", "GET"), ("/api/v1/stats", "GET"), ("/api/v1/cameras", "GET"),
                    ("/api/v1/sightings", "GET"), ("/api/v1/sightings/{sighting_id}", "GET"),
                    ("/api/v1/sightings/{sighting_id}/thumbnail", "GET"), ("/api/v1/query", "POST"),
-                   ("/api/v1/query/image", "POST")}
+                   ("/api/v1/query/image", "POST"), ("/api/v1/edges", "GET"), ("/api/v1/watchlist", "GET"),
+                   ("/api/v1/watchlist", "POST"), ("/api/v1/watchlist/image", "POST"),
+                   ("/api/v1/watchlist/{entry_id}", "DELETE"), ("/api/v1/alerts", "GET")}
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "the token from the matcher's `http.token` or `http.token_file`"}
     for path, method in ops:

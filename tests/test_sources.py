@@ -249,3 +249,15 @@ def test_a_dead_stream_logs_our_lines_only_and_never_its_password(tmp_path, defa
     assert f"camera door: rtsp://admin:***@127.0.0.1:{port}/live: cannot open the stream; reconnecting" in log
     foreign = [line for line in log.splitlines() if line.startswith("[") or "VIDEOIO" in line or "global " in line]
     assert foreign == []
+
+
+def test_a_file_clip_cut_later_from_a_recording_carries_its_offset(tmp_path):
+    clip = str(shared_data("TUD-Campus") / "TUD-Campus.mp4")
+    sources = [CameraSource(CameraConfig(id=f"c{k}", source=clip, fps=25, start_offset_s=offset))
+               for k, offset in enumerate((0.0, 10.0))]
+    for src in sources:  # started together: their first frames' times differ by the offset (and the moment between)
+        src.start()
+    first = [src.read(timeout=10) for src in sources]
+    for src in sources:
+        src.stop()
+    assert 10.0 <= first[1].ts - first[0].ts < 10.5

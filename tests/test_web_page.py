@@ -99,7 +99,8 @@ def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tm
     assert "3" in page.locator(".row[data-camera='gate'] .hit").evaluate_all("hits => hits.map(h => h.dataset.track)")
     # A hit shows its score and its best box; each frame its time (and box on hover).
     first = page.locator(".row[data-camera='gate'] .hit").first
-    assert first.locator(".score").inner_text().startswith("0.")
+    assert first.locator(".score").inner_text().startswith("sim 0.")  # the test model has no calibration: raw, labelled
+    assert "no calibration" in page.locator("#query .legend").inner_text()
     assert "best box " in first.locator("footer").inner_text()
     assert ":" in first.locator(".frame .caption").first.inner_text()
     assert "box " in first.locator(".frame").first.get_attribute("title")
@@ -148,6 +149,7 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_fra
     page.fill("#min-score", "0.9999")
     page.click("#filters button")
     page.wait_for_selector("#timeline:has-text('No matches with these filters.')")
+    assert page.locator("#timeline .nomatch").all_inner_texts() == ["hall: no match"]  # each camera searched says so
 
     # The token lives in this tab's sessionStorage: a reload stays connected; "Forget token" logs out.
     page.reload()
@@ -194,3 +196,41 @@ def test_the_status_panel_shows_edges_and_cameras_and_updates_live(visit, live_m
     page.wait_for_selector(".edge[data-node='edge-panel'][data-state='offline']", timeout=15000)
     assert "Edges: " in page.locator("#status-summary").inner_text()
     assert not visit.errors
+
+
+def test_watch_for_a_person_from_the_page_and_see_the_alert_arrive_live(browser, default_model, tud_frames, tmp_path):
+    """A matcher of its own (the shared one is read-only): watch person 3 from their newest gate sighting, then that
+    appearance is seen again on hall as a new track, and the alert shows without a reload."""
+    import dataclasses
+
+    from helpers import Pusher
+    from live_matcher import LiveMatcher
+
+    with LiveMatcher(tmp_path / "matcher", default_model, tud_frames) as live:
+        visit = Visit(browser, live)
+        page = visit.page
+        visit.login()
+        page.wait_for_selector("#alerts li.muted")
+        subject = next(r for r in live.matcher.store.recent("gate", 100) if r.track == 3)
+        page.click(".camera[data-camera='gate']")
+        page.click(f".pick[data-id='{subject.id}']")
+        page.wait_for_selector("#watch-form:not([hidden])")
+        page.fill("#watch-name", "person three")
+        page.fill("#watch-threshold", "0.8")
+        page.click("#watch-form button")
+        page.wait_for_selector("#watchlist li:has-text('person three')")
+        assert "uncalibrated" in page.locator("#watchlist li").first.inner_text()
+
+        # the person's gate appearance, seen again on hall a quarter of an hour later
+        again = [dataclasses.replace(s, node="edge-2", camera="hall", track=103, ts=s.ts + 900)
+                 for s in live.sightings if s.camera == "gate" and s.track == 3]
+        with Pusher(live.matcher.ingest.endpoint) as pusher:
+            pusher.send(again)
+        page.wait_for_selector("#alerts li[data-alert]", timeout=15000)
+        alert = page.locator("#alerts li[data-alert]")
+        assert alert.count() == 1  # one per track, however many frames
+        assert "person three on hall" in alert.inner_text() and "track 103" in alert.inner_text()
+        alert.locator("button").click()  # follow the alert: where else was this person seen
+        page.wait_for_selector("#query h2:has-text('on hall')")
+        assert not visit.errors
+        visit.ctx.close()

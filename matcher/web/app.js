@@ -5,10 +5,11 @@
 const API = "/api/v1";
 const TOKEN_KEY = "crossview-token";
 const RECENT_LIMIT = 60;
-const STATUS_EVERY_MS = 5000;
+const LIVE_EVERY_MS = 3000; // the edges' status and new alerts
 
 const $ = (selector) => document.querySelector(selector);
-const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null, statusTimer: null };
+const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null, liveTimer: null, lastAlert: 0,
+  alerts: [], cameras: [] };
 const thumbs = new Map(); // sighting id -> Promise of a blob URL
 
 class ApiError extends Error {
@@ -90,8 +91,23 @@ function fmtBox([x1, y1, x2, y2]) {
   return `${Math.round(x2 - x1)}×${Math.round(y2 - y1)} at ${Math.round(x1)},${Math.round(y1)}`;
 }
 
-function scoreClass(score) {
-  return score >= 0.8 ? "high" : score >= 0.6 ? "mid" : "low";
+// Colours from the model's calibration (matcher/results.py LIKELY, POSSIBLE); raw similarity gets none: it is no
+// probability, and a colour would say it was.
+function scoreClass(hit) {
+  if (hit.probability == null) return "raw";
+  return hit.probability >= 0.9 ? "high" : hit.probability >= 0.5 ? "mid" : "low";
+}
+
+const scoreText = (hit) => (hit.probability == null ? `sim ${hit.score.toFixed(2)}` : `P ${hit.probability.toFixed(2)}`);
+
+function legend(result) {
+  if (!result.calibrated) {
+    return el("p", { class: "legend muted" }, "Scores are cosine similarity: this model has no calibration, so they are not ",
+      "probabilities (crossview calibrate adds one).");
+  }
+  return el("p", { class: "legend" }, "P(same person), from the model's calibration: ",
+    el("span", { class: "score high" }, "≥ 0.9 likely same person"), " ", el("span", { class: "score mid" }, "≥ 0.5 possible"),
+    " ", el("span", { class: "score low" }, "below: unlikely"));
 }
 
 function showError(message) {
@@ -130,7 +146,7 @@ function showLogin(message = "") {
 }
 
 function logout(message = "") {
-  clearInterval(state.statusTimer);
+  clearInterval(state.liveTimer);
   state.token = "";
   sessionStorage.removeItem(TOKEN_KEY);
   thumbs.forEach((url) => url.then(URL.revokeObjectURL, () => {}));
@@ -145,11 +161,11 @@ async function connect(token) {
   $("#app").hidden = false;
   $("#logout").hidden = false;
   await guarded(async () => {
-    await Promise.all([loadCameras(), loadModels(), loadEdges()]);
+    await Promise.all([loadCameras(), loadModels(), loadEdges(), loadWatchlist(), loadAlerts()]);
     await showRecent(null);
   });
-  clearInterval(state.statusTimer);
-  state.statusTimer = setInterval(refreshEdges, STATUS_EVERY_MS);
+  clearInterval(state.liveTimer);
+  state.liveTimer = setInterval(refreshLive, LIVE_EVERY_MS);
 }
 
 // ---- edge status -----------------------------------------------------------------------------
@@ -193,19 +209,71 @@ async function loadEdges() {
 }
 
 // Polled: a failure shows on the panel, not as the page's error banner, and the next poll retries.
-async function refreshEdges() {
+async function refreshLive() {
   try {
-    await loadEdges();
+    await Promise.all([loadEdges(), loadAlerts()]);
   } catch (e) {
     if (e.status === 401) logout("The token was not accepted.");
     else $("#status-summary").textContent = `Status unavailable: ${e.message}`;
   }
 }
 
+// ---- watchlist and alerts --------------------------------------------------------------------
+
+async function loadWatchlist() {
+  const entries = await getJson(`${API}/watchlist`);
+  $("#watchlist").replaceChildren(...(entries.length ? entries.map(watchItem) : [el("li", { class: "muted" }, "Nobody yet: open a sighting and watch for that person.")]));
+}
+
+function watchItem(e) {
+  const threshold = e.calibrated ? `P ≥ ${e.min_probability}` : `similarity ≥ ${e.min_similarity} (uncalibrated)`;
+  return el("li", { dataset: { entry: e.id } },
+    el("button", { type: "button", class: "link", title: "take off the watchlist",
+      onclick: () => guarded(async () => { await api(`${API}/watchlist/${e.id}`, { method: "DELETE" }); await loadWatchlist(); }) }, "remove"),
+    el("strong", {}, e.name),
+    el("span", { class: "detail muted" }, `${threshold} · ${e.cameras ? e.cameras.join(", ") : "all cameras"} · model ${e.model}`));
+}
+
+async function loadAlerts() {
+  const fresh = await getJson(`${API}/alerts?after=${state.lastAlert}&limit=100`);
+  if (!fresh.length) return;
+  state.lastAlert = fresh[fresh.length - 1].id;
+  state.alerts = [...fresh.reverse(), ...state.alerts].slice(0, 50); // newest first
+  $("#alerts").replaceChildren(...state.alerts.map((a) => alertItem(a, fresh.includes(a))));
+}
+
+function alertItem(a, isNew) {
+  const score = a.probability != null ? `P ${a.probability.toFixed(2)}` : `similarity ${a.similarity.toFixed(2)} (uncalibrated)`;
+  return el("li", { class: isNew ? "fresh" : null, dataset: { alert: a.id, sighting: a.sighting } },
+    el("strong", {}, a.name), ` on ${a.camera} at ${fmtTime(a.ts)}`,
+    el("span", { class: "detail muted" }, `${score} · ${a.node} · track ${a.track}`),
+    el("button", { type: "button", class: "link", onclick: () => guarded(async () => {
+      search({ sighting: await getJson(`${API}/sightings/${a.sighting}`) });
+    }) }, "where else?"));
+}
+
+function showWatchForm(subject, result) {
+  const form = $("#watch-form");
+  form.hidden = !subject.sighting;
+  if (form.hidden) return;
+  // Thresholds on raw cosine when the model has no calibration; the matcher says which when the entry is made.
+  $("#watch-threshold").value = $("#watch-threshold").value || 0.8;
+  $("#watch-note").textContent = `cosine similarity (model ${result.model})`;
+}
+
+async function watchSubject() {
+  const s = state.subject.sighting;
+  const entry = await postJson(`${API}/watchlist`, { name: $("#watch-name").value.trim(), sighting_id: s.id,
+    min_similarity: Number($("#watch-threshold").value) });
+  $("#watch-note").textContent = `${entry.name} is on the watchlist (${entry.calibrated ? `P ≥ ${entry.min_probability.toFixed(2)}` : "raw similarity"}).`;
+  await loadWatchlist();
+}
+
 // ---- cameras, models, recent sightings -------------------------------------------------------
 
 async function loadCameras() {
   const cameras = await getJson(`${API}/cameras`);
+  state.cameras = cameras.map((c) => c.camera);
   const total = cameras.reduce((n, c) => n + c.sightings, 0);
   $("#summary").textContent = `${cameras.length} camera${cameras.length === 1 ? "" : "s"}, ${total} sightings`;
   $("#cameras").replaceChildren(
@@ -292,8 +360,13 @@ function renderResults(subject, result) {
     .map(([camera, hits]) => ({ camera, hits: [...hits].sort((a, b) => a.first_ts - b.first_ts) }))
     .sort((a, b) => a.hits[0].first_ts - b.hits[0].first_ts); // read top-down in the order the person went
   const tracks = rows.reduce((n, r) => n + r.hits.length, 0);
-  $("#query").replaceChildren(querySummary(subject, result, `${tracks} track${tracks === 1 ? "" : "s"} on ${rows.length} camera${rows.length === 1 ? "" : "s"}`));
-  $("#timeline").replaceChildren(...(rows.length ? rows.map(timelineRow) : [el("p", { class: "muted" }, "No matches with these filters.")]));
+  $("#query").replaceChildren(querySummary(subject, result, `${tracks} track${tracks === 1 ? "" : "s"} on ${rows.length} camera${rows.length === 1 ? "" : "s"}`),
+    legend(result));
+  const searched = result.query.filters.cameras || state.cameras;
+  const unmatched = searched.filter((c) => !rows.some((r) => r.camera === c));
+  $("#timeline").replaceChildren(...(rows.length ? rows.map(timelineRow) : [el("p", { class: "muted" }, "No matches with these filters.")]),
+    ...unmatched.map((camera) => el("p", { class: "nomatch muted", dataset: { camera } }, `${camera}: no match`)));
+  showWatchForm(subject, result);
   showView("results");
 }
 
@@ -315,20 +388,22 @@ function querySummary(subject, result, found) {
 }
 
 function timelineRow({ camera, hits }) {
-  const best = Math.max(...hits.map((h) => h.score));
+  const best = hits.reduce((a, b) => (b.score > a.score ? b : a));
   return el("section", { class: "row", dataset: { camera } },
     el("header", { class: "row-label" },
       el("strong", {}, camera),
       el("span", { class: "muted" }, `${hits.length} track${hits.length === 1 ? "" : "s"}`),
-      el("span", { class: `score ${scoreClass(best)}` }, `best ${best.toFixed(2)}`)),
+      el("span", { class: `score ${scoreClass(best)}` }, `best ${scoreText(best)}`)),
     el("div", { class: "strip" }, ...hits.map(hitGroup)));
 }
 
 function hitGroup(hit) {
   const sightings = [...hit.sightings].sort((a, b) => a.ts - b.ts);
-  return el("article", { class: `hit ${scoreClass(hit.score)}`, dataset: { track: hit.track } },
+  const title = hit.probability == null ? "cosine similarity to the query (uncalibrated model)"
+    : `${hit.verdict}: P(same person) ${hit.probability.toFixed(3)}, cosine similarity ${hit.score.toFixed(3)}`;
+  return el("article", { class: `hit ${scoreClass(hit)}`, dataset: { track: hit.track } },
     el("header", {},
-      el("span", { class: `score ${scoreClass(hit.score)}`, title: "cosine similarity to the query" }, hit.score.toFixed(2)),
+      el("span", { class: `score ${scoreClass(hit)}`, title }, scoreText(hit)),
       el("span", { class: "muted" }, hit.first_ts === hit.last_ts ? fmtTime(hit.first_ts) : `${fmtTime(hit.first_ts)}–${fmtTime(hit.last_ts)}`)),
     el("div", { class: "frames" }, ...sightings.map((s) => frame(s, s.id === hit.best.id))),
     el("footer", { class: "muted" }, `${hit.node} · track ${hit.track} · best box ${fmtBox(hit.best.box)}`));
@@ -353,6 +428,10 @@ $("#back").addEventListener("click", () => guarded(() => showRecent(state.camera
 $("#filters").addEventListener("submit", (e) => {
   e.preventDefault();
   if (state.subject && !$("#results").hidden) search(state.subject);
+});
+$("#watch-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  guarded(watchSubject);
 });
 $("#upload-form").addEventListener("submit", (e) => {
   e.preventDefault();

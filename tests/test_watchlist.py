@@ -1,0 +1,276 @@
+"""Watchlists and alerts: entries from a sighting, a track or a crop, one alert per track, camera filters,
+calibrated and raw thresholds, the API, and webhooks with signatures and retries against a real HTTP receiver."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import requests
+from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_until
+from live_matcher import tud_sightings
+
+from crossview.edge.tracking import TrackGallery
+from crossview.kernel.calibration import Calibration
+from crossview.kernel.config import ConfigError, WatchlistConfig, parse_config
+from crossview.matcher.api import serve
+from crossview.matcher.query import Subject
+from crossview.matcher.service import Matcher
+from crossview.matcher.watchlist import Watchlist
+
+TOKEN = "test-token-0123456789"
+SECRET = "webhook-secret-0123456789"
+T0 = time.time() - 3600
+
+
+class Receiver:
+    """A real webhook receiver: records each POST and whether its signature verifies; the first `fail` answer 500."""
+
+    def __init__(self, fail: int = 0):
+        self.requests: list[dict] = []
+        self.fail = fail
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ts = self.headers["X-Crossview-Timestamp"]
+                good = hmac.new(SECRET.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+                receiver.requests.append({"alert": self.headers["X-Crossview-Alert"], "body": json.loads(body),
+                                          "signed": hmac.compare_digest(self.headers["X-Crossview-Signature"], f"sha256={good}")})
+                failing = len(receiver.requests) <= receiver.fail
+                self.send_response(500 if failing else 204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?key=in-the-url"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> list[dict]:
+        return self.requests[self.fail:]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver(fail=2)
+    yield r
+    r.close()
+
+
+def start(tmp_path, receiver=None, **watchlist):
+    hooks = [{"url": receiver.url, "secret": SECRET}] if receiver else []
+    cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN},
+                         watchlist={"webhooks": hooks, "default_similarity": 0.9, **watchlist})
+    m = Matcher(cfg)
+    m.start()
+    return m
+
+
+def feed(m: Matcher, sightings) -> None:
+    before = m.ingest.accepted
+    with Pusher(m.ingest.endpoint) as p:
+        p.send(sightings)
+    wait_until(lambda: m.ingest.accepted >= before + len(sightings), 20, "sightings accepted")
+
+
+def walk(vec, camera: str, track: int, frames: int, rng, t: float, noise: float = 0.05):
+    """One person's track: `frames` noisy copies of `vec`, half a second apart."""
+    out = []
+    for f in range(frames):
+        v = vec + noise * rng.standard_normal(vec.shape).astype(np.float32) / np.sqrt(len(vec))
+        out.append(make_sighting(v / np.linalg.norm(v), camera=camera, track=track, ts=t + f * 0.5, frame=f))
+    return out
+
+
+def test_a_person_passing_a_second_camera_alerts_once_per_track_and_only_on_watched_cameras(tmp_path, receiver):
+    rng = np.random.default_rng(0)
+    people = unit_vectors(rng, 6, 64)
+    m = start(tmp_path, receiver)
+    try:
+        feed(m, walk(people[0], "gate", 1, 5, rng, T0))
+        gate_sighting = m.store.recent("gate", 1)[0]
+        entry = m.watchlist.add("visitor", m.queries.sighting_subject(gate_sighting.id))
+        lobby_only = m.watchlist.add("lobby only", m.queries.sighting_subject(gate_sighting.id), cameras=["lobby"])
+        assert (entry.min_probability, entry.min_similarity) == (None, 0.9)  # m1 has no calibration: raw similarity
+        # the same person on hall for 12 frames, then again later as a new edge track; 5 others meanwhile
+        feed(m, walk(people[0], "hall", 7, 12, rng, T0 + 10) + walk(people[0], "hall", 9, 4, rng, T0 + 200)
+             + [s for p in range(1, 6) for s in walk(people[p], "hall", 20 + p, 6, rng, T0 + 20)])
+        alerts = m.watchlist.alerts()
+        assert [(a.entry, a.camera, a.track) for a in alerts] == [(entry.id, "hall", 7), (entry.id, "hall", 9)]
+        assert (m.store.record(alerts[0].sighting).camera, m.store.record(alerts[0].sighting).track) == ("hall", 7)
+        assert all(a.probability is None and a.similarity >= 0.9 for a in alerts)
+        wait_until(lambda: len(receiver.delivered()) == 2, 20, "both alerts delivered")  # after 2 refused tries
+        assert all(r["signed"] for r in receiver.requests)
+        assert sorted(int(r["alert"]) for r in receiver.delivered()) == [a.id for a in alerts]
+        assert receiver.delivered()[0]["body"]["alert"]["name"] == "visitor"
+        stats = m.stats()["watchlist"]
+        assert stats["alerts"] == 2 and stats["webhooks"]["delivered"] == 2 and stats["webhooks"]["failed_tries"] == 2
+        assert lobby_only.id not in {a.entry for a in alerts}
+    finally:
+        m.stop()
+
+
+def test_alerts_and_entries_survive_a_restart_and_a_track_never_alerts_twice(tmp_path):
+    rng = np.random.default_rng(1)
+    person = unit_vectors(rng, 1, 64)[0]
+    m = start(tmp_path)
+    feed(m, walk(person, "gate", 1, 3, rng, T0))
+    entry = m.watchlist.add("visitor", m.queries.track_subject("edge-1", "gate", 1))
+    feed(m, walk(person, "hall", 4, 3, rng, T0 + 10))
+    assert len(m.watchlist.alerts()) == 1
+    m.stop()
+    m = start(tmp_path)
+    try:
+        assert [e.id for e in m.watchlist.entries()] == [entry.id]
+        feed(m, walk(person, "hall", 4, 3, rng, T0 + 12))  # the same track goes on
+        assert len(m.watchlist.alerts()) == 1
+        assert m.watchlist.remove(entry.id) and not m.watchlist.remove(entry.id)
+        feed(m, walk(person, "lobby", 5, 3, rng, T0 + 30))
+        assert len(m.watchlist.alerts()) == 1  # off the list: no more alerts, the old one stays
+    finally:
+        m.stop()
+
+
+def test_calibrated_thresholds_are_probabilities_and_uncalibrated_ones_refuse_them(tmp_path):
+    cal = Calibration((0.6, 0.8, 0.9), (0.05, 0.5, 0.95))  # P 0.5 at cosine 0.8, at most 0.95
+    wl = Watchlist(tmp_path / "w.db", WatchlistConfig(max_entries=2), lambda model: cal if model == "cal" else None)
+    v = np.ones(8, np.float32)
+    e = wl.add("a", Subject(v, "cal", {"by": "embedding"}), min_probability=0.5)
+    assert e.min_similarity == pytest.approx(0.8) and e.to_dict()["calibrated"]
+    assert wl.add("b", Subject(v, "cal", {}), min_similarity=0.9).min_probability == pytest.approx(float(cal.probability(0.9)))
+    with pytest.raises(ValueError, match="never reaches P 0.99"):
+        wl.add("c", Subject(v, "cal", {}), min_probability=0.99)
+    with pytest.raises(ValueError, match="watchlist is full"):
+        wl.add("c", Subject(v, "raw", {}))
+    wl.remove(e.id)
+    with pytest.raises(ValueError, match="has no calibration: give min_similarity"):
+        wl.add("c", Subject(v, "raw", {}), min_probability=0.9)
+    with pytest.raises(ValueError, match="printable"):
+        wl.add("bad\nname", Subject(v, "raw", {}))
+    wl.close()
+
+
+def as_edges_send(sightings: list) -> list:
+    """Each track's running mean embedding in place of the frame's own, as edge nodes send (`TrackGallery`)."""
+    galleries: dict[str, TrackGallery] = {}
+    out = []
+    for s in sightings:
+        gallery = galleries.setdefault(s.camera, TrackGallery(max_idle_s=1e9))
+        track = gallery.add(s.track, s.embedding, TrackGallery.quality(s.score, s.box[3] - s.box[1]), s.ts)
+        out.append(dataclasses.replace(s, embedding=track.mean.astype(np.float32)))
+    return out
+
+
+def test_the_api_adds_lists_and_removes_entries_and_lists_alerts(tmp_path, default_model, tud_frames):
+    """TUD-Campus people seen on gate, then hall (persons 2-5 walk from one to the other), embedded by the real
+    default model: a person put on the watchlist from their gate track alerts on hall, once."""
+    from crossview.kernel.embedder import Embedder
+
+    embedder = Embedder(default_model, device="cpu")
+    sightings = as_edges_send(tud_sightings(embedder, tud_frames, T0))
+    cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN}, models=[str(default_model)])
+    m = Matcher(cfg)
+    m.start()
+    server = serve(m, cfg.http)
+    url, auth = server.url.rstrip("/"), {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        feed(m, [s for s in sightings if s.camera == "gate"])
+        r = requests.post(f"{url}/api/v1/watchlist", headers=auth, timeout=10, json={
+            "name": "person 3", "track": {"node": "edge-1", "camera": "gate", "track": 3}, "min_similarity": 0.94})
+        assert r.status_code == 200, r.text
+        entry = r.json()
+        assert (entry["calibrated"], entry["min_similarity"], entry["origin"]["by"]) == (False, 0.94, "track")
+        bad = requests.post(f"{url}/api/v1/watchlist", headers=auth, timeout=10,
+                            json={"name": "x", "sighting_id": 1, "min_probability": 0.9})
+        assert bad.status_code == 400 and "no calibration" in bad.json()["detail"]
+        assert requests.post(f"{url}/api/v1/watchlist", headers=auth, timeout=10,
+                             json={"name": "x", "sighting_id": 10**6}).status_code == 404
+
+        hall = [s for s in sightings if s.camera == "hall"]
+        feed(m, hall)
+        alerts = requests.get(f"{url}/api/v1/alerts", headers=auth, timeout=10).json()
+        # what may alert, computed here by brute force: a batch's newest sighting of each track is checked, so a
+        # track whose last sighting reaches the threshold must alert, and one none of whose sightings reach it must not
+        q = m.store.vector(m.store.latest_in_track("edge-1", "gate", 3).id)
+        best, last = {}, {}
+        for s in hall:
+            last[s.track] = float(s.embedding @ q / np.linalg.norm(s.embedding))
+            best[s.track] = max(best.get(s.track, -1.0), last[s.track])
+        alerted = {a["track"] for a in alerts}
+        assert {t for t, c in last.items() if c >= 0.94} <= alerted <= {t for t, b in best.items() if b >= 0.94}
+        assert 3 in alerted and len(alerted) == len(alerts)
+        assert requests.get(f"{url}/api/v1/alerts?after={alerts[-1]['id']}", headers=auth, timeout=10).json() == []
+
+        assert requests.delete(f"{url}/api/v1/watchlist/{entry['id']}", headers=auth, timeout=10).status_code == 200
+        assert requests.delete(f"{url}/api/v1/watchlist/{entry['id']}", headers=auth, timeout=10).status_code == 404
+        assert requests.get(f"{url}/api/v1/watchlist", headers=auth, timeout=10).json() == []
+    finally:
+        server.stop()
+        m.stop()
+
+
+def test_webhook_config_needs_a_secret_and_names_the_key():
+    with pytest.raises(ConfigError, match="set exactly one of secret or secret_file"):
+        parse_config({"webhooks": [{"url": "http://127.0.0.1:9/x"}]}, WatchlistConfig)
+    with pytest.raises(ConfigError, match="webhooks.0.url"):
+        parse_config({"webhooks": [{"url": "ftp://x", "secret": SECRET}]}, WatchlistConfig)
+
+
+def test_a_webhook_secret_file_is_read_from_beside_the_config_and_a_bad_one_names_the_key(tmp_path):
+    from crossview.kernel.config import load_matcher_config
+    from crossview.matcher.webhooks import Webhooks
+
+    site = tmp_path / "site"
+    (site / "keys").mkdir(parents=True)
+    (site / "keys" / "hook").write_text(SECRET + "\n")
+    (site / "matcher.yaml").write_text("ingest: {endpoint: 'tcp://127.0.0.1:*', security: {mode: plain}}\n"
+                                       f"http: {{token: {TOKEN}}}\n"
+                                       "watchlist: {webhooks: [{url: 'http://127.0.0.1:9/a', secret_file: keys/hook}]}\n")
+    cfg = load_matcher_config(site / "matcher.yaml")
+    assert cfg.watchlist.webhooks[0].secret_file == site / "keys" / "hook"
+    Webhooks(tmp_path / "ok.db", cfg.watchlist).close()
+    (site / "keys" / "hook").write_text("short")
+    with pytest.raises(ValueError, match="watchlist.webhooks.0.secret_file: .* at least 16 characters"):
+        Webhooks(tmp_path / "w.db", cfg.watchlist)
+    (site / "keys" / "hook").unlink()
+    with pytest.raises(ValueError, match="watchlist.webhooks.0.secret_file: .*cannot read it"):
+        Webhooks(tmp_path / "w2.db", cfg.watchlist)
+
+
+def test_a_calibrated_model_turns_scores_into_probabilities_in_queries_and_watch_thresholds(tmp_path, default_model,
+                                                                                           tud_frames):
+    from crossview.kernel.embedder import Embedder
+    from crossview.trainer.export import write_metadata
+
+    embedder = Embedder(default_model, device="cpu")
+    cal = Calibration((0.6, 0.8, 0.9), (0.05, 0.5, 0.95))
+    calibrated = tmp_path / "calibrated.onnx"
+    write_metadata(default_model, calibrated, dataclasses.replace(embedder.meta, calibration=cal))
+    m = Matcher(matcher_config(tmp_path / "matcher", models=[str(calibrated)]))
+    m.start()
+    try:
+        feed(m, as_edges_send(tud_sightings(embedder, tud_frames, T0)))
+        subject = m.store.latest_in_track("edge-1", "gate", 3)
+        result = m.queries.search_sighting(subject.id)
+        hits = result.ranked()
+        assert result.calibrated and hits
+        assert [h.probability for h in hits] == pytest.approx(cal.probability([h.score for h in hits]).tolist())
+        assert "P = P(same person)" in result.to_text() and hits[0].verdict in result.to_text()
+        entry = m.watchlist.add("person 3", m.queries.sighting_subject(subject.id))
+        assert (entry.min_probability, entry.min_similarity) == (0.9, pytest.approx(cal.cosine_at(0.9)))
+    finally:
+        m.stop()
