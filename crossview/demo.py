@@ -9,6 +9,8 @@ The edge node runs four cameras: two cut from one real overhead view (`campus-a`
 seconds, `campus-b` the next ten, with `start_offset_s: 10` so its times follow on, and the same people
 walk through both) and the two TUD street clips. The matcher ingests everything; then the longest track of `campus-a` is looked up on the
 other cameras. Prints what each camera saw, the matches, and writes an HTML report with thumbnails.
+The edge harvests crops as it goes, and the embedder's calibration (cosine → P(same person)) is
+fitted on those tracklets before the query, so the answers are probabilities.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
 
     edge_cfg = load_edge_config(config)
     # a spool of its own too, or what an interrupted demo left unacknowledged would land in this one's empty matcher
-    edge_cfg = edge_cfg.model_copy(update={"publisher": edge_cfg.publisher.model_copy(update={"spool_dir": out / "spool"})})
+    edge_cfg = edge_cfg.model_copy(update={"publisher": edge_cfg.publisher.model_copy(update={"spool_dir": out / "spool"}),
+                                           "harvest": edge_cfg.harvest.model_copy(update={"dir": out / "harvest"})})
     ensure_default_embedder(edge_cfg.embedder.model)
     shutil.rmtree(out, ignore_errors=True)  # each demo starts from an empty matcher
     matcher = Matcher(_matcher_config(edge_cfg, out / "matcher"))
@@ -63,6 +66,8 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
         stats = EdgeNode(edge_cfg).run()
         _drain(matcher, sum(s.sightings for s in stats.values()))
         _print_cameras(stats, matcher)
+        if edge_cfg.harvest.enabled:
+            _calibrate(matcher, edge_cfg.embedder.model, out)
         result = _cross_camera_query(matcher, Filters(top_k=5, cameras=[c for c in stats if c != QUERY_CAMERA]))
         if result is None:
             print(f"\nno track on {QUERY_CAMERA} to look up")
@@ -79,6 +84,20 @@ def run_demo(config: Path, out: Path, serve: bool = False) -> int:
     finally:
         matcher.stop()
     return 0
+
+
+def _calibrate(matcher, model: Path, out: Path) -> None:
+    """Fit the model's calibration on the crops the demo harvested, so the matcher answers in P(same person)."""
+    from crossview.trainer.calibration import calibrate_model
+
+    calibrated = out / f"{model.stem}-calibrated.onnx"
+    try:
+        cal = calibrate_model(model, out / "harvest", calibrated)
+    except ValueError as e:  # too few tracklets, say: the answers stay raw similarity, labelled so
+        log.warning("no calibration from the demo's footage (%s): scores stay raw cosine similarity", e)
+        return
+    matcher.queries.use_model(calibrated)
+    print(f"\ncalibrated on the demo's own tracklets: {cal.describe()}")
 
 
 def _drain(matcher, made: int, wait_s: float = 10.0) -> None:

@@ -166,6 +166,10 @@ class QueryEngine:
             hits = [replace(h, probability=p) for h, p in zip(hits, probabilities)]
         return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera(hits), calibrated=cal is not None)
 
+    def use_model(self, path: Path) -> None:
+        """Load (or replace) the embedder of `path`'s model version: image queries and its calibration."""
+        self.embedders.update(load_embedders([path]))
+
     def calibration_of(self, model: str) -> Calibration | None:
         """The model version's score calibration, from its ONNX file (the matcher's `models`); None: raw similarity."""
         embedder = self.embedders.get(model)
