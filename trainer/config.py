@@ -8,6 +8,7 @@
 | `model`      | backbone, attention variant, heads and the ablation switches               |
 | `loss`       | weights of Eq. 12's terms and the target loss kind                         |
 | `clustering` | k-means++ (DAAM) or DBSCAN on the k-reciprocal distance (DAAL)             |
+| `arn`, `adfl` | ARN's loss weights and switches; ADFL's attention-feature branch and losses |
 | `pretrain`, `adapt` | Algorithm 1's schedules                                             |
 
 Errors are `crossview.kernel.config.ConfigError` naming the file and the dotted key, like the services'.
@@ -60,6 +61,12 @@ class ModelConfig(_Strict):
     embedding_dim: int = Field(256, ge=8)
     dsp: bool = Field(True, description="the domain-specific branch (off: the 'DSH' ablation)")
     domain_loss: Literal["occ", "grl", "none"] = Field("occ", description="one-class L_DS (Eq. 5), GRL, or none")
+    attn3: Literal["none", "1sum"] = Field(
+        "none", description="ADFL's type I spatial + channel attention after backbone stage 3 (ADFL: '1sum')"
+    )
+    init_from: Path | None = Field(
+        None, description="a training checkpoint (last.pt) whose trunk starts this run, e.g. an ADFL run's (with attn3: 1sum)"
+    )
 
 
 class LossConfig(_Strict):
@@ -71,6 +78,28 @@ class LossConfig(_Strict):
     target: Literal["weighted", "soft", "hard"] = Field(
         "weighted", description="weighted CE (DAAM Eq. 8), soft labels (DAAL Eq. 5), or plain CE (w/o weights)"
     )
+
+
+class ArnConfig(_Strict):
+    """ARN Eq. 5: L = L_cls + ctrs L_ctrs + rec L_rec + diff L_diff (+ mmd, the authors' code only)."""
+
+    ctrs: float = Field(0.01, ge=0, description="alpha, the contrastive loss weight (Eq. 2)")
+    rec: float = Field(2.0, ge=0, description="beta, the reconstruction loss weight (Eq. 3); 0: the 'w/o L_rec' ablation")
+    diff: float = Field(1500.0, ge=0, description="gamma, the difference (orthogonality) loss weight (Eq. 4)")
+    mmd: float = Field(0.0, ge=0, description="MMD of source and target e_c (the authors' code: 0.1; not in the paper)")
+    margin: float = Field(2.0, gt=0, description="contrastive margin m (the paper gives none; the authors' code 2)")
+    private: bool = Field(True, description="the private encoders E_S / E_T (off: the 'w/o E_S, E_T' ablation)")
+    reconstruct: Literal["features", "image"] = Field(
+        "features", description="what D_C rebuilds: the feature map X (the paper, L2) or the image (the authors' code, L1)"
+    )
+
+
+class AdflConfig(_Strict):
+    af_dim: int = Field(1024, ge=8, description="AF3 convolutional block width, concatenated with the backbone feature")
+    softmax: float = Field(1.0, ge=0, description="identity cross-entropy weight (on the BN neck)")
+    triplet: float = Field(1.0, ge=0, description="batch-hard triplet weight (on the BN neck)")
+    margin: float = Field(0.3, gt=0, description="triplet margin")
+    flip_test: bool = Field(True, description="the embedding averages the image and its mirror image (also exported)")
 
 
 class ClusteringConfig(_Strict):
@@ -90,6 +119,7 @@ class ScheduleConfig(_Strict):
     milestones: list[int] = Field(default_factory=list, description="epochs where lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
+    freeze_backbone_epochs: int = Field(0, ge=0, description="the backbone's lr is 0 for this many first epochs (ADFL: 5)")
 
 
 class AdaptConfig(ScheduleConfig):
@@ -103,7 +133,8 @@ class SamplerConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    momentum: float = Field(0.9, ge=0, lt=1)
+    kind: Literal["sgd", "adam"] = Field("sgd", description="Nesterov SGD (DAAM, DAAL, ARN) or Adam (ADFL)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, or Adam's beta1")
     weight_decay: float = Field(5e-4, ge=0)
 
 
@@ -122,6 +153,8 @@ class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     clustering: ClusteringConfig = ClusteringConfig()
+    arn: ArnConfig = ArnConfig()
+    adfl: AdflConfig = AdflConfig()
     sampler: SamplerConfig = SamplerConfig()
     optim: OptimConfig = OptimConfig()
     pretrain: ScheduleConfig = ScheduleConfig(epochs=60, lr=1e-3, milestones=[40])
@@ -159,7 +192,7 @@ def overlay(base: dict, changes: dict) -> dict:
     return out
 
 
-TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root")]
+TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root"), ("model", "init_from")]
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

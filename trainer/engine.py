@@ -5,7 +5,9 @@
 | method                    | `method:` in the train YAML picks one of `trainer.methods.METHODS`: its network, losses and step on the target |
 | pre-train                 | source PK batches (Alg. 1 line 1)                                        |
 | each iteration            | the method's step on the target (DAAM / DAAL: cluster, pseudo labels, weights), then `adapt.epochs` on source + target batches |
-| stop                      | after `adapt.iterations`, or when the method's step says so (DAAM / DAAL: NMI of consecutive pseudo labels > `adapt.nmi_stop`) |
+| stop                      | after `adapt.iterations`, or when the method's step says so (DAAM / DAAL: NMI of consecutive pseudo labels > `adapt.nmi_stop`); ADFL has none (`adapt.iterations: 0`), ARN one long one |
+| target batches            | PK by the method's classes (pseudo labels), or P·K distinct images when it has none (ARN: `AdaptSamples.target_classes`) |
+| optimiser                 | Nesterov SGD or Adam (`optim.kind`), backbone at `backbone_lr_mult`, frozen for `freeze_backbone_epochs` |
 | one step                  | `train_step`: forward under autocast, the method's losses, backward and SGD through the AMP scaler (bench/train_bench.py times it) |
 | every epoch               | checkpoint (`last.pt`, format `crossview.kernel.checkpoint`), JSON-lines metrics, progress bar |
 | `resume=True`             | continues from `last.pt` at the next epoch, with the method's saved state (the same pseudo labels) |
@@ -39,6 +41,7 @@ from crossview.kernel import checkpoint
 from crossview.trainer.config import TrainConfig
 from crossview.trainer.data.build import TrainData, load_train_data
 from crossview.trainer.data.loader import make_eval_loader, make_train_loader
+from crossview.trainer.data.samples import with_labels
 from crossview.trainer.data.transforms import build_transforms
 from crossview.trainer.evaluation import evaluate_features
 from crossview.trainer.methods import METHODS
@@ -101,7 +104,8 @@ class Trainer:
     def _stage(self, sched, epoch_fn) -> None:
         """Run the epochs of one schedule from `state.epoch` on, checkpointing after each."""
         optimizer = self._optimizer(sched)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(sched, e))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda e: _lr_factor(sched, e, backbone=True),
+                                                                  lambda e: _lr_factor(sched, e)])
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if self._resume_ckpt is not None:
             optimizer.load_state_dict(self._resume_ckpt.optimizer)
@@ -133,9 +137,9 @@ class Trainer:
     def _adapt_epoch(self, net, optimizer, scaler) -> tuple[dict, int]:
         draw = self.method.adapt_samples(self.data)
         source = self._source_iter(draw.source)
-        target = self._target_iter(draw.target, draw.target_weights)
-        inliers = sum(s.pid >= 0 for s in draw.target)
-        steps = max(1, math.ceil(max(len(draw.source), inliers) / self._batch()))
+        target = self._target_iter(draw.target, draw.target_weights, draw.target_classes)
+        drawable = sum(s.pid >= 0 for s in draw.target) if draw.target_classes else len(draw.target)
+        steps = max(1, math.ceil(max(len(draw.source), drawable) / self._batch()))
 
         def batch() -> Batch:
             xs, ys = next(source)
@@ -200,14 +204,14 @@ class Trainer:
         for images, pids, _, _ in self._loader(samples, stream=0):
             yield images, pids
 
-    def _target_iter(self, samples, weights: torch.Tensor):
-        for images, labels, _, index in self._loader(samples, stream=1):  # pid -1 (outliers) is never drawn
+    def _target_iter(self, samples, weights: torch.Tensor, by_class: bool = True):
+        for images, labels, _, index in self._loader(samples, stream=1, by_class=by_class):  # pid -1 is never drawn
             yield images, labels, weights[index]
 
-    def _loader(self, samples, stream: int):
+    def _loader(self, samples, stream: int, by_class: bool = True):
         """Endless augmented PK batches over `samples`, reshuffled per epoch, stream and rank."""
-        p = min(self.cfg.sampler.p, len({s.pid for s in samples if s.pid >= 0}))
-        loader = make_train_loader(samples, build_transforms(self._size, train=True), p, self.cfg.sampler.k,
+        samples, p, k = pk_plan(samples, self.cfg.sampler.p, self.cfg.sampler.k, by_class)
+        loader = make_train_loader(samples, build_transforms(self._size, train=True), p, k,
                                    seed=self._epoch_seed(stream), num_workers=self.cfg.workers,
                                    persistent_workers=False)
         return _forever(loader)
@@ -292,16 +296,33 @@ def train_step(net: nn.Module, losses: Callable, batch: Batch, optimizer: torch.
     return float(loss.detach()), terms
 
 
+def pk_plan(samples, p: int, k: int, by_class: bool = True) -> tuple[list, int, int]:
+    """(samples labelled by what to sample them by, P, K) for a PK sampler, P no more than there are classes.
+
+    Without classes (`by_class=False`, ARN's raw target) every image is a class of its own and a batch is P·K
+    classes of one image: P·K distinct images, instead of the K copies of each that K > 1 would draw."""
+    if not by_class:
+        samples, p, k = with_labels(samples, range(len(samples))), p * k, 1
+    return list(samples), min(p, len({s.pid for s in samples if s.pid >= 0})), k
+
+
 def make_optimizer(model: nn.Module, sched, optim) -> torch.optim.Optimizer:
-    """Nesterov SGD with the backbone (`model.trunk`) at `sched.lr * sched.backbone_lr_mult`, the rest at `sched.lr`."""
-    trunk = list(model.trunk.parameters())
+    """Nesterov SGD or Adam (`optim.kind`) with two groups: the backbone at `sched.lr * sched.backbone_lr_mult`, the
+    rest at `sched.lr`. The backbone is `model.trunk`, or its `pretrained_parameters()` when new modules sit inside it
+    (ADFL's attention): those learn at the full rate, and while the backbone is frozen."""
+    trunk = list(getattr(model.trunk, "pretrained_parameters", model.trunk.parameters)())
     trunk_ids = {id(p) for p in trunk}
     rest = [p for p in model.parameters() if id(p) not in trunk_ids]
     groups = [{"params": trunk, "lr": sched.lr * sched.backbone_lr_mult}, {"params": rest, "lr": sched.lr}]
+    if optim.kind == "adam":
+        return torch.optim.Adam(groups, lr=sched.lr, betas=(optim.momentum, 0.999), weight_decay=optim.weight_decay)
     return torch.optim.SGD(groups, lr=sched.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=True)
 
 
-def _lr_factor(sched, epoch: int) -> float:
+def _lr_factor(sched, epoch: int, backbone: bool = False) -> float:
+    """The lr multiplier of `epoch`: linear warm-up, steps at the milestones; 0 for a frozen backbone (ADFL's first 5)."""
+    if backbone and epoch < sched.freeze_backbone_epochs:
+        return 0.0
     warm = (epoch + 1) / sched.warmup_epochs if epoch < sched.warmup_epochs else 1.0
     return warm * sched.gamma ** sum(epoch >= m for m in sched.milestones)
 

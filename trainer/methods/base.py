@@ -10,7 +10,8 @@
 | `state_dict` / `load_state_dict` | what a checkpoint keeps of the method, for `--resume` and `crossview export` |
 | `check(data)`                | refuse settings this run's data cannot satisfy, before any training          |
 
-The network `build` returns has the backbone as `.trunk` (its lr is scaled by `backbone_lr_mult`), the
+The network `build` returns has the backbone as `.trunk` (its lr is scaled by `backbone_lr_mult`; a trunk with
+new modules inside, like ADFL's attention, names its pretrained part by `.pretrained_parameters()`), the
 embedding width as `.dim` and the deployable part as `.embedder()`; in train mode its forward returns
 what `losses` reads, in eval mode the re-ID embedding (N, dim). Every parameter must reach the loss of
 every batch (x0 where a term is off): DDP runs without the unused-parameter search.
@@ -64,6 +65,9 @@ class AdaptSamples(NamedTuple):
     source: Sequence[Sample]  # labelled source images
     target: Sequence[Sample]  # pid = the class to sample by (a pseudo label); -1 is never drawn
     target_weights: torch.Tensor  # one row per target sample, handed to the loss as Batch.target_weights
+    # False: the target has no classes to sample by (ARN uses no pseudo labels); its batches are then P x K
+    # distinct images drawn uniformly, every target image drawable, and their pids mean nothing to the loss.
+    target_classes: bool = True
 
 
 class Method(ABC):

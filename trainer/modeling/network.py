@@ -2,7 +2,7 @@
 
 | part                 | what                                                                          |
 |----------------------|-------------------------------------------------------------------------------|
-| trunk                | `build_backbone(...)`: image → F (N, c, h, w)                                 |
+| trunk                | `build_trunk(...)`: image → F (N, c, h, w); with `attn3` ADFL's attention after stage 3, with `init_from` a checkpoint's trained trunk (ADFL as pre-training) |
 | split                | `AttentionSplit`: F → F_sh = A*F, F_sp = (1-A)*F                              |
 | DSH branch           | head "fc": GAP, FC c→256, BN, ReLU (DAAM); head "gap": GAP (DAAL) → f_sh      |
 | on f_sh              | source identity classifier, target cluster classifier (K), and either the one-class domain similarity head (FC→1, sigmoid) or a GRL + 2-way domain classifier |
@@ -15,14 +15,15 @@ f_sh, the re-ID embedding.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from crossview.trainer.modeling.adfl import build_trunk
 from crossview.trainer.modeling.attention import AttentionSplit
-from crossview.trainer.modeling.backbones import build_backbone
 
 HEADS = ("fc", "gap")
 DOMAIN_LOSSES = ("occ", "grl", "none")
@@ -83,11 +84,15 @@ class ReidNet(nn.Module):
         embedding_dim: int = 256,
         dsp: bool = True,
         domain_loss: str = "occ",
+        attn3: str = "none",
+        init_from: str | Path | None = None,
     ):
         super().__init__()
         if domain_loss not in DOMAIN_LOSSES:
             raise ValueError(f"unknown domain loss {domain_loss!r}; choose one of {', '.join(DOMAIN_LOSSES)}")
-        self.trunk, channels = build_backbone(backbone, pretrained, last_stride)
+        self.trunk, channels = build_trunk(backbone, "none" if init_from else pretrained, last_stride, attn3)
+        if init_from:
+            load_trunk(self.trunk, init_from)
         self.split = AttentionSplit(attention, channels, reduction)
         self.dim = embedding_dim if head == "fc" else channels
         self.sh_head = embedding_head(head, channels, embedding_dim)
@@ -101,11 +106,12 @@ class ReidNet(nn.Module):
 
     @classmethod
     def from_config(cls, m, num_source_ids: int, pretrained: str | None = None) -> ReidNet:
-        """From a `trainer.config.ModelConfig`; `pretrained="none"` when weights come from a checkpoint."""
+        """From a `trainer.config.ModelConfig`; `pretrained="none"` when weights come from a checkpoint (the run's
+        own: then `init_from` is not read either)."""
         return cls(
             num_source_ids, backbone=m.backbone, pretrained=pretrained or m.pretrained, last_stride=m.last_stride,
             attention=m.attention, reduction=m.reduction, head=m.head, embedding_dim=m.embedding_dim, dsp=m.dsp,
-            domain_loss=m.domain_loss,
+            domain_loss=m.domain_loss, attn3=m.attn3, init_from=m.init_from if pretrained != "none" else None,
         )
 
     def set_target_classes(self, centers: torch.Tensor) -> None:
@@ -141,3 +147,15 @@ class ReidNet(nn.Module):
             f_sp=f_sp,
             dsp_logits=self.dsp_classifier(f_sp) if f_sp is not None else None,
         )
+
+
+def load_trunk(trunk: nn.Module, path: str | Path) -> None:
+    """The `trunk.*` weights of a training checkpoint (any method's, e.g. ADFL's) into `trunk`; ValueError naming the
+    file when its trunk is not this one (another backbone, or `attn3` set differently)."""
+    from crossview.kernel import checkpoint
+
+    weights = {k[len("trunk."):]: v for k, v in checkpoint.load(path).model.items() if k.startswith("trunk.")}
+    try:
+        trunk.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its trunk does not fit this model (check model.backbone and model.attn3): {e}") from e
