@@ -31,6 +31,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -202,6 +203,60 @@ def _status(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from crossview.matcher.client import MatcherClient, read_token
+
+    if args.image is not None and not args.model:
+        raise ValueError("--image needs --model VERSION: the embedding model version of the watchlist entry")
+    client = MatcherClient(args.url, read_token(args.token_file), timeout=30)
+    fields = {"name": args.name, "min_probability": args.min_probability, "min_similarity": args.min_similarity,
+              "cameras": args.camera}
+    try:
+        if args.image is not None:
+            entry = client.watch_image(args.image.read_bytes(), args.image.name, {**fields, "model": args.model})
+        elif args.sighting is not None:
+            entry = client.watch({**fields, "sighting_id": args.sighting})
+        else:
+            node, camera, track = args.track
+            entry = client.watch({**fields, "track": {"node": node, "camera": camera, "track": track, "model": args.model}})
+    except (LookupError, PermissionError, ConnectionError) as e:
+        log.error("%s", e)
+        return 1 if isinstance(e, LookupError) else 2
+    level = (f"P >= {entry['min_probability']:g}" if entry["calibrated"]
+             else f"similarity >= {entry['min_similarity']:g} (uncalibrated model: raw cosine, not a probability)")
+    print(f"watchlist entry {entry['id']}: {entry['name']}, model {entry['model']}, alert at {level}, "
+          f"cameras {', '.join(entry['cameras'] or ['all'])}")
+    return 0
+
+
+def _alert_line(a: dict) -> str:
+    score = f"P {a['probability']:.2f}" if a["probability"] is not None else f"similarity {a['similarity']:.2f} (uncalibrated)"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["ts"]))
+    return f"alert {a['id']}: {a['name']} on {a['camera']} at {when}, {score}, node {a['node']} track {a['track']}, " \
+           f"sighting {a['sighting']}"
+
+
+def _alerts(args: argparse.Namespace) -> int:
+    from crossview.matcher.client import MatcherClient, read_token
+
+    client, after = MatcherClient(args.url, read_token(args.token_file), timeout=15), args.after
+    try:
+        while True:
+            batch = client.alerts(after, 1000)
+            for a in batch:
+                print(json.dumps(a) if args.json else _alert_line(a), flush=True)
+            after = batch[-1]["id"] if batch else after
+            if not args.follow:
+                return 0
+            if len(batch) < 1000:
+                time.sleep(2)
+    except (PermissionError, ConnectionError) as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 0
 
 
 def _query_http(args: argparse.Namespace) -> int:
@@ -384,6 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
     st.add_argument("--json", action="store_true", help="the API's JSON instead of lines")
     st.set_defaults(run=_status)
+
+    w = verb("watch", help="put a person on a running matcher's watchlist: alerts when they are seen again")
+    w.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
+    w.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    w.add_argument("--name", required=True, help="who this is, e.g. 'visitor in red'")
+    who = w.add_mutually_exclusive_group(required=True)
+    who.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
+    who.add_argument("--track", type=_track_ref, metavar="NODE:CAMERA:TRACK", help="an edge track")
+    who.add_argument("--image", type=Path, metavar="FILE", help="a person crop (needs --model)")
+    w.add_argument("--model", help="embedding model version (--image; optional with --track)")
+    level = w.add_mutually_exclusive_group()
+    level.add_argument("--min-probability", type=float, help="alert at this P(same person) (calibrated models)")
+    level.add_argument("--min-similarity", type=float, help="alert at this cosine similarity (uncalibrated models)")
+    w.add_argument("--camera", action="append", metavar="ID", help="watch only these cameras (repeatable)")
+    w.set_defaults(run=_watch)
+
+    a = verb("alerts", help="a running matcher's watchlist alerts, oldest first; --follow waits for new ones")
+    a.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
+    a.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    a.add_argument("--after", type=int, default=0, metavar="ID", help="only alerts after this one")
+    a.add_argument("--follow", action="store_true", help="keep polling every 2 s until Ctrl-C")
+    a.add_argument("--json", action="store_true", help="one JSON object per line")
+    a.set_defaults(run=_alerts)
 
     t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")

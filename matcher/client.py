@@ -123,16 +123,31 @@ class MatcherClient:
         """GET /api/v1/edges: every edge and camera, online, stalled or offline, since when."""
         return self._call("/edges")
 
+    def watch(self, body: dict) -> dict:
+        """POST /api/v1/watchlist: `name`, one of `sighting_id` or `track`, optional threshold and `cameras`."""
+        return self._call("/watchlist", json.dumps(body).encode(), "application/json")
+
+    def watch_image(self, image: bytes, filename: str, fields: dict) -> dict:
+        """POST /api/v1/watchlist/image with a JPEG or PNG crop; `None` fields are left out."""
+        return self._upload("/watchlist/image", image, filename, fields)
+
+    def alerts(self, after: int = 0, limit: int = 100) -> list[dict]:
+        """GET /api/v1/alerts: those with an id above `after`, oldest first."""
+        return self._call(f"/alerts?after={int(after)}&limit={int(limit)}")
+
     def query(self, body: dict) -> dict:
         """POST /api/v1/query: `body` holds one of embedding + model, sighting_id or track, plus filters."""
         return self._call("/query", json.dumps(body).encode(), "application/json")
 
     def query_image(self, image: bytes, filename: str, model: str, filters: dict) -> dict:
         """POST /api/v1/query/image with a JPEG or PNG crop; `None` filters are left out."""
+        return self._upload("/query/image", image, filename, {"model": model, **filters})
+
+    def _upload(self, path: str, image: bytes, filename: str, fields: dict) -> dict:
         kind = "image/png" if image.startswith(b"\x89PNG") else "image/jpeg"
-        fields = {"model": model, **{k: v for k, v in filters.items() if v is not None}}
-        body, content_type = encode_multipart(fields, {"image": (filename, image, kind)})
-        return self._call("/query/image", body, content_type)
+        body, content_type = encode_multipart({k: v for k, v in fields.items() if v is not None},
+                                              {"image": (filename, image, kind)})
+        return self._call(path, body, content_type)
 
 
 def _record(d: dict) -> SightingRecord:

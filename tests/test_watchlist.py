@@ -274,3 +274,31 @@ def test_a_calibrated_model_turns_scores_into_probabilities_in_queries_and_watch
         assert (entry.min_probability, entry.min_similarity) == (0.9, pytest.approx(cal.cosine_at(0.9)))
     finally:
         m.stop()
+
+
+def test_watch_and_alerts_from_the_command_line(tmp_path, capsys, caplog, monkeypatch):
+    from crossview.cli import main
+
+    rng = np.random.default_rng(3)
+    person = unit_vectors(rng, 1, 64)[0]
+    m = start(tmp_path)
+    server = serve(m, m.cfg.http)
+    url = server.url.rstrip("/")
+    monkeypatch.setenv("CROSSVIEW_TOKEN", TOKEN)
+    try:
+        feed(m, walk(person, "gate", 1, 3, rng, T0))
+        assert main(["watch", "--url", url, "--name", "visitor", "--track", "edge-1:gate:1", "--min-similarity", "0.9",
+                     "--camera", "hall"]) == 0
+        assert "alert at similarity >= 0.9 (uncalibrated model" in capsys.readouterr().out
+        assert main(["watch", "--url", url, "--name", "x", "--sighting", "999999"]) == 1
+        assert "not found" in caplog.text
+        assert main(["watch", "--url", url, "--name", "x", "--sighting", "1", "--min-probability", "0.9"]) == 2
+        assert "no calibration" in caplog.text
+        feed(m, walk(person, "hall", 4, 3, rng, T0 + 10) + walk(person, "lobby", 5, 3, rng, T0 + 20))
+        assert main(["alerts", "--url", url]) == 0
+        [line] = capsys.readouterr().out.splitlines()  # hall only: the entry watches no other camera
+        assert line.startswith("alert 1: visitor on hall at ") and "(uncalibrated)" in line and "track 4" in line
+        assert main(["alerts", "--url", url, "--after", "1", "--json"]) == 0 and capsys.readouterr().out == ""
+    finally:
+        server.stop()
+        m.stop()
