@@ -8,6 +8,12 @@ input size. Writes a markdown table (and the per-iteration history) to `--out`.
 
     python bench/adapt_tud.py --out docs/results.md            # ~1 h on 2 CPU cores
     python bench/adapt_tud.py --variants daam no-orth --out /tmp/r.md
+
+With `--seeds` the variants run once per seed and the table gives mean ± std over the seeds, with the
+papers' own figures beside each row, in its own section:
+
+    python bench/adapt_tud.py --seeds 1 2 3 --variants daam arn arn-no-private arn-no-rec adfl-baseline adfl \
+        daam-adfl --out docs/results.md
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -45,15 +52,53 @@ VARIANTS: dict[str, tuple[str, dict]] = {
               "loss": {"ds": 0.0, "orth": 0.0, "target": "soft"},
               "clustering": {"method": "dbscan", "p": 0.02, "min_samples": 4}}),
 }
+# ARN: the same 6 source epochs first (its losses on the source alone), then 6 epochs on source + raw target.
+ARN = {"method": "arn", "model": {"embedding_dim": 256},
+       "adapt": {"iterations": 1, "epochs": 6, "lr": 0.005, "milestones": [4], "backbone_lr_mult": 0.1}}
+# ADFL: source only, as many epochs as DAAM trains in all (6 + 3 x 2), Adam with the paper's rate and shape.
+ADFL = {"method": "adfl", "optim": {"kind": "adam"}, "adfl": {"af_dim": 256},
+        "pretrain": {"epochs": 12, "lr": 3.5e-4, "warmup_epochs": 2, "freeze_backbone_epochs": 1, "milestones": [8]},
+        "adapt": {"iterations": 0, "epochs": 0, "lr": 3.5e-4}}
+VARIANTS |= {
+    "arn": ("ARN: E_C + private E_S / E_T + D_C, L_cls + 0.01 L_ctrs + 2 L_rec + 1500 L_diff", ARN),
+    "arn-no-private": ("ARN without the private encoders E_S, E_T", overlay(ARN, {"arn": {"private": False}})),
+    "arn-no-rec": ("ARN without L_rec", overlay(ARN, {"arn": {"rec": 0.0}})),
+    "adfl-baseline": ("ADFL's baseline, direct transfer: GMP, BN neck, softmax + triplet, no attention",
+                      overlay(ADFL, {"model": {"attn3": "none"}})),
+    "adfl": ("ADFL direct transfer: AF3-cat-256-attn3-1sum, GMP, BN neck, softmax + triplet", ADFL),
+    "daam-adfl": ("DAAM pre-trained by ADFL (its attn3-1sum trunk from the `adfl` run of the same seed)",
+                  {"model": {"attn3": "1sum"}}),
+}
+INIT_FROM = {"daam-adfl": "adfl"}  # variant → the variant whose trained trunk it starts from (run first)
+# The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
+PAPER = {
+    "daam": "not in this issue's sources",
+    "arn": "ARN Table 2: D→M 39.4 / 70.3, M→D 33.4 / 60.2",
+    "arn-no-private": "ARN Table 2 (w/o E_S, E_T): D→M 28.7 / 60.5, M→D 26.8 / 48.4",
+    "arn-no-rec": "not in the paper",
+    "adfl-baseline": "ADFL Table V baseline: M→D 30.8 / 48.9, D→M 29.1 / 59.4",
+    "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
+    "daam-adfl": "not in the papers",
+}
+SEEDS_SECTION = "## ARN and ADFL beside DAAM, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 
 
-def run_variant(name: str, changes: dict, base: dict) -> list[dict]:
-    """Train one variant in its own process; return its evaluation history."""
-    cfg = overlay(base, {**changes, "name": f"tud-{name}", "output_dir": str(RUNS / f"tud-{name}"),
-                        "cache_dir": str(RUNS.parent / "cache")})
+def run_dir(name: str, seed: int | None) -> Path:
+    return RUNS / (f"tud-{name}" if seed is None else f"tud-{name}-s{seed}")
+
+
+def run_variant(name: str, changes: dict, base: dict, seed: int | None = None, reuse: bool = False) -> list[dict]:
+    """Train one variant in its own process (with `seed`, or the base file's); return its evaluation history.
+    With `reuse`, a run that already finished (its model exported) is read instead of trained again."""
+    out = run_dir(name, seed)
+    if reuse and (out / f"{out.name}.onnx").is_file():
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cfg = overlay(base, {**changes, "name": out.name, "output_dir": str(out), "cache_dir": str(RUNS.parent / "cache"),
+                         **({"seed": seed} if seed is not None else {})})
+    if name in INIT_FROM:
+        cfg["model"]["init_from"] = str(run_dir(INIT_FROM[name], seed) / "last.pt")
     for section in ("source", "target"):  # the base file's relative roots, made absolute for the temp config
         cfg[section]["root"] = str((BASE.parent / cfg[section]["root"]).resolve())
-    out = RUNS / f"tud-{name}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     (out / "last.pt").unlink(missing_ok=True)
@@ -133,20 +178,66 @@ def report(base: dict, imagenet: dict, results: dict[str, list[dict]], load: tup
     return "\n".join(lines) + "\n"
 
 
+def mean_std(values: list[float]) -> str:
+    """"m ± s" in %, s the sample standard deviation over the seeds."""
+    pcts = [100 * v for v in values]
+    spread = statistics.stdev(pcts) if len(pcts) > 1 else 0.0
+    return f"{statistics.mean(pcts):.1f} ± {spread:.1f}"
+
+
+def seeds_report(base: dict, results: dict[str, dict[int, list[dict]]], load: tuple[str, str], command: str) -> str:
+    """One row per variant: the last evaluation's mAP / rank-1 as mean ± std over seeds, and its direct transfer."""
+    seeds = sorted(next(iter(results.values())))
+    lines = [
+        SEEDS_SECTION,
+        "",
+        f"`{command}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine(*versions())}, trained on the CPU; "
+        f"load average {load[0]} before, {load[1]} after (the machine is shared). Seeds {', '.join(map(str, seeds))}.",
+        "",
+        "Same data, protocol and base config as the section above (`bench/train/tud-daam.yaml`); each variant's "
+        "changes are in the script. ADFL rows never see the target: their figure is direct transfer. The papers' "
+        "figures are Market-1501 ↔ DukeMTMC-reID with ResNet-50 on a GPU, not comparable in scale: they stand beside "
+        "our rows for the direction of each change, not its size.",
+        "",
+        "| model | mAP | rank-1 | direct transfer mAP | training seconds (first to last record) | paper (mAP / rank-1) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, by_seed in results.items():
+        evals = [[r for r in h if r["event"] == "eval"] for h in by_seed.values()]
+        secs = [h[-1]["time"] - h[0]["time"] for h in by_seed.values()]
+        lines.append(f"| {VARIANTS[name][0]} (`{name}`) | {mean_std([e[-1]['mAP'] for e in evals])} | "
+                     f"{mean_std([e[-1]['rank1'] for e in evals])} | {mean_std([e[0]['mAP'] for e in evals])} | "
+                     f"{statistics.mean(secs):.0f} | {PAPER.get(name, '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", nargs="+", type=int, help="run every variant once per seed; report mean ± std")
+    ap.add_argument("--reuse", action="store_true", help="--seeds: read runs that already finished instead of training")
     ap.add_argument("--out", type=Path, help="markdown file to write (default: print)")
     args = ap.parse_args()
+    for name in args.variants:
+        if name in INIT_FROM and INIT_FROM[name] not in args.variants[: args.variants.index(name)]:
+            ap.error(f"variant {name} starts from {INIT_FROM[name]}'s run: list {INIT_FROM[name]} before it")
     base = yaml.safe_load(BASE.read_text())
     before = os.getloadavg()
-    imagenet = imagenet_baseline(base)
-    results = {name: run_variant(name, VARIANTS[name][1], base) for name in args.variants}
-    after = os.getloadavg()
     command = " ".join(["python bench/adapt_tud.py", *sys.argv[1:]])
-    text = report(base, imagenet, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command)
+    if args.seeds:
+        results = {name: {} for name in args.variants}
+        for seed in args.seeds:
+            for name in args.variants:
+                results[name][seed] = run_variant(name, VARIANTS[name][1], base, seed, args.reuse)
+        after = os.getloadavg()
+        section, text = SEEDS_SECTION, seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command)
+    else:
+        imagenet = imagenet_baseline(base)
+        results = {name: run_variant(name, VARIANTS[name][1], base) for name in args.variants}
+        after = os.getloadavg()
+        section, text = SECTION, report(base, imagenet, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command)
     if args.out:
-        write_section(args.out, SECTION, text)
+        write_section(args.out, section, text)
     print(text)
 
 
