@@ -71,10 +71,10 @@ def receiver():
     r.close()
 
 
-def start(tmp_path, receiver=None, **watchlist):
+def start(tmp_path, receiver=None, **sections):
     hooks = [{"url": receiver.url, "secret": SECRET}] if receiver else []
     cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN},
-                         watchlist={"webhooks": hooks, "default_similarity": 0.9, **watchlist})
+                         watchlist={"webhooks": hooks, "default_similarity": 0.9}, **sections)
     m = Matcher(cfg)
     m.start()
     return m
@@ -301,4 +301,21 @@ def test_watch_and_alerts_from_the_command_line(tmp_path, capsys, caplog, monkey
         assert main(["alerts", "--url", url, "--after", "1", "--json"]) == 0 and capsys.readouterr().out == ""
     finally:
         server.stop()
+        m.stop()
+
+
+def test_retention_deletes_old_alerts_with_the_sightings(tmp_path):
+    rng = np.random.default_rng(4)
+    person = unit_vectors(rng, 1, 64)[0]
+    m = start(tmp_path, retention={"max_age_hours": 1})
+    try:
+        feed(m, walk(person, "gate", 1, 3, rng, T0))
+        m.watchlist.add("visitor", m.queries.track_subject("edge-1", "gate", 1))
+        feed(m, walk(person, "hall", 4, 3, rng, T0 + 10))
+        assert len(m.watchlist.alerts()) == 1
+        m.enforce_retention(now=T0 + 10 + 1800)  # half an hour after the alert's sighting: kept
+        assert len(m.watchlist.alerts()) == 1
+        m.enforce_retention(now=T0 + 20 + 3600)
+        assert m.watchlist.alerts() == [] and m.store.recent(None, 10) == []
+    finally:
         m.stop()
