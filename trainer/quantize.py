@@ -6,7 +6,7 @@
 |               | exactly the tensors the edge will feed the model                                      |
 | quantisation  | `onnxruntime.quantization.quantize_static`: QDQ format, per-channel int8 weights,    |
 |               | uint8 activations (U8S8, the x86 VNNI fast path), MinMax ranges                       |
-| metadata      | the fp32 model's, with `precision="int8"` and version `<fp32 version>-int8`: the matcher |
+| metadata      | the fp32 model's, with `precision="int8"` and version `<fp32 version>-int8-<graph hash>`: the matcher |
 |               | keeps the two models' vectors in separate partitions; a calibration is dropped, as the |
 |               | int8 model's cosines differ: fit one for it with `crossview calibrate`                 |
 | float stem    | the fewest leading convolutions (`FLOAT_STEMS`) kept float for the int8 vectors to agree |
@@ -14,11 +14,12 @@
 |               | in the edge `Embedder`; or a fixed `float_stem`                                         |
 
     meta = quantize_model(Path("models/mobilenetv2-imagenet.onnx"), Path("harvest"), Path("models/mnv2-int8.onnx"))
-    meta.version, meta.precision  # ('mobilenetv2-imagenet-1-int8', 'int8')
+    meta.version, meta.precision  # ('mobilenetv2-imagenet-1-int8-3f2a9c1e', 'int8')
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -68,12 +69,13 @@ def calibration_crops(harvest: str | Path, max_crops: int = MAX_CROPS, seed: int
     return [cv2.imread(str(samples[k].path)) for k in sorted(picked)]
 
 
-def int8_meta(meta: ModelMeta, harvest: Path, crops: int, float_stem: int) -> ModelMeta:
-    if meta.precision != "fp32":
-        raise ValueError(f"model {meta.version} is already {meta.precision}: quantise its fp32 original")
+def int8_meta(meta: ModelMeta, harvest: Path, crops: int, float_stem: int, graph: bytes) -> ModelMeta:
+    """The int8 model's metadata; its version names the fp32 one and hashes the quantised graph: two
+    quantisations (other crops, another float stem) give other vectors, so never one version."""
     note = (f"onnxruntime static QDQ, per-channel s8 weights, u8 activations, MinMax on {crops} crops of {harvest.name}; "
             f"first {float_stem} convolution(s) float")
-    return replace(meta, version=f"{meta.version}-int8", precision="int8", calibration=None,
+    digest = hashlib.sha1(graph).hexdigest()[:8]
+    return replace(meta, version=f"{meta.version}-int8-{digest}", precision="int8", calibration=None,
                    extra={**meta.extra, "quantized_from": meta.version, "quantization": note, "float_stem": str(float_stem)})
 
 
@@ -88,6 +90,8 @@ def quantize_model(model: str | Path, harvest: str | Path, out: str | Path, max_
     if out.resolve() == model.resolve():
         raise ValueError(f"{out}: the int8 model needs its own file; the fp32 original stays for other edges")
     fp32 = Embedder(model, device="cpu")
+    if fp32.meta.precision != "fp32":
+        raise ValueError(f"model {fp32.version} is already {fp32.meta.precision}: quantise its fp32 original")
     crops = calibration_crops(harvest, max_crops, seed)
     # Every 4th crop is held out of the range calibration to judge the result on crops it did not fit.
     fit, check = [c for k, c in enumerate(crops) if k % 4], crops[::4]
@@ -100,10 +104,11 @@ def quantize_model(model: str | Path, harvest: str | Path, out: str | Path, max_
         quant_pre_process(str(model), str(prepared))
         convs = [n.name for n in onnx.load(prepared).graph.node if n.op_type == "Conv"]
         for stem in FLOAT_STEMS if float_stem is None else (float_stem,):
-            path, meta = Path(tmp) / f"int8-{stem}.onnx", int8_meta(fp32.meta, harvest, len(fit), stem)
+            path = Path(tmp) / f"int8-{stem}.onnx"
             quantize_static(str(prepared), str(path), CropReader(fp32, fit, fp32.input_name), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=convs[:stem])
+            meta = int8_meta(fp32.meta, harvest, len(fit), stem, path.read_bytes())
             write_metadata(path, path, meta)
             agreement = _agreement(fp32, path, check)
             log.info("first %d convolution(s) float: int8 vs fp32 cosine on held-out crops %.4f", stem, agreement)
