@@ -54,7 +54,7 @@ class Arn(Method):
         terms = {
             "cls": F.cross_entropy(out.logits[:s].float(), batch.source_ids),
             "ctrs": contrastive(out.e_c[:s], batch.source_ids, a.margin),
-            "rec": reconstruction(out, s, self.cfg.arn.reconstruct),
+            "rec": reconstruction(out, s, a.reconstruct),
         }
         if out.e_s is not None:
             terms["diff"] = difference(out.e_c_free[:s], out.e_s[:s])

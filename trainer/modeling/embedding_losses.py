@@ -8,22 +8,36 @@
 | `mmd`                 | ARN authors' code       | squared MMD, Gaussian kernels at several bandwidths              |
 
 Every loss is a mean (over anchors, pairs, entries), as in `trainer.modeling.losses`, and is computed
-in float32: pairwise distances in fp16 lose the small differences these losses live on.
+in float32 with autocast off (`_float32`): under AMP the matrix products would otherwise run in fp16, whose
+pairwise distances and correlations lose the small differences these losses live on.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.nn import functional as F  # noqa: N812
 
 
+def _float32(loss):
+    """Run `loss` outside autocast, its floating-point tensor arguments cast to float32 (labels stay integers)."""
+
+    @functools.wraps(loss)
+    def run(*args, **kwargs):
+        with torch.autocast(args[0].device.type, enabled=False):
+            return loss(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args), **kwargs)
+
+    return run
+
+
 def pairwise_distance(x: torch.Tensor) -> torch.Tensor:
     """Euclidean distances (N, N); the clamp keeps the sqrt's gradient finite on the diagonal."""
-    x = x.float()
     sq = x.pow(2).sum(1)
     return (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp_min(1e-12).sqrt()
 
 
+@_float32
 def batch_hard_triplet(f: torch.Tensor, labels: torch.Tensor, margin: float = 0.3) -> torch.Tensor:
     """Mean over anchors of max(0, m + hardest positive distance - hardest negative distance)."""
     d = pairwise_distance(f)
@@ -35,6 +49,7 @@ def batch_hard_triplet(f: torch.Tensor, labels: torch.Tensor, margin: float = 0.
     return loss[has_neg].mean() if has_neg.any() else f.sum() * 0
 
 
+@_float32
 def contrastive(e: torch.Tensor, labels: torch.Tensor, margin: float = 2.0) -> torch.Tensor:
     """ARN Eq. 2 over the distinct pairs i < j: λ d² + (1 - λ) max(0, m - d)², λ = 1 for one identity."""
     d = pairwise_distance(e)
@@ -44,6 +59,7 @@ def contrastive(e: torch.Tensor, labels: torch.Tensor, margin: float = 2.0) -> t
     return per_pair[i, j].mean() if len(i) else e.sum() * 0
 
 
+@_float32
 def difference(shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
     """ARN Eq. 4 for one domain: ‖Hcᵀ Hp‖²_F, rows of Hc / Hp the batch's shared / private features.
 
@@ -53,14 +69,15 @@ def difference(shared: torch.Tensor, private: torch.Tensor) -> torch.Tensor:
     the next; so normalised, it is about B / d² for unrelated features (5e-4 at B 32, d 256), which is
     the scale the paper's γ = 1500 fits.
     """
-    c = F.normalize(shared.float() - shared.float().mean(0), dim=1)
-    p = F.normalize(private.float() - private.float().mean(0), dim=1)
+    c = F.normalize(shared - shared.mean(0), dim=1)
+    p = F.normalize(private - private.mean(0), dim=1)
     return (c.t() @ p).pow(2).mean()
 
 
+@_float32
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)) -> torch.Tensor:
     """Squared MMD of two samples with a sum of Gaussian kernels, bandwidths relative to the mean squared distance."""
-    z = torch.cat([x, y]).float()
+    z = torch.cat([x, y])
     d2 = pairwise_distance(z).pow(2)
     scale = d2.detach().mean().clamp_min(1e-6)
     k = sum(torch.exp(-d2 / (scale * b)) for b in bandwidths)

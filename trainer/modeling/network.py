@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from crossview.kernel import checkpoint
 from crossview.trainer.modeling.adfl import build_trunk
 from crossview.trainer.modeling.attention import AttentionSplit
 
@@ -152,8 +153,6 @@ class ReidNet(nn.Module):
 def load_trunk(trunk: nn.Module, path: str | Path) -> None:
     """The `trunk.*` weights of a training checkpoint (any method's, e.g. ADFL's) into `trunk`; ValueError naming the
     file when its trunk is not this one (another backbone, or `attn3` set differently)."""
-    from crossview.kernel import checkpoint
-
     weights = {k[len("trunk."):]: v for k, v in checkpoint.load(path).model.items() if k.startswith("trunk.")}
     try:
         trunk.load_state_dict(weights)
