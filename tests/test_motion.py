@@ -6,6 +6,9 @@ what moved, and real footage (vtest.avi, TUD-Campus) where people walk.
 
 from __future__ import annotations
 
+import logging
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -209,9 +212,12 @@ def test_camera_override_switches_gating_off_for_a_ptz_camera(default_model, tmp
     node.publisher.close()
 
 
-def test_the_gated_node_reports_motion_metrics(default_model):
+def test_the_gated_node_reports_motion_metrics(default_model, caplog):
     node = _node(default_model)
-    stats = node.run(max_seconds=100)["campus"]
+    with caplog.at_level(logging.INFO, logger="crossview.edge.node"):
+        stats = node.run(max_seconds=100)["campus"]
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("camera campus: finished")][-1]
+    assert re.search(r"detector \d+ ms/frame \(motion \d+% of the frame, [\d.]+ crops, \d+ whole frames\)", line), line
     m = node.metrics
     assert stats.frames == 15 and stats.detections > 0
     assert m.value("crossview_edge_regions_count", "campus") == m.value("crossview_edge_motion_share_count", "campus") == 15
