@@ -132,3 +132,11 @@ def test_build_default_embedder(default_model):
     expected = ModelMeta("mobilenetv2-imagenet", "mobilenetv2-imagenet-1", 256, 128, IMAGENET_MEAN, IMAGENET_STD, 1280)
     assert meta == replace(expected, extra={"source": "imagenet"})
     assert session.run(None, {"images": np.zeros((2, 3, 256, 128), np.float32)})[0].shape == (2, 1280)
+
+
+def test_export_makes_its_output_folder(tmp_path, make_tiny_model):
+    meta = make_tiny_model(tmp_path / "m.onnx", "tiny-1")
+    out = tmp_path / "models" / "site" / "v3.onnx"
+    export_onnx(GapEmbedder(nn.Conv2d(3, meta.embedding_dim, 3)), out, meta)
+    props = {p.key: p.value for p in onnx.load(out).metadata_props}
+    assert ModelMeta.from_props(props, str(out)) == meta

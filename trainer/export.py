@@ -60,6 +60,7 @@ def export_onnx(model: nn.Module, path: str | Path, meta: ModelMeta, opset: int 
     `meta.embedding_dim` or ONNX Runtime differs from PyTorch by more than `atol`.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `crossview export --out models/site/v3.onnx` into a new folder
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder, so os.replace is atomic
     was_training = model.training
     model.eval()
