@@ -234,3 +234,24 @@ def test_watch_for_a_person_from_the_page_and_see_the_alert_arrive_live(browser,
         page.wait_for_selector("#query h2:has-text('on hall')")
         assert not visit.errors
         visit.ctx.close()
+
+
+def test_a_late_answer_never_replaces_what_was_asked_after_it(visit):
+    """The first page of all cameras' sightings is held back 3 s; a camera clicked meanwhile keeps its own view."""
+    page = visit.page
+    held = []
+
+    def hold_first_recent(route):
+        if "camera=" not in route.request.url and not held:
+            held.append(route.request.url)
+            page.wait_for_timeout(3000)
+        route.continue_()
+
+    page.route("**/api/v1/sightings?*", hold_first_recent)
+    visit.login()
+    page.wait_for_selector(".camera[data-camera='hall']")
+    page.click(".camera[data-camera='hall']")
+    page.wait_for_selector("#picker-title:has-text('Recent sightings on hall')")
+    page.wait_for_timeout(4000)  # the held answer has come back by now
+    assert held and page.locator("#picker-title").inner_text() == "Recent sightings on hall"
+    assert not visit.errors

@@ -9,7 +9,7 @@ const LIVE_EVERY_MS = 3000; // the edges' status and new alerts
 
 const $ = (selector) => document.querySelector(selector);
 const state = { token: sessionStorage.getItem(TOKEN_KEY) || "", camera: null, subject: null, liveTimer: null, lastAlert: 0,
-  alerts: [], cameras: [] };
+  alerts: [], cameras: [], asked: 0 }; // asked: navigations so far, so a late answer never replaces a newer one
 const thumbs = new Map(); // sighting id -> Promise of a blob URL
 
 class ApiError extends Error {
@@ -299,10 +299,12 @@ async function loadModels() {
 
 async function showRecent(camera) {
   state.camera = camera;
+  const asked = ++state.asked;
   document.querySelectorAll(".camera").forEach((b) => b.classList.toggle("active", b.dataset.camera === (camera ?? "")));
   const params = new URLSearchParams({ limit: RECENT_LIMIT });
   if (camera) params.set("camera", camera);
   const sightings = await getJson(`${API}/sightings?${params}`);
+  if (asked !== state.asked) return; // a later click asked for something else: its answer wins
   $("#picker-title").textContent = camera ? `Recent sightings on ${camera}` : "Recent sightings, all cameras";
   $("#grid").replaceChildren(...(sightings.length ? sightings.map(pickButton) : [el("p", { class: "muted" }, "No sightings yet.")]));
   showView("picker");
@@ -345,10 +347,12 @@ async function runQuery(subject, filters) {
 
 function search(subject) {
   state.subject = subject;
+  const asked = ++state.asked;
   return guarded(async () => {
     const filters = readFilters();
     if (filters.cameras && !filters.cameras.length) throw new Error("Tick at least one camera in the filters.");
-    renderResults(subject, await runQuery(subject, filters));
+    const result = await runQuery(subject, filters);
+    if (asked === state.asked) renderResults(subject, result);
   });
 }
 
