@@ -1,16 +1,19 @@
 # `make demo` and `make test` install everything into .venv first (about 2 minutes the first time).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+EXTRAS ?= edge,matcher,train,test,gpu
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 
 .PHONY: install demo test bench results browser
 install: $(VENV)/.installed
 
+# Every service's extra, the GPU flavour of ONNX Runtime (it runs on CPU too) and the test tools; a
+# service's image installs only its own (pyproject.toml, deploy/docker/Dockerfile).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: install
