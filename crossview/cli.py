@@ -369,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
     after_verb.add_argument("--log-level", default=argparse.SUPPRESS, choices=levels, help="(default: INFO)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     verb = partial(sub.add_parser, parents=[after_verb])
+    remote = argparse.ArgumentParser(add_help=False)  # the verbs that only ask a running matcher's HTTP API
+    remote.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
+    remote.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    remote_verb = partial(sub.add_parser, parents=[after_verb, remote])
 
     e = verb("edge", help="run an edge node: cameras -> detection -> tracking -> embeddings -> ZeroMQ")
     e.add_argument("--config", type=Path, default=Path("configs/edge.yaml"), help="edge YAML (default: %(default)s)")
@@ -434,15 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--token-file", type=Path, help="with --url: file holding the API token (default: $CROSSVIEW_TOKEN)")
     q.set_defaults(run=_query)
 
-    st = verb("status", help="a running matcher's edges and cameras: online, stalled or offline, since when")
-    st.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
-    st.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    st = remote_verb("status", help="a running matcher's edges and cameras: online, stalled or offline, since when")
     st.add_argument("--json", action="store_true", help="the API's JSON instead of lines")
     st.set_defaults(run=_status)
 
-    w = verb("watch", help="put a person on a running matcher's watchlist: alerts when they are seen again")
-    w.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
-    w.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    w = remote_verb("watch", help="put a person on a running matcher's watchlist: alerts when they are seen again")
     w.add_argument("--name", required=True, help="who this is, e.g. 'visitor in red'")
     who = w.add_mutually_exclusive_group(required=True)
     who.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
@@ -455,9 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--camera", action="append", metavar="ID", help="watch only these cameras (repeatable)")
     w.set_defaults(run=_watch)
 
-    a = verb("alerts", help="a running matcher's watchlist alerts, oldest first; --follow waits for new ones")
-    a.add_argument("--url", required=True, help="the matcher's HTTP API, e.g. http://127.0.0.1:8080")
-    a.add_argument("--token-file", type=Path, help="file holding the API token (default: $CROSSVIEW_TOKEN)")
+    a = remote_verb("alerts", help="a running matcher's watchlist alerts, oldest first; --follow waits for new ones")
     a.add_argument("--after", type=int, default=0, metavar="ID", help="only alerts after this one")
     a.add_argument("--follow", action="store_true", help="keep polling every 2 s until Ctrl-C")
     a.add_argument("--json", action="store_true", help="one JSON object per line")

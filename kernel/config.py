@@ -33,6 +33,18 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message names the key."""
 
 
+def read_secret(path: Path, key: str, what: str = "secret") -> str:
+    """The secret in the file a config `key` names (a token, an HMAC key): stripped, at least 16 characters;
+    `ValueError` naming the key and the file otherwise."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"{key}: {path}: cannot read the {what} ({e.strerror})") from None
+    if len(secret) < 16:
+        raise ValueError(f"{key}: {path}: the {what} must be at least 16 characters")
+    return secret
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -49,7 +49,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from crossview import __version__
-from crossview.kernel.config import HttpConfig
+from crossview.kernel.config import HttpConfig, read_secret
 from crossview.kernel.runtime import listening
 from crossview.matcher.limits import BodyLimit, decode_image
 from crossview.matcher.schemas import (
@@ -241,13 +241,7 @@ def load_token(cfg: HttpConfig) -> str:
         return cfg.token
     if cfg.token_file is None:
         raise ValueError("http: set token or token_file; the HTTP API does not run without a token")
-    try:
-        token = Path(cfg.token_file).read_text().strip()
-    except OSError as e:
-        raise ValueError(f"http.token_file: {cfg.token_file}: cannot read the token ({e.strerror})") from None
-    if len(token) < 16:
-        raise ValueError(f"http.token_file: {cfg.token_file}: the token must be at least 16 characters")
-    return token
+    return read_secret(cfg.token_file, "http.token_file", "token")
 
 
 class ApiServer:

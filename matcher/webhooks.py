@@ -33,7 +33,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from crossview.kernel.config import WatchlistConfig, WebhookConfig
+from crossview.kernel.config import WatchlistConfig, WebhookConfig, read_secret
 from crossview.matcher.watchlist import Alert
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,7 @@ def _shown(url: str) -> str:
 def _secret(hook: WebhookConfig, n: int) -> bytes:
     if hook.secret is not None:
         return hook.secret.encode()
-    try:
-        secret = Path(hook.secret_file).read_text().strip()
-    except OSError as e:
-        raise ValueError(f"watchlist.webhooks.{n}.secret_file: {hook.secret_file}: cannot read it ({e.strerror})") from None
-    if len(secret) < 16:
-        raise ValueError(f"watchlist.webhooks.{n}.secret_file: {hook.secret_file}: the secret must be at least 16 characters")
-    return secret.encode()
+    return read_secret(hook.secret_file, f"watchlist.webhooks.{n}.secret_file").encode()
 
 
 class Webhooks:

@@ -247,7 +247,7 @@ def test_a_webhook_secret_file_is_read_from_beside_the_config_and_a_bad_one_name
     with pytest.raises(ValueError, match="watchlist.webhooks.0.secret_file: .* at least 16 characters"):
         Webhooks(tmp_path / "w.db", cfg.watchlist)
     (site / "keys" / "hook").unlink()
-    with pytest.raises(ValueError, match="watchlist.webhooks.0.secret_file: .*cannot read it"):
+    with pytest.raises(ValueError, match="watchlist.webhooks.0.secret_file: .*cannot read the secret"):
         Webhooks(tmp_path / "w2.db", cfg.watchlist)
 
 
