@@ -32,6 +32,9 @@ bench: install
 	$(PY) bench/matcher_bench.py
 	$(PY) bench/cluster_bench.py --out docs/benchmarks.md
 	$(PY) bench/train_bench.py --out docs/benchmarks.md
+	$(PY) bench/watchlist_bench.py --out docs/benchmarks.md
+	$(PY) bench/calibration_bench.py --out docs/benchmarks.md
+	$(PY) bench/int8_bench.py --out docs/benchmarks.md
 
 # The domain adaptation experiments on real footage (about 1.5 h on 2 CPU cores): docs/results.md.
 results: install
