@@ -33,7 +33,7 @@ from crossview.kernel.wire import CameraStatus, Heartbeat, decode, encode_heartb
 
 log = logging.getLogger(__name__)
 MISSED = 3  # heartbeats missed before an edge is offline
-MAX_EDGES = 4096  # nodes remembered; beyond, the longest quiet is forgotten
+MAX_EDGES = 1024  # nodes remembered (each up to wire.MAX_CAMERAS cameras); beyond, the longest quiet is forgotten
 EDGE_STATES = ("online", "offline")
 CAMERA_STATES = ("online", "stalled", "offline")
 _FILE_VERSION = 1

@@ -19,11 +19,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
-from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_INT
+from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_ID_LEN, MAX_INT
 from crossview.matcher.query import Filters
 
 API_PREFIX = "/api/v1"
@@ -196,7 +196,8 @@ class _Threshold(BaseModel):
     min_probability: float | None = Field(None, gt=0, lt=1, description="alert at or above this P(same person); "
                                                                         "calibrated models only")
     min_similarity: float | None = Field(None, ge=-1, le=1, description="alert at or above this cosine similarity")
-    cameras: list[str] | None = Field(None, max_length=1000, description="watch only these cameras; all when absent")
+    cameras: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]] | None = Field(
+        None, max_length=1000, description="watch only these cameras; all when absent")
 
 
 class WatchIn(_Threshold):

@@ -319,3 +319,20 @@ def test_retention_deletes_old_alerts_with_the_sightings(tmp_path):
         assert m.watchlist.alerts() == [] and m.store.recent(None, 10) == []
     finally:
         m.stop()
+
+
+def test_watch_requests_are_bounded(tmp_path):
+    m = start(tmp_path)
+    server = serve(m, m.cfg.http)
+    url, auth = server.url.rstrip("/"), {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        for body in ({"name": "x" * 129, "sighting_id": 1}, {"name": "x", "sighting_id": 1, "cameras": ["c" * 65]},
+                     {"name": "x", "sighting_id": 1, "cameras": ["c"] * 1001}, {"name": "x", "sighting_id": 1, "track": {
+                         "node": "a", "camera": "b", "track": 1}}, {"name": "x", "sighting_id": 2**63}):
+            r = requests.post(f"{url}/api/v1/watchlist", headers=auth, json=body, timeout=10)
+            assert r.status_code == 422, (body, r.text)
+        assert requests.get(f"{url}/api/v1/alerts?after=-1", headers=auth, timeout=10).status_code == 422
+        assert requests.delete(f"{url}/api/v1/watchlist/{2**63}", headers=auth, timeout=10).status_code == 422
+    finally:
+        server.stop()
+        m.stop()
