@@ -11,11 +11,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import cv2
 import numpy as np
 import pytest
 import requests
 from helpers import Pusher, make_sighting, matcher_config, unit_vectors, wait_until
-from live_matcher import tud_sightings
+from live_matcher import person_crop, tud_sightings
 
 from crossview.edge.tracking import TrackGallery
 from crossview.kernel.calibration import Calibration
@@ -199,6 +200,17 @@ def test_the_api_adds_lists_and_removes_entries_and_lists_alerts(tmp_path, defau
         assert bad.status_code == 400 and "no calibration" in bad.json()["detail"]
         assert requests.post(f"{url}/api/v1/watchlist", headers=auth, timeout=10,
                              json={"name": "x", "sighting_id": 10**6}).status_code == 404
+        crop = cv2.imencode(".png", person_crop(tud_frames, 33, 3))[1].tobytes()
+        form = {"name": "from a crop", "model": embedder.version, "min_similarity": "0.5", "cameras": ["hall", "lobby"]}
+        r = requests.post(f"{url}/api/v1/watchlist/image", headers=auth, timeout=30, data=form,
+                          files={"image": ("person.png", crop, "image/png")})
+        assert r.status_code == 200, r.text
+        assert (r.json()["origin"]["by"], r.json()["origin"]["filename"], r.json()["cameras"]) == ("image", "person.png",
+                                                                                                  ["hall", "lobby"])
+        assert requests.delete(f"{url}/api/v1/watchlist/{r.json()['id']}", headers=auth, timeout=10).status_code == 200
+        bad = requests.post(f"{url}/api/v1/watchlist/image", headers=auth, timeout=30, data={**form, "model": "nope"},
+                            files={"image": ("person.png", crop, "image/png")})
+        assert bad.status_code == 400 and "no embedding model loaded" in bad.json()["detail"]
 
         hall = [s for s in sightings if s.camera == "hall"]
         feed(m, hall)
