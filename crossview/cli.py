@@ -259,6 +259,59 @@ def _alerts(args: argparse.Namespace) -> int:
         return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _models_status(args)
+    from crossview.matcher.registry import Registry
+
+    data_dir = args.data_dir or (load_matcher_config(args.config).data_dir if args.config else Path("var/matcher"))
+    registry = Registry(data_dir, read_only=args.action == "list")
+    if args.action == "list":
+        entries = registry.list()
+        if args.json:
+            print(json.dumps([e.to_dict() for e in entries], indent=2))
+        for e in [] if args.json else entries:
+            gate = f", gate {json.dumps(e.gate)}" if e.gate else ""
+            print(f"{e.version:<40} {e.state:<10} sha256 {e.sha256[:12]}  {e.bytes / 1e6:.1f} MB  "
+                  f"{'calibrated' if e.meta['calibrated'] else 'uncalibrated'}, {e.meta['precision']}{gate}")
+        if not entries and not args.json:
+            print(f"no models registered in {data_dir} (crossview models register FILE)")
+        return 0
+    try:
+        if args.action == "register":
+            gate = json.loads(args.gate.read_text()) if args.gate else None
+            entry = registry.register(args.model, gate)
+        elif args.action == "promote":
+            entry = registry.promote(args.version)
+        else:
+            entry = registry.rollback()
+    except LookupError as e:
+        log.error("%s", e.args[0])
+        return 1
+    print(f"{entry.version}: {entry.state} (sha256 {entry.sha256[:12]})")
+    return 0
+
+
+def _models_status(args: argparse.Namespace) -> int:
+    from crossview.matcher.client import MatcherClient, read_token
+
+    client = MatcherClient(args.url, read_token(args.token_file), timeout=15)
+    try:
+        production = next((m for m in client.models() if m["state"] == "production"), None)
+        edges = client.edges()["edges"]
+    except (PermissionError, ConnectionError) as e:
+        log.error("%s", e)
+        return 2
+    want = production["version"] if production else None
+    print(f"production: {want or 'none (crossview models promote VERSION)'}")
+    for e in edges:
+        mark = "" if want is None else " (production)" if e["model"] == want else " (not production)"
+        print(f"{e['node']:<24} {e['state']:<8} runs {e['model']}{mark}")
+    if not edges:
+        print("no edge has sent a heartbeat yet")
+    return 0
+
+
 def _query_http(args: argparse.Namespace) -> int:
     """`crossview query --url`: the same question to a running matcher's HTTP API."""
     from crossview.matcher.client import MatcherClient, read_token, result_from_dict
@@ -460,6 +513,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--follow", action="store_true", help="keep polling every 2 s until Ctrl-C")
     a.add_argument("--json", action="store_true", help="one JSON object per line")
     a.set_defaults(run=_alerts)
+
+    mo = verb("models", help="the model registry: list, register, promote, rollback (matcher host); status (--url)")
+    mo_sub = mo.add_subparsers(dest="action", required=True, metavar="ACTION")
+    local = argparse.ArgumentParser(add_help=False)  # on the matcher's own disk, as `crossview query`
+    local.add_argument("--config", type=Path, help="matcher YAML (its data_dir)")
+    local.add_argument("--data-dir", type=Path, help="matcher data directory (default: the config's, else var/matcher)")
+    mo_sub.add_parser("list", parents=[after_verb, local], help="every version, its state and gate report").add_argument(
+        "--json", action="store_true")
+    reg = mo_sub.add_parser("register", parents=[after_verb, local], help="add an ONNX model as a candidate")
+    reg.add_argument("model", type=Path, help="ONNX embedder with crossview metadata")
+    reg.add_argument("--gate", type=Path, help="its gate report (JSON)")
+    mo_sub.add_parser("promote", parents=[after_verb, local], help="make a version production (edges follow)").add_argument(
+        "version")
+    mo_sub.add_parser("rollback", parents=[after_verb, local], help="make the production version before this one production")
+    mo_sub.add_parser("status", parents=[after_verb, remote], help="which edge runs which version")
+    mo.set_defaults(run=_models)
 
     t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")

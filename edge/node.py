@@ -8,6 +8,7 @@
 | embed      | `crossview.kernel.embedder`   | one batch of all cameras' crops      |
 | publish    | `edge.publisher`  | sighting: spooled, sent, acknowledged |
 | harvest    | `edge.harvest`    | sampled sighting                     |
+| rollout    | `edge.rollout`    | poll: the registry's production model |
 
     node = EdgeNode(load_edge_config("configs/edge.yaml"))
     summary = node.run()           # until files end or stop() is called
@@ -33,6 +34,7 @@ from crossview.edge.harvest import Harvester
 from crossview.edge.metrics import EdgeMetrics
 from crossview.edge.motion import MotionGate, Plan
 from crossview.edge.publisher import Publisher
+from crossview.edge.rollout import Rollout
 from crossview.edge.sources import CameraSource, Frame, SourceError
 from crossview.edge.tracking import Tracker, TrackGallery
 from crossview.kernel.config import CameraConfig, EdgeConfig
@@ -130,6 +132,7 @@ class EdgeNode:
         # Models load before any camera starts, so a wrong model fails fast and says which file.
         self.embedder = Embedder(e.model, batch_size=e.batch_size, device=e.device, reload_check_s=e.reload_check_s,
                                  threads=e.threads, key="embedder.model")
+        self.rollout = Rollout(e.registry, e.model, lambda: self.embedder.version) if e.registry.url else None
         self.detector = build_detector(cfg.detector, e.device)
         self.cameras = {c.id: Camera(c, Tracker(cfg.tracker), MotionGate.for_camera(cfg.detector, c, self.detector))
                         for c in cfg.cameras}
@@ -186,6 +189,8 @@ class EdgeNode:
                 continue
             cam.source.start()
         log.info("edge node %s running %d camera(s)", self.cfg.node_id, len(self.cameras))
+        if self.rollout:
+            self.rollout.start()
 
     def _collect(self) -> list[tuple[Camera, Frame]]:
         now = time.monotonic()
@@ -321,6 +326,8 @@ class EdgeNode:
                 f"{m.value('crossview_edge_full_frames_total', camera):.0f} whole frames)")
 
     def _shutdown(self) -> None:
+        if self.rollout:
+            self.rollout.stop()
         for cam in self.cameras.values():
             cam.source.stop()
             self._sync_source_state(cam)

@@ -172,12 +172,28 @@ class TrackerConfig(_Strict):
     track_buffer: int = Field(30, ge=1, description="frames a lost track is kept")
 
 
+class RegistryConfig(_Strict):
+    """Where the edge fetches the production model from (the matcher's model registry); off without a url."""
+
+    url: str | None = Field(None, pattern=r"^https?://", description="the matcher's HTTP API, e.g. http://10.0.0.2:8080")
+    token_file: Path | None = Field(None, description="the matcher's http.edge_token_file (read-only model access)")
+    poll_s: float = Field(60.0, ge=1, le=86400, description="how often the production version is checked")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="longest a model download may take")
+
+    @model_validator(mode="after")
+    def _token_with_url(self) -> "RegistryConfig":
+        if self.url and self.token_file is None:
+            raise ValueError("a registry url needs token_file (the matcher's http.edge_token_file)")
+        return self
+
+
 class EmbedderConfig(_Strict):
     model: Path = Field(Path("models/mobilenetv2-imagenet.onnx"), description="ONNX re-ID model with crossview metadata")
     batch_size: int = Field(32, ge=1, le=1024)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     reload_check_s: float = Field(2.0, gt=0, description="how often the model file is checked for a new version")
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = one per CPU core")
+    registry: RegistryConfig = RegistryConfig()
 
 
 class CurveConfig(_Strict):
@@ -302,6 +318,8 @@ class HttpConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = Field(None, min_length=16, description="bearer token; or token_file")
     token_file: Path | None = None
+    edge_token_file: Path | None = Field(None, description="a second token that may only read /api/v1/models: what "
+                                                           "edges fetch the production model with (embedder.registry)")
     # Refused before parsing or decoding, so one request cannot exhaust the matcher's memory.
     max_json_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (a 4096-d embedding is ~100 KB)")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="largest image-query request body")
@@ -419,7 +437,7 @@ def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -
 
 
 EDGE_PATH_KEYS = [
-    ("detector", "weights"), ("embedder", "model"), ("harvest", "dir"),
+    ("detector", "weights"), ("embedder", "model"), ("embedder", "registry", "token_file"), ("harvest", "dir"),
     ("publisher", "security", "secret_key"), ("publisher", "security", "server_key"), ("publisher", "spool_dir"),
 ]
 
@@ -454,7 +472,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
 
 
 MATCHER_PATH_KEYS = [
-    ("data_dir",), ("http", "token_file"), ("models",),
+    ("data_dir",), ("http", "token_file"), ("http", "edge_token_file"), ("models",),
     ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
     ("watchlist", "webhooks", "*", "secret_file"),
 ]

@@ -13,6 +13,7 @@
 | `GET/POST /api/v1/watchlist`             | watchlist entries; add one from a sighting or a track  |
 | `POST /api/v1/watchlist/image`           | add one from an uploaded crop + model (multipart)      |
 | `DELETE /api/v1/watchlist/{id}`          | remove one                                             |
+| `GET /api/v1/models`, `/models/production`, `/models/{version}/onnx` | the model registry (`matcher.registry`); also with `http.edge_token_file`'s token |
 | `GET /api/v1/alerts?after=&limit=`       | alerts with an id above `after`, oldest first (poll with the last id seen) |
 | `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
 
@@ -61,6 +62,7 @@ from crossview.matcher.schemas import (
     ErrorOut,
     HealthOut,
     ImageQueryForm,
+    ModelOut,
     QueryIn,
     QueryOut,
     SightingOut,
@@ -77,6 +79,7 @@ WEB_DIR = Path(__file__).with_name("web")
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 SightingId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a sighting's id")]
 EntryId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a watchlist entry's id")]
+ModelVersion = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.+-]+$")]
 _BEARER = HTTPBearer(auto_error=False, description="the token from the matcher's `http.token` or `http.token_file`")
 _ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong token"}}
 _NOT_FOUND = {404: {"model": ErrorOut, "description": "no such sighting (or it has no thumbnail)"}}
@@ -84,12 +87,14 @@ _QUERY_ERRORS = {400: {"model": ErrorOut, "description": "a bad query or image"}
                  404: {"model": ErrorOut, "description": "unknown sighting, track or model"}}
 
 
-def _token_check(token: str):
-    """A dependency that lets a request through only with the bearer token."""
-    expected = token.encode()
+def _token_check(*tokens: str):
+    """A dependency that lets a request through only with one of the bearer tokens."""
+    expected = [tok.encode() for tok in tokens]
 
     def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        if creds is None or not secrets.compare_digest(creds.credentials.encode(), expected):
+        given = creds.credentials.encode() if creds is not None else b""
+        # every token compared, in constant time each, so the answer's timing says nothing about which was near
+        if not sum(secrets.compare_digest(given, tok) for tok in expected):
             raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -191,6 +196,35 @@ def _watch_routes(api: APIRouter, matcher: Matcher, max_pixels: int) -> None:
         return [AlertOut.model_validate(a.to_dict()) for a in watchlist.alerts(after, limit)]
 
 
+def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
+    """The model registry, readable with the API token or the edges' read-only one."""
+    registry = matcher.registry
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(*tokens))], responses=_ERRORS)
+
+    @api.get("/models", summary="Every registered model version, oldest first, with its state and gate report")
+    def models() -> list[ModelOut]:
+        return [ModelOut.model_validate(m.to_dict()) for m in registry.list()]
+
+    @api.get("/models/production", summary="The production model version (what edges run)",
+             responses={404: {"model": ErrorOut, "description": "no version is production yet"}})
+    def production() -> ModelOut:
+        entry = registry.production()
+        if entry is None:
+            raise LookupError("no model version is production yet (crossview models promote VERSION)")
+        return ModelOut.model_validate(entry.to_dict())
+
+    @api.get("/models/{version}/onnx", summary="A registered model's ONNX file", response_class=FileResponse,
+             responses={404: {"model": ErrorOut, "description": "no such version"}})
+    def onnx_file(version: ModelVersion) -> FileResponse:
+        entry = registry.get(version)
+        if entry is None:
+            raise LookupError(f"model version {version!r} is not in the registry")
+        return FileResponse(registry.file_of(version), media_type="application/octet-stream",
+                            headers={"X-Crossview-SHA256": entry.sha256})
+
+    return api
+
+
 def _added(entry) -> WatchEntryOut:
     return WatchEntryOut.model_validate(entry.to_dict())
 
@@ -225,6 +259,8 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
         return HealthOut()
 
     app.include_router(_api_router(matcher, token, cfg.max_image_pixels))
+    app.include_router(_model_router(matcher, token, *([read_secret(cfg.edge_token_file, "http.edge_token_file", "token")]
+                                                       if cfg.edge_token_file else [])))
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

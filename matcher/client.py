@@ -119,6 +119,10 @@ class MatcherClient:
             return ValueError(message)
         return ConnectionError(f"{self.url}: HTTP {e.code}: {detail}")
 
+    def models(self) -> list[dict]:
+        """GET /api/v1/models: every registered version with its state."""
+        return self._call("/models")
+
     def edges(self) -> dict:
         """GET /api/v1/edges: every edge and camera, online, stalled or offline, since when."""
         return self._call("/edges")

@@ -8,6 +8,7 @@
 | `CameraOut`    | one camera's totals, for the page's camera list                               |
 | `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
 | `EdgesOut`     | every edge and camera as its last heartbeat left it (`matcher.edges`)         |
+| `ModelOut`     | one registered model version (`matcher.registry`)                             |
 | `WatchIn`, `WatchImageForm`, `WatchEntryOut`, `AlertOut` | watchlist entries (from a sighting, a track or a crop) and their alerts |
 | `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
 | `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
@@ -244,3 +245,14 @@ class AlertOut(BaseModel):
     similarity: float
     probability: float | None = Field(description="P(same person); null when the model has no calibration")
     created: float = Field(description="when the matcher raised it")
+
+
+class ModelOut(BaseModel):
+    version: str
+    sha256: str = Field(description="of the ONNX file: edges check their download against it")
+    bytes: int
+    meta: dict[str, Any] = Field(description="name, input size, dimension, precision, calibrated")
+    gate: dict[str, Any] | None = Field(description="the gate report it was registered with")
+    state: Literal["candidate", "production", "retired"]
+    registered: float
+    changed: float = Field(description="when its state last changed")

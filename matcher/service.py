@@ -9,6 +9,7 @@
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
+| registry       | `matcher.registry`: the model versions, which is production (edges fetch it)             |
 | watchlist      | `matcher.watchlist`: every indexed batch checked against it; alerts to `matcher.webhooks` |
 | status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
 |                | edges' last heartbeats (`matcher.edges`)                                                 |
@@ -39,6 +40,7 @@ from crossview.matcher.index import Index
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.query import QueryEngine, load_embedders
+from crossview.matcher.registry import Registry
 from crossview.matcher.store import Store
 from crossview.matcher.tracks import Tracks
 from crossview.matcher.watchlist import Watchlist
@@ -73,6 +75,7 @@ class Matcher:
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
+        self.registry = Registry(Path(cfg.data_dir))
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of)
         self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist)
         self.watchlist.on_alerts(self.webhooks.enqueue)

@@ -28,7 +28,8 @@ PROTECTED = [
     ("GET", "/api/v1/stats"), ("GET", "/api/v1/cameras"), ("GET", "/api/v1/sightings"), ("GET", "/api/v1/sightings/1"),
     ("GET", "/api/v1/sightings/1/thumbnail"), ("POST", "/api/v1/query"), ("POST", "/api/v1/query/image"),
     ("GET", "/api/v1/edges"), ("GET", "/api/v1/watchlist"), ("POST", "/api/v1/watchlist"), ("POST", "/api/v1/watchlist/image"),
-    ("DELETE", "/api/v1/watchlist/1"), ("GET", "/api/v1/alerts"),
+    ("DELETE", "/api/v1/watchlist/1"), ("GET", "/api/v1/alerts"), ("GET", "/api/v1/models"),
+    ("GET", "/api/v1/models/production"), ("GET", "/api/v1/models/m1/onnx"),
 ]
 
 
@@ -254,7 +255,8 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
                    ("/api/v1/sightings/{sighting_id}/thumbnail", "GET"), ("/api/v1/query", "POST"),
                    ("/api/v1/query/image", "POST"), ("/api/v1/edges", "GET"), ("/api/v1/watchlist", "GET"),
                    ("/api/v1/watchlist", "POST"), ("/api/v1/watchlist/image", "POST"),
-                   ("/api/v1/watchlist/{entry_id}", "DELETE"), ("/api/v1/alerts", "GET")}
+                   ("/api/v1/watchlist/{entry_id}", "DELETE"), ("/api/v1/alerts", "GET"), ("/api/v1/models", "GET"),
+                   ("/api/v1/models/production", "GET"), ("/api/v1/models/{version}/onnx", "GET")}
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "the token from the matcher's `http.token` or `http.token_file`"}
     for path, method in ops:

@@ -1,0 +1,130 @@
+"""The model registry and its rollout: register, promote, roll back; an edge node following the production
+version over HTTP with the read-only edge token, checking the checksum, and keeping its model when a download
+is bad."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import threading
+
+import pytest
+import requests
+from helpers import edge_config, matcher_config, shared_data, wait_until
+
+from crossview.cli import main
+from crossview.kernel.embedder import Embedder, ModelError
+from crossview.matcher.api import serve
+from crossview.matcher.registry import Registry
+from crossview.matcher.service import Matcher
+from crossview.trainer.export import write_metadata
+
+TOKEN = "test-token-0123456789"
+EDGE_TOKEN = "edge-token-0123456789"
+
+
+def relabel(src, out, version: str, **extra):
+    """`src`'s graph as another model version (what a new training run would export)."""
+    meta = Embedder(src, device="cpu").meta
+    write_metadata(src, out, dataclasses.replace(meta, version=version, extra={**meta.extra, **extra}))
+    return out
+
+
+def test_register_promote_and_roll_back(tmp_path, default_model):
+    reg = Registry(tmp_path)
+    v2 = relabel(default_model, tmp_path / "v2.onnx", "site-2")
+    first = reg.register(default_model)
+    assert (first.state, reg.production()) == ("candidate", None)
+    assert reg.register(default_model) == first  # the same file again: nothing new
+    reg.register(v2, gate={"mAP": 0.71})
+    with pytest.raises(ValueError, match="registered already with another file"):
+        reg.register(relabel(default_model, tmp_path / "v2b.onnx", "site-2", note="other"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="junk.onnx"):
+        reg.register(tmp_path / "junk.onnx")
+    with pytest.raises(LookupError, match="not in the registry"):
+        reg.promote("nope")
+    with pytest.raises(LookupError, match="nothing to roll back to"):
+        reg.rollback()
+    reg.promote(first.version)
+    reg.promote("site-2")
+    assert {e.version: e.state for e in reg.list()} == {first.version: "retired", "site-2": "production"}
+    assert reg.get("site-2").gate == {"mAP": 0.71} and reg.get("site-2").meta["dim"] == first.meta["dim"]
+    assert reg.rollback().version == first.version and reg.production().version == first.version
+    assert Registry(tmp_path, read_only=True).production().version == first.version  # another process reads it
+
+
+def test_the_cli_manages_the_registry_on_the_matcher_host(tmp_path, default_model, capsys):
+    data = tmp_path / "matcher"
+    assert main(["models", "register", str(default_model), "--data-dir", str(data)]) == 0
+    version = Embedder(default_model, device="cpu").version
+    assert f"{version}: candidate" in capsys.readouterr().out
+    assert main(["models", "promote", version, "--data-dir", str(data)]) == 0
+    assert main(["models", "list", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert f"{version}: production" in out and "production" in out.splitlines()[-1]
+    assert main(["models", "promote", "nope", "--data-dir", str(data)]) == 1
+    assert main(["models", "list", "--data-dir", str(tmp_path / "empty")]) == 0
+    assert "no models registered" in capsys.readouterr().out
+
+
+@pytest.fixture
+def site(tmp_path, default_model):
+    (tmp_path / "edge-token").write_text(EDGE_TOKEN + "\n")
+    cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN, "edge_token_file": str(tmp_path / "edge-token")})
+    m = Matcher(cfg)
+    m.registry.register(default_model)
+    m.registry.promote(Embedder(default_model, device="cpu").version)
+    m.start()
+    server = serve(m, cfg.http)
+    yield m, server.url.rstrip("/")
+    server.stop()
+    m.stop()
+
+
+def test_the_edge_token_reads_models_and_nothing_else(site):
+    _, url = site
+    edge = {"Authorization": f"Bearer {EDGE_TOKEN}"}
+    assert requests.get(f"{url}/api/v1/models/production", headers=edge, timeout=10).json()["state"] == "production"
+    assert requests.get(f"{url}/api/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).status_code == 200
+    for path in ("/api/v1/stats", "/api/v1/edges", "/api/v1/alerts"):
+        assert requests.get(f"{url}{path}", headers=edge, timeout=10).status_code == 401, path
+    assert requests.get(f"{url}/api/v1/models/no%2Fpe/onnx", headers=edge, timeout=10).status_code in (404, 422)
+
+
+def test_an_edge_follows_the_production_version_and_keeps_its_model_on_a_bad_download(site, default_model, tmp_path,
+                                                                                       capsys, monkeypatch):
+    m, url = site
+    model = tmp_path / "edge-models" / "model.onnx"
+    model.parent.mkdir()
+    shutil.copy(default_model, model)
+    (tmp_path / "edge-token-file").write_text(EDGE_TOKEN)
+    clip = str(shared_data("TUD-Campus") / "TUD-Campus.mp4")
+    from crossview.edge.node import EdgeNode
+
+    cfg = edge_config(model, [{"id": "campus", "source": clip, "realtime": True, "loop": True, "fps": 5}],
+                      endpoint=m.ingest.endpoint, publisher={"heartbeat_s": 0.5},
+                      embedder={"registry": {"url": url, "token_file": str(tmp_path / "edge-token-file"), "poll_s": 1}})
+    node = EdgeNode(cfg)
+    runner = threading.Thread(target=node.run, daemon=True)
+    runner.start()
+    try:
+        m.registry.register(relabel(default_model, tmp_path / "site-2.onnx", "site-2"))
+        m.registry.promote("site-2")
+        wait_until(lambda: node.embedder.version == "site-2", 30, "the edge on site-2")
+        wait_until(lambda: m.edges.report()["edges"][0]["model"] == "site-2", 10, "its heartbeat saying so")
+        monkeypatch.setenv("CROSSVIEW_TOKEN", TOKEN)
+        assert main(["models", "status", "--url", url]) == 0
+        assert "test-edge" in capsys.readouterr().out.split("production: site-2")[1].split("runs site-2 (production)")[0]
+
+        m.registry.register(relabel(default_model, tmp_path / "site-3.onnx", "site-3"))
+        with open(m.registry.file_of("site-3"), "ab") as f:  # damaged on the matcher's disk after registration
+            f.write(b"\0")
+        m.registry.promote("site-3")
+        wait_until(lambda: node.rollout.failed >= 2, 30, "the bad download refused (and retried)")
+        assert node.embedder.version == "site-2" and Embedder(model, device="cpu").version == "site-2"
+        assert not list(model.parent.glob(".*download"))  # nothing half-written left beside the model
+        assert m.registry.rollback().version == "site-2"
+    finally:
+        node.stop()
+        runner.join(30)
