@@ -52,7 +52,7 @@ def _cfg(**over) -> TrainConfig:
 
 
 def test_registry_keys_are_the_methods_names():
-    assert list(METHODS) == ["daam", "daal", "arn", "adfl"]
+    assert list(METHODS) == ["daam", "daal", "arn", "adfl", "tcap"]
     assert all(issubclass(cls, Method) and cls.name == key for key, cls in METHODS.items())
 
 

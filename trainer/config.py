@@ -9,6 +9,7 @@
 | `loss`       | weights of Eq. 12's terms and the target loss kind                         |
 | `clustering` | k-means++ (DAAM) or DBSCAN on the k-reciprocal distance (DAAL)             |
 | `arn`, `adfl` | ARN's loss weights and switches; ADFL's attention-feature branch and losses |
+| `tcap`       | the tracklet- and camera-aware method's pseudo-label switches, pooling, neck and loss weights |
 | `pretrain`, `adapt` | Algorithm 1's schedules                                             |
 
 Errors are `crossview.kernel.config.ConfigError` naming the file and the dotted key, like the services'.
@@ -102,6 +103,37 @@ class AdflConfig(_Strict):
     flip_test: bool = Field(True, description="the embedding averages the image and its mirror image (also exported)")
 
 
+class TcapConfig(_Strict):
+    """The tracklet- and camera-aware method (`trainer.methods.tcap`): every switch is one ablation."""
+
+    tracklets: bool = Field(True, description="cluster tracklets (the tracker's (camera, track)); off: every crop alone")
+    split: bool = Field(True, description="cut tracklets where their appearance jumps (tracker swaps)")
+    split_window: int = Field(3, ge=1, description="crops averaged each side of a candidate cut")
+    split_z: float = Field(4.0, gt=0, description="a jump is above median + z robust std of the target's cut distances")
+    split_min: float = Field(0.2, ge=0, le=2, description="... and above this cosine distance")
+    cannot_link: bool = Field(True, description="never cluster two tracklets that co-occur (one camera, overlapping frames)")
+    eps: Literal["profile", "percentile"] = Field(
+        "profile", description="DBSCAN eps: Otsu's threshold on the k-NN distance profile, or DAAL's clustering.p share"
+    )
+    eps_k: int = Field(5, ge=1, description="neighbours per tracklet in the eps profile")
+    min_crops: int = Field(4, ge=1, description="DBSCAN min_samples, counted in crops (a long tracklet is a core point)")
+    pool: Literal["avg", "gem"] = Field("gem", description="global pooling: average or generalised mean")
+    gem_p: float = Field(3.0, ge=1, description="GeM's initial p (learnt)")
+    neck: bool = Field(True, description="BN neck after pooling (BNNeck)")
+    memory: float = Field(1.0, ge=0, description="cluster-memory InfoNCE weight (Cluster Contrast)")
+    proxy_intra: float = Field(1.0, ge=0, description="intra-camera proxy loss weight (CAP)")
+    proxy_inter: float = Field(0.5, ge=0, description="inter-camera proxy loss weight (CAP)")
+    cooccur: float = Field(1.0, ge=0, description="tracklet constraint: margin to the centroids of co-occurring tracklets")
+    cooccur_margin: float = Field(0.1, ge=0, description="cosine margin of the tracklet constraint")
+    source_ce: float = Field(1.0, ge=0, description="labelled source identity cross-entropy weight")
+    source_triplet: float = Field(1.0, ge=0, description="labelled source batch-hard triplet weight")
+    triplet_margin: float = Field(0.3, gt=0)
+    tau: float = Field(0.05, gt=0, description="cluster-memory temperature")
+    proxy_tau: float = Field(0.07, gt=0, description="proxy temperature")
+    hard_negatives: int = Field(50, ge=1, description="other-cluster proxies in the inter-camera loss")
+    momentum: float = Field(0.2, ge=0, lt=1, description="memory update: m <- momentum m + (1 - momentum) f")
+
+
 class ClusteringConfig(_Strict):
     method: Literal["kmeans", "dbscan"] = "kmeans"
     k: int = Field(650, ge=2, description="k-means clusters K")
@@ -155,6 +187,7 @@ class TrainConfig(_Strict):
     clustering: ClusteringConfig = ClusteringConfig()
     arn: ArnConfig = ArnConfig()
     adfl: AdflConfig = AdflConfig()
+    tcap: TcapConfig = TcapConfig()
     sampler: SamplerConfig = SamplerConfig()
     optim: OptimConfig = OptimConfig()
     pretrain: ScheduleConfig = ScheduleConfig(epochs=60, lr=1e-3, milestones=[40])

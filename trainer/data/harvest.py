@@ -2,7 +2,7 @@
 
 | kind      | how                                                                                   |
 |-----------|---------------------------------------------------------------------------------------|
-| `harvest` | the edge's crops and sidecars (`crossview.kernel.harvest`); camera and frame from the sidecar, else from the folder and file name |
+| `harvest` | the edge's crops and sidecars (`crossview.kernel.harvest`); camera, frame and track from the sidecar, else from the folder and file name |
 | `images`  | every image under the folder, recursively; one camera (camid 0)                        |
 | cameras   | camera names sorted → camids 0..C-1 (`TargetSet.cameras[camid]` is the name)          |
 | bad files | images that do not decode are skipped and counted (`TargetSet.skipped`), with one warning |
@@ -24,33 +24,35 @@ from crossview.trainer.data.samples import UNLABELLED, Sample, TargetSet
 log = logging.getLogger(__name__)
 
 
-def crop_camera_frame(path: Path) -> tuple[str, int, HarvestError | None]:
-    """(camera, frame, why the sidecar was unusable or None) of a harvested crop; without a sidecar, folder and name tell."""
+def crop_camera_frame(path: Path) -> tuple[str, int, int, HarvestError | None]:
+    """(camera, frame, track, why the sidecar was unusable or None) of a harvested crop; without a sidecar, folder and
+    name tell."""
     try:
         sidecar = read_sidecar(path)
-        return sidecar.camera, sidecar.frame, None
+        return sidecar.camera, sidecar.frame, sidecar.track, None
     except HarvestError as e:
-        return path.parent.name, _frame_from_name(path), e
+        return path.parent.name, *_frame_track_from_name(path), e
 
 
-def _frame_from_name(path: Path) -> int:
+def _frame_track_from_name(path: Path) -> tuple[int, int]:
     try:
-        return CropName.parse(path).frame
+        name = CropName.parse(path)
+        return name.frame, name.track
     except HarvestError:
-        return -1  # not named by the edge: the frame is unknown
+        return -1, -1  # not named by the edge: frame and track are unknown
 
 
 def harvest_samples(root: str | Path, verify: bool = True) -> TargetSet:
     """Harvested crops as unlabelled samples with camids from their camera names."""
     root = _require_dir(root, "harvest", "<dir>/<camera>/*.jpg with .json sidecars")
     crops = [(path, *crop_camera_frame(path)) for path in list_images(root, recursive=True)]
-    problems = [error for _, _, _, error in crops if error]
+    problems = [error for *_, error in crops if error]
     if problems:
         log.warning("%d harvested crop(s) without a usable sidecar: camera taken from the folder name, e.g. %s",
                     len(problems), problems[0])
-    cameras = tuple(sorted({camera for _, camera, _, _ in crops}))
+    cameras = tuple(sorted({camera for _, camera, *_ in crops}))
     camid = {name: i for i, name in enumerate(cameras)}
-    samples = [Sample(path, UNLABELLED, camid[camera], frame) for path, camera, frame, _ in crops]
+    samples = [Sample(path, UNLABELLED, camid[camera], frame, track) for path, camera, frame, track, _ in crops]
     return _finish(root, samples, cameras, verify)
 
 

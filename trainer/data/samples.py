@@ -2,7 +2,7 @@
 
 | what              | how                                                                      |
 |-------------------|--------------------------------------------------------------------------|
-| one image         | `Sample(path, pid, camid, frame)`; pid -1 = unlabelled (or outlier)       |
+| one image         | `Sample(path, pid, camid, frame, track)`; pid -1 = unlabelled (or outlier), track -1 = unknown |
 | labelled dataset  | `ReidSplit(name, train, query, gallery)`; `split.summary()` for the log   |
 | unlabelled target | `TargetSet(samples, cameras, skipped)`: camid i is `cameras[i]`           |
 | training labels   | `relabel(samples)` → pids 0..N-1; `with_labels(samples, pseudo)` for clusters |
@@ -19,12 +19,15 @@ UNLABELLED = -1
 
 @dataclass(frozen=True)
 class Sample:
-    """One person image; `frame` is the source's frame number (orders one recording's images in time), -1 if unknown."""
+    """One person image; `frame` is the source's frame number (orders one recording's images in time), -1 if unknown;
+    `track` is the edge tracker's id of a harvested crop (one person within its camera, unless the tracker swapped), -1
+    if unknown."""
 
     path: Path
     pid: int
     camid: int
     frame: int = -1
+    track: int = -1
 
 
 @dataclass(frozen=True)

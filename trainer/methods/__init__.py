@@ -6,6 +6,7 @@
 | `daal` | `daal`  | DAAL: DAAM's loop with DAAL's attention, GAP heads, DBSCAN and soft labels      |
 | `arn`  | `arn`   | ARN: shared / private encoders, decoder; L_cls + L_ctrs + L_rec + L_diff, no pseudo labels |
 | `adfl` | `adfl`  | ADFL: attn3-1sum + AF3 branch, GMP, BN neck; softmax + triplet on the source alone |
+| `tcap` | `tcap`  | tracklet- and camera-aware: tracklet pseudo labels (swap splits, co-occurrence cannot-links, eps from the k-NN profile), cluster memory + camera proxies |
 
 A new method is one module with a `Method` subclass, added to `METHODS`.
 """
@@ -17,5 +18,6 @@ from crossview.trainer.methods.arn import Arn
 from crossview.trainer.methods.base import Method
 from crossview.trainer.methods.daal import Daal
 from crossview.trainer.methods.daam import Daam
+from crossview.trainer.methods.tcap import Tcap
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Daam, Daal, Arn, Adfl)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Daam, Daal, Arn, Adfl, Tcap)}

@@ -1,0 +1,213 @@
+"""Pseudo labels over tracklets: a site's tracker ids as within-camera identities, its frames as negatives.
+
+| step                  | how                                                                              |
+|-----------------------|----------------------------------------------------------------------------------|
+| tracklets             | `tracklets_of(cams, tracks, frames)`: crops of one (camera, track), in frame order; a crop without a track is its own |
+| tracker swaps         | `split_at_jumps`: cut a tracklet where the mean embedding of the `window` crops before and after a point differ by a robust outlier of the target's own profile (median + z·MAD, at least `min_distance`) |
+| co-occurrence         | `cooccurring(segments)`: pairs of segments of one camera whose frame spans overlap: two people |
+| distance              | `trainer.kreciprocal.jaccard_distance` of the segments' mean embeddings; co-occurring pairs set to 1 |
+| radius                | `eps_from_profile`: Otsu's threshold on every segment's k-NN Jaccard distances (absent = 1): the valley between "same person" and "someone else" |
+| clusters              | DBSCAN with each segment weighted by its crop count (a tracklet of M crops is a core point alone), then `separate_cannot_links` re-links a cluster that joined co-occurring segments closest pairs first, never across a co-occurrence |
+| one call              | `tracklet_labels(features, cams, tracks, frames, ...)` → `TrackletLabels` (per crop) |
+
+Unlike single-crop clustering, a person seen once by the tracker is one point however many crops it
+left, so the clusters count people rather than poses, and DBSCAN's radius is read off the tracklets'
+own neighbour distances instead of a fixed share of all pairs (DAAL's p over-splits small sites).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+from sklearn.cluster import DBSCAN
+
+from crossview.trainer.kreciprocal import jaccard_distance, l2_normalise
+
+log = logging.getLogger("crossview.trainer")
+
+
+@dataclass
+class TrackletLabels:
+    """One clustering of the target by tracklet segments; every field is a constructor argument (checkpointable)."""
+
+    labels: np.ndarray  # (N crops,) int64 cluster, -1 = outlier
+    segments: np.ndarray  # (N crops,) int64 segment of each crop (a tracklet, or one piece of a split one)
+    cannot_link: np.ndarray  # (M, 2) int64 pairs of co-occurring segments
+    n_clusters: int
+    n_segments: int
+    n_splits: int  # cuts made at appearance jumps
+    eps: float
+
+
+def tracklets_of(cams: np.ndarray, tracks: np.ndarray, frames: np.ndarray) -> list[np.ndarray]:
+    """Crop indices of each tracklet, in frame order: one per (camera, track >= 0), one per crop without a track."""
+    cams, tracks, frames = (np.asarray(a, np.int64) for a in (cams, tracks, frames))
+    known = np.flatnonzero(tracks >= 0)
+    order = known[np.lexsort((frames[known], tracks[known], cams[known]))]
+    keys = np.stack([cams[order], tracks[order]], 1)
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(1)]) if len(order) else np.zeros(0, np.int64)
+    groups = np.split(order, starts[1:]) if len(order) else []
+    return groups + [np.array([i]) for i in np.flatnonzero(tracks < 0)]
+
+
+def jump_distances(features: np.ndarray, window: int) -> np.ndarray:
+    """Cosine distance between the mean embedding of the `window` crops before each cut point and those after; (n-1,)."""
+    x = np.asarray(features, np.float64)
+    n = len(x)
+    csum = np.vstack([np.zeros((1, x.shape[1])), np.cumsum(x, 0)])
+    cut = np.arange(1, n)
+    lo, hi = np.maximum(cut - window, 0), np.minimum(cut + window, n)
+    before = l2_normalise((csum[cut] - csum[lo]).astype(np.float32))
+    after = l2_normalise((csum[hi] - csum[cut]).astype(np.float32))
+    return 1.0 - np.einsum("ij,ij->i", before, after)
+
+
+def split_at_jumps(features: np.ndarray, tracklets: list[np.ndarray], window: int = 3, z: float = 4.0,
+                   min_distance: float = 0.2) -> tuple[list[np.ndarray], int]:
+    """(segments, cuts): each tracklet cut where its appearance jumps, the tracker having swapped two people.
+
+    A cut point is a jump when its `jump_distances` value is a robust outlier of every cut point of the target
+    (above median + z·1.4826·MAD, and above `min_distance` so a target of smooth tracklets keeps them whole) and
+    the largest within `window` of it, so one swap is cut once, not at each neighbouring point."""
+    dists = [jump_distances(features[t], window) for t in tracklets]
+    pooled = np.concatenate(dists) if dists else np.zeros(0)
+    if len(pooled) == 0:
+        return tracklets, 0
+    median = np.median(pooled)
+    threshold = max(min_distance, median + z * 1.4826 * np.median(np.abs(pooled - median)))
+    segments, cuts = [], 0
+    for t, d in zip(tracklets, dists):
+        peaks = [i for i in np.flatnonzero(d > threshold) if d[i] == d[max(0, i - window):i + window + 1].max()]
+        segments += np.split(t, np.asarray(peaks, np.int64) + 1)
+        cuts += len(peaks)
+    return segments, cuts
+
+
+def cooccurring(cams: np.ndarray, frames: np.ndarray, segments: list[np.ndarray]) -> np.ndarray:
+    """(M, 2) pairs i < j of segments of one camera whose frame spans [first, last] overlap; frame -1 never overlaps."""
+    seg_cam = np.array([cams[s[0]] for s in segments], np.int64)
+    first = np.array([frames[s].min() for s in segments], np.int64)
+    last = np.array([frames[s].max() for s in segments], np.int64)
+    pairs = []
+    for cam in np.unique(seg_cam):
+        idx = np.flatnonzero((seg_cam == cam) & (first >= 0))
+        idx = idx[np.argsort(first[idx], kind="stable")]
+        # Sorted by start: i's overlapping successors are those starting no later than i ends.
+        reach = np.searchsorted(first[idx], last[idx], side="right")
+        for a in range(len(idx)):
+            pairs += [(min(idx[a], idx[b]), max(idx[a], idx[b])) for b in range(a + 1, reach[a])]
+    return np.array(pairs, np.int64).reshape(-1, 2)
+
+
+def eps_from_profile(dist: sparse.csr_matrix, k: int) -> float:
+    """DBSCAN's radius from the target's own k-NN distance profile: pool every point's k nearest distances (absent
+    entries are 1) and take Otsu's threshold, the cut with the largest between-class variance, between the near
+    ones (the same person) and the far ones."""
+    n = dist.shape[0]
+    k = max(1, min(k, n - 1))
+    profile = np.ones((n, k))
+    for i in range(n):
+        row = dist.getrow(i)
+        d = np.sort(row.data[row.indices != i])[:k]
+        profile[i, : len(d)] = d
+    return otsu_threshold(profile.ravel())
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """The midpoint between the two sorted neighbours where splitting `values` maximises the between-class variance."""
+    v = np.sort(np.asarray(values, np.float64))
+    if v[0] == v[-1]:
+        return float(v[0])
+    n = len(v)
+    below = np.arange(1, n)
+    csum = np.cumsum(v)[:-1]
+    mean_lo, mean_hi = csum / below, (v.sum() - csum) / (n - below)
+    score = below * (n - below) * (mean_hi - mean_lo) ** 2
+    score[v[1:] == v[:-1]] = -1  # a threshold must fall between two different values
+    i = int(np.argmax(score))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def separate_cannot_links(labels: np.ndarray, dist: sparse.csr_matrix, eps: float, conflicts: np.ndarray) -> np.ndarray:
+    """`labels` with every cluster holding a co-occurring pair re-linked: its members' links within `eps`, closest
+    first, joined unless that would put two co-occurring segments in one cluster (union-find with cannot-links)."""
+    labels = labels.copy()
+    bad = {labels[i] for i, j in conflicts if labels[i] >= 0 and labels[i] == labels[j]}
+    partner: dict[int, set[int]] = {}
+    for i, j in conflicts:
+        partner.setdefault(int(i), set()).add(int(j))
+        partner.setdefault(int(j), set()).add(int(i))
+    next_label = int(labels.max()) + 1 if len(labels) else 0
+    coo = dist.tocoo()
+    for c in sorted(bad):
+        members = set(np.flatnonzero(labels == c).tolist())
+        keep = (coo.row < coo.col) & (coo.data <= eps) & np.isin(coo.row, list(members)) & np.isin(coo.col, list(members))
+        root = {m: m for m in members}
+        group = {m: {m} for m in members}
+        for a, b, _ in sorted(zip(coo.row[keep], coo.col[keep], coo.data[keep]), key=lambda e: e[2]):
+            ra, rb = _find(root, int(a)), _find(root, int(b))
+            if ra == rb or any(partner.get(m, set()) & group[rb] for m in group[ra]):
+                continue
+            root[rb] = ra
+            group[ra] |= group.pop(rb)
+        for g in group.values():
+            labels[list(g)] = next_label
+            next_label += 1
+    return _renumber(labels)
+
+
+def _find(root: dict[int, int], m: int) -> int:
+    while root[m] != m:
+        root[m] = root[root[m]]
+        m = root[m]
+    return m
+
+
+def _renumber(labels: np.ndarray) -> np.ndarray:
+    """Cluster ids 0..K-1 in order of first appearance, -1 kept."""
+    out = np.full(len(labels), -1, np.int64)
+    inside = labels >= 0
+    _, first = np.unique(labels[inside], return_inverse=True)
+    out[inside] = first
+    return out
+
+
+def tracklet_labels(features: np.ndarray, cams: np.ndarray, tracks: np.ndarray, frames: np.ndarray, *,
+                    k1: int = 20, k2: int = 6, min_crops: int = 4, split: bool = True, window: int = 3,
+                    z: float = 4.0, min_jump: float = 0.2, cannot_link: bool = True, eps_k: int = 5,
+                    eps_rule: Callable[[sparse.csr_matrix], float] | None = None) -> TrackletLabels:
+    """Cluster the target's crops by tracklet segment (see the module table); `eps_rule(distance)` gives the radius,
+    by default `eps_from_profile` with `eps_k`.
+
+    Segments with fewer than `min_crops` crops in all their cluster are outliers (-1), as DBSCAN's noise."""
+    features = l2_normalise(np.asarray(features, np.float32))
+    cams, frames = np.asarray(cams, np.int64), np.asarray(frames, np.int64)
+    segments, cuts = tracklets_of(cams, tracks, frames), 0
+    if split:
+        segments, cuts = split_at_jumps(features, segments, window, z, min_jump)
+    conflicts = cooccurring(cams, frames, segments) if cannot_link else np.zeros((0, 2), np.int64)
+    means = l2_normalise(np.stack([features[s].mean(0) for s in segments]))
+    dist = jaccard_distance(means, min(k1, len(means) - 1) or 1, k2).tolil()
+    for i, j in conflicts:  # "absent" is 1; a stored 1 also keeps the pair out of every eps-neighbourhood
+        dist[i, j] = dist[j, i] = 1.0
+    dist = dist.tocsr()
+    radius = min(eps_rule(dist) if eps_rule is not None else eps_from_profile(dist, eps_k), 1 - 1e-6)
+    sizes = np.array([len(s) for s in segments], np.float64)
+    seg_labels = DBSCAN(eps=radius, min_samples=min_crops, metric="precomputed").fit_predict(dist, sample_weight=sizes)
+    seg_labels = separate_cannot_links(seg_labels.astype(np.int64), dist, radius, conflicts)
+    # A re-linked piece may be too small to stand alone: DBSCAN's own rule, applied after the repair.
+    weight = np.bincount(seg_labels[seg_labels >= 0], weights=sizes[seg_labels >= 0]) if (seg_labels >= 0).any() else []
+    seg_labels = _renumber(np.where((seg_labels >= 0) & (np.take(weight, seg_labels.clip(0)) >= min_crops), seg_labels, -1))
+    crop_segment = np.empty(len(features), np.int64)
+    for i, s in enumerate(segments):
+        crop_segment[s] = i
+    labels = seg_labels[crop_segment]
+    n_clusters = int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0
+    log.info("tracklet pseudo labels: %d crops, %d segments (%d cuts), %d co-occurring pairs, eps %.4f -> %d clusters, "
+             "%.1f%% outliers", len(labels), len(segments), cuts, len(conflicts), radius, n_clusters,
+             100 * float(np.mean(labels < 0)))
+    return TrackletLabels(labels, crop_segment, conflicts, n_clusters, len(segments), cuts, float(radius))
