@@ -281,6 +281,8 @@ def _models(args: argparse.Namespace) -> int:
         if args.action == "register":
             gate = json.loads(args.gate.read_text()) if args.gate else None
             entry = registry.register(args.model, gate)
+        elif args.action == "promote" and args.canary:
+            entry = registry.start_canary(args.version, [n for n in args.canary.split(",") if n], args.hold)
         elif args.action == "promote":
             entry = registry.promote(args.version)
         else:
@@ -297,15 +299,18 @@ def _models_status(args: argparse.Namespace) -> int:
 
     client = MatcherClient(args.url, read_token(args.token_file), timeout=15)
     try:
-        production = next((m for m in client.models() if m["state"] == "production"), None)
+        models = client.models()
+        production = next((m for m in models if m["state"] == "production"), None)
         edges = client.edges()["edges"]
     except (PermissionError, ConnectionError) as e:
         log.error("%s", e)
         return 2
     want = production["version"] if production else None
-    print(f"production: {want or 'none (crossview models promote VERSION)'}")
+    canary = next((m["version"] for m in models if m["state"] == "canary"), None)
+    print(f"production: {want or 'none (crossview models promote VERSION)'}" + (f"; canary: {canary}" if canary else ""))
     for e in edges:
-        mark = "" if want is None else " (production)" if e["model"] == want else " (not production)"
+        mark = "" if want is None else " (production)" if e["model"] == want else \
+            " (canary)" if e["model"] == canary else " (not production)"
         print(f"{e['node']:<24} {e['state']:<8} runs {e['model']}{mark}")
     if not edges:
         print("no edge has sent a heartbeat yet")
@@ -524,9 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg = mo_sub.add_parser("register", parents=[after_verb, local], help="add an ONNX model as a candidate")
     reg.add_argument("model", type=Path, help="ONNX embedder with crossview metadata")
     reg.add_argument("--gate", type=Path, help="its gate report (JSON)")
-    mo_sub.add_parser("promote", parents=[after_verb, local], help="make a version production (edges follow)").add_argument(
-        "version")
-    mo_sub.add_parser("rollback", parents=[after_verb, local], help="make the production version before this one production")
+    pro = mo_sub.add_parser("promote", parents=[after_verb, local], help="make a version production (edges follow)")
+    pro.add_argument("version")
+    pro.add_argument("--canary", metavar="EDGE,EDGE", help="these edges first; the rest once they ran it --hold seconds")
+    pro.add_argument("--hold", type=float, default=3600.0, help="canary hold time in seconds (default: %(default)s)")
+    mo_sub.add_parser("rollback", parents=[after_verb, local],
+                      help="stop a canary; else make the production version before this one production")
     mo_sub.add_parser("status", parents=[after_verb, remote], help="which edge runs which version")
     mo.set_defaults(run=_models)
 

@@ -132,7 +132,7 @@ class EdgeNode:
         # Models load before any camera starts, so a wrong model fails fast and says which file.
         self.embedder = Embedder(e.model, batch_size=e.batch_size, device=e.device, reload_check_s=e.reload_check_s,
                                  threads=e.threads, key="embedder.model")
-        self.rollout = Rollout(e.registry, e.model, lambda: self.embedder.version) if e.registry.url else None
+        self.rollout = Rollout(e.registry, e.model, lambda: self.embedder.version, cfg.node_id) if e.registry.url else None
         self.detector = build_detector(cfg.detector, e.device)
         self.cameras = {c.id: Camera(c, Tracker(cfg.tracker), MotionGate.for_camera(cfg.detector, c, self.detector))
                         for c in cfg.cameras}

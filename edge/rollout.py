@@ -1,13 +1,14 @@
 """Model rollout on the edge: keep `embedder.model` at the registry's production version.
 
-Every `embedder.registry.poll_s` a thread asks the matcher (`GET /api/v1/models/production`, with the
-read-only edge token). A version other than the one running is downloaded beside the model file, its
+Every `embedder.registry.poll_s` a thread asks the matcher which version this node should run
+(`GET /api/v1/models/production?node=...`, with the read-only edge token: a canary edge gets the version
+on trial). A version other than the one running is downloaded beside the model file, its
 SHA-256 checked against the registry's, and loaded once as the edge would; only then is it renamed over
 `embedder.model`, and the embedder's own hot reload swaps sessions between batches. A failed download,
 a checksum mismatch or a model that does not load is logged, counted and deleted: the running model stays,
 and the same version is tried again at the next poll.
 
-    rollout = Rollout(cfg.embedder.registry, cfg.embedder.model, lambda: embedder.version)
+    rollout = Rollout(cfg.embedder.registry, cfg.embedder.model, lambda: embedder.version, cfg.node_id)
     rollout.start(); ...; rollout.stop()
     rollout.check()     # one poll now: the version installed, or None
 """
@@ -38,8 +39,8 @@ class RolloutError(RuntimeError):
 
 
 class Rollout:
-    def __init__(self, cfg: RegistryConfig, model: Path, running: Callable[[], str]):
-        self.cfg, self.model, self.running = cfg, Path(model), running
+    def __init__(self, cfg: RegistryConfig, model: Path, running: Callable[[], str], node: str):
+        self.cfg, self.model, self.running, self.node = cfg, Path(model), running, node
         self.token = read_secret(cfg.token_file, "embedder.registry.token_file", "token")
         self.installed = self.failed = 0
         self._stop = threading.Event()
@@ -61,7 +62,7 @@ class Rollout:
     def check(self) -> str | None:
         """One poll: the version installed, or None (up to date, no production version, or a failure, logged)."""
         try:
-            production = self._get_json("/api/v1/models/production")
+            production = self._get_json(f"/api/v1/models/production?node={urllib.parse.quote(self.node)}")
             if production is None or production["version"] == self.running():
                 return None
             self._install(production)

@@ -205,10 +205,11 @@ def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
     def models() -> list[ModelOut]:
         return [ModelOut.model_validate(m.to_dict()) for m in registry.list()]
 
-    @api.get("/models/production", summary="The production model version (what edges run)",
+    @api.get("/models/production", summary="The version an edge should run: production, or the canary on a canary edge",
              responses={404: {"model": ErrorOut, "description": "no version is production yet"}})
-    def production() -> ModelOut:
-        entry = registry.production()
+    def production(node: Annotated[str | None, Query(max_length=64, description="the asking edge: a canary edge gets "
+                                                                          "the version on trial")] = None) -> ModelOut:
+        entry = registry.production_for(node)
         if entry is None:
             raise LookupError("no model version is production yet (crossview models promote VERSION)")
         return ModelOut.model_validate(entry.to_dict())

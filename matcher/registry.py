@@ -4,6 +4,8 @@ The folder `registry/` in the data directory is this module's: `registry.db` and
 | state        | meaning                                                                                   |
 |--------------|-------------------------------------------------------------------------------------------|
 | `candidate`  | registered (by `crossview models register` or the adapt job), not yet running anywhere     |
+| `canary`     | production for the named edges only; after `hold_s` with each of them online and running it, |
+|              | it becomes production for all (`advance`, from the matcher's status loop)                 |
 | `production` | the one version edges that poll the registry run; at most one                             |
 | `retired`    | was production; `rollback` makes the one before the current production again              |
 
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-STATES = ("candidate", "production", "retired")
+STATES = ("candidate", "canary", "production", "retired")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -42,9 +44,15 @@ CREATE TABLE IF NOT EXISTS models (
     bytes INTEGER NOT NULL,
     meta TEXT NOT NULL,        -- JSON: name, input size, dimension, precision, calibrated
     gate TEXT,                 -- JSON gate report, NULL when registered without one
-    state TEXT NOT NULL CHECK (state IN ('candidate', 'production', 'retired')),
+    state TEXT NOT NULL CHECK (state IN ('candidate', 'canary', 'production', 'retired')),
     registered REAL NOT NULL,
     changed REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS canary (      -- at most one row: the version on trial and where
+    version TEXT NOT NULL,
+    nodes TEXT NOT NULL,       -- JSON list of edge node ids
+    since REAL NOT NULL,
+    hold_s REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS promotions (   -- every production version in turn, for rollback and the record
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -145,22 +153,77 @@ class Registry:
         return self.get(meta.version)
 
     def promote(self, version: str, why: str = "promote") -> ModelEntry:
-        """Make `version` production; the one before is retired."""
+        """Make `version` production; the one before is retired, a canary under way ends."""
         if self.get(version) is None:
             raise LookupError(f"model version {version!r} is not in the registry (crossview models list)")
         now = time.time()
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("UPDATE models SET state = 'retired', changed = ? WHERE state = 'production' AND version != ?",
-                       (now, version))
+            db.execute("UPDATE models SET state = 'retired', changed = ? WHERE state IN ('production', 'canary') "
+                       "AND version != ?", (now, version))
+            db.execute("DELETE FROM canary")
             db.execute("UPDATE models SET state = 'production', changed = ? WHERE version = ?", (now, version))
             db.execute("INSERT INTO promotions (version, ts, why) VALUES (?, ?, ?)", (version, now, why))
             db.execute("COMMIT")
         log.info("registry: %s is production (%s)", version, why)
         return self.get(version)
 
+    def start_canary(self, version: str, nodes: list[str], hold_s: float) -> ModelEntry:
+        """`version` becomes production for `nodes` only; `advance` promotes it once they have run it `hold_s`."""
+        entry = self.get(version)
+        if entry is None:
+            raise LookupError(f"model version {version!r} is not in the registry (crossview models list)")
+        if entry.state == "production" or not nodes:
+            raise ValueError(f"{version}: a canary needs a version that is not production and at least one edge")
+        now = time.time()
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE models SET state = 'candidate', changed = ? WHERE state = 'canary'", (now,))
+            db.execute("DELETE FROM canary")
+            db.execute("INSERT INTO canary VALUES (?, ?, ?, ?)", (version, json.dumps(sorted(set(nodes))), now, hold_s))
+            db.execute("UPDATE models SET state = 'canary', changed = ? WHERE version = ?", (now, version))
+            db.execute("COMMIT")
+        log.info("registry: %s on canary edges %s for %g s", version, ", ".join(sorted(set(nodes))), hold_s)
+        return self.get(version)
+
+    def canary(self) -> dict | None:
+        """{"version", "nodes", "since", "hold_s"} of the version on trial, or None."""
+        if not self._path.exists():
+            return None
+        with closing(self._connect()) as db:
+            row = db.execute("SELECT version, nodes, since, hold_s FROM canary").fetchone()
+        return None if row is None else {"version": row[0], "nodes": json.loads(row[1]), "since": row[2], "hold_s": row[3]}
+
+    def production_for(self, node: str | None) -> ModelEntry | None:
+        """What edge `node` should run: the canary version on a canary edge, else production."""
+        trial = self.canary()
+        if trial is not None and node in trial["nodes"]:
+            return self.get(trial["version"])
+        return self.production()
+
+    def advance(self, edges: list[dict], now: float | None = None) -> ModelEntry | None:
+        """Promote the canary once its hold time is over with every canary edge online and running it (`edges`:
+        `matcher.edges` report rows); the promoted entry, else None."""
+        trial, now = self.canary(), time.time() if now is None else now
+        if trial is None or now - trial["since"] < trial["hold_s"]:
+            return None
+        running = {e["node"]: e["model"] for e in edges if e["state"] == "online"}
+        if any(running.get(node) != trial["version"] for node in trial["nodes"]):
+            return None  # not all of them run it (yet, or any more): the operator looks at `models status`
+        with closing(self._connect()) as db:
+            db.execute("DELETE FROM canary")
+        return self.promote(trial["version"], why="canary passed")
+
     def rollback(self) -> ModelEntry:
-        """Make the production version before the current one production again."""
+        """Stop a canary under way (its version retired: its edges go back to production); else make the
+        production version before the current one production again."""
+        trial = self.canary()
+        if trial is not None:
+            with closing(self._connect()) as db:
+                db.execute("DELETE FROM canary")
+                db.execute("UPDATE models SET state = 'retired', changed = ? WHERE version = ?", (time.time(), trial["version"]))
+            log.info("registry: canary of %s stopped", trial["version"])
+            return self.get(trial["version"])
         with closing(self._connect()) as db:
             history = [v for (v,) in db.execute("SELECT version FROM promotions ORDER BY id")]
         current = self.production()

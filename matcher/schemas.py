@@ -253,6 +253,6 @@ class ModelOut(BaseModel):
     bytes: int
     meta: dict[str, Any] = Field(description="name, input size, dimension, precision, calibrated")
     gate: dict[str, Any] | None = Field(description="the gate report it was registered with")
-    state: Literal["candidate", "production", "retired"]
+    state: Literal["candidate", "canary", "production", "retired"]
     registered: float
     changed: float = Field(description="when its state last changed")

@@ -199,6 +199,13 @@ class Matcher:
         while not self._stop.wait(self.cfg.metrics.log_interval_s):
             self._log_status()
             self._save_edges()
+            self._advance_canary()
+
+    def _advance_canary(self) -> None:
+        try:
+            self.registry.advance(self.edges.report()["edges"])
+        except sqlite3.Error as e:  # the registry file is the CLI's too: a busy or broken one is retried next time
+            log.error("model registry: canary not checked: %s", e)
 
     def _save_edges(self) -> None:
         try:

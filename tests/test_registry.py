@@ -128,3 +128,32 @@ def test_an_edge_follows_the_production_version_and_keeps_its_model_on_a_bad_dow
     finally:
         node.stop()
         runner.join(30)
+
+
+def test_a_canary_runs_on_its_edges_first_and_becomes_production_once_they_ran_it(tmp_path, default_model, capsys):
+    reg = Registry(tmp_path)
+    v1 = reg.register(default_model).version
+    reg.promote(v1)
+    reg.register(relabel(default_model, tmp_path / "v2.onnx", "site-2"))
+    with pytest.raises(ValueError, match="not production"):
+        reg.start_canary(v1, ["edge-1"], 60)
+    trial = reg.start_canary("site-2", ["edge-1"], hold_s=60)
+    since = reg.canary()["since"]
+    assert trial.state == "canary" and reg.production().version == v1
+    assert reg.production_for("edge-1").version == "site-2" and reg.production_for("edge-2").version == v1
+    edges = [{"node": "edge-1", "state": "online", "model": "site-2"}, {"node": "edge-2", "state": "online", "model": v1}]
+    assert reg.advance(edges, now=since + 30) is None  # still on trial
+    assert reg.advance([{**edges[0], "state": "offline"}, edges[1]], now=since + 61) is None  # not seen running it
+    assert reg.advance(edges, now=since + 61).version == "site-2"
+    assert (reg.production().version, reg.canary(), reg.production_for("edge-2").version) == ("site-2", None, "site-2")
+
+    reg.register(relabel(default_model, tmp_path / "v3.onnx", "site-3"))
+    reg.start_canary("site-3", ["edge-2"], hold_s=60)
+    assert reg.rollback().state == "retired"  # stops the trial: edge-2 back on production
+    assert reg.production_for("edge-2").version == "site-2" and reg.canary() is None
+
+    data = ["--data-dir", str(tmp_path / "cli")]
+    assert main(["models", "register", str(tmp_path / "v3.onnx"), *data]) == 0
+    assert main(["models", "promote", "site-3", "--canary", "edge-1,edge-2", "--hold", "5", *data]) == 0
+    assert "site-3: canary" in capsys.readouterr().out
+    assert Registry(tmp_path / "cli").canary()["nodes"] == ["edge-1", "edge-2"]
