@@ -209,8 +209,10 @@ def test_a_harvest_gives_every_crop_its_track(site):
 
 @pytest.fixture(scope="module")
 def resumed(site):
-    """Pre-train 1 epoch, then 2 iterations of 2 epochs; killed after iteration 1's first epoch and resumed."""
-    path = tiny_config(site, "tcap", target={"kind": "harvest", "root": str(site / "harvest")},
+    """Pre-train 1 epoch, then 2 iterations of 2 epochs on the harvest, scored on the footage's ground truth
+    (`target.evaluate_on`); killed after iteration 1's first epoch and resumed."""
+    campus = {"kind": "mot", "root": str(shared_data("TUD-Campus")), "frame_step": 3}  # the harvest's own crop cache
+    path = tiny_config(site, "tcap", target={"kind": "harvest", "root": str(site / "harvest"), "evaluate_on": campus},
                        clustering={"k1": 6, "k2": 2}, tcap={"min_crops": 2},
                        pretrain={"epochs": 1, "lr": 3.5e-4, "warmup_epochs": 0},
                        adapt={"iterations": 2, "epochs": 2, "lr": 3.5e-4, "nmi_stop": 1.0})
@@ -227,6 +229,7 @@ def test_resume_goes_on_with_the_saved_memory_and_reclusters_only_at_the_next_it
     assert epochs(run) == [("pretrain", 0, 1), ("adapt", 1, 1), ("adapt", 1, 2), ("adapt", 2, 1), ("adapt", 2, 2)]
     clusters = [r for r in records(run) if r["event"] == "cluster"]
     assert [r["iteration"] for r in clusters] == [1, 2]  # the resumed epoch kept iteration 1's labels
+    assert [r["label"] for r in records(run) if r["event"] == "eval"] == ["direct transfer", "iteration 1", "iteration 2"]
     assert all(r["clusters"] >= 2 and 0 < r["eps"] < 1 and r["cannot_link_pairs"] > 0 for r in clusters)
     adapt = [r for r in records(run) if r["event"] == "epoch" and r["stage"] == "adapt"]
     assert all({"memory", "proxy_intra", "proxy_inter", "cooccur"} <= set(r) and np.isfinite(r["loss"]) for r in adapt)

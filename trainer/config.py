@@ -38,7 +38,11 @@ class TargetConfig(_Strict):
     kind: Literal["harvest", "images", "market1501", "dukemtmc", "msmt17", "cuhk03", "folders", "mot"]
     root: Path
     frame_step: int = Field(1, ge=1, description="mot only: crops from every n-th frame")
-    evaluate: bool = Field(True, description="labelled kinds only: report rank-1/mAP on the target's labels")
+    evaluate: bool = Field(True, description="report rank-1/mAP on the target's labels (labelled kinds, or evaluate_on)")
+    evaluate_on: SourceConfig | None = Field(
+        None, description="an unlabelled target (a site harvest): a labelled split of the same footage to report "
+        "rank-1/mAP on, e.g. the sequence's MOT ground truth; the training never sees it"
+    )
 
     @property
     def labelled(self) -> bool:
@@ -225,7 +229,8 @@ def overlay(base: dict, changes: dict) -> dict:
     return out
 
 
-TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root"), ("model", "init_from")]
+TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root"),
+                   ("target", "evaluate_on", "root"), ("model", "init_from")]
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -5,6 +5,7 @@
 | everything for a run | `load_train_data(cfg)` → `TrainData(source, target, query, gallery, num_source_ids, target_cameras)` |
 | one labelled set     | `labelled_split(kind, root, cache_dir)` → `ReidSplit` (cache_dir is used by `mot` only) |
 | labelled target      | its training images lose their labels (pid -1) so adaptation never sees them; its query/gallery evaluate the run when `target.evaluate` |
+| harvest + labels     | `target.evaluate_on`: a site harvest trains, the same footage's labelled split (MOT ground truth) evaluates |
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         split = labelled_split(cfg.target.kind, cfg.target.root, cfg.cache_dir, cfg.target.frame_step)
         target = tuple(replace(s, pid=UNLABELLED) for s in split.train)
         cameras = tuple(str(c) for c in sorted({s.camid for s in target}))
-        evaluate = cfg.target.evaluate and bool(split.query) and bool(split.gallery)
-        query, gallery = (split.query, split.gallery) if evaluate else (None, None)
     else:
         found = build_target(cfg.target.kind, cfg.target.root)
-        target, cameras, query, gallery = found.samples, found.cameras, None, None
+        target, cameras = found.samples, found.cameras
+        e = cfg.target.evaluate_on
+        split = labelled_split(e.kind, e.root, cfg.cache_dir, e.frame_step) if e is not None else None
+    evaluate = split is not None and cfg.target.evaluate and bool(split.query) and bool(split.gallery)
+    query, gallery = (split.query, split.gallery) if evaluate else (None, None)
     if not target:
         raise ValueError(f"target {cfg.target.kind}:{cfg.target.root} has no training images")
     log.info("source %s: %s; target %s: %s%s", cfg.source.kind, describe(source.train), cfg.target.kind, describe(target),
