@@ -419,6 +419,15 @@ def _quantize_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="keep the first N convolutions float (default: the fewest of 0, 2, 4, 8 whose vectors agree with fp32's)")
 
 
+def _person_args(p: argparse.ArgumentParser) -> None:
+    """Who: exactly one of a stored sighting, an edge track or a crop, and the model version."""
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
+    who.add_argument("--track", type=_track_ref, metavar="NODE:CAMERA:TRACK", help="an edge track")
+    who.add_argument("--image", type=Path, metavar="FILE", help="a person crop (needs --model)")
+    p.add_argument("--model", help="embedding model version (--image; optional with --track)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossview", description="Find a person across a site's cameras.")
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -479,11 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Answers are tracks grouped per camera, ordered by time.")
     q.add_argument("--config", type=Path, help="matcher YAML: data_dir, index and query settings, models")
     q.add_argument("--data-dir", type=Path, help="matcher data directory (default: the config's, else var/matcher)")
-    by = q.add_mutually_exclusive_group(required=True)
-    by.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
-    by.add_argument("--track", type=_track_ref, metavar="NODE:CAMERA:TRACK", help="an edge track")
-    by.add_argument("--image", type=Path, metavar="FILE", help="a person crop (needs --model)")
-    q.add_argument("--model", help="embedding model version (--image; optional with --track)")
+    _person_args(q)
     q.add_argument("--embedder", type=Path, action="append", default=[], metavar="ONNX",
                    help="ONNX embedder for --image (repeatable; added to the config's models)")
     q.add_argument("--since", type=_when, help="Unix seconds or ISO date/time")
@@ -502,11 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = remote_verb("watch", help="put a person on a running matcher's watchlist: alerts when they are seen again")
     w.add_argument("--name", required=True, help="who this is, e.g. 'visitor in red'")
-    who = w.add_mutually_exclusive_group(required=True)
-    who.add_argument("--sighting", type=int, metavar="ID", help="a stored sighting id")
-    who.add_argument("--track", type=_track_ref, metavar="NODE:CAMERA:TRACK", help="an edge track")
-    who.add_argument("--image", type=Path, metavar="FILE", help="a person crop (needs --model)")
-    w.add_argument("--model", help="embedding model version (--image; optional with --track)")
+    _person_args(w)
     level = w.add_mutually_exclusive_group()
     level.add_argument("--min-probability", type=float, help="alert at this P(same person) (calibrated models)")
     level.add_argument("--min-similarity", type=float, help="alert at this cosine similarity (uncalibrated models)")
