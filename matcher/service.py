@@ -191,7 +191,7 @@ class Matcher:
     def stats(self) -> dict:
         return {"accepted": self.ingest.accepted, "rejected": dict(self.ingest.rejected), "partitions": self.index.stats(),
                 "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"],
-                "watchlist": {"entries": len(self.watchlist.entries()), "alerts": self.watchlist.alerted,
+                "watchlist": {"entries": self.watchlist.size, "alerts": self.watchlist.alerted,
                               "webhooks": {"delivered": self.webhooks.delivered, "failed_tries": self.webhooks.failures,
                                            "given_up": self.webhooks.given_up, "pending": self.webhooks.pending}}}
 

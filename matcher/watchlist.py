@@ -192,6 +192,11 @@ class Watchlist:
         rows = self._entries("WHERE id = ?", (entry_id,))
         return rows[0] if rows else None
 
+    @property
+    def size(self) -> int:
+        """Entries on the watchlist, from the indexes in memory (no query: stats and /metrics read it)."""
+        return sum(len(part.entries) for part in self._parts.values())
+
     def entries(self) -> list[Entry]:
         return self._entries("ORDER BY id", ())
 

@@ -119,7 +119,7 @@ def test_a_person_passing_a_second_camera_alerts_once_per_track_and_only_on_watc
         assert sorted(int(r["alert"]) for r in receiver.delivered()) == [a.id for a in alerts]
         assert receiver.delivered()[0]["body"]["alert"]["name"] == "visitor"
         stats = m.stats()["watchlist"]
-        assert stats["alerts"] == 2 and stats["webhooks"]["delivered"] == 2 and stats["webhooks"]["failed_tries"] == 2
+        assert stats["entries"] == 2 and stats["alerts"] == 2 and stats["webhooks"]["delivered"] == 2 and stats["webhooks"]["failed_tries"] == 2
         assert lobby_only.id not in {a.entry for a in alerts}
     finally:
         m.stop()
