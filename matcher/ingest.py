@@ -350,27 +350,27 @@ class Pipeline:
                 self._committed.task_done()
 
     def _index(self, batch: Batch, ids: np.ndarray, t0: float) -> None:
-        start = 0
-        for model, rows in batch.items():  # the commit gave each model's rows consecutive ids, in this order
-            end = start + len(rows.sightings)
-            self.index.add(model, ids[start:end], rows.vecs)
-            start = end
+        parts = list(_by_model(batch, ids))
+        for model, model_ids, rows in parts:
+            self.index.add(model, model_ids, rows.vecs)
         # On disk, so accepted; counted once searchable too, so a count seen means findable.
         self.accepted += len(ids)
         self.accepted_by_camera.update(s.camera for rows in batch.values() for s in rows.sightings)
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
-        if self.on_indexed:
-            self._after_index(batch, ids)
-
-    def _after_index(self, batch: Batch, ids: np.ndarray) -> None:
-        start = 0
-        for model, rows in batch.items():
-            end = start + len(rows.sightings)
+        for model, model_ids, rows in parts if self.on_indexed else ():
             try:
-                self.on_indexed(model, ids[start:end], rows)
+                self.on_indexed(model, model_ids, rows)
             except Exception:  # the sightings are stored and searchable; only the check is lost
-                log.exception("watchlist check of %d sightings failed", end - start)
-            start = end
+                log.exception("watchlist check of %d sightings failed", len(model_ids))
+
+
+def _by_model(batch: Batch, ids: np.ndarray) -> Iterator[tuple[str, np.ndarray, Rows]]:
+    """(model, its ids, its rows): the commit gave each model's rows consecutive ids, in batch order."""
+    start = 0
+    for model, rows in batch.items():
+        end = start + len(rows.sightings)
+        yield model, ids[start:end], rows
+        start = end
 
 
 class Receiver:
