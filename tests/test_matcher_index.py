@@ -28,23 +28,22 @@ def _paced_push(endpoint: str, sightings: list, per_step: int = 100, pause: floa
 
 
 class _Prober(threading.Thread):
-    """Queries without pause while ingest runs; records latency, partition state and the accepted count."""
+    """Queries without pause while ingest runs; records partition state and the accepted count."""
 
     def __init__(self, m: Matcher, centers: np.ndarray):
         super().__init__(daemon=True)
         self.m, self.centers, self.done = m, centers, threading.Event()
-        self.samples: list[tuple[float, bool, int]] = []  # (seconds, rebuilding throughout, accepted)
+        self.samples: list[tuple[bool, int]] = []  # (rebuilding throughout, accepted)
 
     def run(self) -> None:
         rng = np.random.default_rng(0)
         while not self.done.is_set():
             before = self.m.index.rebuilding("m1")
-            t0 = time.perf_counter()
             try:
                 self.m.queries.search_embedding(self.centers[rng.integers(len(self.centers))], "m1", Filters(top_k=5))
             except LookupError:  # nothing ingested yet
                 continue
-            self.samples.append((time.perf_counter() - t0, before and self.m.index.rebuilding("m1"), self.m.ingest.accepted))
+            self.samples.append((before and self.m.index.rebuilding("m1"), self.m.ingest.accepted))
 
 
 @pytest.mark.timeout(120)
@@ -67,10 +66,11 @@ def test_exact_to_ivf_in_the_background_while_ingest_and_queries_continue(tmp_pa
     # Two rebuilds: past exact_max, then again at 4x the first training size (more IVF lists).
     rebuilt = [int(n) for n in re.findall(r"rebuilt in [\d.]+ s \((\d+) changes replayed\)", caplog.text)]
     assert len(rebuilt) == 2 and sum(rebuilt) > 0, "ingest went on during the rebuilds"
-    during = [(s, n) for s, busy, n in prober.samples if busy]
-    assert during, "no query ran while a rebuild was in progress"
-    assert max(s for s, _ in during) < 0.5, "a query waited for a rebuild"
-    assert max(n for _, n in during) > min(n for _, n in during), "ingest stalled during a rebuild"
+    during = [n for busy, n in prober.samples if busy]
+    # A query that waited on a rebuild would end after it, so it would not count as "during": several
+    # queries finishing inside the rebuild windows is the proof they did not wait (no wall-clock bound).
+    assert len(during) >= 3, f"only {len(during)} queries finished while a rebuild was in progress"
+    assert max(during) > min(during), "ingest stalled during a rebuild"
 
     _check_recall(m, world)
     _remove_a_track(m, world, person=7)
