@@ -233,6 +233,28 @@ class PublisherConfig(_Strict):
         return self
 
 
+MAX_UPLOAD_BATCH = 100  # harvested crops in one upload at most; the matcher refuses a larger batch whole
+
+
+class UploadConfig(_Strict):
+    """Harvested crops sent to the matcher's harvest store (`edge.uploader`); each is deleted on the edge once the
+    matcher has acknowledged it. Off without a url."""
+
+    url: str | None = Field(None, pattern=r"^https?://", description="the matcher's HTTP API, e.g. http://10.0.0.2:8080")
+    token_file: Path | None = Field(None, description="the matcher's http.edge_token_file (or its API token)")
+    batch: int = Field(16, ge=1, le=MAX_UPLOAD_BATCH, description="crops per request at most")
+    interval_s: float = Field(10.0, ge=0.1, le=3600, description="how often the folder is checked for new crops; the "
+                              "first wait after a failure, doubled up to 32 times that")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="longest one request may take")
+    drain_s: float = Field(10.0, ge=0, le=3600, description="on stop, how long the last crops may take to upload")
+
+    @model_validator(mode="after")
+    def _token_with_url(self) -> "UploadConfig":
+        if self.url and self.token_file is None:
+            raise ValueError("an upload url needs token_file (the matcher's http.edge_token_file)")
+        return self
+
+
 class HarvestConfig(_Strict):
     enabled: bool = False
     dir: Path = Path("harvest")
@@ -241,6 +263,7 @@ class HarvestConfig(_Strict):
     min_score: float = Field(0.5, ge=0, le=1)
     quota_mb: float = Field(500.0, gt=0)
     jpeg_quality: int = Field(95, ge=10, le=100)
+    upload: UploadConfig = UploadConfig()
 
 
 class MetricsConfig(_Strict):
@@ -318,11 +341,13 @@ class HttpConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     token: str | None = Field(None, min_length=16, description="bearer token; or token_file")
     token_file: Path | None = None
-    edge_token_file: Path | None = Field(None, description="a second token that may only read /api/v1/models: what "
-                                                           "edges fetch the production model with (embedder.registry)")
+    edge_token_file: Path | None = Field(None, description="a second token that may only read /api/v1/models and "
+                                                           "upload harvested crops: what edges fetch the production model "
+                                                           "with (embedder.registry) and upload with (harvest.upload)")
     # Refused before parsing or decoding, so one request cannot exhaust the matcher's memory.
     max_json_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body (a 4096-d embedding is ~100 KB)")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="largest image-query request body")
+    max_model_bytes: int = Field(512 << 20, ge=1 << 20, description="largest model upload (POST /api/v1/models)")
     max_image_pixels: int = Field(16 << 20, ge=1024, description="largest uploaded image, width x height from its header "
                                                                 "(decoding costs 3 bytes a pixel and more)")
 
@@ -357,6 +382,16 @@ class WatchlistConfig(_Strict):
     max_attempts: int = Field(20, ge=1, description="tries of one delivery before it is given up (logged and counted)")
 
 
+class HarvestStoreConfig(_Strict):
+    """The matcher's store of the crops edges upload (`matcher.harvest`); its age limit is `retention.max_age_hours`."""
+
+    quota_mb: float = Field(2000.0, gt=0, description="crops kept at most; beyond it the oldest are deleted, counted "
+                                                       "and logged")
+    max_crop_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="largest JPEG accepted")
+    max_crop_pixels: int = Field(4 << 20, ge=1024, description="largest crop, width x height from its JPEG header, "
+                                                                "checked before decoding")
+
+
 class MatcherConfig(_Strict):
     data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
     ingest: IngestConfig  # required: the endpoint and its security
@@ -366,6 +401,7 @@ class MatcherConfig(_Strict):
     http: HttpConfig
     models: list[Path] = Field(default_factory=list, description="ONNX embedders for image queries, one per model version")
     watchlist: WatchlistConfig = WatchlistConfig()
+    harvest: HarvestStoreConfig = HarvestStoreConfig()
     metrics: MetricsConfig = MetricsConfig()
 
 
@@ -438,6 +474,7 @@ def parse_config(raw: object, model: type[C], origin: Path = Path("<config>")) -
 
 EDGE_PATH_KEYS = [
     ("detector", "weights"), ("embedder", "model"), ("embedder", "registry", "token_file"), ("harvest", "dir"),
+    ("harvest", "upload", "token_file"),
     ("publisher", "security", "secret_key"), ("publisher", "security", "server_key"), ("publisher", "spool_dir"),
 ]
 
