@@ -15,7 +15,6 @@ and the same version is tried again at the next poll.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from crossview.kernel.config import RegistryConfig, read_secret
 from crossview.kernel.embedder import Embedder, ModelError
+from crossview.kernel.integrity import copy_verified
 
 log = logging.getLogger(__name__)
 MAX_MODEL_BYTES = 2 << 30  # a re-ID model is megabytes; a larger answer is not one
@@ -103,14 +103,8 @@ class Rollout:
         log.info("model rollout: %s downloaded and verified (sha256 %s); the embedder reloads it", version, sha[:12])
 
     def _download(self, path: str, out: Path, size: int, sha: str) -> None:
-        h, got = hashlib.sha256(), 0
-        with urllib.request.urlopen(self._get(path), timeout=self.cfg.timeout_s) as res, open(out, "wb") as f:
-            while block := res.read(1 << 20):
-                got += len(block)
-                if got > size:
-                    raise RolloutError(f"{path}: more than the {size} bytes the registry announced")
-                h.update(block)
-                f.write(block)
-        if got != size or h.hexdigest() != sha:
-            raise RolloutError(f"{path}: {got} bytes with sha256 {h.hexdigest()[:12]}..., the registry says {size} "
-                               f"bytes, sha256 {sha[:12]}...: not installed")
+        with urllib.request.urlopen(self._get(path), timeout=self.cfg.timeout_s) as res:
+            try:
+                copy_verified(res, out, size, sha, path)
+            except ValueError as e:
+                raise RolloutError(f"{e}: not installed") from None

@@ -14,6 +14,7 @@
 | `POST /api/v1/watchlist/image`           | add one from an uploaded crop + model (multipart)      |
 | `DELETE /api/v1/watchlist/{id}`          | remove one                                             |
 | `GET /api/v1/models`, `/models/production`, `/models/{version}/onnx` | the model registry (`matcher.registry`); also with `http.edge_token_file`'s token |
+| `POST /api/v1/models`, `/models/{version}/promote`, `/models/rollback` | register an ONNX upload (multipart, ≤ `http.max_model_bytes`) with its gate report; promote (or canary); roll back |
 | `GET /api/v1/alerts?after=&limit=`       | alerts with an id above `after`, oldest first (poll with the last id seen) |
 | `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
 
@@ -34,7 +35,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import secrets
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -62,7 +65,9 @@ from crossview.matcher.schemas import (
     ErrorOut,
     HealthOut,
     ImageQueryForm,
+    ModelForm,
     ModelOut,
+    PromoteIn,
     QueryIn,
     QueryOut,
     SightingOut,
@@ -156,6 +161,7 @@ def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
         return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
 
     _watch_routes(api, matcher, max_pixels)
+    _model_admin_routes(api, matcher)
     return api
 
 
@@ -194,6 +200,34 @@ def _watch_routes(api: APIRouter, matcher: Matcher, max_pixels: int) -> None:
     def alerts(after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AlertOut]:
         return [AlertOut.model_validate(a.to_dict()) for a in watchlist.alerts(after, limit)]
+
+
+def _model_admin_routes(api: APIRouter, matcher: Matcher) -> None:
+    """Registering and promoting models: the adapt job's and the operator's, with the API token only."""
+    registry = matcher.registry
+
+    @api.post("/models", summary="Register an ONNX model as a candidate, with its gate report", responses=_QUERY_ERRORS)
+    def register(onnx: Annotated[UploadFile, File(description="the model; checked as an edge would load it")],
+                 form: Annotated[ModelForm, Form()]) -> ModelOut:
+        # BodyLimit bounds the upload by http.max_model_bytes; the registry copies it in only once it loads.
+        with tempfile.NamedTemporaryFile(dir=registry.dir, prefix=".upload-", suffix=".onnx") as tmp:
+            shutil.copyfileobj(onnx.file, tmp)
+            tmp.flush()
+            try:
+                return ModelOut.model_validate(registry.register(Path(tmp.name), form.gate).to_dict())
+            except ValueError as e:  # name the upload, not the matcher's own folders
+                raise ValueError(str(e).replace(tmp.name, repr((onnx.filename or "upload")[:128]))) from None
+
+    @api.post("/models/{version}/promote", summary="Make a version production, or start its canary",
+              responses=_QUERY_ERRORS)
+    def promote(version: ModelVersion, body: PromoteIn) -> ModelOut:
+        entry = registry.start_canary(version, body.canary, body.hold_s) if body.canary else registry.promote(version)
+        return ModelOut.model_validate(entry.to_dict())
+
+    @api.post("/models/rollback", summary="Stop a canary, else make the production version before this one production",
+              responses=_QUERY_ERRORS)
+    def rollback() -> ModelOut:
+        return ModelOut.model_validate(registry.rollback().to_dict())
 
 
 def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
@@ -250,7 +284,8 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
     token = load_token(cfg)
     app = FastAPI(title="Crossview matcher", version=__version__,
                   description="Where else was this person seen: sightings from the edge nodes, searched by appearance.")
-    app.add_middleware(BodyLimit, max_json=cfg.max_json_bytes, max_upload=cfg.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_json=cfg.max_json_bytes, max_upload=cfg.max_upload_bytes,
+                       max_model=cfg.max_model_bytes, model_path=f"{API_PREFIX}/models")
     app.add_exception_handler(LookupError, _error(404))
     app.add_exception_handler(ValueError, _error(400))
     app.add_exception_handler(pydantic.ValidationError, _schema_bug)

@@ -20,11 +20,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import secrets
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from crossview.kernel.integrity import copy_verified
+from crossview.kernel.multipart import encode_multipart
 from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
 
 API_PREFIX = "/api/v1"
@@ -43,21 +45,6 @@ def read_token(token_file: Path | None) -> str:
     if not token:
         raise ValueError(f"the matcher's HTTP API needs its token: --token-file FILE or ${TOKEN_ENV}")
     return token
-
-
-def encode_multipart(fields: dict[str, object], files: dict[str, tuple[str, bytes, str]]) -> tuple[bytes, str]:
-    """(body, content type) of a multipart/form-data request; list values become repeated fields,
-    `files` maps a field to (file name, bytes, content type)."""
-    boundary = f"crossview-{secrets.token_hex(12)}"
-    parts = []
-    for name, value in fields.items():
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
-    for name, (filename, data, content_type) in files.items():
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                f"Content-Type: {content_type}\r\n\r\n")
-        parts.append(head.encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def _detail(err: urllib.error.HTTPError) -> str | None:
@@ -122,6 +109,39 @@ class MatcherClient:
     def models(self) -> list[dict]:
         """GET /api/v1/models: every registered version with its state."""
         return self._call("/models")
+
+    def production(self) -> dict | None:
+        """GET /api/v1/models/production: the production version's entry, None when there is none yet."""
+        try:
+            return self._call("/models/production")
+        except LookupError:
+            return None
+
+    def download_model(self, entry: dict, out: Path) -> Path:
+        """The ONNX file of a registry `entry` into `out`, checked against its size and SHA-256 (`ValueError`)."""
+        version = urllib.parse.quote(entry["version"], safe="")
+        req = urllib.request.Request(f"{self.url}{API_PREFIX}/models/{version}/onnx",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as res:
+                copy_verified(res, Path(out), int(entry["bytes"]), entry["sha256"], f"model {entry['version']}")
+        except urllib.error.HTTPError as e:
+            raise self._http_error(e) from None
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"cannot reach the matcher at {self.url}: {e.reason}") from None
+        return Path(out)
+
+    def register_model(self, path: Path, gate: dict | None = None) -> dict:
+        """POST /api/v1/models: upload an ONNX model as a candidate, with its gate report."""
+        fields = {"gate": json.dumps(gate)} if gate is not None else {}
+        body, content_type = encode_multipart(fields, {"onnx": (Path(path).name, Path(path).read_bytes(),
+                                                                "application/octet-stream")})
+        return self._call("/models", body, content_type)
+
+    def promote(self, version: str, canary: list[str] = (), hold_s: float = 3600.0) -> dict:
+        """POST /api/v1/models/{version}/promote: production now, or first on the `canary` edges."""
+        body = json.dumps({"canary": list(canary), "hold_s": hold_s}).encode()
+        return self._call(f"/models/{urllib.parse.quote(version, safe='')}/promote", body, "application/json")
 
     def edges(self) -> dict:
         """GET /api/v1/edges: every edge and camera, online, stalled or offline, since when."""

@@ -95,11 +95,14 @@ class BodyTooLarge(Exception):
 class BodyLimit:
     """ASGI middleware: a request body over its limit gets 413 naming the config key, before the app parses it."""
 
-    def __init__(self, app, max_json: int, max_upload: int):
+    def __init__(self, app, max_json: int, max_upload: int, max_model: int = 0, model_path: str = ""):
         self.app, self.max_json, self.max_upload = app, max_json, max_upload
+        self.max_model, self.model_path = max_model, model_path
 
-    def _limit(self, headers: dict[bytes, bytes]) -> tuple[int, str]:
+    def _limit(self, scope, headers: dict[bytes, bytes]) -> tuple[int, str]:
         if headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            if self.model_path and scope["path"] == self.model_path:  # an ONNX file is larger than any image
+                return self.max_model, "http.max_model_bytes"
             return self.max_upload, "http.max_upload_bytes"
         return self.max_json, "http.max_json_bytes"
 
@@ -107,7 +110,7 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        limit, key = self._limit(headers)
+        limit, key = self._limit(scope, headers)
         if _declared_length(headers) > limit:
             # A client waiting for "100 Continue" sends nothing more: no body to read past.
             return await _refuse(receive, send, limit, key, drain=b"100-continue" not in headers.get(b"expect", b"").lower())

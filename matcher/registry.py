@@ -23,7 +23,6 @@ at its next request, since every call reads the database.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ import time
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from crossview.kernel.integrity import sha256_of
 
 log = logging.getLogger(__name__)
 STATES = ("candidate", "canary", "production", "retired")
@@ -76,14 +77,6 @@ class ModelEntry:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _summary(meta) -> dict:

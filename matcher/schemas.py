@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Json, computed_field, model_validator
 
 from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_ID_LEN, MAX_INT
 from crossview.matcher.query import Filters
@@ -245,6 +245,20 @@ class AlertOut(BaseModel):
     similarity: float
     probability: float | None = Field(description="P(same person); null when the model has no calibration")
     created: float = Field(description="when the matcher raised it")
+
+
+class PromoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    canary: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]] = Field(
+        [], max_length=256, description="these edges first; the rest once they ran it hold_s seconds (empty: everyone now)")
+    hold_s: float = Field(3600.0, ge=0, le=30 * 86400, description="canary hold time")
+
+
+class ModelForm(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # the same form carries the ONNX file
+
+    gate: Json[dict[str, Any]] | None = Field(None, description="the gate report, a JSON object (the adapt job's)")
 
 
 class ModelOut(BaseModel):

@@ -15,6 +15,7 @@ from helpers import edge_config, matcher_config, shared_data, wait_until
 from crossview.cli import main
 from crossview.kernel.embedder import Embedder, ModelError
 from crossview.matcher.api import serve
+from crossview.matcher.client import MatcherClient
 from crossview.matcher.registry import Registry
 from crossview.matcher.service import Matcher
 from crossview.trainer.export import write_metadata
@@ -90,6 +91,50 @@ def test_the_edge_token_reads_models_and_nothing_else(site):
     for path in ("/api/v1/stats", "/api/v1/edges", "/api/v1/alerts"):
         assert requests.get(f"{url}{path}", headers=edge, timeout=10).status_code == 401, path
     assert requests.get(f"{url}/api/v1/models/no%2Fpe/onnx", headers=edge, timeout=10).status_code in (404, 422)
+
+
+def test_the_adapt_job_registers_and_promotes_over_http_with_the_api_token_only(site, default_model, tmp_path):
+    m, url = site
+    client = MatcherClient(url, TOKEN)
+    current = client.production()
+    cand = relabel(default_model, tmp_path / "site-2.onnx", "site-2")
+    entry = client.register_model(cand, gate={"passed": True, "candidate": {"site_mAP": 0.6}})
+    assert (entry["version"], entry["state"], entry["gate"]["passed"]) == ("site-2", "candidate", True)
+    assert client.download_model(entry, tmp_path / "back.onnx").read_bytes() == cand.read_bytes()
+    with pytest.raises(ValueError, match="not kept"):
+        client.download_model({**entry, "sha256": "0" * 64}, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+    assert client.promote("site-2", canary=["edge-9"], hold_s=60)["state"] == "canary"
+    assert client.production()["version"] == current["version"]  # production for the other edges stays
+    assert client.promote("site-2")["state"] == "production" and m.registry.production().version == "site-2"
+    assert requests.post(f"{url}/api/v1/models/rollback", headers={"Authorization": f"Bearer {TOKEN}"},
+                         timeout=10).json()["version"] == current["version"]
+    # The edges' token reads models, it cannot add or promote one.
+    assert MatcherClient(url, EDGE_TOKEN).production()["version"] == current["version"]
+    with pytest.raises(PermissionError):
+        MatcherClient(url, EDGE_TOKEN).register_model(cand)
+    with pytest.raises(PermissionError):
+        MatcherClient(url, EDGE_TOKEN).promote("site-2")
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="junk"):
+        client.register_model(tmp_path / "junk.onnx")
+    with pytest.raises(LookupError, match="not in the registry"):
+        client.promote("nope")
+    assert not list(m.registry.dir.glob(".upload-*")), "an upload's temp file was left behind"
+
+
+def test_a_model_upload_over_http_max_model_bytes_is_refused_naming_the_key(tmp_path, default_model):
+    cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN, "max_model_bytes": 1 << 20})
+    m = Matcher(cfg)
+    m.start()
+    server = serve(m, cfg.http)
+    try:
+        with pytest.raises(ConnectionError, match="http.max_model_bytes"):
+            MatcherClient(server.url, TOKEN).register_model(default_model)  # 9 MB
+        assert m.registry.list() == []
+    finally:
+        server.stop()
+        m.stop()
 
 
 def test_an_edge_follows_the_production_version_and_keeps_its_model_on_a_bad_download(site, default_model, tmp_path,
