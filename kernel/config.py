@@ -392,6 +392,17 @@ class HarvestStoreConfig(_Strict):
                                                                 "checked before decoding")
 
 
+class MigrationConfig(_Strict):
+    """Re-embedding the gallery when a model version becomes production (`matcher.migration`)."""
+
+    enabled: bool = Field(True, description="re-embed stored thumbnails with each new production version")
+    batch: int = Field(32, ge=1, le=1024, description="thumbnails embedded and committed at a time")
+    threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads: one, so ingest and queries keep "
+                                                     "the other cores")
+    poll_s: float = Field(5.0, gt=0, le=3600, description="how often the registry's production version is checked")
+    log_every_pct: float = Field(10.0, gt=0, le=100, description="a progress line every this much of the work")
+
+
 class MatcherConfig(_Strict):
     data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
     ingest: IngestConfig  # required: the endpoint and its security
@@ -402,6 +413,7 @@ class MatcherConfig(_Strict):
     models: list[Path] = Field(default_factory=list, description="ONNX embedders for image queries, one per model version")
     watchlist: WatchlistConfig = WatchlistConfig()
     harvest: HarvestStoreConfig = HarvestStoreConfig()
+    migration: MigrationConfig = MigrationConfig()
     metrics: MetricsConfig = MetricsConfig()
 
 
