@@ -353,6 +353,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapt(args: argparse.Namespace) -> int:
+    from crossview.adapt import load_adapt_config, run_job
+
+    outcome = run_job(load_adapt_config(args.config), args.run_id)
+    print(f"adapt run {outcome.run_id}: {outcome.message}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from crossview.trainer.export import export_checkpoint
 
@@ -543,6 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     t.set_defaults(run=_train)
+
+    ad = verb("adapt", help="the periodic re-adaptation job: collect the harvest, adapt, gate, register (and promote)")
+    ad.add_argument("--config", type=Path, default=Path("configs/adapt.yaml"), help="(default: %(default)s)")
+    ad.add_argument("--run-id", help="a named run instead of the period's (a finished run is not repeated)")
+    ad.set_defaults(run=_adapt)
 
     ex = verb("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
     ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/daam/last.pt")
