@@ -10,6 +10,7 @@
 | `embedder`    | the ONNX re-ID embedding runtime (preprocessing + session + hot reload) |
 | `ort`         | ONNX Runtime sessions: providers, threads                               |
 | `transport`   | ZeroMQ CURVE keys and secured sockets                                   |
+| `multipart`   | multipart/form-data bodies: files sent to the matcher's HTTP API (stdlib only) |
 | `runtime`     | process setup: logging, offline ultralytics, OpenMP threads             |
 
 The kernel never imports a service (`crossview.edge`, `crossview.matcher`, `crossview.trainer`) or

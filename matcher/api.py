@@ -16,6 +16,8 @@
 | `GET /api/v1/models`, `/models/production`, `/models/{version}/onnx` | the model registry (`matcher.registry`); also with `http.edge_token_file`'s token |
 | `POST /api/v1/models`, `/models/{version}/promote`, `/models/rollback` | register an ONNX upload (multipart, ≤ `http.max_model_bytes`) with its gate report; promote (or canary); roll back |
 | `GET /api/v1/alerts?after=&limit=`       | alerts with an id above `after`, oldest first (poll with the last id seen) |
+| `POST /api/v1/harvest`                   | harvested crops + sidecars (multipart, `matcher.harvest`), each answered stored, duplicate, expired or refused; also with the edge token |
+| `GET /api/v1/harvest?after=&since=&until=&limit=`, `/harvest/{id}` | harvested crops by id (the cursor), a crop's JPEG; the API token only |
 | `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
 
 Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`, compared in constant
@@ -53,8 +55,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 
 from crossview import __version__
-from crossview.kernel.config import HttpConfig, read_secret
+from crossview.kernel.config import MAX_UPLOAD_BATCH, HttpConfig, read_secret
+from crossview.kernel.harvest import MAX_SIDECAR_BYTES
 from crossview.kernel.runtime import listening
+from crossview.kernel.wire import MAX_TS
 from crossview.matcher.limits import BodyLimit, decode_image
 from crossview.matcher.schemas import (
     API_PREFIX,
@@ -63,6 +67,8 @@ from crossview.matcher.schemas import (
     CameraOut,
     EdgesOut,
     ErrorOut,
+    HarvestCropOut,
+    HarvestUploadOut,
     HealthOut,
     ImageQueryForm,
     ModelForm,
@@ -84,6 +90,8 @@ WEB_DIR = Path(__file__).with_name("web")
 PAGE_CSP = "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 SightingId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a sighting's id")]
 EntryId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a watchlist entry's id")]
+CropId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="a harvested crop's id")]
+Time = Annotated[float | None, Query(ge=0, le=MAX_TS, description="capture time, Unix seconds")]
 ModelVersion = Annotated[str, PathParam(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.+-]+$")]
 _BEARER = HTTPBearer(auto_error=False, description="the token from the matcher's `http.token` or `http.token_file`")
 _ERRORS = {401: {"model": ErrorOut, "description": "missing or wrong token"}}
@@ -161,6 +169,7 @@ def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
         return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
 
     _watch_routes(api, matcher, max_pixels)
+    _harvest_routes(api, matcher)
     _model_admin_routes(api, matcher)
     return api
 
@@ -230,6 +239,44 @@ def _model_admin_routes(api: APIRouter, matcher: Matcher) -> None:
         return ModelOut.model_validate(registry.rollback().to_dict())
 
 
+def _harvest_routes(api: APIRouter, matcher: Matcher) -> None:
+    """Reading the harvest store (the adapt job's): images of people, so the API token only, never the edges'."""
+    harvest = matcher.harvest
+
+    @api.get("/harvest", summary="Harvested crops with an id above `after`, captured within [since, until], lowest id first")
+    def crops(after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0, since: Time = None, until: Time = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[HarvestCropOut]:
+        return [HarvestCropOut.model_validate(c.to_dict()) for c in harvest.list(after, since, until, limit)]
+
+    @api.get("/harvest/{crop_id}", summary="A harvested crop's JPEG", response_class=Response,
+             responses={404: {"model": ErrorOut, "description": "no such crop (or retention or the quota deleted it)"},
+                        200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
+    def crop(crop_id: CropId) -> Response:
+        jpeg = harvest.jpeg(crop_id)
+        if jpeg is None:
+            raise LookupError(f"no harvested crop {crop_id} (or retention or the quota deleted it)")
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+
+def _harvest_upload_router(matcher: Matcher, *tokens: str) -> APIRouter:
+    """Uploading harvested crops, with the API token or the edges' one."""
+    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(*tokens))], responses=_ERRORS)
+
+    @api.post("/harvest", summary="Store harvested crops: `crops` (JPEGs) and `sidecars` (their JSON), pairwise in order",
+              responses={400: {"model": ErrorOut, "description": "not one sidecar per crop, or too many crops"}})
+    def upload(crops: Annotated[list[UploadFile], File(description=f"JPEG crops, at most {MAX_UPLOAD_BATCH}")],
+               sidecars: Annotated[list[UploadFile], File(description="each crop's sidecar (kernel.harvest)")]
+               ) -> HarvestUploadOut:
+        if len(crops) != len(sidecars) or len(crops) > MAX_UPLOAD_BATCH:
+            raise ValueError(f"{len(crops)} crops and {len(sidecars)} sidecars: send one sidecar per crop, in the same "
+                             f"order, at most {MAX_UPLOAD_BATCH} crops at a time")
+        items = [(s.file.read(MAX_SIDECAR_BYTES + 1), c.file.read(), c.filename or f"crop {i}")
+                 for i, (c, s) in enumerate(zip(crops, sidecars))]  # BodyLimit bounds what all of them hold
+        return HarvestUploadOut(results=[a.to_dict() for a in matcher.harvest.receive(items)])
+
+    return api
+
+
 def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
     """The model registry, readable with the API token or the edges' read-only one."""
     registry = matcher.registry
@@ -294,9 +341,10 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
     def health() -> HealthOut:
         return HealthOut()
 
+    edge_tokens = [read_secret(cfg.edge_token_file, "http.edge_token_file", "token")] if cfg.edge_token_file else []
     app.include_router(_api_router(matcher, token, cfg.max_image_pixels))
-    app.include_router(_model_router(matcher, token, *([read_secret(cfg.edge_token_file, "http.edge_token_file", "token")]
-                                                       if cfg.edge_token_file else [])))
+    app.include_router(_model_router(matcher, token, *edge_tokens))
+    app.include_router(_harvest_upload_router(matcher, token, *edge_tokens))
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

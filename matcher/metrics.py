@@ -8,6 +8,9 @@
 | `crossview_matcher_edges`                 | state (online, offline: `matcher.edges`)  |
 | `crossview_matcher_cameras`               | state (online, stalled, offline)         |
 | `crossview_matcher_ingest_batch_seconds`  | (histogram: one batch, from its commit's start until searchable) |
+| `crossview_matcher_harvest_crops` / `_harvest_bytes` | crops in the harvest store now, and their JPEGs' size |
+| `crossview_matcher_harvest_uploads_total` | status (stored, duplicate, expired, refused): uploaded crops since start |
+| `crossview_matcher_harvest_dropped_total` | crops deleted to stay within `harvest.quota_mb` since start |
 
     m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
 """
@@ -45,7 +48,18 @@ class _FromStats:
         for family, counts in zip(status, s["status"].values()):
             for state, n in counts.items():
                 family.add_metric([state], n)
-        yield from (accepted, rejected, size, *status)
+        yield from (accepted, rejected, size, *status, *_harvest(s["harvest"]))
+
+
+def _harvest(h: dict) -> list[Metric]:
+    uploads = CounterMetricFamily("crossview_matcher_harvest_uploads", "Harvested crops uploaded, by answer",
+                                  labels=["status"])
+    for status in ("stored", "duplicate", "expired", "refused"):
+        uploads.add_metric([status], h[status])
+    return [GaugeMetricFamily("crossview_matcher_harvest_crops", "Crops in the harvest store", value=h["crops"]),
+            GaugeMetricFamily("crossview_matcher_harvest_bytes", "Their JPEGs' size", value=h["bytes"]), uploads,
+            CounterMetricFamily("crossview_matcher_harvest_dropped", "Crops deleted to stay within harvest.quota_mb",
+                                value=h["dropped"])]
 
 
 class MatcherMetrics:

@@ -9,6 +9,7 @@
 | `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
 | `EdgesOut`     | every edge and camera as its last heartbeat left it (`matcher.edges`)         |
 | `ModelOut`     | one registered model version (`matcher.registry`)                             |
+| `HarvestUploadOut`, `HarvestCropOut`, `HarvestStatsOut` | harvest uploads' answers per crop, stored crops, the store's totals (`matcher.harvest`) |
 | `WatchIn`, `WatchImageForm`, `WatchEntryOut`, `AlertOut` | watchlist entries (from a sighting, a track or a crop) and their alerts |
 | `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
 | `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
@@ -94,6 +95,17 @@ class PartitionOut(BaseModel):
     rebuilding: bool
 
 
+class HarvestStatsOut(BaseModel):
+    crops: int = Field(description="stored now")
+    bytes: int = Field(description="their JPEGs' size")
+    quota_bytes: int = Field(description="harvest.quota_mb: beyond it the oldest are deleted")
+    stored: int = Field(description="since start: uploads stored")
+    duplicate: int = Field(description="since start: uploads stored before, acknowledged again")
+    expired: int = Field(description="since start: uploads past retention, acknowledged, not stored")
+    refused: int = Field(description="since start: uploads refused (bad sidecar, not a JPEG, too large)")
+    dropped: int = Field(description="since start: the oldest crops deleted to stay within the quota")
+
+
 class StatsOut(BaseModel):
     model_config = ConfigDict(extra="allow")  # the matcher may report more than these
 
@@ -101,6 +113,7 @@ class StatsOut(BaseModel):
     rejected: dict[str, int] = Field(description="messages dropped since start, by reason")
     partitions: dict[str, PartitionOut] = Field(description="embedding model version -> its index partition")
     cameras: dict[str, int] = Field(description="sightings accepted since start, by camera")
+    harvest: HarvestStatsOut = Field(description="the harvest store: crops the edges uploaded")
 
 
 class EdgeCameraOut(BaseModel):
@@ -259,6 +272,41 @@ class ModelForm(BaseModel):
     model_config = ConfigDict(extra="ignore")  # the same form carries the ONNX file
 
     gate: Json[dict[str, Any]] | None = Field(None, description="the gate report, a JSON object (the adapt job's)")
+
+
+class HarvestAnswerOut(BaseModel):
+    status: Literal["stored", "duplicate", "expired", "refused"] = Field(
+        description="stored; duplicate: stored before, kept once; expired: past retention.max_age_hours, not stored. "
+                    "These three acknowledge the crop (the edge deletes it); refused: for good, do not send it again")
+    path: str | None = Field(description="the crop in the harvest layout, <camera>/<node>_<camera>_t<track>_f<frame>.jpg;"
+                                         " null when its sidecar was unreadable")
+    reason: str | None = Field(description="why it was refused, expired or a duplicate")
+    id: int | None = Field(description="the stored crop's id")
+
+
+class HarvestUploadOut(BaseModel):
+    results: list[HarvestAnswerOut] = Field(description="one per crop, in the order sent")
+
+
+class HarvestCropOut(BaseModel):
+    id: int = Field(description="ids only grow: list with after=<the last one seen> for what came since")
+    path: str = Field(description="where it goes in a harvest folder; its sidecar is the same path with .json")
+    node: str
+    camera: str
+    track: int
+    frame: int
+    ts: float = Field(description="capture time, Unix seconds")
+    box: tuple[float, float, float, float] = Field(description="x1, y1, x2, y2 in frame pixels")
+    score: float
+    model: str = Field(description="the embedding model the edge ran when it saved the crop")
+    bytes: int = Field(description="of the JPEG")
+    received: float = Field(description="when the matcher stored it")
+    sidecar: dict[str, Any] = Field(description="the sidecar to write beside the crop, as kernel.harvest encodes it")
+
+    @computed_field(description="GET it with the API token")
+    @property
+    def jpeg_url(self) -> str:
+        return f"{API_PREFIX}/harvest/{self.id}"
 
 
 class ModelOut(BaseModel):

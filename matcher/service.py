@@ -10,6 +10,7 @@
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
 | registry       | `matcher.registry`: the model versions, which is production (edges fetch it)             |
+| harvest        | `matcher.harvest`: the crops edges upload, within `harvest.quota_mb` and retention's max age |
 | watchlist      | `matcher.watchlist`: every indexed batch checked against it; alerts to `matcher.webhooks` |
 | status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
 |                | edges' last heartbeats (`matcher.edges`)                                                 |
@@ -36,6 +37,7 @@ from pathlib import Path
 from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
 from crossview.kernel.runtime import listening
 from crossview.matcher.edges import Edges
+from crossview.matcher.harvest import HarvestStore
 from crossview.matcher.index import Index
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
@@ -76,6 +78,8 @@ class Matcher:
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
         self.registry = Registry(Path(cfg.data_dir))
+        max_age = cfg.retention.max_age_hours
+        self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of)
         self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist)
         self.watchlist.on_alerts(self.webhooks.enqueue)
@@ -126,6 +130,7 @@ class Matcher:
         self._log_status()
         self.watchlist.close()
         self.webhooks.close()
+        self.harvest.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------
@@ -151,6 +156,7 @@ class Matcher:
                 break
         if r.max_age_hours:
             self.watchlist.expire(now - r.max_age_hours * 3600)
+            self.harvest.expire(now - r.max_age_hours * 3600)
         if total:
             log.info("retention: deleted %d sightings (max age %s h, max %s per camera)", total, r.max_age_hours, r.max_per_camera)
         return total
@@ -193,7 +199,8 @@ class Matcher:
                 "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"],
                 "watchlist": {"entries": self.watchlist.size, "alerts": self.watchlist.alerted,
                               "webhooks": {"delivered": self.webhooks.delivered, "failed_tries": self.webhooks.failures,
-                                           "given_up": self.webhooks.given_up, "pending": self.webhooks.pending}}}
+                                           "given_up": self.webhooks.given_up, "pending": self.webhooks.pending}},
+                "harvest": self.harvest.stats()}
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.cfg.metrics.log_interval_s):
