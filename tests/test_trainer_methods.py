@@ -52,15 +52,15 @@ def _cfg(**over) -> TrainConfig:
 
 
 def test_registry_keys_are_the_methods_names():
-    assert list(METHODS) == ["daam", "daal", "arn", "adfl", "tcap"]
+    assert list(METHODS) == ["daam", "daal", "arn", "adfl", "tcap", "edaan"]
     assert all(issubclass(cls, Method) and cls.name == key for key, cls in METHODS.items())
 
 
 def test_an_unknown_method_is_a_config_error_naming_the_key(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump({"method": "edaan", "name": "t", "source": {"kind": "folders", "root": "s"},
+    path.write_text(yaml.safe_dump({"method": "nope", "name": "t", "source": {"kind": "folders", "root": "s"},
                                     "target": {"kind": "images", "root": "t"}}))
-    with pytest.raises(ConfigError, match=r"train.yaml: invalid configuration\n  method: .*unknown method 'edaan'; "
+    with pytest.raises(ConfigError, match=r"train.yaml: invalid configuration\n  method: .*unknown method 'nope'; "
                                           r"choose one of daam, daal, arn, adfl"):
         load_train_config(path)
 

@@ -10,6 +10,7 @@
 | `clustering` | k-means++ (DAAM) or DBSCAN on the k-reciprocal distance (DAAL)             |
 | `arn`, `adfl` | ARN's loss weights and switches; ADFL's attention-feature branch and losses |
 | `tcap`       | the tracklet- and camera-aware method's pseudo-label switches, pooling, neck and loss weights |
+| `edaan`      | EDAAN's translation networks (sizes), loss weights and margins, attention / discriminator schedule |
 | `pretrain`, `adapt` | Algorithm 1's schedules                                             |
 
 Errors are `crossview.kernel.config.ConfigError` naming the file and the dotted key, like the services'.
@@ -138,6 +139,30 @@ class TcapConfig(_Strict):
     momentum: float = Field(0.2, ge=0, lt=1, description="memory update: m <- momentum m + (1 - momentum) f")
 
 
+class EdaanConfig(_Strict):
+    """EDAAN (`trainer.methods.edaan`): attention-guided translation of the source into the target's style + re-ID."""
+
+    loss: Literal["quartet", "triplet"] = Field("quartet", description="the metric loss beside identity CE (Eq. 6 / 7)")
+    attention: bool = Field(True, description="the attention masks (off: plain CycleGAN translation, the ablation)")
+    end_to_end: bool = Field(True, description="re-ID gradients reach the generator (off: Table V's two-stage 'DAAN')")
+    gen_channels: int = Field(64, ge=4, le=256, description="CycleGAN ResNet generator width (ngf)")
+    gen_blocks: int = Field(9, ge=1, le=16, description="residual blocks in each generator (CycleGAN: 9)")
+    disc_channels: int = Field(64, ge=4, le=256, description="PatchGAN width (ndf)")
+    disc_layers: int = Field(3, ge=1, le=5, description="PatchGAN stride-2 layers (3: the 70x70 PatchGAN)")
+    attn_channels: int = Field(32, ge=4, le=256, description="attention network width")
+    gan: float = Field(1.0, ge=0, description="LSGAN adversarial weight, each direction")
+    cycle: float = Field(10.0, ge=0, description="cycle-consistency L1 weight (Eq. 4; Eq. 9 omits it, CycleGAN's 10)")
+    attn: float = Field(10.0, ge=0, description="lambda_attn, attention-consistency L1 weight (Eq. 5)")
+    id: float = Field(1.0, ge=0, description="lambda_id, identity cross-entropy weight (Eq. 8)")
+    metric: float = Field(1.0, ge=0, description="lambda_quartet, weight of the quartet (or triplet) loss")
+    margin1: float = Field(0.3, gt=0, description="tau_1: the triplet / first quartet hinge margin")
+    margin2: float = Field(0.15, gt=0, description="tau_2: the second quartet hinge margin (intra vs other pairs)")
+    attention_epochs: int = Field(30, ge=0, description="the attention networks train in the first this many epochs only")
+    whole_image_epochs: int = Field(30, ge=0, description="the discriminators see whole images this long, masked after")
+    pool: int = Field(50, ge=0, le=1000, description="image pool of generated images per discriminator (0: none)")
+    sheet: int = Field(8, ge=1, le=64, description="source crops in the translation sheet (translation.png)")
+
+
 class ClusteringConfig(_Strict):
     method: Literal["kmeans", "dbscan"] = "kmeans"
     k: int = Field(650, ge=2, description="k-means clusters K")
@@ -156,6 +181,14 @@ class ScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
     warmup_epochs: int = Field(0, ge=0)
     freeze_backbone_epochs: int = Field(0, ge=0, description="the backbone's lr is 0 for this many first epochs (ADFL: 5)")
+    decay_epochs: int = Field(0, ge=0, description="the lr decays linearly towards 0 over the last this many epochs "
+                              "(CycleGAN, EDAAN: 100 of 200)")
+
+    @model_validator(mode="after")
+    def _decay_within_epochs(self):
+        if self.decay_epochs > self.epochs:
+            raise ValueError(f"decay_epochs ({self.decay_epochs}) is more than epochs ({self.epochs})")
+        return self
 
 
 class AdaptConfig(ScheduleConfig):
@@ -192,6 +225,7 @@ class TrainConfig(_Strict):
     arn: ArnConfig = ArnConfig()
     adfl: AdflConfig = AdflConfig()
     tcap: TcapConfig = TcapConfig()
+    edaan: EdaanConfig = EdaanConfig()
     sampler: SamplerConfig = SamplerConfig()
     optim: OptimConfig = OptimConfig()
     pretrain: ScheduleConfig = ScheduleConfig(epochs=60, lr=1e-3, milestones=[40])

@@ -8,8 +8,9 @@
 | stop                      | after `adapt.iterations`, or when the method's step says so (DAAM / DAAL: NMI of consecutive pseudo labels > `adapt.nmi_stop`); ADFL has none (`adapt.iterations: 0`), ARN one long one |
 | target batches            | PK by the method's classes (pseudo labels), or P·K distinct images when it has none (ARN: `AdaptSamples.target_classes`) |
 | optimiser                 | Nesterov SGD or Adam (`optim.kind`), backbone at `backbone_lr_mult`, frozen for `freeze_backbone_epochs` |
-| one step                  | `train_step`: forward under autocast, the method's losses, backward and SGD through the AMP scaler (bench/train_bench.py times it) |
-| every epoch               | checkpoint (`last.pt`, format `crossview.kernel.checkpoint`), JSON-lines metrics, progress bar |
+| one step                  | `train_step`: forward under autocast, the method's losses, backward and SGD through the AMP scaler (bench/train_bench.py times it); a method with several objectives per batch (EDAAN: generators, then discriminators) brings its own `Method.train_step` |
+| lr schedule               | warm-up, steps at `milestones`, and a linear decay towards 0 over the last `decay_epochs` (CycleGAN's) |
+| every epoch               | the method's `begin_epoch` / `end_epoch` hooks, checkpoint (`last.pt`, format `crossview.kernel.checkpoint`), JSON-lines metrics, progress bar |
 | `resume=True`             | continues from `last.pt` at the next epoch, with the method's saved state (the same pseudo labels) |
 | devices                   | CUDA with AMP when available, CPU otherwise; several GPUs under torchrun (DDP, rank 0 runs the target step, evaluates and writes) |
 
@@ -116,11 +117,13 @@ class Trainer:
         while self.state.epoch < sched.epochs:
             t0 = time.perf_counter()
             lr = optimizer.param_groups[-1]["lr"]
+            self.method.begin_epoch(self)
             terms, images = epoch_fn(net, optimizer, scaler)
             scheduler.step()
             self.state.epoch += 1
             seconds = time.perf_counter() - t0
             self._save(optimizer, scheduler, scaler)  # before the log line: a logged epoch is always resumable
+            self.method.end_epoch(self, self.model)
             self.log("epoch", **terms, lr=lr, images=images,
                      images_per_s=round(images * self.world / seconds, 2), seconds=round(seconds, 2))
 
@@ -153,9 +156,13 @@ class Trainer:
         sums: dict[str, float] = {}
         images = 0
         desc = f"{self.state.stage} it{self.state.iteration} ep{self.state.epoch + 1}"
+        own_step = self.method.train_step
         for _ in tqdm(range(steps), desc=desc, disable=self.rank != 0, leave=False):
             b = _to(make_batch(), self.device)
-            loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
+            if own_step is not None:
+                loss, terms = own_step(net, b, optimizer, scaler, self.amp, where=desc)
+            else:
+                loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
             images += b.images.shape[0]
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -320,11 +327,13 @@ def make_optimizer(model: nn.Module, sched, optim) -> torch.optim.Optimizer:
 
 
 def _lr_factor(sched, epoch: int, backbone: bool = False) -> float:
-    """The lr multiplier of `epoch`: linear warm-up, steps at the milestones; 0 for a frozen backbone (ADFL's first 5)."""
+    """The lr multiplier of `epoch`: linear warm-up, steps at the milestones, CycleGAN's linear decay over the last
+    `decay_epochs` (1 - k / (decay_epochs + 1) in the k-th of them); 0 for a frozen backbone (ADFL's first 5)."""
     if backbone and epoch < sched.freeze_backbone_epochs:
         return 0.0
     warm = (epoch + 1) / sched.warmup_epochs if epoch < sched.warmup_epochs else 1.0
-    return warm * sched.gamma ** sum(epoch >= m for m in sched.milestones)
+    decay = max(0, epoch + 1 - (sched.epochs - sched.decay_epochs)) / (sched.decay_epochs + 1)
+    return warm * sched.gamma ** sum(epoch >= m for m in sched.milestones) * (1 - decay)
 
 
 def _forever(loader):

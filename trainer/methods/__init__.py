@@ -7,6 +7,7 @@
 | `arn`  | `arn`   | ARN: shared / private encoders, decoder; L_cls + L_ctrs + L_rec + L_diff, no pseudo labels |
 | `adfl` | `adfl`  | ADFL: attn3-1sum + AF3 branch, GMP, BN neck; softmax + triplet on the source alone |
 | `tcap` | `tcap`  | tracklet- and camera-aware: tracklet pseudo labels (swap splits, co-occurrence cannot-links, eps from the k-NN profile), cluster memory + camera proxies |
+| `edaan` | `edaan` | EDAAN: attention-guided source → target translation (CycleGAN generators, PatchGAN, masks) + re-ID with the quartet loss, end to end |
 
 A new method is one module with a `Method` subclass, added to `METHODS`.
 """
@@ -18,6 +19,7 @@ from crossview.trainer.methods.arn import Arn
 from crossview.trainer.methods.base import Method
 from crossview.trainer.methods.daal import Daal
 from crossview.trainer.methods.daam import Daam
+from crossview.trainer.methods.edaan import Edaan
 from crossview.trainer.methods.tcap import Tcap
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Daam, Daal, Arn, Adfl, Tcap)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Daam, Daal, Arn, Adfl, Tcap, Edaan)}

@@ -9,6 +9,8 @@
 | `adapt_samples(data)`        | what the adaptation epochs draw: the source images and the target images with the class to sample them by |
 | `state_dict` / `load_state_dict` | what a checkpoint keeps of the method, for `--resume` and `crossview export` |
 | `check(data)`                | refuse settings this run's data cannot satisfy, before any training          |
+| `begin_epoch` / `end_epoch`  | optional: before each epoch (a schedule inside the stage: EDAAN's attention cut-off), after its checkpoint (EDAAN's translation sheet) |
+| `train_step`                 | optional: the method's own optimisation of one batch, when it is more than one loss's backward (EDAAN: generators, then discriminators); None is the engine's |
 
 The network `build` returns has the backbone as `.trunk` (its lr is scaled by `backbone_lr_mult`; a trunk with
 new modules inside, like ADFL's attention, names its pretrained part by `.pretrained_parameters()`), the
@@ -19,7 +21,9 @@ every batch (x0 where a term is off): DDP runs without the unused-parameter sear
 How the later papers fit: ARN's autoencoder (shared / private encoders, decoder) and ADFL's attention
 branches are built in `build` and scored in `losses` (reconstruction, difference, contrastive, triplet);
 a method without a target step returns False from `target_step`. EDAAN translates source images into
-the target style in `target_step` and returns the translated images as `adapt_samples(...).source`.
+the target style inside its batches (generators and re-ID trained end to end, one adaptation iteration):
+its `train_step` optimises the generators and re-ID network, then the discriminators, with the one optimiser
+(Adam skips the parameters a backward left without a gradient), and `begin_epoch` reads `run.state.epoch`.
 
 Everything else is the engine's (`trainer.engine`), shared by every method: epochs and schedules,
 checkpoints and `--resume`, DDP, AMP, evaluation, metrics.jsonl and the ONNX export.
@@ -32,6 +36,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import torch
     from torch import nn
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     from crossview.trainer.config import TrainConfig
     from crossview.trainer.data.build import TrainData
     from crossview.trainer.data.samples import Sample
+    from crossview.trainer.engine import State
     from crossview.trainer.modeling.losses import Batch
 
 T = TypeVar("T")
@@ -48,6 +55,8 @@ class Run(Protocol):
     """What the engine offers a method's `target_step`."""
 
     data: TrainData
+    state: State  # stage, iteration, epoch (epochs finished in the stage)
+    out: Path  # the run's output folder
 
     def extract(self, samples: Sequence[Sample]) -> np.ndarray:
         """L2-normalised embeddings of `samples` from the current network, in order."""
@@ -75,6 +84,9 @@ class Method(ABC):
 
     name: ClassVar[str]
     defaults: ClassVar[dict] = {}
+    # A method that optimises one batch in several steps sets this to its own
+    # `(net, batch, optimizer, scaler, amp, *, where) -> (loss, terms)`; None: the engine's `train_step`.
+    train_step: Callable | None = None
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -103,3 +115,9 @@ class Method(ABC):
 
     def check(self, data: TrainData) -> None:
         """Raise ValueError naming the config key when this run's data cannot satisfy the settings."""
+
+    def begin_epoch(self, run: Run) -> None:
+        """Before each epoch of either stage; `run.state.epoch` epochs of the stage are done."""
+
+    def end_epoch(self, run: Run, model: nn.Module) -> None:
+        """After each epoch's checkpoint (the epoch is counted in `run.state.epoch`)."""
