@@ -21,6 +21,11 @@ rows on its ground-truth crops; all are scored on the same ground-truth time spl
     python bench/adapt_tud.py --seeds 1 2 3 --variants daam daal tcap tcap-no-tracklets tcap-no-split \
         tcap-no-cannot-link tcap-eps-percentile tcap-avg tcap-no-neck tcap-no-memory tcap-no-proxies tcap-no-cooccur \
         --out docs/results.md
+
+EDAAN and its comparison rows run from their own file, `bench/train/tud-edaan.yaml` (CPU-sized generators and
+schedule), in their own seeds section:
+
+    python bench/adapt_tud.py --seeds 1 2 3 --variants edaan edaan-triplet edaan-no-attention --out docs/results.md
 """
 
 from __future__ import annotations
@@ -100,6 +105,17 @@ VARIANTS |= {"tcap": ("TCAP: tracklet pseudo labels + cluster memory + camera pr
                       "BN neck, on the edge harvest", TCAP)}
 VARIANTS |= {name: (f"TCAP, {what}", overlay(TCAP, {"tcap": change}))
              for name, (what, change) in TCAP_ABLATIONS.items()}
+# EDAAN: the whole of bench/train/tud-edaan.yaml laid over the base (its roots are relative to the same folder).
+EDAAN = {k: v for k, v in yaml.safe_load((BASE.parent / "tud-edaan.yaml").read_text()).items()
+         if k not in ("name", "output_dir")}
+VARIANTS |= {
+    "edaan": ("EDAAN: attention-guided translation of the source into the target's style + re-ID, quartet loss",
+              EDAAN),
+    "edaan-triplet": ("EDAAN with the triplet loss instead of the quartet loss",
+                      overlay(EDAAN, {"edaan": {"loss": "triplet"}})),
+    "edaan-no-attention": ("EDAAN without attention (plain CycleGAN translation), quartet loss",
+                           overlay(EDAAN, {"edaan": {"attention": False}})),
+}
 INIT_FROM = {"daam-adfl": "adfl"}  # variant → the variant whose trained trunk it starts from (run first)
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
 PAPER = {
@@ -111,13 +127,19 @@ PAPER = {
     "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
     "daam-adfl": "not in the papers",
     **{name: "not in the papers" for name in ("tcap", *TCAP_ABLATIONS)},
+    "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
+    "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
+    "edaan-no-attention": "EDAAN Table V (w/o attention): M→D 26.8 / 48.5, D→M 23.7 / 55.4",
 }
 SEEDS_SECTION = "## ARN and ADFL beside DAAM, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 # Runs with TCAP rows get their own section, so they never replace the ARN / ADFL table.
 TCAP_SECTION = "## TCAP and its ablations beside DAAM and DAAL, mean ± std over seeds (bench/adapt_tud.py --seeds)"
+EDAAN_SECTION = "## EDAAN and its comparison rows, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 
 
 def seeds_section(names) -> str:
+    if any(name.startswith("edaan") for name in names):
+        return EDAAN_SECTION
     return TCAP_SECTION if any(name.startswith("tcap") for name in names) else SEEDS_SECTION
 
 
