@@ -275,7 +275,7 @@ class Edaan(Method):
         }
         if keep_s is not None and learn:
             terms["attn"] = e.attn * ((keep_s - keep_fake_t).abs().mean() + (keep_t - keep_fake_s).abs().mean())
-        translated = from_unit(fake_t if e.end_to_end else fake_t.detach())
+        translated = from_unit(fake_t if e.end_to_end else fake_t.detach()).to(batch.images.dtype)  # fp16 under AMP
         reid = Batch(torch.cat([batch.images[:s], translated]), 2 * s, batch.source_ids.repeat(2))
         reid_loss, reid_terms = self.losses(net(reid.images), reid)
         loss = sum(v.float() for v in terms.values()) + reid_loss
