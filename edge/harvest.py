@@ -4,7 +4,8 @@
 |-----------|--------------------------------------------------------------------------------|
 | sampling  | every k-th sighting of a track, only crops at least `min_height` px and `min_score` |
 | format    | `crossview.kernel.harvest`: `<dir>/<camera>/<node>_<camera>_t<track>_f<frame>.jpg` + a `.json` sidecar |
-| quota     | existing files count toward `quota_mb`; once reached, harvesting stops and says so |
+| quota     | existing files count toward `quota_mb`; once reached, harvesting pauses and says so, until |
+|           | `release(bytes)` (the uploader, `edge.uploader`, once the matcher has crops) frees enough |
 
     h = Harvester(HarvestConfig(enabled=True, dir=Path("harvest")), node_id="edge-1")
     if h.wants(track.sightings, box_height, score):
@@ -14,6 +15,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -36,6 +39,7 @@ class Harvester:
         self.used = _dir_bytes(cfg.dir)
         self.saved = 0
         self.full = False
+        self._lock = threading.Lock()  # the uploader's thread releases what the node's loop uses
         log.info("harvesting crops into %s (%.1f of %.0f MB used)", cfg.dir, self.used / 2**20, cfg.quota_mb)
 
     def wants(self, sightings: int, height: float, score: float) -> bool:
@@ -48,15 +52,29 @@ class Harvester:
             return False
         sidecar = Sidecar(self.node_id, camera, ts, frame, track, tuple(box), score, model)
         meta = encode(sidecar)
-        if self.used + len(jpg) + len(meta) > self.quota:
-            self.full = True
-            log.warning("harvest quota of %.0f MB reached in %s: no more crops are saved", self.cfg.quota_mb, self.cfg.dir)
-            return False
+        with self._lock:
+            if self.used + len(jpg) + len(meta) > self.quota:
+                self.full = True
+                log.warning("harvest quota of %.0f MB reached in %s: no crops are saved until space is freed",
+                            self.cfg.quota_mb, self.cfg.dir)
+                return False
+            self.used += len(jpg) + len(meta)
         path = sidecar.name.path(self.cfg.dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Sidecar first: a reader that finds the image can rely on its metadata being there.
+        # Sidecar first, the image renamed into place whole: a reader (the uploader) that finds the image finds all of
+        # it, and its metadata.
         sidecar_path(path).write_bytes(meta)
-        path.write_bytes(jpg.tobytes())
-        self.used += len(jpg) + len(meta)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(jpg.tobytes())
+        os.replace(tmp, path)
         self.saved += 1
         return True
+
+    def release(self, nbytes: int) -> None:
+        """`nbytes` of the folder were deleted; harvesting resumes once a tenth of the quota is free again."""
+        with self._lock:
+            self.used = max(self.used - nbytes, 0)
+            if self.full and self.used < 0.9 * self.quota:
+                self.full = False
+                log.info("harvest: %.1f of %.0f MB used in %s, saving crops again", self.used / 2**20, self.cfg.quota_mb,
+                         self.cfg.dir)

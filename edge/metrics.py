@@ -11,6 +11,7 @@
 | `crossview_edge_refused`             | sightings the matcher refused for good since start (malformed, or failing its checks) |
 | `crossview_edge_oldest_unacknowledged_seconds` | age of the oldest sighting in the spool |
 | `crossview_edge_matcher_reachable`   | 1 while the CURVE/ZeroMQ connection to the matcher is up |
+| `crossview_edge_harvest_uploaded` / `_refused` / `_pending` | harvested crops the matcher acknowledged since start; refused for good (moved to `.refused/`); waiting (`edge.uploader`) |
 | `crossview_edge_reconnects_total`    | camera   |
 | `crossview_edge_fps`                 | camera   |
 | `crossview_edge_queue_depth`         | camera   |
@@ -73,9 +74,21 @@ class EdgeMetrics:
         self._frame_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
         self._detector_times: dict[str, deque] = defaultdict(lambda: deque(maxlen=50))
 
+    def watch_uploader(self, uploader) -> None:
+        """Harvest upload gauges, read from an `edge.uploader.Uploader` at each scrape."""
+        self._gauges((
+            ("harvest_uploaded", "Harvested crops the matcher acknowledged since start", lambda: uploader.uploaded),
+            ("harvest_refused", "Harvested crops refused for good since start (moved to .refused/)", lambda: uploader.refused),
+            ("harvest_pending", "Harvested crops waiting to be uploaded", lambda: uploader.pending),
+        ))
+
+    def _gauges(self, series) -> None:
+        for name, text, read in series:
+            Gauge(f"crossview_edge_{name}", text, registry=self.registry).set_function(read)
+
     def watch(self, publisher) -> None:
         """Delivery gauges, read from an `edge.publisher.Publisher` at each scrape."""
-        for name, text, read in (
+        self._gauges((
             ("acknowledged", "Sightings the matcher acknowledged (committed) since start", lambda: publisher.acknowledged),
             ("spooled", "Unacknowledged sightings in the spool", lambda: publisher.spooled),
             ("refused", "Sightings the matcher refused for good since start (its log says why)", lambda: publisher.refused_sightings),
@@ -83,8 +96,7 @@ class EdgeMetrics:
             ("spool_dropped", "Unacknowledged sightings dropped since start: spool full", lambda: publisher.dropped),
             ("oldest_unacknowledged_seconds", "Age of the oldest unacknowledged sighting", publisher.oldest_age_s),
             ("matcher_reachable", "1 while connected to the matcher", lambda: float(publisher.reachable)),
-        ):
-            Gauge(f"crossview_edge_{name}", text, registry=self.registry).set_function(read)
+        ))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -8,6 +8,7 @@
 | embed      | `crossview.kernel.embedder`   | one batch of all cameras' crops      |
 | publish    | `edge.publisher`  | sighting: spooled, sent, acknowledged |
 | harvest    | `edge.harvest`    | sampled sighting                     |
+| upload     | `edge.uploader`   | pass: harvested crops to the matcher, deleted once it has them |
 | rollout    | `edge.rollout`    | poll: the registry's production model |
 
     node = EdgeNode(load_edge_config("configs/edge.yaml"))
@@ -37,6 +38,7 @@ from crossview.edge.publisher import Publisher
 from crossview.edge.rollout import Rollout
 from crossview.edge.sources import CameraSource, Frame, SourceError
 from crossview.edge.tracking import Tracker, TrackGallery
+from crossview.edge.uploader import Uploader
 from crossview.kernel.config import CameraConfig, EdgeConfig
 from crossview.kernel.embedder import Embedder
 from crossview.kernel.runtime import listening
@@ -139,6 +141,10 @@ class EdgeNode:
         self.publisher = Publisher(cfg.publisher)
         self.metrics.watch(self.publisher)
         self.harvester = Harvester(cfg.harvest, cfg.node_id) if cfg.harvest.enabled else None
+        self.uploader = None
+        if cfg.harvest.upload.url:  # also without harvesting: what an earlier run harvested still goes
+            self.uploader = Uploader(cfg.harvest, self.harvester.release if self.harvester else lambda n: None)
+            self.metrics.watch_uploader(self.uploader)
         self._stop = threading.Event()
         self._dtype = np.float16 if cfg.publisher.embedding_dtype == "float16" else np.float32
         if cfg.metrics.port:
@@ -191,6 +197,8 @@ class EdgeNode:
         log.info("edge node %s running %d camera(s)", self.cfg.node_id, len(self.cameras))
         if self.rollout:
             self.rollout.start()
+        if self.uploader:
+            self.uploader.start()
 
     def _collect(self) -> list[tuple[Camera, Frame]]:
         now = time.monotonic()
@@ -313,6 +321,9 @@ class EdgeNode:
                 1000 * cam.stats.tracker_seconds / frames, cam.stats.sightings, cam.source.reconnects,
             )
         log.info("delivery: %s", self.publisher.status())
+        if self.uploader:
+            saved = f"{self.harvester.saved:,} crops saved, " if self.harvester else ""
+            log.info("harvest upload: %s%s", saved, self.uploader.status())
 
     def _gating(self, camera: str) -> str:
         """" (motion 12% of the frame, 1.4 crops, 3 whole frames)": what motion gating did, on average."""
@@ -331,6 +342,8 @@ class EdgeNode:
         for cam in self.cameras.values():
             cam.source.stop()
             self._sync_source_state(cam)
+        if self.uploader:
+            self.uploader.stop()  # the last crops, for up to harvest.upload.drain_s
         self._log_status()
         self._heartbeat()  # the cameras' last states (stopped, finished), sent before the publisher stops
         self.publisher.close()  # waits up to publisher.drain_s for the matcher's acknowledgements, and says how it ended

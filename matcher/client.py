@@ -7,7 +7,9 @@
 | JSON query        | `query({"sighting_id": 12, "top_k": 5})` → the `/api/v1/query` answer (a dict) |
 | image query       | `query_image(jpeg_bytes, "crop.jpg", model, filters)` (multipart upload)      |
 | back to objects   | `result_from_dict(d)` → `QueryResult`, so the CLI prints the same table either way |
-| errors            | 404 → `LookupError`, 400/422 → `ValueError`, 401 → `PermissionError`, no server → `ConnectionError`; |
+| harvest           | `download_harvest(dest, since, until)`: the matcher's harvested crops and sidecars into `dest` in |
+|                   | the `kernel.harvest` layout (what the trainer reads); crops already there are skipped |
+| errors            | 404 → `LookupError`, 400/422 → `ValueError`, 401/403 → `PermissionError`, no server → `ConnectionError`; |
 |                   | each with the server's own message; a URL without http(s):// → `ValueError`;  |
 |                   | a server that is not a matcher API (the metrics port) → `ConnectionError` saying so |
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,6 +33,9 @@ from crossview.kernel.multipart import encode_multipart
 from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
 
 API_PREFIX = "/api/v1"
+MAX_CROP_BYTES = 64 << 20  # the matcher's harvest.max_crop_bytes at most
+# `<camera>/<node>_<camera>_t<track>_f<frame>.jpg` (kernel.harvest): ids of [A-Za-z0-9_.-], no way out of `dest`
+_CROP_PATH = re.compile(r"(?!\.\.?/)[A-Za-z0-9_.-]{1,64}/[A-Za-z0-9_.-]{1,200}_t\d{1,18}_f\d{1,18}\.jpg")
 TOKEN_ENV = "CROSSVIEW_TOKEN"
 
 
@@ -76,22 +82,25 @@ class MatcherClient:
         return ConnectionError(f"{self.url}: that is not a Crossview matcher API (metrics port?): {what}")
 
     def _call(self, path: str, body: bytes | None = None, content_type: str | None = None) -> dict:
-        """POST `body`, or GET without one."""
+        """POST `body`, or GET without one; the JSON answer."""
+        return json.loads(self._request(path, body, content_type, "application/json"))
+
+    def _request(self, path: str, body: bytes | None, content_type: str | None, expect: str, limit: int = -1) -> bytes:
         headers = {"Authorization": f"Bearer {self.token}", **({"Content-Type": content_type} if content_type else {})}
         req = urllib.request.Request(f"{self.url}{API_PREFIX}{path}", data=body, method="GET" if body is None else "POST",
                                      headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as res:
-                answer, kind = res.read(), res.headers.get_content_type()
+                answer, kind = res.read(limit), res.headers.get_content_type()
         except urllib.error.HTTPError as e:
             raise self._http_error(e) from None
         except urllib.error.URLError as e:
             raise ConnectionError(f"cannot reach the matcher at {self.url}: {e.reason}") from None
         except http.client.HTTPException as e:  # not HTTP at all, e.g. the ZeroMQ port
             raise self._not_ours(f"{type(e).__name__} {e}") from None
-        if kind != "application/json":
+        if kind != expect:
             raise self._not_ours(f"it answered {kind}")
-        return json.loads(answer)
+        return answer
 
     def _http_error(self, e: urllib.error.HTTPError) -> Exception:
         detail = _detail(e)
@@ -100,7 +109,7 @@ class MatcherClient:
         message = f"{self.url}: {detail}"
         if e.code == 404:
             return LookupError(message)
-        if e.code == 401:
+        if e.code in (401, 403):  # no token, or one whose user may not do this
             return PermissionError(message)
         if e.code in (400, 422):
             return ValueError(message)
@@ -143,6 +152,36 @@ class MatcherClient:
         body = json.dumps({"canary": list(canary), "hold_s": hold_s}).encode()
         return self._call(f"/models/{urllib.parse.quote(version, safe='')}/promote", body, "application/json")
 
+    def harvest(self, after: int = 0, since: float | None = None, until: float | None = None, limit: int = 500) -> list[dict]:
+        """GET /api/v1/harvest: crops with an id above `after`, captured within [since, until], lowest id first."""
+        window = {k: v for k, v in (("since", since), ("until", until)) if v is not None}
+        return self._call(f"/harvest?{urllib.parse.urlencode({'after': int(after), 'limit': int(limit), **window})}")
+
+    def download_harvest(self, dest: Path, since: float | None = None, until: float | None = None) -> dict[str, int]:
+        """Every harvested crop captured within [since, until] into `dest`, with its sidecar, in the `kernel.harvest`
+        layout the trainer's harvest loader reads. Resumable: a crop already in `dest` is skipped (the sidecar is
+        written first and the JPEG renamed into place whole, so a crop that is there is complete). Counts of
+        downloaded, skipped and gone (deleted by retention or the quota meanwhile) crops, and bytes written."""
+        dest, counts, after = Path(dest), {"downloaded": 0, "skipped": 0, "gone": 0, "bytes": 0}, 0
+        while page := self.harvest(after, since, until):
+            for crop in page:
+                after = int(crop["id"])
+                path = dest / _crop_path(crop["path"])
+                if path.is_file():
+                    counts["skipped"] += 1
+                    continue
+                try:
+                    jpeg = self._request(f"/harvest/{after}", None, None, "image/jpeg", MAX_CROP_BYTES)
+                except LookupError:
+                    counts["gone"] += 1
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _write_whole(path.with_suffix(".json"), json.dumps(crop["sidecar"]).encode())
+                _write_whole(path, jpeg)
+                counts["downloaded"] += 1
+                counts["bytes"] += len(jpeg)
+        return counts
+
     def edges(self) -> dict:
         """GET /api/v1/edges: every edge and camera, online, stalled or offline, since when."""
         return self._call("/edges")
@@ -172,6 +211,19 @@ class MatcherClient:
         body, content_type = encode_multipart({k: v for k, v in fields.items() if v is not None},
                                               {"image": (filename, image, kind)})
         return self._call(path, body, content_type)
+
+
+def _crop_path(path: object) -> str:
+    """A crop's path from the matcher's answer, checked to stay inside the folder it is written to."""
+    if not isinstance(path, str) or not _CROP_PATH.fullmatch(path):
+        raise ValueError(f"the matcher's answer names a crop path outside the harvest layout: {path!r:.100}")
+    return path
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _record(d: dict) -> SightingRecord:

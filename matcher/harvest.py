@@ -116,8 +116,8 @@ class HarvestStore:
         self._db = sqlite3.connect(self.dir / "index.db", check_same_thread=False, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten, not just unlinked
         self._db.executescript(SCHEMA)
-        self._reconcile()
         self.count, self.bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM crops").fetchone()
+        self._reconcile()
         with self._lock:
             self._enforce_quota()  # the quota may have been lowered since the last run
 
