@@ -240,4 +240,4 @@ def result_from_dict(d: dict) -> QueryResult:
               for h in hits]
         for cam, hits in d["cameras"].items()
     }
-    return QueryResult(d["model"], d["query"], cameras, d.get("calibrated", False))
+    return QueryResult(d["model"], d["query"], cameras, d.get("calibrated", False), d.get("coverage"))

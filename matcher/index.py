@@ -15,6 +15,9 @@
 |                 | naming that file, the highest sighting id in it and the deletion-log position         |
 | recovery        | `recover()`: load snapshots, add the store's sightings above each snapshot's highest id, |
 |                 | apply deletions logged after its position; a model without a usable snapshot is rebuilt from the store |
+| re-embedded     | `add(model, ids, vecs, seq=)`: older sightings re-embedded by this version (`matcher.migration`) come |
+|                 | in any id order, so a partition counts them apart, by the store's `reembedded` seq (`mseq`)   |
+| drop            | `drop(model)`: a version's partition and its snapshot files go (the store's vectors are the caller's) |
 
     index = Index(cfg.index, store, data_dir / "index")
     index.recover()
@@ -83,9 +86,10 @@ class Partition:
     """One model version's vectors. Every use of `index` holds `lock`; a rebuild swaps it under the lock."""
 
     def __init__(self, model: str, dim: int, index: faiss.Index, kind: str, max_id: int = 0, built_n: int = 0,
-                 tombstones: set[int] | None = None):
+                 tombstones: set[int] | None = None, mseq: int = 0):
         self.model, self.dim, self.index, self.kind = model, dim, index, kind
         self.max_id = max_id  # highest sighting id added: the store holds nothing newer that is not here too
+        self.mseq = mseq  # the same for vectors re-embedded by this version, by their seq in the store
         self.built_n = built_n  # vectors the current index was built (trained) on
         self.tombstones = tombstones or set()
         self.lock = threading.Lock()
@@ -98,10 +102,14 @@ class Partition:
     def size(self) -> int:
         return self.index.ntotal - len(self.tombstones)
 
-    def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, vecs: np.ndarray, seq: int | None = None) -> None:
+        """Add sightings of this version, or (`seq`: the last store seq among them) ones re-embedded by it."""
         with self.lock:
             self.index.add_with_ids(vecs, ids)
-            self.max_id = max(self.max_id, int(ids.max()))
+            if seq is None:
+                self.max_id = max(self.max_id, int(ids.max()))
+            else:
+                self.mseq = max(self.mseq, seq)
             self.version += 1
             if self.pending is not None:
                 self.pending.append(("add", ids, vecs))
@@ -113,6 +121,12 @@ class Partition:
             self.version += 1
             if self.pending is not None:
                 self.pending.append(("remove", ids, None))
+
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Which of `ids` are searchable here. IVF answers all: its `remove_ids` passes over ids it does not hold."""
+        if not isinstance(self.index, faiss.IndexIDMap2):
+            return np.ones(len(ids), bool)
+        return np.isin(ids, faiss.vector_to_array(self.index.id_map)) & ~np.isin(ids, list(self.tombstones))
 
     def _drop(self, ids: np.ndarray) -> None:
         if self.kind == "hnsw":
@@ -161,8 +175,8 @@ class Partition:
         return {"size": self.size, "kind": self.kind, "dim": self.dim, "rebuilding": self.pending is not None}
 
 
-def _yield_cpu() -> None:
-    """Lower the calling thread's CPU priority: a rebuild only makes searches faster later, while ingest that falls
+def lower_priority() -> None:
+    """Lower the calling thread's CPU priority (rebuilds, re-embedding): a rebuild only makes searches faster later, while ingest that falls
     behind makes edges buffer and drop (bench, 100,000 -> 1,000,000 sightings on 2 cores, one busy elsewhere: 14,700
     -> 22,200 sightings/s). Training takes longer only while the cores are busy. Linux only, where nice is per
     thread; with `index.threads` 1 (the default) FAISS trains on this thread."""
@@ -206,6 +220,7 @@ class Index:
         self._lock = threading.Lock()
         self._rebuilds: dict[str, threading.Thread] = {}
         self._reading = threading.Lock()  # held by a rebuild reading the store
+        self._saving = threading.Lock()  # snapshots are written, or a dropped partition's deleted, one at a time
         self._closed = False
         self._faiss_threads()
         if not read_only:
@@ -219,15 +234,32 @@ class Index:
 
     # -- changes -------------------------------------------------------------------------------
 
-    def add(self, model: str, ids: np.ndarray, vecs: np.ndarray) -> None:
+    def add(self, model: str, ids: np.ndarray, vecs: np.ndarray, seq: int | None = None) -> None:
+        """Committed sightings of `model`, or with `seq` older ones re-embedded by it (see `Partition.add`)."""
         self._faiss_threads()
         with self._lock:
             p = self.partitions.get(model)
             if p is None:
-                empty = build_index("flat", vecs.shape[1], ids[:0], vecs[:0], self.cfg)
-                p = self.partitions[model] = Partition(model, vecs.shape[1], empty, "flat")
-        p.add(ids, vecs)
+                p = self.partitions[model] = self._empty(model, vecs.shape[1])
+        p.add(ids, vecs, seq)
         self.maybe_rebuild(p)
+
+    def _empty(self, model: str, dim: int) -> Partition:
+        return Partition(model, dim, build_index("flat", dim, np.zeros(0, np.int64), np.zeros((0, dim), np.float32), self.cfg),
+                         "flat")
+
+    def drop(self, model: str) -> bool:
+        """Forget a version's partition and its snapshot files (a rebuild under way finishes into nothing); False if
+        there was none. Its vectors stay in the store: `Store.drop_vectors` is the caller's, after this."""
+        with self._lock:
+            p = self.partitions.pop(model, None)
+        if p is None:
+            return False
+        with self._saving:  # not while a snapshot of it is being written
+            for name in ([p.saved["file"]] if p.saved else []) + [f"{_key(model)}.json"]:
+                (self.dir / name).unlink(missing_ok=True)
+            _fsync_dir(self.dir)
+        return True
 
     def remove(self, by_model: dict[str, list[int]], del_pos: int) -> None:
         """Apply deletions the store committed up to log position `del_pos`."""
@@ -284,26 +316,26 @@ class Index:
 
     def maybe_rebuild(self, p: Partition) -> None:
         with self._lock:  # ingest and removals both call this: one rebuild per partition at a time
-            if self.read_only or self._closed or self.rebuilding(p.model):
-                return
+            if self.read_only or self._closed or self.rebuilding(p.model) or self.partitions.get(p.model) is not p:
+                return  # (a dropped partition is rebuilt no more)
             kind = self._wanted_kind(p)
             if kind is None:
                 return
             with p.lock:
-                upto, p.pending = p.max_id, []  # from here on, changes are also recorded for the new index
+                upto, p.pending = (p.max_id, p.mseq), []  # from here on, changes are also recorded for the new index
             t = threading.Thread(target=self._rebuild, args=(p, kind, upto), name=f"rebuild-{p.model}", daemon=True)
             self._rebuilds[p.model] = t
             t.start()
 
-    def _rebuild(self, p: Partition, kind: str, upto: int) -> None:
+    def _rebuild(self, p: Partition, kind: str, upto: tuple[int, int]) -> None:
         self._faiss_threads()
-        _yield_cpu()
+        lower_priority()
         t0 = time.monotonic()
         try:
             with self._reading:  # close() waits for this: the store is never closed under the read
                 if self._closed:
                     raise _Closed
-                ids, vecs = self.stored_vectors(p.model, upto)
+                ids, vecs = self.stored_vectors(p.model, *upto)
             log.info("partition %s: rebuilding as %s from %d stored vectors", p.model, kind, len(ids))
             index = build_index(kind, p.dim, ids, vecs, self.cfg)
         except _Closed:
@@ -324,9 +356,10 @@ class Index:
                  p.model, kind, p.size, time.monotonic() - t0, replayed)
         self.maybe_rebuild(p)  # it may have outgrown this one meanwhile (ingest runs on during a rebuild)
 
-    def stored_vectors(self, model: str, upto: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of one model version in the store, ids up to `upto`: what a rebuild trains on."""
-        chunks = list(self.store.vectors(model, 0, upto))
+    def stored_vectors(self, model: str, upto: int | None = None, upto_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of one model version in the store, its own sightings' with ids up to `upto` and those it
+        re-embedded up to seq `upto_seq`: what a rebuild trains on."""
+        chunks = list(self.store.vectors(model, 0, upto)) + [c[:2] for c in self.store.reembedded_vectors(model, 0, upto_seq)]
         if not chunks:
             dim = self.store.models()[model]
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
@@ -354,11 +387,12 @@ class Index:
     def save(self) -> int:
         """Write a snapshot of every partition changed since its last one; returns how many were written."""
         written = 0
-        for p in list(self.partitions.values()):
-            try:
-                written += self._save(p)
-            except OSError as e:
-                log.error("partition %s: snapshot not written (%s); the previous one stays", p.model, e)
+        with self._saving:
+            for p in list(self.partitions.values()):
+                try:
+                    written += self._save(p)
+                except OSError as e:
+                    log.error("partition %s: snapshot not written (%s); the previous one stays", p.model, e)
         return written
 
     def _save(self, p: Partition) -> bool:
@@ -367,7 +401,7 @@ class Index:
             if p.saved and p.saved["version"] == p.version and p.saved["del_pos"] == del_pos:
                 return False
             meta = {"format": SNAPSHOT_FORMAT, "model": p.model, "dim": p.dim, "kind": p.kind, "ntotal": p.index.ntotal,
-                    "max_id": p.max_id, "del_pos": del_pos, "built_n": p.built_n, "version": p.version,
+                    "max_id": p.max_id, "mseq": p.mseq, "del_pos": del_pos, "built_n": p.built_n, "version": p.version,
                     "tombstones": sorted(p.tombstones)}
             same_index = p.saved is not None and p.saved["version"] == p.version
             blob = None if same_index else faiss.serialize_index(p.index)  # a copy, written outside the lock
@@ -400,7 +434,8 @@ class Index:
             except Exception as e:  # any defect: the store holds everything needed to rebuild
                 log.warning("snapshot %s unusable (%s: %s); that partition is rebuilt from the store", sidecar, type(e).__name__, e)
                 continue
-            p = Partition(meta["model"], meta["dim"], index, meta["kind"], meta["max_id"], meta["built_n"], set(meta["tombstones"]))
+            p = Partition(meta["model"], meta["dim"], index, meta["kind"], meta["max_id"], meta["built_n"], set(meta["tombstones"]),
+                          meta.get("mseq", 0))  # none in snapshots from before re-embedding
             p.saved, p.version = meta, meta["version"]
             out[p.model] = p
         if not self.read_only:
@@ -434,18 +469,24 @@ class Index:
             self.maybe_rebuild(p)
 
     def _replay(self, model: str, dim: int, p: Partition | None, deletions: list[tuple[int, int, str]]) -> Partition:
-        if p is None:
-            ids, vecs = self.stored_vectors(model)
-            p = Partition(model, dim, build_index("flat", dim, ids, vecs, self.cfg), "flat",
-                          int(ids.max()) if len(ids) else 0, len(ids))
-            log.info("partition %s: built exact from %d stored vectors", model, len(ids))
-            return p
-        snap_max, added = p.max_id, 0
-        for ids, vecs in self.store.vectors(model, after_id=snap_max):
+        """A snapshot (or, without one, an empty partition) plus what the store holds beyond its watermarks, less
+        what was deleted since it was written."""
+        fresh = p is None
+        if fresh:
+            p = self._empty(model, dim)
+        added = 0
+        for ids, vecs in self.store.vectors(model, after_id=p.max_id):
             p.add(ids, vecs)
             added += len(ids)
-        # Sightings above snap_max were read from the store as it is now, so their deletions are already reflected.
-        gone = np.array([i for seq, i, m in deletions if seq > p.saved["del_pos"] and m == model and i <= snap_max], np.int64)
+        for ids, vecs, seq in self.store.reembedded_vectors(model, after_seq=p.mseq):
+            p.add(ids, vecs, seq)
+            added += len(ids)
+        if fresh:
+            log.info("partition %s: built exact from %d stored vectors", model, added)
+            return p
+        # What was added just now was read from the store as it is now, so its deletions are already reflected.
+        gone = np.array([i for seq, i, m in deletions if seq > p.saved["del_pos"] and m == model], np.int64)
+        gone = gone[p.holds(gone)]
         if len(gone):
             p.remove(gone)
         log.info("partition %s: snapshot of %d (%s) + %d replayed, %d deletions replayed", model, p.saved["ntotal"], p.kind,

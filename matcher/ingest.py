@@ -216,6 +216,11 @@ class Pipeline:
         held = sum(1 for m in self._dims if m not in parts or parts[m].size)
         return held < self.index.cfg.max_models
 
+    def forget_model(self, model: str) -> None:
+        """A version whose partition and vectors were dropped (`matcher.migration`) counts no more toward max_models;
+        a sighting of it arriving later is a new version again."""
+        self._dims.pop(model, None)
+
     def _unit_rows(self, group: list[Sighting]) -> Rows | None:
         """One model's sightings with their embeddings as float32 unit vectors, in one array: numpy calls cost per
         call, not per row. None when every embedding was zero."""

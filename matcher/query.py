@@ -16,6 +16,8 @@
 |             | their first hit; `ranked()` best first; `to_dict()` for JSON; `to_text()` for a terminal   |
 | errors      | `LookupError` for a missing sighting, track or model partition; `ValueError` for bad input or |
 |             | an image query naming a model version with no loaded ONNX file                           |
+| across a    | a sighting or track stored under an older version is searched by its vector re-embedded by the |
+| model switch| production version once `matcher.migration` made one; while it runs, answers carry `coverage` |
 
     engine = QueryEngine(store, index, load_embedders(cfg.models), cfg.query)   # or Matcher(cfg).queries
     result = engine.search_sighting(123, Filters(cameras=["gate", "lobby"], min_score=0.6, top_k=5))
@@ -41,6 +43,7 @@ from crossview.matcher.store import Store
 
 if TYPE_CHECKING:
     from crossview.kernel.embedder import Embedder
+    from crossview.matcher.migration import Migration
 
 _GROWTH = 4
 
@@ -109,6 +112,7 @@ class Subject(NamedTuple):
 class QueryEngine:
     def __init__(self, store: Store, index: Index, embedders: dict[str, "Embedder"], cfg: QueryConfig):
         self.store, self.index, self.embedders, self.cfg = store, index, embedders, cfg
+        self.migration: Migration | None = None  # set by the service: the production version and its coverage
 
     def search_embedding(self, vec: np.ndarray, model: str, filters: Filters | None = None) -> QueryResult:
         return self._search(_unit(vec), model, {"by": "embedding"}, None, filters or Filters())
@@ -127,21 +131,30 @@ class QueryEngine:
 
     def sighting_subject(self, sighting_id: int) -> Subject:
         rec = self.store.record(sighting_id)
-        vec = self.store.vector(sighting_id) if rec else None
-        if rec is None or vec is None:
+        if rec is None:
             raise LookupError(f"sighting {sighting_id} not found (never stored, or deleted by retention)")
         query = {"by": "sighting", "sighting": rec.id, "node": rec.node, "camera": rec.camera, "track": rec.track}
-        return Subject(vec, rec.model, query, rec.track_id)
+        return Subject(*self._vector(rec), query, rec.track_id)
 
     def track_subject(self, node: str, camera: str, track: int, model: str | None = None) -> Subject:
         """The edge track's latest stretch (ids restart with an edge node), by its newest sighting."""
         rec = self.store.latest_in_track(node, camera, track, model)
-        vec = self.store.vector(rec.id) if rec else None
-        if rec is None or vec is None:
+        if rec is None:
             of = f" with model version {model!r}" if model else ""
             raise LookupError(f"no track {node}:{camera}:{track}{of} in the store")
         query = {"by": "track", "node": node, "camera": camera, "track": int(track), "track_id": rec.track_id, "sighting": rec.id}
-        return Subject(vec, rec.model, query, rec.track_id)
+        return Subject(*self._vector(rec), query, rec.track_id)
+
+    def _vector(self, rec: SightingRecord) -> tuple[np.ndarray, str]:
+        """(vector, model version) a stored sighting is searched by: re-embedded by the production version once the
+        migration got to it, so the answer spans the switch; else its own."""
+        target = self.migration.target if self.migration else None
+        if target and target != rec.model and (vec := self.store.vector(rec.id, target)) is not None:
+            return vec, target
+        if (vec := self.store.vector(rec.id)) is None:
+            raise LookupError(f"sighting {rec.id} has no embedding any more: its model version {rec.model!r} was "
+                              "replaced and it had no thumbnail to re-embed")
+        return vec, rec.model
 
     def image_subject(self, image_bgr: np.ndarray, model: str) -> Subject:
         embedder = self.embedders.get(model)
@@ -164,7 +177,8 @@ class QueryEngine:
         if cal is not None:
             probabilities = cal.probability([h.score for h in hits]).tolist() if hits else []
             hits = [replace(h, probability=p) for h, p in zip(hits, probabilities)]
-        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera(hits), calibrated=cal is not None)
+        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera(hits), calibrated=cal is not None,
+                           coverage=self.migration.coverage() if self.migration else None)
 
     def use_model(self, path: Path) -> None:
         """Load (or replace) the embedder of `path`'s model version: image queries and its calibration."""

@@ -6,7 +6,8 @@
 | `TrackHit`       | one matching track: similarity of its best sighting (and P(same person) when the model is |
 |                  | calibrated), time span, best few sightings                                        |
 | `verdict(p)`     | the words for a probability: "likely same person", "possible", "unlikely"           |
-| `QueryResult`    | a query's answer: `cameras` (camera → hits by time), `ranked()`, `to_dict()`, `to_text()` |
+| `QueryResult`    | a query's answer: `cameras` (camera → hits by time), `ranked()`, `to_dict()`, `to_text()`; |
+|                  | during a gallery migration, `coverage`: how much of the history the new version covers so far |
 
     >>> r = SightingRecord(7, "edge-1", "gate", 0.0, 3, 17, 5, (10.0, 20.0, 50.0, 140.0), 0.9, "m1", False)
     >>> hit = TrackHit("edge-1", "gate", 17, "m1", 0.83, 0.0, 4.0, r, [r], track_id=5, n_sightings=9)
@@ -84,18 +85,21 @@ class QueryResult:
     query: dict
     cameras: dict[str, list[TrackHit]] = field(default_factory=dict)
     calibrated: bool = False  # the hits carry probabilities
+    # While the gallery is re-embedded by a new production version (matcher.migration): {"model", "migrated", "total",
+    # "oldest_ts_covered", "without_thumbnail"}, the earlier sightings re-embedded so far; None otherwise.
+    coverage: dict | None = None
 
     def ranked(self) -> list[TrackHit]:
         return sorted((h for hits in self.cameras.values() for h in hits), key=lambda h: -h.score)
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "query": self.query, "calibrated": self.calibrated,
+        return {"model": self.model, "query": self.query, "calibrated": self.calibrated, "coverage": self.coverage,
                 "cameras": {cam: [h.to_dict() for h in hits] for cam, hits in self.cameras.items()}}
 
     def to_text(self) -> str:
         scale = ("P = P(same person), from the model's calibration" if self.calibrated
                  else "score = cosine similarity (the model has no calibration: not a probability)")
-        lines = [f"model {self.model}, query {_describe(self.query)}", scale]
+        lines = [f"model {self.model}, query {_describe(self.query)}", scale, *self._coverage_lines()]
         if not self.cameras:
             return "\n".join([*lines, "no matching tracks"])
         head = "P" if self.calibrated else "score"
@@ -109,6 +113,15 @@ class QueryResult:
                              f"{h.verdict if self.calibrated else '':<18}  {_clock(h.first_ts)}  "
                              f"{_clock(h.last_ts)}  {h.best.id:>8}  {box}")
         return "\n".join(lines)
+
+
+    def _coverage_lines(self) -> list[str]:
+        c = self.coverage
+        if c is None:
+            return []
+        back = f", back to {_clock(c['oldest_ts_covered'])}" if c["oldest_ts_covered"] is not None else ""
+        return [f"history: {c['model']} became production; {c['migrated']:,} of {c['total']:,} earlier sightings "
+                f"re-embedded by it so far{back}: a search by {c['model']} does not cover the rest yet"]
 
 
 def _clock(ts: float) -> str:

@@ -4,7 +4,7 @@
 |----------------|-------------------------------------------------------------------------------|
 | `SightingOut`  | one stored sighting, with the URL of its thumbnail when it has one            |
 | `TrackHitOut`  | one matching track: score, time span, best and best-matching sightings        |
-| `QueryOut`     | a query's answer: hits grouped by camera                                      |
+| `QueryOut`     | a query's answer: hits grouped by camera; `coverage` during a gallery migration |
 | `CameraOut`    | one camera's totals, for the page's camera list                               |
 | `StatsOut`     | ingest counters and index partitions (one per embedding model version)        |
 | `EdgesOut`     | every edge and camera as its last heartbeat left it (`matcher.edges`)         |
@@ -72,10 +72,21 @@ class TrackHitOut(_TrackKey):
     sightings: list[SightingOut] = Field(description="the track's best matching sightings, oldest first")
 
 
+class CoverageOut(BaseModel):
+    model: str = Field(description="the production version the stored sightings are being re-embedded by")
+    migrated: int = Field(description="earlier sightings re-embedded by it so far, newest first")
+    total: int = Field(description="earlier sightings with a thumbnail to re-embed")
+    oldest_ts_covered: float | None = Field(description="the oldest re-embedded so far: a search by `model` covers "
+                                                        "the history back to here")
+    without_thumbnail: int = Field(description="earlier sightings without a thumbnail: they cannot be re-embedded")
+
+
 class QueryOut(_Out):
     model: str
     query: dict[str, Any] = Field(description="what was searched for, as the matcher understood it")
     calibrated: bool = Field(description="the model has a calibration: hits carry probabilities")
+    coverage: CoverageOut | None = Field(None, description="while the gallery is re-embedded by a new production "
+                                                          "version: how much of the history its search covers so far")
     cameras: dict[str, list[TrackHitOut]] = Field(description="camera id -> matching tracks by time; cameras by first hit")
 
 

@@ -10,6 +10,8 @@
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
 | registry       | `matcher.registry`: the model versions, which is production (edges fetch it)             |
+| migration      | thread: `matcher.migration` re-embeds the stored thumbnails with each new production version |
+|                | (lower CPU priority), then drops the partition it replaced once no edge reports that version |
 | harvest        | `matcher.harvest`: the crops edges upload, within `harvest.quota_mb` and retention's max age |
 | watchlist      | `matcher.watchlist`: every indexed batch checked against it; alerts to `matcher.webhooks` |
 | status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
@@ -41,6 +43,7 @@ from crossview.matcher.harvest import HarvestStore
 from crossview.matcher.index import Index
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
+from crossview.matcher.migration import Migration
 from crossview.matcher.query import QueryEngine, load_embedders
 from crossview.matcher.registry import Registry
 from crossview.matcher.store import Store
@@ -85,6 +88,10 @@ class Matcher:
         self.watchlist.on_alerts(self.webhooks.enqueue)
         self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics,
                                self.edges.heard, self._watch)
+        self.migration = Migration(cfg.migration, self.store, self.index, self.registry, lambda: self.edges.report()["edges"],
+                                   self.ingest.quiet, max_age * 3600 if max_age else None, self._use_model,
+                                   self.ingest.forget_model)
+        self.queries.migration = self.migration
         self._stop = threading.Event()
         self._stopped = False
         self._threads: list[threading.Thread] = []
@@ -94,9 +101,16 @@ class Matcher:
     def _watch(self, model: str, ids, rows) -> None:
         self.watchlist.check(model, ids, rows.sightings, rows.vecs, self.store.records)
 
+    def _use_model(self, path: Path) -> None:
+        """A new production version's file, for image queries and its calibration, unless `models` lists it."""
+        if self.migration.target not in self.queries.embedders:
+            self.queries.use_model(path)
+
     def start(self) -> None:
         self.ingest.start()
         self.webhooks.start()
+        if self.cfg.migration.enabled:
+            self.migration.start()
         self.store.checkpoint_in_background()
         loops = [("checkpoint", self._checkpoint_loop), ("snapshots", self._snapshot_loop), ("status", self._status_loop)]
         if self.cfg.retention.max_age_hours or self.cfg.retention.max_per_camera:
@@ -119,6 +133,7 @@ class Matcher:
             return
         self._stopped = True
         self._stop.set()
+        self.migration.stop()  # between two batches; it uses ingest's quiet()
         self.ingest.stop()
         for t in self._threads:
             t.join()
@@ -137,10 +152,11 @@ class Matcher:
 
     def remove(self, ids: list[int]) -> int:
         """Delete sightings (with embeddings and thumbnails) from store and index; returns how many existed."""
-        with self.ingest.quiet():  # an add of a batch committed before would revive ids
+        # An add of a batch committed (or re-embedded) before would revive ids.
+        with self.ingest.quiet(), self.migration.lock:
             by_model, pos = self.store.delete(ids)
             self.index.remove(by_model, pos)
-        return sum(len(v) for v in by_model.values())
+        return len({i for v in by_model.values() for i in v})  # a re-embedded sighting is listed under both versions
 
     def enforce_retention(self, now: float | None = None) -> int:
         """Delete what the retention policy no longer allows; returns how many sightings were deleted."""
@@ -197,6 +213,7 @@ class Matcher:
     def stats(self) -> dict:
         return {"accepted": self.ingest.accepted, "rejected": dict(self.ingest.rejected), "partitions": self.index.stats(),
                 "cameras": dict(self.ingest.accepted_by_camera), "status": self.edges.report()["summary"],
+                "migration": self.migration.progress(),
                 "watchlist": {"entries": self.watchlist.size, "alerts": self.watchlist.alerted,
                               "webhooks": {"delivered": self.webhooks.delivered, "failed_tries": self.webhooks.failures,
                                            "given_up": self.webhooks.given_up, "pending": self.webhooks.pending}},

@@ -10,12 +10,16 @@
 |                       | the caller decides ids (from `next_id()` on; they are the FAISS ids) and track ids (`matcher.tracks`) |
 | ids                   | `AUTOINCREMENT`, so an id is never reused after a deletion (snapshot replay relies on it) |
 | old files             | a store written before the detector score was named `score` (as on the wire) has a |
-|                       | `det_score` column: renamed at a writable open, read under its old name when read-only |
-| lookups               | `records(ids)`, `vector(id)`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, `cameras()`, |
-|                       | `track_ends(since)` (what a restarted matcher's tracks continue)              |
-| deletions             | `delete(ids)` removes rows, embeddings and thumbnails (`secure_delete`: their bytes are |
-|                       | overwritten in the file; the next `checkpoint()` truncates the WAL, which held copies) |
-|                       | and appends (seq, id, model) to the `deletions` log                          |
+|                       | `det_score` column: renamed at a writable open, read under its old name when read-only; |
+|                       | one from before re-embedding gains `reembedded` at a writable open (an empty stand-in when read-only) |
+| lookups               | `records(ids)`, `vector(id[, model])`, `thumbnail(id)`, `latest_in_track(...)`, `recent()`, |
+|                       | `cameras()`, `track_ends(since)` (what a restarted matcher's tracks continue) |
+| re-embedded           | a sighting's vector by another model version (`matcher.migration`), in `reembedded` keyed by |
+|                       | (model, id), numbered by `seq` as added: `add_reembedded`, `reembedded_vectors(model, after_seq)`, |
+|                       | `to_migrate` (newest first), `migration_counts`; `drop_vectors` when a version's partition goes |
+| deletions             | `delete(ids)` removes rows, embeddings of every version and thumbnails (`secure_delete`: their |
+|                       | bytes are overwritten in the file; the next `checkpoint()` truncates the WAL, which held copies) |
+|                       | and appends (seq, id, model) to the `deletions` log, one entry per version that held the id |
 | retention             | `older_than(ts)`, `over_quota(n)`: ids to delete                             |
 | readers               | pooled connections, one per concurrent reader; `read_only=True` opens the file `mode=ro` |
 |                       | (safe beside a running service)                                             |
@@ -31,6 +35,7 @@ Camera ids are site-wide: two nodes reporting the same camera id are one camera.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,7 +71,17 @@ CREATE INDEX IF NOT EXISTS sightings_ts ON sightings (ts);
 CREATE INDEX IF NOT EXISTS sightings_edge_track ON sightings (node, camera, track, model, ts);
 CREATE INDEX IF NOT EXISTS sightings_track_id ON sightings (track_id, ts);
 -- Embeddings and thumbnails in tables of their own keep the sightings rows small for scans.
-CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);  -- by the sighting's own model
+-- Sightings re-embedded from their thumbnails by another model version (`matcher.migration`): one row per (model,
+-- id). seq orders them as the migration added them, what an index snapshot counts them by (ids come in any order).
+CREATE TABLE IF NOT EXISTS reembedded (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    vec BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS reembedded_model_id ON reembedded (model, id);
+CREATE INDEX IF NOT EXISTS reembedded_id ON reembedded (id);
 CREATE TABLE IF NOT EXISTS thumbnails (id INTEGER PRIMARY KEY, jpeg BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS deletions (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -147,6 +162,8 @@ class Store:
             conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
             conn.execute("PRAGMA secure_delete=ON")  # deleted thumbnails and embeddings are overwritten, not just unlinked
         conn.execute("PRAGMA busy_timeout=10000")
+        if self.read_only and not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'reembedded'").fetchone():
+            conn.execute("CREATE TEMP TABLE reembedded (seq INTEGER PRIMARY KEY, id INTEGER, model TEXT, vec BLOB)")
         with self._conns_lock:
             self._conns.append(conn)
         return conn
@@ -253,8 +270,14 @@ class Store:
     def record(self, sighting_id: int) -> SightingRecord | None:
         return self.records([sighting_id]).get(int(sighting_id))
 
-    def vector(self, sighting_id: int) -> np.ndarray | None:
-        row = self._one("SELECT vec FROM vectors WHERE id = ?", (int(sighting_id),))
+    def vector(self, sighting_id: int, model: str | None = None) -> np.ndarray | None:
+        """The sighting's embedding by its own model version, or by `model` (its own, or one it was re-embedded by)."""
+        if model is None:
+            row = self._one("SELECT vec FROM vectors WHERE id = ?", (int(sighting_id),))
+        else:
+            row = self._one("SELECT v.vec FROM vectors v JOIN sightings s ON s.id = v.id WHERE v.id = ? AND s.model = ? "
+                            "UNION ALL SELECT vec FROM reembedded WHERE id = ? AND model = ?",
+                            (int(sighting_id), model, int(sighting_id), model))
         return None if row is None else np.frombuffer(row[0], np.float32)
 
     def thumbnail(self, sighting_id: int) -> bytes | None:
@@ -313,9 +336,23 @@ class Store:
             finally:
                 cur.close()
 
+    def reembedded_vectors(self, model: str, after_seq: int = 0,
+                           upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        """(ids, (n, dim) float32, last seq) chunks of the vectors re-embedded by `model` with after_seq < seq <= upto_seq,
+        in the order they were added."""
+        with self._read() as db:
+            cur = db.execute("SELECT id, vec, seq FROM reembedded WHERE model = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                             (model, int(after_seq), int(upto_seq) if upto_seq is not None else MAX_INT))
+            try:
+                while rows := cur.fetchmany(_VECTOR_CHUNK):
+                    yield (*_id_vectors(rows), rows[-1][2])
+            finally:
+                cur.close()
+
     @staticmethod
-    def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None) -> tuple[str, tuple]:
-        sql, args = "s.model = ?", [model]
+    def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None,
+               column: str = "s.model") -> tuple[str, tuple]:
+        sql, args = f"{column} = ?", [model]
         if cameras:
             sql += " AND s.camera IN (SELECT value FROM json_each(?))"
             args.append(json.dumps(cameras))
@@ -326,27 +363,37 @@ class Store:
         return sql, tuple(args)
 
     def count(self, model: str, cameras: list[str] | None, since: float | None, until: float | None, limit: int) -> int:
-        """Sightings of a model version on these cameras (None: all) within [since, until], counted up to `limit`."""
-        where, args = self._where(model, cameras, since, until)
-        return self._one(f"SELECT COUNT(*) FROM (SELECT 1 FROM sightings s WHERE {where} LIMIT ?)", (*args, int(limit)))[0]
+        """Sightings with a vector of a model version (their own or re-embedded) on these cameras (None: all) within
+        [since, until], counted up to `limit` each way."""
+        own, own_args = self._where(model, cameras, since, until)
+        other, other_args = self._where(model, cameras, since, until, "r.model")
+        return self._one(f"SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM sightings s WHERE {own} LIMIT ?)) + "
+                         f"(SELECT COUNT(*) FROM (SELECT 1 FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other} LIMIT ?))",
+                         (*own_args, int(limit), *other_args, int(limit)))[0]
 
     def vectors_where(self, model: str, cameras: list[str] | None, since: float | None,
                       until: float | None) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (n, dim) float32) of the sightings `count()` counts."""
-        where, args = self._where(model, cameras, since, until)
-        return _id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {where}", args))
+        own, own_args = self._where(model, cameras, since, until)
+        other, other_args = self._where(model, cameras, since, until, "r.model")
+        return _id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {own} UNION ALL "
+                                     f"SELECT s.id, r.vec FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other}",
+                                     (*own_args, *other_args)))
 
     # -- deletions and retention ---------------------------------------------------------------
 
     def delete(self, ids: Iterable[int]) -> tuple[dict[str, list[int]], int]:
-        """Delete sightings with their embeddings and thumbnails; log each. Returns ({model: ids deleted}, log position)."""
+        """Delete sightings with their embeddings (of every version) and thumbnails; log each. Returns ({model: ids
+        deleted}, log position): a re-embedded sighting is listed under each version that held it."""
         ids_json = _ids_json(ids)
 
         def work(db: sqlite3.Connection) -> tuple[dict[str, list[int]], int]:
             found = db.execute("SELECT id, model FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
                                (ids_json,)).fetchall()
             present = _ids_json(i for i, _ in found)
-            for table in ("sightings", "vectors", "thumbnails"):
+            found += db.execute("SELECT id, model FROM reembedded WHERE id IN (SELECT value FROM json_each(?))",
+                                (present,)).fetchall()
+            for table in ("sightings", "vectors", "thumbnails", "reembedded"):
                 db.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (present,))
             db.executemany("INSERT INTO deletions (id, model) VALUES (?, ?)", found)
             by_model: dict[str, list[int]] = {}
@@ -402,3 +449,82 @@ class Store:
             rows = self._all("SELECT id FROM sightings WHERE camera = ? ORDER BY ts, id LIMIT ?", (camera, n))
             out += [r[0] for r in rows]
         return out
+
+    # -- re-embedding (matcher.migration) ------------------------------------------------------
+
+    def add_reembedded(self, model: str, ids: Sequence[int], vecs: np.ndarray) -> tuple[list[int], int]:
+        """Store `model`'s vectors of these sightings in one transaction, skipping any deleted meanwhile or re-embedded
+        already. Returns (the ids stored, the last seq now taken: what an index snapshot counts re-embedded ones by)."""
+
+        def work(db: sqlite3.Connection) -> tuple[list[int], int]:
+            before = self._last_seq(db)
+            db.execute("INSERT OR IGNORE INTO models (model, dim) VALUES (?, ?)", (model, vecs.shape[1]))
+            db.executemany("INSERT OR IGNORE INTO reembedded (id, model, vec) SELECT ?, ?, ? "
+                           "WHERE EXISTS (SELECT 1 FROM sightings WHERE id = ?)",
+                           [(int(i), model, v.tobytes(), int(i)) for i, v in zip(ids, vecs)])
+            added = [r[0] for r in db.execute("SELECT id FROM reembedded WHERE seq > ? ORDER BY seq", (before,))]
+            return added, self._last_seq(db)
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _last_seq(db: sqlite3.Connection) -> int:
+        return (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'reembedded'").fetchone() or (0,))[0]
+
+    # A sighting lacks a vector of :model when it is neither its own version's (with that vector kept) nor re-embedded.
+    _LACKS = ("NOT (s.model = :model AND EXISTS (SELECT 1 FROM vectors v WHERE v.id = s.id)) "
+              "AND NOT EXISTS (SELECT 1 FROM reembedded r WHERE r.model = :model AND r.id = s.id)")
+
+    def to_migrate(self, model: str, since: float, limit: int, before: tuple[float, int] | None = None,
+                   after_id: int | None = None) -> list[tuple[int, float, bytes]]:
+        """(id, ts, JPEG) of thumbnailed sightings at or after `since` that lack a `model` vector, in a pass over the
+        store newest first and older than `before` (ts, id); or, with `after_id`, those with ids between it and
+        `before`'s (what arrived since a pass began), highest id first."""
+        args = {"model": model, "since": since, "n": int(limit)}
+        if after_id is None:
+            ts, last = before or (math.inf, MAX_INT)  # inf: times stored before the wire bounded them
+            where, order = "(s.ts, s.id) < (:ts, :last)", "s.ts DESC, s.id DESC"  # the ts index, walked down
+            args |= {"ts": ts, "last": last}
+        else:
+            where, order = "s.id > :after AND s.id < :last", "s.id DESC"
+            args |= {"after": int(after_id), "last": before[1] if before else MAX_INT}
+        rows = self._all(f"SELECT s.id, s.ts, t.jpeg FROM sightings s JOIN thumbnails t ON t.id = s.id WHERE s.ts >= :since "
+                         f"AND {where} AND {self._LACKS} ORDER BY {order} LIMIT :n", args)
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def migration_counts(self, model: str, since: float) -> dict[str, int]:
+        """Sightings at or after `since`: re-embedded by `model`, thumbnailed ones still lacking its vector, and ones
+        lacking it without a thumbnail (which cannot be re-embedded)."""
+        todo, bare = self._one(f"SELECT TOTAL(s.has_thumb), TOTAL(1 - s.has_thumb) FROM sightings s WHERE s.ts >= :since "
+                               f"AND {self._LACKS}", {"model": model, "since": since})
+        done = self._one("SELECT COUNT(*) FROM reembedded r JOIN sightings s ON s.id = r.id WHERE r.model = ? AND s.ts >= ?",
+                         (model, since))[0]
+        return {"reembedded": done, "remaining": int(todo), "without_thumbnail": int(bare)}
+
+    def drop_vectors(self, model: str, after_id: int, upto_id: int, limit: int) -> tuple[int, int | None]:
+        """Delete `model`'s vectors (own and re-embedded) of the next `limit` sightings by id in (after_id, upto_id]: its
+        partition is gone. Returns (vectors deleted, the last id looked at, to go on from; None once past upto_id)."""
+
+        def work(db: sqlite3.Connection) -> tuple[int, int | None]:
+            span = db.execute("SELECT MIN(id), MAX(id) FROM (SELECT id FROM sightings WHERE id > ? AND id <= ? ORDER BY id "
+                              "LIMIT ?)", (int(after_id), int(upto_id), int(limit))).fetchone()
+            if span[0] is None:
+                return 0, None
+            n = db.execute("DELETE FROM vectors WHERE id IN (SELECT id FROM sightings WHERE id BETWEEN ? AND ? AND model = ?)",
+                           (*span, model)).rowcount
+            return n + db.execute("DELETE FROM reembedded WHERE model = ? AND id BETWEEN ? AND ?", (model, *span)).rowcount, span[1]
+
+        n, last = self._transaction(work)
+        self._purge = self._purge or n > 0
+        return n, last
+
+    def forget_model(self, model: str) -> bool:
+        """Remove a version from `models()` once no vector of it is left (a restart builds no partition for it)."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? LIMIT 1", (model,)).fetchone() \
+                    or db.execute("SELECT 1 FROM reembedded WHERE model = ? LIMIT 1", (model,)).fetchone():
+                return False
+            return db.execute("DELETE FROM models WHERE model = ?", (model,)).rowcount > 0
+
+        return self._transaction(work)
