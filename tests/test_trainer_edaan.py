@@ -53,10 +53,11 @@ def test_a_mask_of_ones_returns_the_input_unchanged_and_zeros_the_translation():
     net = METHODS["edaan"](_cfg()).build(3)
     net.attn_s = Keep()
     image = torch.rand(2, 3, 64, 32) * 2 - 1
-    translated, keep = net.translate(image, to_target=True)
+    translated, keep, raw = net.translate(image, to_target=True)
     assert torch.equal(translated, image) and torch.equal(keep, torch.ones(2, 1, 64, 32))  # Eq. 1 with A = 1
+    assert torch.equal(raw, net.gen_s(image)) and not torch.equal(raw, image)  # the generator did translate
     plain = METHODS["edaan"](_cfg(attention=False)).build(3)
-    translated, keep = plain.translate(image, to_target=True)
+    translated, keep, _ = plain.translate(image, to_target=True)
     assert keep is None and torch.equal(translated, plain.gen_s(image))  # no attention: CycleGAN's G_S(E_S(x))
 
 
