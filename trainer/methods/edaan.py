@@ -284,7 +284,7 @@ class Edaan(Method):
         if keep_s is not None and learn:  # Eq. 5: A_S(x_s) vs A_T(G(x_s)), A_T(x_t) vs A_S(F(x_t))
             terms["attn"] = e.attn * ((keep_s - net.mask(fake_t, source=False)).abs().mean()
                                       + (keep_t - net.mask(fake_s, source=True)).abs().mean())
-        translated = from_unit(fake_t if e.end_to_end else fake_t.detach()).to(batch.images.dtype)  # fp16 under AMP
+        translated = from_unit(fake_t if e.end_to_end else fake_t.detach()).to(batch.images.dtype)  # AMP: G is fp16
         reid = Batch(torch.cat([batch.images[:s], translated]), 2 * s, batch.source_ids.repeat(2))
         reid_loss, reid_terms = self.losses(net(reid.images), reid)
         loss = sum(v.float() for v in terms.values()) + reid_loss
