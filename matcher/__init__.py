@@ -9,6 +9,7 @@
 | `query`    | the query engine: filters, over-fetch, grouping into tracks                    |
 | `results`  | what queries answer with (`SightingRecord`, `TrackHit`, `QueryResult`); stdlib only |
 | `service`  | `Matcher`: starts ingest and maintenance (snapshots, retention), holds the queries |
+| `harvest`  | the person crops edges upload, for the adapt job: SQLite index + JPEGs, quota, retention |
 | `metrics`  | Prometheus series from the matcher's counters                                  |
 | `api`, `schemas`, `client` | the HTTP API and web page, its bodies, a client for it            |
 

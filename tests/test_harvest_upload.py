@@ -7,7 +7,7 @@ retention; `download_harvest` writes the store back out in the layout the traine
 |----------------------------------------|-----------------------------------------------|--------------------------------------|
 | matcher away, then back                | an edge node on TUD-Stadtmitte, the matcher's HTTP server started late | every crop made is stored once, none left on the edge |
 | hostile uploads                        | HTTP requests to a served matcher             | each refused with its reason, the rest stored; tokens |
-| refusals on the edge                   | the uploader against a served matcher         | moved to .refused, counted; the others deleted |
+| refusals on the edge                   | the uploader against a served matcher, and a 503 server | refused ones moved to .refused, counted, the others deleted; a 503 or a wrong token keeps all |
 | quota and retention                    | the store's files on disk                     | oldest gone from disk and index       |
 | download round trip                    | `MatcherClient.download_harvest`, the trainer's loader | same crops and sidecars; resumable |
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -190,10 +191,42 @@ def test_the_edge_moves_what_the_matcher_refuses_aside_and_deletes_what_it_store
     assert files(root) == set() and {p.name for p in (root / REFUSED_DIR / "gate").glob("*.jpg")} == {paths[2].name, paths[3].name}
     assert len(freed) == 6 and "3 crops uploaded, 0 pending, 2 refused" in up.status()
 
-    (tmp_path / "token").write_text("not-the-edge-token-0123")  # a token the matcher refuses: nothing is deleted
     later = harvest_folder(root, [sidecar(i) for i in range(10, 12)])
+    with Overloaded() as busy:  # a matcher answering 503: nothing is deleted, nothing refused
+        up = Uploader(HarvestConfig(dir=root, upload={"url": busy.url, "token_file": tmp_path / "token"}))
+        assert not up.upload_pending() and (up.uploaded, up.refused) == (0, 0) and "HTTP 503: busy" in up.status()
+    (tmp_path / "token").write_text("not-the-edge-token-0123")  # a token the matcher refuses: the same
     assert not Uploader(HarvestConfig(dir=root, upload={"url": site.url, "token_file": tmp_path / "token"})).upload_pending()
     assert files(root) == set(later)
+
+
+class Overloaded(ThreadingHTTPServer):
+    """An HTTP server answering every POST with 503, as a matcher behind an overloaded proxy."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = b'{"detail": "busy"}'
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
 
 
 def test_the_quota_and_retention_delete_crops_from_disk_and_index(tmp_path):
