@@ -12,7 +12,10 @@
 |                    | `crossview.matcher.api`         | its HTTP API and web page                        |
 | `query`            | `crossview.matcher.query`       | search a matcher's data directory, read-only; or |
 |                    | `crossview.matcher.client`      | with `--url`, a running matcher's HTTP API       |
+| `users`, `audit`   | `crossview.matcher.users`, `.audit` | API users and roles; the audit log as JSON lines |
+| `models`           | `crossview.matcher.registry`    | the model registry: list, register, promote, rollback, status |
 | `train`            | `crossview.trainer.engine`      | domain adaptation (DAAM / DAAL, Algorithm 1)     |
+| `adapt`            | `crossview.adapt`               | the periodic job: harvest → adapt → gate → register |
 | `export`           | `crossview.trainer.export`      | a training checkpoint's domain-shared path → ONNX |
 |                    | `crossview.trainer.quantize`    | with `--int8`, its statically quantised twin too  |
 | `calibrate`        | `crossview.trainer.calibration` | fit cosine → P(same person) on a harvest, into the model |
@@ -32,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -98,6 +101,10 @@ def _init(args: argparse.Namespace) -> int:
     for name, path in written.items():
         if name != "matcher":
             print(f"  crossview edge --config {path}")
+    token = (args.site / "matcher" / "keys" / "http-token").resolve()
+    print(f"the edges follow the matcher's model registry; to adapt the model to this site weekly (a GPU, a labelled "
+          f"source, harvest.enabled in the edge configs): crossview adapt --config configs/adapt.yaml, with its "
+          f"matcher.url http://{args.matcher_host}:{args.http_port} and matcher.token_file {token}")
     return 0
 
 
@@ -259,12 +266,57 @@ def _alerts(args: argparse.Namespace) -> int:
         return 0
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    """The matcher's data directory for a verb working on its disk: --data-dir, else the --config's, else the default."""
+    return args.data_dir or (load_matcher_config(args.config).data_dir if args.config else Path("var/matcher"))
+
+
+def _users(args: argparse.Namespace) -> int:
+    from crossview.matcher.users import Users
+
+    users = Users(_data_dir(args))
+    if args.action == "add":
+        token = users.add(args.name, args.role)
+        print(f"user {args.name} ({args.role}) added; their token, shown only now:\n{token}")
+    elif args.action == "revoke":
+        users.revoke(args.name)
+        print(f"user {args.name}: revoked (their next request is refused)")
+    else:
+        listed = users.list()
+        for u in listed:
+            state = "revoked " + _utc(u["revoked"]) if u["revoked"] else "active"
+            print(f"{u['name']:<24} {u['role']:<7} since {_utc(u['created'])}  {state}")
+        if not listed:
+            print("no users: only the configured http.token (the user 'admin') gets in (crossview users add NAME)")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from crossview.matcher.audit import AuditLog
+
+    log_ = AuditLog(_data_dir(args), read_only=True)
+    since = time.time() - args.days * 86400 if args.days else None
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        n = sum(out.write(line + "\n") > 0 for line in log_.export(since))
+    finally:
+        if args.out:
+            out.close()
+    if args.out:
+        print(f"{n} audit entries written to {args.out}")
+    return 0
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def _models(args: argparse.Namespace) -> int:
     if args.action == "status":
         return _models_status(args)
     from crossview.matcher.registry import Registry
 
-    data_dir = args.data_dir or (load_matcher_config(args.config).data_dir if args.config else Path("var/matcher"))
+    data_dir = _data_dir(args)
     registry = Registry(data_dir, read_only=args.action == "list")
     if args.action == "list":
         entries = registry.list()
@@ -546,6 +598,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop a canary; else make the production version before this one production")
     mo_sub.add_parser("status", parents=[after_verb, remote], help="which edge runs which version")
     mo.set_defaults(run=_models)
+
+    us = verb("users", help="who may use the matcher's API: add (prints a token), list, revoke (matcher host)")
+    us_sub = us.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = us_sub.add_parser("add", parents=[after_verb, local], help="a new user with a role; prints their token once")
+    add.add_argument("name")
+    add.add_argument("--role", choices=("viewer", "admin"), default="viewer",
+                     help="viewer: search and see alerts; admin: also watchlist, models, audit (default: %(default)s)")
+    us_sub.add_parser("list", parents=[after_verb, local], help="every user, role and state")
+    us_sub.add_parser("revoke", parents=[after_verb, local], help="end a user's access").add_argument("name")
+    us.set_defaults(run=_users)
+
+    au = verb("audit", help="export the matcher's audit log (who searched for whom) as JSON lines (matcher host)")
+    au_sub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ex_ = au_sub.add_parser("export", parents=[after_verb, local], help="every entry, oldest first")
+    ex_.add_argument("--days", type=float, help="only the last N days")
+    ex_.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    au.set_defaults(run=_audit)
 
     t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
     t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")

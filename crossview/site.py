@@ -4,14 +4,20 @@
 |-------------------------------------------|------------------------------------------------------------|
 | `SITE/matcher/keys/matcher.key[_secret]`  | the matcher's CURVE key pair                               |
 | `SITE/matcher/keys/edges/<edge>.key`      | the allow-list, already holding every edge's public key    |
-| `SITE/matcher/keys/http-token`            | the HTTP API token (mode 600)                              |
+| `SITE/matcher/keys/http-token`            | the HTTP API token (mode 600): operators, `crossview adapt` |
+| `SITE/matcher/keys/edge-token`            | the edges' read-only HTTP token (mode 600, `http.edge_token_file`): models, harvest uploads |
 | `SITE/matcher/matcher.yaml`               | the matcher's config, pointing at all of these             |
 | `SITE/<edge>/keys/<edge>.key[_secret]`    | the edge's key pair, and `matcher.key` (the server's public key) |
-| `SITE/<edge>/edge.yaml`                   | the edge's config: its cameras, the matcher's address, its keys |
+| `SITE/<edge>/keys/edge-token`             | a copy of the edges' token (mode 600)                      |
+| `SITE/<edge>/edge.yaml`                   | the edge's config: its cameras, the matcher's address, its keys, the model registry |
 
 Each machine gets its own folder; config paths are relative to it (`../models` holds the ONNX
 models, shared when everything runs on one machine). Every file written is loaded back through the
-same validation the services run, so a site that `init` made starts.
+same validation the services run, so a site that `init` made starts. The edges follow the matcher's
+model registry (`embedder.registry`) and know where to upload harvested crops (`harvest.upload`, used
+once `harvest.enabled` is set), so a model `crossview adapt` promotes reaches them without editing.
+With `--matcher-host` other than this machine, the matcher listens on every interface (ZeroMQ and
+HTTP), as the edges must reach both.
 
     $ crossview init site --edges edge-1,edge-2 --camera gate=rtsp://cam1/stream --camera edge-2:dock=usb:0
 """
@@ -84,34 +90,43 @@ def _cameras_of(edge: str, cameras: list[Camera]) -> list[dict]:
 def _write(site: Path, edges: list[str], cameras: list[Camera], host: str, port: int, http_port: int) -> dict[str, Path]:
     keys = site / "matcher" / "keys"
     generate_keys(keys, "matcher")
-    fd = os.open(keys / "http-token", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
+    _secret(keys / "http-token", secrets.token_urlsafe(32))
+    edge_token = secrets.token_urlsafe(32)  # its own: an edge's copy never grants the API token's rights
+    _secret(keys / "edge-token", edge_token)
     bind = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
     written = {"matcher": _dump(site / "matcher" / "matcher.yaml", {
         "data_dir": "data",
         "ingest": {"endpoint": f"tcp://{bind}:{port}",
                    "security": {"mode": "curve", "secret_key": "keys/matcher.key_secret", "allowed_clients": "keys/edges"}},
-        "http": {"host": "127.0.0.1", "port": http_port, "token_file": "keys/http-token"},
+        "http": {"host": bind, "port": http_port, "token_file": "keys/http-token", "edge_token_file": "keys/edge-token"},
         "models": [EMBEDDER],
     })}
+    matcher_http = {"url": f"http://{host}:{http_port}", "token_file": "keys/edge-token"}
     for edge in edges:
         own = site / edge / "keys"
         public, _ = generate_keys(own, edge)
         (keys / "edges").mkdir(exist_ok=True)
         shutil.copy(public, keys / "edges" / public.name)
         shutil.copy(keys / "matcher.key", own / "matcher.key")
+        _secret(own / "edge-token", edge_token)
         written[edge] = _dump(site / edge / "edge.yaml", {
             "node_id": edge,
             "cameras": _cameras_of(edge, cameras),
-            "embedder": {"model": EMBEDDER},
+            "embedder": {"model": EMBEDDER, "registry": dict(matcher_http)},  # copies: no YAML anchors in the file
             "publisher": {"endpoint": f"tcp://{host}:{port}",
                           "security": {"mode": "curve", "secret_key": f"keys/{edge}.key_secret", "server_key": "keys/matcher.key"}},
+            "harvest": {"upload": matcher_http},
         })
     load_matcher_config(written["matcher"])  # what the services will read, validated now
     for edge in edges:
         load_edge_config(written[edge])
     return written
+
+
+def _secret(path: Path, token: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
 
 
 def _dump(path: Path, cfg: dict) -> Path:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from helpers import CrossviewProcess, free_port, wait_for
 from crossview.cli import build_parser
 from crossview.kernel.config import load_edge_config, load_matcher_config
 from crossview.kernel.transport import KeyFileError, secure_client
+from crossview.site import init_site, parse_camera
 
 REPO = Path(__file__).resolve().parents[1]
 CLIP = REPO / "data" / "demo" / "tud-campus.mp4"
@@ -75,7 +77,7 @@ def test_init_makes_a_site_whose_edge_and_matcher_talk_over_curve(tmp_path, defa
     assert sorted(p.name for p in matcher_cfg.ingest.security.allowed_clients.iterdir()) == ["edge-1.key", "edge-2.key"]
     assert [c.id for c in load_edge_config(site / "edge-2" / "edge.yaml").cameras] == ["gate", "dock"]
     assert (site / "matcher" / "keys" / "http-token").stat().st_mode & 0o077 == 0
-    assert "crossview edge --config" in r.stdout
+    assert "crossview edge --config" in r.stdout and "crossview adapt --config" in r.stdout
 
     (site / "models").mkdir()
     shutil.copy(default_model, site / "models" / "mobilenetv2-imagenet.onnx")
@@ -87,20 +89,58 @@ def test_init_makes_a_site_whose_edge_and_matcher_talk_over_curve(tmp_path, defa
         edge = crossview("edge", "--config", str(site / "edge-1" / "edge.yaml"), "--max-seconds", "90", timeout=150)
         assert edge.returncode == 0, edge.stderr
         assert wait_for(lambda: (stats() or {}).get("cameras", {}).get("gate", 0) > 0, 30), (edge.stderr[-2000:], stats())
+        # The edges' token reads the registry (nothing is production yet) and nothing else.
+        edge_token = (site / "edge-1" / "keys" / "edge-token").read_text().strip()
+        assert _http_status(http_port, "/api/v1/models/production", edge_token) == 404
+        assert _http_status(http_port, "/api/v1/stats", edge_token) == 403
     finally:
         matcher.stop()
 
 
+def _request(port: int, path: str, token: str) -> urllib.request.Request:
+    return urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"})
+
+
 def _stats(port: int, token: str):
     def get() -> dict | None:
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/stats", headers={"Authorization": f"Bearer {token}"})
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(_request(port, "/api/v1/stats", token), timeout=5) as resp:
                 return json.load(resp)
         except OSError:
             return None
 
     return get
+
+
+def _http_status(port: int, path: str, token: str) -> int:
+    try:
+        with urllib.request.urlopen(_request(port, path, token), timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_init_gives_the_edges_the_registry_and_a_read_only_token_of_their_own(tmp_path):
+    """A site from `init` rolls out the models `crossview adapt` promotes, and uploads harvest, without editing."""
+    site = tmp_path / "site"
+    init_site(site, ["edge-1", "edge-2"], [parse_camera("gate=rtsp://10.0.0.5/stream")], matcher_host="10.0.0.2",
+              http_port=8081)
+    matcher = load_matcher_config(site / "matcher" / "matcher.yaml")
+    api_token, edge_token = matcher.http.token_file, matcher.http.edge_token_file
+    assert edge_token == site / "matcher" / "keys" / "edge-token"
+    assert matcher.http.host == "0.0.0.0", "edges on other machines must reach the registry"
+    secret = [api_token, edge_token]
+    for edge in ("edge-1", "edge-2"):
+        cfg = load_edge_config(site / edge / "edge.yaml")
+        own = site / edge / "keys" / "edge-token"
+        assert cfg.embedder.registry.url == cfg.harvest.upload.url == "http://10.0.0.2:8081"
+        assert cfg.embedder.registry.token_file == cfg.harvest.upload.token_file == own
+        assert own.read_text() == edge_token.read_text()
+        assert not (site / edge / "keys" / "http-token").exists(), "an edge never holds the API token"
+        assert "&" not in (site / edge / "edge.yaml").read_text(), "plain YAML: no anchors"
+        secret.append(own)
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in secret), {p: oct(p.stat().st_mode) for p in secret}
+    assert api_token.read_text() != edge_token.read_text() and len(edge_token.read_text().strip()) >= 32
 
 
 def test_init_configs_are_plain_yaml_a_person_can_edit(tmp_path):

@@ -4,9 +4,10 @@ what the container or unit can reach (writable where the service writes).
 
 No Docker engine or cluster here: images are not built and nothing is applied. What is checked instead: the
 Dockerfile's install lines against pyproject's extras, the extras against what each service imports, the edge
-and matcher import paths without torch, `kubectl kustomize` (when kubectl is installed), `systemd-analyze
-verify` (when present), and the adapt script's idempotence with a stand-in `crossview`. A real venv install of
-the matcher's extras runs with CROSSVIEW_VENV_CHECK=1 (a few minutes).
+and matcher import paths without torch, `kubectl kustomize` (when kubectl is installed) and `systemd-analyze
+verify` (when present). An adapt config is checked with the train config it names, and the URLs and tokens the
+edges and the adapt job reach the matcher with against the matcher's. A real venv install of the matcher's extras
+runs with CROSSVIEW_VENV_CHECK=1 (a few minutes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import urllib.parse
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -29,6 +31,7 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
+from crossview.adapt import load_adapt_config
 from crossview.cli import build_parser
 from crossview.kernel.config import load_edge_config, load_matcher_config
 from crossview.trainer.config import load_train_config
@@ -39,11 +42,11 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 K8S = DEPLOY / "k8s"
 SYSTEMD = DEPLOY / "systemd"
-ADAPT_SCRIPT = DEPLOY / "adapt" / "crossview-adapt.sh"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 
-LOADERS = {"edge": load_edge_config, "matcher": load_matcher_config, "train": load_train_config}
+LOADERS = {"edge": load_edge_config, "matcher": load_matcher_config, "train": load_train_config,
+           "adapt": load_adapt_config}
 ENV = {"CAM_PASS": "not-a-password"}  # ${CAM_PASS} in the example camera URLs
 
 
@@ -66,50 +69,37 @@ def parse_cli(argv: list[str], where: str):
     return args
 
 
-def script_commands() -> list[list[str]]:
-    """The `crossview ...` lines of the adapt script, as argv lists (shell variables left as text)."""
-    lines = [ln.strip() for ln in ADAPT_SCRIPT.read_text().splitlines()]
-    return [shlex.split(ln)[1:] for ln in lines if ln.startswith("crossview ")]
-
-
-def script_default(var: str) -> str:
-    m = re.search(rf"\${{{var}:-([^}}]+)}}", ADAPT_SCRIPT.read_text())
-    assert m, f"{ADAPT_SCRIPT}: no default for {var}"
-    return m[1]
-
-
-def commands_of(argv: list[str], where: str) -> list[tuple[str, Path | None]]:
-    """(verb, --config) of each crossview command a container or unit runs: itself, or the adapt script's."""
+def commands_of(argv: list[str], where: str) -> tuple[str, Path | None]:
+    """(verb, --config) of the crossview command a container or unit runs."""
     assert argv, f"{where}: no command"
-    exe = PurePosixPath(argv[0]).name
-    if exe == "crossview":
-        args = parse_cli(argv[1:], where)
-        return [(args.verb, getattr(args, "config", None))]
-    assert exe == "crossview-adapt", f"{where}: runs {argv[0]}, neither crossview nor the adapt script"
-    assert len(argv) == 1, f"{where}: the adapt script takes no arguments, got {argv[1:]}"
-    out = []
-    for cmd in script_commands():
-        args = parse_cli(cmd, f"{where} ({ADAPT_SCRIPT.name})")
-        out.append((args.verb, getattr(args, "config", None)))
-    return out
+    assert PurePosixPath(argv[0]).name == "crossview", f"{where}: runs {argv[0]}, not crossview"
+    args = parse_cli(argv[1:], where)
+    return args.verb, getattr(args, "config", None)
 
 
 def config_paths(verb: str, cfg) -> list[tuple[str, Path, bool]]:
     """(key, path, written by the service) of every file or folder a loaded config names."""
     if verb == "edge":
-        out = [("embedder.model", cfg.embedder.model, False), ("publisher.spool_dir", cfg.publisher.spool_dir, True),
-               ("harvest.dir", cfg.harvest.dir, True)]
+        # The registry rollout renames each new version over embedder.model: then its folder is written.
+        rollout = cfg.embedder.registry.url is not None
+        out = [("embedder.model", cfg.embedder.model.parent if rollout else cfg.embedder.model, rollout),
+               ("publisher.spool_dir", cfg.publisher.spool_dir, True), ("harvest.dir", cfg.harvest.dir, True)]
         out += [("detector.weights", cfg.detector.weights, False)] if cfg.detector.weights else []
         sec = cfg.publisher.security
         out += [("publisher.security.secret_key", sec.secret_key, False), ("publisher.security.server_key", sec.server_key, False)]
+        out += [(key, token, False) for key, token in (("embedder.registry.token_file", cfg.embedder.registry.token_file),
+                                                       ("harvest.upload.token_file", cfg.harvest.upload.token_file)) if token]
     elif verb == "matcher":
         sec = cfg.ingest.security
         out = [("data_dir", cfg.data_dir, True), ("ingest.security.secret_key", sec.secret_key, False),
                ("ingest.security.allowed_clients", sec.allowed_clients, False), ("http.token_file", cfg.http.token_file, False)]
+        out += [("http.edge_token_file", cfg.http.edge_token_file, False)] if cfg.http.edge_token_file else []
         out += [(f"models.{i}", m, False) for i, m in enumerate(cfg.models)]
-    else:
-        out = [("output_dir", cfg.output_dir, True), ("cache_dir", cfg.cache_dir, True), ("source.root", cfg.source.root, False),
-               ("target.root", cfg.target.root, False)]
+    elif verb == "adapt":
+        out = [("state_dir", cfg.state_dir, True), ("train", cfg.train, False), ("matcher.token_file", cfg.matcher.token_file, False)]
+        out += [("baseline_model", cfg.baseline_model, False)] if cfg.baseline_model else []
+    else:  # a train config as the adapt job runs it: output_dir and target are the job's, under its state_dir
+        out = [("cache_dir", cfg.cache_dir, True), ("source.root", cfg.source.root, False)]
         if cfg.model.pretrained not in ("imagenet", "none"):
             out.append(("model.pretrained", Path(cfg.model.pretrained), False))
     for key, path, _ in out:
@@ -131,12 +121,22 @@ def check_paths_reachable(verb: str, cfg, mounts: dict[str, bool], where: str) -
             assert mounts[best], f"{where}: {key} {path} is written, but {best} is mounted read-only"
 
 
-def load(verb: str, file: Path, monkeypatch, state: str | None = None):
+def validate(verb: str, file: Path, mounts: dict[str, bool], where: str, files: dict[str, Path],
+             monkeypatch) -> dict[Path, tuple[str, object]]:
+    """Load `file` with `verb`'s loader and check its paths against `mounts`; an adapt config's train config
+    (found through `files`: container path -> file here) too. Each file validated -> (verb, config)."""
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    if verb == "train":  # the adapt script sets it: one folder per run under its state folder
-        monkeypatch.setenv("CROSSVIEW_ADAPT_RUN_DIR", f"{state or script_default('CROSSVIEW_ADAPT_STATE')}/runs/2026-W01")
-    return LOADERS[verb](file)
+    cfg = LOADERS[verb](file)
+    check_paths_reachable(verb, cfg, mounts, where)
+    if verb != "adapt":
+        return {file: (verb, cfg)}
+    train = files.get(str(cfg.train))
+    assert train is not None, f"{where}: train {cfg.train} is not a config mounted into the job"
+    train_cfg = load_train_config(train)
+    check_paths_reachable("train", train_cfg, mounts, f"{where} ({cfg.train})")
+    assert under(train_cfg.cache_dir, cfg.state_dir), f"{where}: {cfg.train}: cache_dir outside state_dir {cfg.state_dir}"
+    return {file: (verb, cfg), train: ("train", train_cfg)}
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------------------
@@ -431,23 +431,54 @@ def test_compose_configs_validate_and_their_paths_are_mounted(monkeypatch, tmp_p
     validated = set()
     for name, svc in compose_services().items():
         argv = image_argv(svc["build"]["target"], svc.get("entrypoint"), svc.get("command"))
-        mounts = compose_mounts(svc)
         by_target = {c["target"]: files[c["source"]] for c in svc.get("configs", [])}
-        env = svc.get("environment", {})
-        for verb, config in commands_of(argv, name):
-            if verb == "train":
-                config = env.get("CROSSVIEW_ADAPT_CONFIG", script_default("CROSSVIEW_ADAPT_CONFIG"))
-            if verb not in LOADERS:
-                continue
-            assert str(config) in by_target, f"{name}: --config {config} is not a config mounted into the service"
-            state = env.get("CROSSVIEW_ADAPT_STATE")
-            cfg = load(verb, by_target[str(config)], monkeypatch, state)
-            check_paths_reachable(verb, cfg, mounts, f"{COMPOSE} service {name}")
-            validated.add(by_target[str(config)])
-            if verb == "edge":
-                assert "CAM_PASS" in env, f"{name}: the camera URLs read ${{CAM_PASS}}"
+        verb, config = commands_of(argv, name)
+        if verb not in LOADERS:
+            continue
+        assert str(config) in by_target, f"{name}: --config {config} is not a config mounted into the service"
+        validated |= validate(verb, by_target[str(config)], compose_mounts(svc), f"{COMPOSE} service {name}",
+                              by_target, monkeypatch).keys()
+        if verb == "edge":
+            assert "CAM_PASS" in svc.get("environment", {}), f"{name}: the camera URLs read ${{CAM_PASS}}"
     assert validated == set(files.values()), f"configs no service loads: {set(files.values()) - validated}"
     assert set((COMPOSE.parent / "config").glob("*.yaml")) == validated
+
+
+def matcher_reached(verb: str, cfg) -> list[tuple[str, str, Path]]:
+    """(key, URL, token file) of each way an edge or the adapt job reaches the matcher's HTTP API; the token is
+    the matcher's `http.edge_token_file` for an edge, its `http.token_file` for the adapt job."""
+    if verb == "edge":
+        return [("embedder.registry", cfg.embedder.registry.url, cfg.embedder.registry.token_file),
+                ("harvest.upload", cfg.harvest.upload.url, cfg.harvest.upload.token_file)]
+    return [("matcher", cfg.matcher.url, cfg.matcher.token_file)] if verb == "adapt" else []
+
+
+def test_compose_edges_and_the_adapt_job_reach_the_matcher_with_its_tokens(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    services, files = compose_services(), {name: COMPOSE.parent / c["file"] for name, c in compose()["configs"].items()}
+
+    def loaded(name: str):
+        svc = services[name]
+        verb, config = commands_of(image_argv(svc["build"]["target"], svc.get("entrypoint"), svc.get("command")), name)
+        by_target = {c["target"]: files[c["source"]] for c in svc.get("configs", [])}
+        return verb, LOADERS[verb](by_target[str(config)]) if verb in LOADERS else None
+
+    def secret(name: str, path: Path) -> str:
+        return {f"/run/secrets/{s['target']}": s["source"] for s in services[name].get("secrets", [])}[str(path)]
+
+    _, matcher = loaded("matcher")
+    token = {"edge": secret("matcher", matcher.http.edge_token_file), "adapt": secret("matcher", matcher.http.token_file)}
+    assert token["edge"] != token["adapt"]
+    reached = 0
+    for name in services:
+        verb, cfg = loaded(name)
+        for key, url, token_file in matcher_reached(verb, cfg):
+            u = urllib.parse.urlsplit(url)
+            assert (u.hostname, u.port) == ("matcher", matcher.http.port), f"{name}: {key}.url {url}: not the matcher"
+            assert secret(name, token_file) == token[verb], f"{name}: {key}.token_file is not the matcher's {verb} token"
+            reached += 1
+    assert reached == 5  # two edges' registry and upload, the adapt job
 
 
 def test_compose_secrets_are_the_files_crossview_init_writes(tmp_path):
@@ -525,6 +556,16 @@ def test_k8s_manifests_parse_and_kustomization_lists_them():
         assert d.get("apiVersion") and d.get("metadata", {}).get("name"), f"{d['_file']}: apiVersion, metadata.name"
 
 
+def secret_files(vol: dict, templates: dict[str, dict]) -> set[str]:
+    """The file names a Secret volume shows: its keys, or the paths of the `items` it projects."""
+    secret = vol["secret"]
+    held = templates[secret["secretName"]]
+    items = secret.get("items")
+    for item in items or []:
+        assert item["key"] in held, f"{secret['secretName']}: no key {item['key']} in secrets.example.yaml"
+    return {i["path"] for i in items} if items else set(held)
+
+
 def test_k8s_commands_are_real_verbs_and_configs_validate(monkeypatch):
     maps = generated_configmaps()
     templates = {d["metadata"]["name"]: d.get("stringData") or d.get("data") for d in k8s_docs()
@@ -533,9 +574,8 @@ def test_k8s_commands_are_real_verbs_and_configs_validate(monkeypatch):
     for where, spec in pod_specs():
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001, where
         volumes = {v["name"]: v for v in spec["volumes"]}
-        for c in spec["containers"]:
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
             argv = [*c.get("command", []), *c.get("args", [])]
-            env = {e["name"]: e.get("value") for e in c.get("env", [])}
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -543,33 +583,50 @@ def test_k8s_commands_are_real_verbs_and_configs_validate(monkeypatch):
             assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
             mounts: dict[str, bool] = {}
             sources: dict[str, dict] = {}
+            files: dict[str, Path] = {}  # config file in the container -> its file here
             for m in c["volumeMounts"]:
                 vol = volumes[m["name"]]
                 ro = m.get("readOnly", False) or "configMap" in vol or "secret" in vol or \
                     vol.get("persistentVolumeClaim", {}).get("readOnly", False)
                 mounts[m["mountPath"]], sources[m["mountPath"]] = not ro, vol
-            for mount, vol in sources.items():  # every Secret/ConfigMap a pod mounts is generated or templated
                 name = (vol.get("secret") or {}).get("secretName") or (vol.get("configMap") or {}).get("name")
-                if name:
+                if name:  # every Secret/ConfigMap a pod mounts is generated or templated
                     assert name in maps or name in templates, f"{where}: {name} is neither generated nor in secrets.example.yaml"
-            for verb, config in commands_of(argv, where):
-                if verb == "train":
-                    config = env.get("CROSSVIEW_ADAPT_CONFIG") or script_default("CROSSVIEW_ADAPT_CONFIG")
-                if verb not in LOADERS:
-                    continue
-                folder = str(PurePosixPath(config).parent)
-                cm = (sources.get(folder) or {}).get("configMap", {}).get("name")
-                assert cm in maps, f"{where}: --config {config}: no generated ConfigMap mounted at {folder}"
-                file = maps[cm][PurePosixPath(config).name]
-                cfg = load(verb, file, monkeypatch, env.get("CROSSVIEW_ADAPT_STATE"))
-                check_paths_reachable(verb, cfg, mounts, where)
-                validated.add(file)
-                for key, path, _ in config_paths(verb, cfg):  # a key file: its Secret template holds it
-                    secret = (sources.get(str(PurePosixPath(path).parent)) or {}).get("secret")
-                    if secret:
-                        held = templates[secret["secretName"]]
-                        assert PurePosixPath(path).name in held, f"{where}: {key} {path}: not a key of {secret['secretName']}"
+                if name in maps:
+                    files |= {f"{m['mountPath']}/{key}": file for key, file in maps[name].items()}
+            verb, config = commands_of(argv, f"{where} container {c['name']}")
+            if verb not in LOADERS:
+                continue
+            assert str(config) in files, f"{where}: --config {config}: no generated ConfigMap mounted there"
+            loaded = validate(verb, files[str(config)], mounts, where, files, monkeypatch)
+            validated |= loaded.keys()
+            for what, cfg in loaded.values():
+                for key, path, _ in config_paths(what, cfg):  # a key file: its Secret template holds it
+                    vol = sources.get(str(PurePosixPath(path).parent)) or {}
+                    if "secret" in vol:
+                        assert PurePosixPath(path).name in secret_files(vol, templates), \
+                            f"{where}: {key} {path}: not a file of Secret {vol['secret']['secretName']}"
     assert validated == {f for files in maps.values() for f in files.values()} == set((K8S / "config").glob("*.yaml"))
+
+
+def test_k8s_edges_and_the_adapt_job_reach_the_matcher_service(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in k8s_docs()}
+    maps = generated_configmaps()
+    matcher = load_matcher_config(maps["crossview-matcher-config"]["matcher.yaml"])
+    (container,) = docs[("StatefulSet", "crossview-matcher")]["spec"]["template"]["spec"]["containers"]
+    http = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
+    assert http == matcher.http.port
+    service = {p["port"]: p["targetPort"] for p in docs[("Service", "crossview-matcher")]["spec"]["ports"]}
+    reached = 0
+    for verb, cm, key in [("edge", "crossview-edge-1-config", "edge.yaml"), ("edge", "crossview-edge-2-config", "edge.yaml"),
+                          ("adapt", "crossview-adapt-config", "adapt.yaml")]:
+        for what, url, _ in matcher_reached(verb, LOADERS[verb](maps[cm][key])):
+            u = urllib.parse.urlsplit(url)
+            assert u.hostname == "crossview-matcher" and service.get(u.port) == "http", f"{cm}: {what}.url {url}"
+            reached += 1
+    assert reached == 5
 
 
 def test_k8s_matcher_adapt_and_edges_shape():
@@ -635,15 +692,6 @@ def _tmpfiles() -> set[str]:
             if ln.startswith("d ")}
 
 
-def _environment(service: dict) -> dict[str, str]:
-    env = {}
-    for line in service.get("Environment", []):
-        for item in shlex.split(line):
-            k, _, v = item.partition("=")
-            env[k] = v
-    return env
-
-
 @pytest.mark.parametrize("name", UNITS)
 def test_systemd_units_run_real_verbs_with_configs_that_validate(name, monkeypatch):
     u = unit(SYSTEMD / name)
@@ -659,18 +707,12 @@ def test_systemd_units_run_real_verbs_with_configs_that_validate(name, monkeypat
         assert any(under(d, m) for m in made) or d in made, f"{name}: {d} is made by neither tmpfiles.d nor StateDirectory="
     (exec_start,) = svc["ExecStart"]
     argv = [a.replace("%i", instance) for a in shlex.split(exec_start)]
-    env = _environment(svc)
     mounts = {**{p: True for p in writable}, **{p: False for p in readable}}
-    for verb, config in commands_of(argv, name):
-        if verb == "train":
-            config = env.get("CROSSVIEW_ADAPT_CONFIG") or script_default("CROSSVIEW_ADAPT_CONFIG")
-        if verb not in LOADERS:
-            continue
-        assert under(config, "/etc/crossview"), f"{name}: --config {config} outside /etc/crossview"
-        file = SYSTEMD / PurePosixPath(config).relative_to("/")
-        assert file.is_file(), f"{name}: {config}: deploy/systemd/{file.relative_to(SYSTEMD)} does not exist"
-        cfg = load(verb, file, monkeypatch, env.get("CROSSVIEW_ADAPT_STATE"))
-        check_paths_reachable(verb, cfg, mounts, name)
+    verb, config = commands_of(argv, name)
+    assert verb in LOADERS and under(config, "/etc/crossview"), f"{name}: --config {config} outside /etc/crossview"
+    files = {f"/{p.relative_to(SYSTEMD).as_posix()}": p for p in (SYSTEMD / "etc").rglob("*.yaml")}
+    assert str(config) in files, f"{name}: {config}: deploy/systemd{config} does not exist"
+    validate(verb, files[str(config)], mounts, name, files, monkeypatch)
     if "adapt" in name:
         assert svc["Type"] == ["oneshot"]
 
@@ -680,7 +722,8 @@ def test_systemd_timer_and_every_example_config_is_used():
     assert timer["Timer"]["Unit"] == ["crossview-adapt.service"] and timer["Timer"]["Persistent"] == ["true"]
     assert (SYSTEMD / timer["Timer"]["Unit"][0]).is_file() and timer["Timer"]["OnCalendar"]
     configs = {p.relative_to(SYSTEMD / "etc").as_posix() for p in (SYSTEMD / "etc").rglob("*.yaml")}
-    named = {"crossview/matcher.yaml", "crossview/edges/edge-1.yaml", "crossview/adapt/train.yaml"}
+    named = {"crossview/matcher.yaml", "crossview/edges/edge-1.yaml", "crossview/adapt/adapt.yaml",
+             "crossview/adapt/train.yaml"}
     assert configs == named
 
 
@@ -693,58 +736,6 @@ def test_systemd_analyze_verify():
     problems = [ln for ln in (r.stdout + r.stderr).splitlines()
                 if ln.strip() and "is not executable: No such file or directory" not in ln]
     assert not problems, "\n".join(problems)
-
-
-# --- the adapt script ----------------------------------------------------------------------------------------
-
-STAND_IN = textwrap.dedent("""\
-    #!{python}
-    # `crossview` for the adapt script's test: the real parser checks the call, then train/export are faked.
-    import os, sys
-    from pathlib import Path
-    from crossview.cli import build_parser
-    args = build_parser().parse_args(sys.argv[1:])
-    with open(os.environ["CALLS"], "a") as f:
-        f.write(" ".join(sys.argv[1:]) + "\\n")
-    if args.verb == "train":
-        run = Path(os.environ["CROSSVIEW_ADAPT_RUN_DIR"])
-        (run / "last.pt").write_text("checkpoint")
-        sys.exit(int(os.environ.get("FAIL_TRAIN", "0")))
-    if args.verb == "export":
-        assert args.checkpoint.is_file()
-        args.out.write_text("onnx")
-""")
-
-
-@pytest.mark.skipif(shutil.which("flock") is None, reason="flock (util-linux) is not installed")
-def test_adapt_script_is_idempotent_and_resumes(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_in = bin_dir / "crossview"
-    stand_in.write_text(STAND_IN.format(python=sys.executable))
-    stand_in.chmod(0o755)
-    calls = tmp_path / "calls"
-    state = tmp_path / "state"
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-           "CROSSVIEW_ADAPT_STATE": str(state), "CROSSVIEW_ADAPT_CONFIG": "/etc/crossview/adapt/train.yaml",
-           "CROSSVIEW_ADAPT_RUN_ID": "2026-W01"}
-
-    def run(**extra):
-        return subprocess.run(["sh", str(ADAPT_SCRIPT)], env={**env, **extra}, capture_output=True, text=True, timeout=60)
-
-    first = run(FAIL_TRAIN="1")  # interrupted: a checkpoint, no candidate
-    assert first.returncode != 0 and not (state / "candidates" / "2026-W01.onnx").exists()
-    second = run()
-    assert second.returncode == 0, second.stderr
-    assert (state / "candidates" / "2026-W01.onnx").read_text() == "onnx" and (state / "runs" / "2026-W01" / "done").is_file()
-    third = run()  # the same period again: nothing
-    assert third.returncode == 0 and "nothing to do" in third.stdout
-    assert calls.read_text().splitlines() == [
-        "train --config /etc/crossview/adapt/train.yaml",
-        "train --config /etc/crossview/adapt/train.yaml --resume",
-        f"export {state}/runs/2026-W01/last.pt --out {state}/candidates/.2026-W01.partial.onnx",
-    ]
-    assert not list((state / "candidates").glob(".*")), "no partial file left behind"
 
 
 # --- deploy/README.md ----------------------------------------------------------------------------------------
