@@ -403,6 +403,11 @@ class MigrationConfig(_Strict):
     log_every_pct: float = Field(10.0, gt=0, le=100, description="a progress line every this much of the work")
 
 
+class AuditConfig(_Strict):
+    max_age_days: float = Field(365.0, gt=0, description="audit entries older than this are deleted (its own "
+                                                         "retention, apart from the sightings')")
+
+
 class MatcherConfig(_Strict):
     data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
     ingest: IngestConfig  # required: the endpoint and its security
@@ -414,6 +419,7 @@ class MatcherConfig(_Strict):
     watchlist: WatchlistConfig = WatchlistConfig()
     harvest: HarvestStoreConfig = HarvestStoreConfig()
     migration: MigrationConfig = MigrationConfig()
+    audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
 
 

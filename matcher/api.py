@@ -20,7 +20,11 @@
 | `GET /api/v1/harvest?after=&since=&until=&limit=`, `/harvest/{id}` | harvested crops by id (the cursor), a crop's JPEG; the API token only |
 | `GET /openapi.json`, `/docs`             | the schema; Swagger UI (its assets come from a CDN)    |
 
-Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`, compared in constant
+Auth: every `/api/v1` path but health needs `Authorization: Bearer <token>`: the configured token (the user
+`admin`), the edges' token (role `edge`: models and harvest upload only) or a user's (`matcher.users`: `viewer`
+searches and sees; `admin` also changes the watchlist and the registry, reads the harvest and the audit log;
+403 names the role needed). Every search, thumbnail view, watchlist and model change is written to the
+audit log (`matcher.audit`, `GET /api/v1/audit`) with its user. Fixed tokens are compared in constant
 time; there is no `?token=` form, so the token never lands in URLs, logs or browser history (the page
 fetches thumbnails with the header and shows them as blob URLs). Errors are `{"detail": "..."}`:
 401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`),
@@ -34,6 +38,7 @@ track number out of range included, is FastAPI's 422 with one entry per field.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import secrets
@@ -64,6 +69,7 @@ from crossview.matcher.schemas import (
     API_PREFIX,
     MAX_ID,
     AlertOut,
+    AuditOut,
     CameraOut,
     EdgesOut,
     ErrorOut,
@@ -83,6 +89,7 @@ from crossview.matcher.schemas import (
     WatchIn,
 )
 from crossview.matcher.service import Matcher
+from crossview.matcher.users import User, Users
 
 log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).with_name("web")
@@ -100,23 +107,43 @@ _QUERY_ERRORS = {400: {"model": ErrorOut, "description": "a bad query or image"}
                  404: {"model": ErrorOut, "description": "unknown sighting, track or model"}}
 
 
-def _token_check(*tokens: str):
-    """A dependency that lets a request through only with one of the bearer tokens."""
-    expected = [tok.encode() for tok in tokens]
+def _auth(token: str, edge_token: str | None, users: Users):
+    """`require(*roles)`: a dependency letting a request through only from a user holding one of `roles`.
 
-    def check(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        given = creds.credentials.encode() if creds is not None else b""
-        # every token compared, in constant time each, so the answer's timing says nothing about which was near
-        if not sum(secrets.compare_digest(given, tok) for tok in expected):
-            raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+    The configured token is the user `admin` (role admin), the edges' token the user `edge` (role edge), any
+    other token a user of `users.db`; the user is left in `request.state.user` for the audit log.
+    """
+    fixed = [(token.encode(), User("admin", "admin"))]
+    fixed += [(edge_token.encode(), User("edge", "edge"))] if edge_token else []
 
-    return check
+    def who(given: str) -> User | None:
+        raw = given.encode()
+        # every fixed token compared, in constant time each, so the timing says nothing about which was near
+        hits = [user for tok, user in fixed if secrets.compare_digest(raw, tok)]
+        return hits[0] if hits else users.lookup(given)
+
+    def require(*roles: str):
+        def check(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+            user = who(creds.credentials if creds is not None else "")
+            if user is None:
+                raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            if not any(user.may(role) for role in roles):
+                raise HTTPException(403, f"user {user.name!r} has the {user.role} role; this needs {' or '.join(roles)}")
+            request.state.user = user
+
+        return Depends(check)
+
+    return require
 
 
-def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
+def _audit(matcher: Matcher, request: Request, action: str, asked: dict, results: int | None = None) -> None:
+    matcher.audit.record(request.state.user.name, action, asked, results)
+
+
+def _api_router(matcher: Matcher, require, max_pixels: int) -> APIRouter:
     queries, store = matcher.queries, matcher.store
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(token))], responses=_ERRORS)
+    api = APIRouter(prefix=API_PREFIX, dependencies=[require("viewer")], responses=_ERRORS)
 
     @api.get("/stats", summary="Matcher totals: sightings, models, ingest and index state")
     def stats() -> StatsOut:
@@ -143,65 +170,98 @@ def _api_router(matcher: Matcher, token: str, max_pixels: int) -> APIRouter:
 
     @api.get("/sightings/{sighting_id}/thumbnail", summary="A sighting's JPEG thumbnail", response_class=Response,
              responses={**_NOT_FOUND, 200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
-    def thumbnail(sighting_id: SightingId) -> Response:
+    def thumbnail(sighting_id: SightingId, request: Request) -> Response:
         jpeg = store.thumbnail(sighting_id)
+        _audit(matcher, request, "thumbnail", {"sighting_id": sighting_id}, int(jpeg is not None))
         if jpeg is None:
             raise LookupError(f"sighting {sighting_id} does not exist or has no thumbnail")
         # Personal data: no copy in the browser's disk cache outlives retention (the page keeps its own in memory).
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @api.post("/query", summary="Where else was this person seen", responses=_QUERY_ERRORS)
-    def query(body: QueryIn) -> QueryOut:
+    def query(body: QueryIn, request: Request) -> QueryOut:
         filters = body.filters()
+        asked = body.model_dump(exclude={"embedding"}, exclude_none=True)
         if body.sighting_id is not None:
-            result = queries.search_sighting(body.sighting_id, filters)
+            result = _searched(lambda: queries.search_sighting(body.sighting_id, filters), request, asked)
         elif body.track is not None:
             t = body.track
-            result = queries.search_track(t.node, t.camera, t.track, t.model, filters)
+            result = _searched(lambda: queries.search_track(t.node, t.camera, t.track, t.model, filters), request, asked)
         else:
-            result = queries.search_embedding(np.asarray(body.embedding, np.float32), body.model, filters)
+            asked["embedding"] = f"{len(body.embedding)} numbers"  # the vector itself says nothing to a reader
+            vec = np.asarray(body.embedding, np.float32)
+            result = _searched(lambda: queries.search_embedding(vec, body.model, filters), request, asked)
         return QueryOut.model_validate(result)
+
+    def _searched(search, request: Request, asked: dict):
+        """Run a search and log it, with its result count, or with the error that refused it."""
+        try:
+            result = search()
+        except (LookupError, ValueError) as e:
+            _audit(matcher, request, "search", {**asked, "refused": str(e)[:200]}, 0)
+            raise
+        _audit(matcher, request, "search", asked, len(result.ranked()))
+        return result
 
     @api.post("/query/image", summary="Where was the person in this crop seen", responses=_QUERY_ERRORS)
     def query_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
-                    form: Annotated[ImageQueryForm, Form()]) -> QueryOut:
-        pixels = decode_image(image.file.read(), image.filename or "image", max_pixels)  # BodyLimit bounds its size
-        return QueryOut.model_validate(queries.search_image(pixels, form.model, form.filters()))
+                    form: Annotated[ImageQueryForm, Form()], request: Request) -> QueryOut:
+        data = image.file.read()  # BodyLimit bounds its size
+        asked = {"image": _upload_ref(image, data), **form.model_dump(exclude_none=True)}
+        pixels = decode_image(data, image.filename or "image", max_pixels)
+        return QueryOut.model_validate(_searched(lambda: queries.search_image(pixels, form.model, form.filters()),
+                                                 request, asked))
 
-    _watch_routes(api, matcher, max_pixels)
-    _harvest_routes(api, matcher)
-    _model_admin_routes(api, matcher)
+    _watch_routes(api, matcher, require, max_pixels)
+    _harvest_routes(api, matcher, require)
+    _model_admin_routes(api, matcher, require)
+    _audit_routes(api, matcher, require)
     return api
 
 
-def _watch_routes(api: APIRouter, matcher: Matcher, max_pixels: int) -> None:
+def _upload_ref(upload: UploadFile, data: bytes) -> dict:
+    """An uploaded image as the audit log keeps it: by name, size and digest, never its pixels."""
+    return {"name": (upload.filename or "image")[:128], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _watch_routes(api: APIRouter, matcher: Matcher, require, max_pixels: int) -> None:
     queries, watchlist = matcher.queries, matcher.watchlist
 
     @api.get("/watchlist", summary="Everyone on the watchlist")
     def entries() -> list[WatchEntryOut]:
         return [WatchEntryOut.model_validate(e.to_dict()) for e in watchlist.entries()]
 
-    @api.post("/watchlist", summary="Put the person of a sighting or track on the watchlist", responses=_QUERY_ERRORS)
-    def watch(body: WatchIn) -> WatchEntryOut:
+    admin = [require("admin")]
+
+    @api.post("/watchlist", summary="Put the person of a sighting or track on the watchlist (admins)",
+              responses=_QUERY_ERRORS, dependencies=admin)
+    def watch(body: WatchIn, request: Request) -> WatchEntryOut:
         if body.sighting_id is not None:
             subject = queries.sighting_subject(body.sighting_id)
         else:
             t = body.track
             subject = queries.track_subject(t.node, t.camera, t.track, t.model)
-        return _added(watchlist.add(body.name, subject, body.min_probability, body.min_similarity, body.cameras))
+        return _added(matcher, request, watchlist.add(body.name, subject, body.min_probability, body.min_similarity,
+                                                      body.cameras), body.model_dump(exclude_none=True))
 
-    @api.post("/watchlist/image", summary="Put the person in this crop on the watchlist", responses=_QUERY_ERRORS)
+    @api.post("/watchlist/image", summary="Put the person in this crop on the watchlist (admins)",
+              responses=_QUERY_ERRORS, dependencies=admin)
     def watch_image(image: Annotated[UploadFile, File(description="a JPEG or PNG person crop")],
-                    form: Annotated[WatchImageForm, Form()]) -> WatchEntryOut:
-        pixels = decode_image(image.file.read(), image.filename or "image", max_pixels)
+                    form: Annotated[WatchImageForm, Form()], request: Request) -> WatchEntryOut:
+        data = image.file.read()
+        pixels = decode_image(data, image.filename or "image", max_pixels)
         subject = queries.image_subject(pixels, form.model)
         subject = subject._replace(query={**subject.query, "filename": (image.filename or "image")[:128]})
-        return _added(watchlist.add(form.name, subject, form.min_probability, form.min_similarity, form.cameras))
+        return _added(matcher, request, watchlist.add(form.name, subject, form.min_probability, form.min_similarity,
+                                                      form.cameras),
+                      {"image": _upload_ref(image, data), **form.model_dump(exclude_none=True)})
 
-    @api.delete("/watchlist/{entry_id}", summary="Take someone off the watchlist (their alerts stay)",
-                responses={404: {"model": ErrorOut, "description": "no such entry"}})
-    def unwatch(entry_id: EntryId) -> dict:
-        if not watchlist.remove(entry_id):
+    @api.delete("/watchlist/{entry_id}", summary="Take someone off the watchlist (their alerts stay; admins)",
+                responses={404: {"model": ErrorOut, "description": "no such entry"}}, dependencies=admin)
+    def unwatch(entry_id: EntryId, request: Request) -> dict:
+        removed = watchlist.remove(entry_id)
+        _audit(matcher, request, "watchlist.remove", {"entry_id": entry_id}, int(bool(removed)))
+        if not removed:
             raise LookupError(f"no watchlist entry {entry_id}")
         return {"removed": entry_id}
 
@@ -211,44 +271,64 @@ def _watch_routes(api: APIRouter, matcher: Matcher, max_pixels: int) -> None:
         return [AlertOut.model_validate(a.to_dict()) for a in watchlist.alerts(after, limit)]
 
 
-def _model_admin_routes(api: APIRouter, matcher: Matcher) -> None:
-    """Registering and promoting models: the adapt job's and the operator's, with the API token only."""
-    registry = matcher.registry
+def _model_admin_routes(api: APIRouter, matcher: Matcher, require) -> None:
+    """Registering and promoting models: the adapt job's and the operator's (admins)."""
+    registry, admin = matcher.registry, [require("admin")]
 
-    @api.post("/models", summary="Register an ONNX model as a candidate, with its gate report", responses=_QUERY_ERRORS)
+    @api.post("/models", summary="Register an ONNX model as a candidate, with its gate report", responses=_QUERY_ERRORS,
+              dependencies=admin)
     def register(onnx: Annotated[UploadFile, File(description="the model; checked as an edge would load it")],
-                 form: Annotated[ModelForm, Form()]) -> ModelOut:
+                 form: Annotated[ModelForm, Form()], request: Request) -> ModelOut:
         # BodyLimit bounds the upload by http.max_model_bytes; the registry copies it in only once it loads.
         with tempfile.NamedTemporaryFile(dir=registry.dir, prefix=".upload-", suffix=".onnx") as tmp:
             shutil.copyfileobj(onnx.file, tmp)
             tmp.flush()
             try:
-                return ModelOut.model_validate(registry.register(Path(tmp.name), form.gate).to_dict())
+                entry = registry.register(Path(tmp.name), form.gate)
             except ValueError as e:  # name the upload, not the matcher's own folders
                 raise ValueError(str(e).replace(tmp.name, repr((onnx.filename or "upload")[:128]))) from None
+        _audit(matcher, request, "model.register", {"version": entry.version, "sha256": entry.sha256,
+                                                    "passed": (form.gate or {}).get("passed")}, 1)
+        return ModelOut.model_validate(entry.to_dict())
 
     @api.post("/models/{version}/promote", summary="Make a version production, or start its canary",
-              responses=_QUERY_ERRORS)
-    def promote(version: ModelVersion, body: PromoteIn) -> ModelOut:
+              responses=_QUERY_ERRORS, dependencies=admin)
+    def promote(version: ModelVersion, body: PromoteIn, request: Request) -> ModelOut:
         entry = registry.start_canary(version, body.canary, body.hold_s) if body.canary else registry.promote(version)
+        _audit(matcher, request, "model.promote", {"version": version, **body.model_dump()}, 1)
         return ModelOut.model_validate(entry.to_dict())
 
     @api.post("/models/rollback", summary="Stop a canary, else make the production version before this one production",
-              responses=_QUERY_ERRORS)
-    def rollback() -> ModelOut:
-        return ModelOut.model_validate(registry.rollback().to_dict())
+              responses=_QUERY_ERRORS, dependencies=admin)
+    def rollback(request: Request) -> ModelOut:
+        entry = registry.rollback()
+        _audit(matcher, request, "model.rollback", {"version": entry.version}, 1)
+        return ModelOut.model_validate(entry.to_dict())
 
 
-def _harvest_routes(api: APIRouter, matcher: Matcher) -> None:
-    """Reading the harvest store (the adapt job's): images of people, so the API token only, never the edges'."""
-    harvest = matcher.harvest
+def _audit_routes(api: APIRouter, matcher: Matcher, require) -> None:
+    @api.get("/audit", summary="The audit log: who searched, viewed or changed what; id above `after`, oldest first "
+             "(admins)", dependencies=[require("admin")])
+    def audit(request: Request, after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[AuditOut]:
+        entries = matcher.audit.entries(after, limit)
+        _audit(matcher, request, "audit.read", {"after": after, "limit": limit}, len(entries))
+        return [AuditOut.model_validate(e) for e in entries]
 
-    @api.get("/harvest", summary="Harvested crops with an id above `after`, captured within [since, until], lowest id first")
-    def crops(after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0, since: Time = None, until: Time = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[HarvestCropOut]:
-        return [HarvestCropOut.model_validate(c.to_dict()) for c in harvest.list(after, since, until, limit)]
 
-    @api.get("/harvest/{crop_id}", summary="A harvested crop's JPEG", response_class=Response,
+def _harvest_routes(api: APIRouter, matcher: Matcher, require) -> None:
+    """Reading the harvest store (the adapt job's): images of people, so admins only, never the edges."""
+    harvest, admin = matcher.harvest, [require("admin")]
+
+    @api.get("/harvest", summary="Harvested crops with an id above `after`, captured within [since, until], lowest id first",
+             dependencies=admin)
+    def crops(request: Request, after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0, since: Time = None,
+              until: Time = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[HarvestCropOut]:
+        found = harvest.list(after, since, until, limit)
+        _audit(matcher, request, "harvest.read", {"after": after, "since": since, "until": until}, len(found))
+        return [HarvestCropOut.model_validate(c.to_dict()) for c in found]
+
+    @api.get("/harvest/{crop_id}", summary="A harvested crop's JPEG", response_class=Response, dependencies=admin,
              responses={404: {"model": ErrorOut, "description": "no such crop (or retention or the quota deleted it)"},
                         200: {"content": {"image/jpeg": {}}, "description": "the JPEG"}})
     def crop(crop_id: CropId) -> Response:
@@ -258,9 +338,9 @@ def _harvest_routes(api: APIRouter, matcher: Matcher) -> None:
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
-def _harvest_upload_router(matcher: Matcher, *tokens: str) -> APIRouter:
-    """Uploading harvested crops, with the API token or the edges' one."""
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(*tokens))], responses=_ERRORS)
+def _harvest_upload_router(matcher: Matcher, require) -> APIRouter:
+    """Uploading harvested crops: the edges' and admins'."""
+    api = APIRouter(prefix=API_PREFIX, dependencies=[require("edge", "admin")], responses=_ERRORS)
 
     @api.post("/harvest", summary="Store harvested crops: `crops` (JPEGs) and `sidecars` (their JSON), pairwise in order",
               responses={400: {"model": ErrorOut, "description": "not one sidecar per crop, or too many crops"}})
@@ -277,10 +357,10 @@ def _harvest_upload_router(matcher: Matcher, *tokens: str) -> APIRouter:
     return api
 
 
-def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
-    """The model registry, readable with the API token or the edges' read-only one."""
+def _model_router(matcher: Matcher, require) -> APIRouter:
+    """The model registry, readable by every user and the edges."""
     registry = matcher.registry
-    api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(_token_check(*tokens))], responses=_ERRORS)
+    api = APIRouter(prefix=API_PREFIX, dependencies=[require("viewer", "edge")], responses=_ERRORS)
 
     @api.get("/models", summary="Every registered model version, oldest first, with its state and gate report")
     def models() -> list[ModelOut]:
@@ -307,7 +387,8 @@ def _model_router(matcher: Matcher, *tokens: str) -> APIRouter:
     return api
 
 
-def _added(entry) -> WatchEntryOut:
+def _added(matcher: Matcher, request: Request, entry, asked: dict) -> WatchEntryOut:
+    _audit(matcher, request, "watchlist.add", {**asked, "entry_id": entry.id}, 1)
     return WatchEntryOut.model_validate(entry.to_dict())
 
 
@@ -341,10 +422,11 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
     def health() -> HealthOut:
         return HealthOut()
 
-    edge_tokens = [read_secret(cfg.edge_token_file, "http.edge_token_file", "token")] if cfg.edge_token_file else []
-    app.include_router(_api_router(matcher, token, cfg.max_image_pixels))
-    app.include_router(_model_router(matcher, token, *edge_tokens))
-    app.include_router(_harvest_upload_router(matcher, token, *edge_tokens))
+    edge_token = read_secret(cfg.edge_token_file, "http.edge_token_file", "token") if cfg.edge_token_file else None
+    require = _auth(token, edge_token, matcher.users)
+    app.include_router(_api_router(matcher, require, cfg.max_image_pixels))
+    app.include_router(_model_router(matcher, require))
+    app.include_router(_harvest_upload_router(matcher, require))
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -194,6 +194,10 @@ class MatcherClient:
         """POST /api/v1/watchlist/image with a JPEG or PNG crop; `None` fields are left out."""
         return self._upload("/watchlist/image", image, filename, fields)
 
+    def audit(self, after: int = 0, limit: int = 1000) -> list[dict]:
+        """GET /api/v1/audit (admins): entries with an id above `after`, oldest first."""
+        return self._call(f"/audit?after={int(after)}&limit={int(limit)}")
+
     def alerts(self, after: int = 0, limit: int = 100) -> list[dict]:
         """GET /api/v1/alerts: those with an id above `after`, oldest first."""
         return self._call(f"/alerts?after={int(after)}&limit={int(limit)}")

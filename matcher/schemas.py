@@ -271,6 +271,16 @@ class AlertOut(BaseModel):
     created: float = Field(description="when the matcher raised it")
 
 
+class AuditOut(BaseModel):
+    id: int
+    ts: float
+    user: str
+    action: str = Field(description="search, thumbnail, watchlist.add/remove, model.register/promote/rollback, "
+                                    "harvest.read, audit.read")
+    asked: dict[str, Any] = Field(description="what was asked: the subject and filters; an image by name and SHA-256")
+    results: int | None = Field(description="how many tracks (or items) the answer held")
+
+
 class PromoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

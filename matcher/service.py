@@ -38,6 +38,7 @@ from pathlib import Path
 
 from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
 from crossview.kernel.runtime import listening
+from crossview.matcher.audit import AuditLog
 from crossview.matcher.edges import Edges
 from crossview.matcher.harvest import HarvestStore
 from crossview.matcher.index import Index
@@ -48,6 +49,7 @@ from crossview.matcher.query import QueryEngine, load_embedders
 from crossview.matcher.registry import Registry
 from crossview.matcher.store import Store
 from crossview.matcher.tracks import Tracks
+from crossview.matcher.users import Users
 from crossview.matcher.watchlist import Watchlist
 from crossview.matcher.webhooks import Webhooks
 
@@ -81,6 +83,7 @@ class Matcher:
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
         self.registry = Registry(Path(cfg.data_dir))
+        self.users, self.audit = Users(Path(cfg.data_dir)), AuditLog(Path(cfg.data_dir))
         max_age = cfg.retention.max_age_hours
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of)
@@ -146,6 +149,7 @@ class Matcher:
         self.watchlist.close()
         self.webhooks.close()
         self.harvest.close()
+        self.audit.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------
@@ -224,6 +228,14 @@ class Matcher:
             self._log_status()
             self._save_edges()
             self._advance_canary()
+            self._prune_audit()
+
+    def _prune_audit(self) -> None:
+        try:
+            if pruned := self.audit.prune(self.cfg.audit.max_age_days):
+                log.info("audit log: %d entries older than %g days deleted", pruned, self.cfg.audit.max_age_days)
+        except sqlite3.Error as e:
+            log.error("audit log: retention not applied, retried next time: %s", e)
 
     def _advance_canary(self) -> None:
         try:

@@ -258,7 +258,8 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
                    ("/api/v1/watchlist/{entry_id}", "DELETE"), ("/api/v1/alerts", "GET"), ("/api/v1/models", "GET"),
                    ("/api/v1/models/production", "GET"), ("/api/v1/models/{version}/onnx", "GET"),
                    ("/api/v1/models", "POST"), ("/api/v1/models/{version}/promote", "POST"), ("/api/v1/models/rollback", "POST"),
-                   ("/api/v1/harvest", "POST"), ("/api/v1/harvest", "GET"), ("/api/v1/harvest/{crop_id}", "GET")}
+                   ("/api/v1/harvest", "POST"), ("/api/v1/harvest", "GET"), ("/api/v1/harvest/{crop_id}", "GET"),
+                   ("/api/v1/audit", "GET")}
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer", "description": "the token from the matcher's `http.token` or `http.token_file`"}
     for path, method in ops:
