@@ -11,6 +11,9 @@
 | `crossview_matcher_harvest_crops` / `_harvest_bytes` | crops in the harvest store now, and their JPEGs' size |
 | `crossview_matcher_harvest_uploads_total` | status (stored, duplicate, expired, refused): uploaded crops since start |
 | `crossview_matcher_harvest_dropped_total` | crops deleted to stay within `harvest.quota_mb` since start |
+| `crossview_matcher_migration_sightings`   | model, state (migrated, remaining, without_thumbnail): the gallery's re-embedding by the production version |
+| `crossview_matcher_migration_running`     | model: 1 while it re-embeds, 0 once done                    |
+| `crossview_matcher_migration_rate`        | model: thumbnails re-embedded per second (this run)        |
 
     m = MatcherMetrics(matcher.stats); m.serve(9200)   # http://127.0.0.1:9200/metrics
 """
@@ -48,7 +51,23 @@ class _FromStats:
         for family, counts in zip(status, s["status"].values()):
             for state, n in counts.items():
                 family.add_metric([state], n)
-        yield from (accepted, rejected, size, *status, *_harvest(s["harvest"]))
+        yield from (accepted, rejected, size, *status, *_harvest(s["harvest"]), *_migration(s["migration"]))
+
+
+def _migration(m: dict | None) -> list[Metric]:
+    if m is None:  # no production version yet
+        return []
+    counts = GaugeMetricFamily("crossview_matcher_migration_sightings", "Earlier sightings and the production version's "
+                               "re-embedding of them", labels=["model", "state"])
+    for state, n in (("migrated", m["migrated"]), ("remaining", max(0, m["total"] - m["migrated"])),
+                     ("without_thumbnail", m["without_thumbnail"])):
+        counts.add_metric([m["model"], state], n)
+    running = GaugeMetricFamily("crossview_matcher_migration_running", "1 while the gallery is re-embedded, 0 once done",
+                                labels=["model"])
+    running.add_metric([m["model"]], float(m["state"] == "migrating"))
+    rate = GaugeMetricFamily("crossview_matcher_migration_rate", "Thumbnails re-embedded per second", labels=["model"])
+    rate.add_metric([m["model"]], m["per_second"])
+    return [counts, running, rate]
 
 
 def _harvest(h: dict) -> list[Metric]:

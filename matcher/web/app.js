@@ -211,7 +211,7 @@ async function loadEdges() {
 // Polled: a failure shows on the panel, not as the page's error banner, and the next poll retries.
 async function refreshLive() {
   try {
-    await Promise.all([loadEdges(), loadAlerts()]);
+    await Promise.all([loadEdges(), loadAlerts(), loadStats()]);
   } catch (e) {
     if (e.status === 401) logout("The token was not accepted.");
     else $("#status-summary").textContent = `Status unavailable: ${e.message}`;
@@ -293,8 +293,32 @@ function cameraItem(camera, title, detail) {
 
 // Model versions with stored sightings; an image query also needs the matcher to have that ONNX file.
 async function loadModels() {
-  const { partitions } = await getJson(`${API}/stats`);
+  const { partitions, migration } = await getJson(`${API}/stats`);
   $("#model").replaceChildren(...Object.keys(partitions).map((m) => el("option", { value: m }, m)));
+  showMigration(migration);
+}
+
+async function loadStats() {
+  showMigration((await getJson(`${API}/stats`)).migration);
+}
+
+// The gallery's re-embedding by a new production version (matcher.migration): shown while it runs.
+function showMigration(m) {
+  const note = $("#migration");
+  note.hidden = !m || m.state !== "migrating";
+  if (note.hidden) return;
+  const pct = m.total ? Math.floor((100 * m.migrated) / m.total) : 100;
+  note.textContent = `Re-embedding the gallery by ${m.model}: ${m.migrated} of ${m.total} sightings (${pct}%), `
+    + `${m.per_second.toFixed(1)}/s` + (m.without_thumbnail ? ` · ${m.without_thumbnail} without a thumbnail cannot be` : "");
+}
+
+// A search during a migration covers the history only as far back as it got.
+function coverageNote(result) {
+  const c = result.coverage;
+  if (!c) return "";
+  const back = c.oldest_ts_covered == null ? "" : `, back to ${fmtDateTime(c.oldest_ts_covered)}`;
+  return el("p", { class: "coverage" }, `${c.model} became production: ${c.migrated} of ${c.total} earlier sightings `
+    + `re-embedded so far${back}. A search by ${c.model} does not cover the rest yet.`);
 }
 
 async function showRecent(camera) {
@@ -365,7 +389,7 @@ function renderResults(subject, result) {
     .sort((a, b) => a.hits[0].first_ts - b.hits[0].first_ts); // read top-down in the order the person went
   const tracks = rows.reduce((n, r) => n + r.hits.length, 0);
   $("#query").replaceChildren(querySummary(subject, result, `${tracks} track${tracks === 1 ? "" : "s"} on ${rows.length} camera${rows.length === 1 ? "" : "s"}`),
-    legend(result));
+    legend(result), coverageNote(result));
   const searched = result.query.filters.cameras || state.cameras;
   const unmatched = searched.filter((c) => !rows.some((r) => r.camera === c));
   $("#timeline").replaceChildren(...(rows.length ? rows.map(timelineRow) : [el("p", { class: "muted" }, "No matches with these filters.")]),
