@@ -6,6 +6,7 @@ retention; `download_harvest` writes the store back out in the layout the traine
 | test                                   | what is real                                  | checked exactly                      |
 |----------------------------------------|-----------------------------------------------|--------------------------------------|
 | matcher away, then back                | an edge node on TUD-Stadtmitte, the matcher's HTTP server started late | every crop made is stored once, none left on the edge |
+| matcher `kill -9` mid-upload           | a `crossview matcher` process, killed and restarted | 400 crops stored once each, none left |
 | hostile uploads                        | HTTP requests to a served matcher             | each refused with its reason, the rest stored; tokens |
 | refusals on the edge                   | the uploader against a served matcher, and a 503 server | refused ones moved to .refused, counted, the others deleted; a 503 or a wrong token keeps all |
 | quota and retention                    | the store's files on disk                     | oldest gone from disk and index       |
@@ -23,7 +24,8 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from helpers import edge_config, free_port, matcher_config, wait_until
+import yaml
+from helpers import CrossviewProcess, edge_config, free_port, matcher_config, wait_until
 
 from crossview.edge.node import EdgeNode
 from crossview.edge.uploader import REFUSED_DIR, Uploader
@@ -130,6 +132,41 @@ def test_an_edge_uploads_every_crop_once_and_keeps_them_while_the_matcher_is_awa
     assert len(files(m.harvest.crops)) == made
     assert node.metrics.value("crossview_edge_harvest_uploaded") == made
     assert node.metrics.value("crossview_edge_harvest_pending") == 0
+
+
+def test_a_matcher_killed_mid_upload_loses_nothing_and_stores_nothing_twice(tmp_path):
+    """`kill -9` of a real matcher process while crops stream in: after its restart every crop is stored exactly once
+    (those whose acknowledgement was lost come again as duplicates) and none is left on the edge."""
+    (tmp_path / "edge-token").write_text(EDGE_TOKEN)
+    port = free_port()
+    (tmp_path / "matcher.yaml").write_text(yaml.safe_dump({
+        "data_dir": str(tmp_path / "matcher"), "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
+        "http": {"port": port, "token": TOKEN, "edge_token_file": str(tmp_path / "edge-token")}}))
+
+    def start() -> CrossviewProcess:
+        proc = CrossviewProcess(tmp_path / "matcher.log", "matcher", "--config", str(tmp_path / "matcher.yaml"))
+        proc.wait_for_line(f"HTTP API and web page on http://127.0.0.1:{port}/")
+        return proc
+
+    root, n = tmp_path / "harvest", 400
+    harvest_folder(root, [sidecar(i, camera=("gate", "hall")[i % 2]) for i in range(n)])
+    up = Uploader(HarvestConfig(dir=root, upload={"url": f"http://127.0.0.1:{port}", "token_file": tmp_path / "edge-token",
+                                                  "batch": 2, "interval_s": 0.1}))
+    proc = start()
+    try:
+        up.start()
+        wait_until(lambda: up.uploaded >= 40, 30, "crops streaming in")
+        proc.kill9()
+        assert up.uploaded < n
+        proc = start()
+        wait_until(lambda: up.uploaded == n, 60, "every crop acknowledged after the restart")
+        up.stop()
+        listed = MatcherClient(f"http://127.0.0.1:{port}", TOKEN).harvest(limit=1000)
+        assert len(listed) == len({c["path"] for c in listed}) == n and up.refused == 0
+        assert len(files(tmp_path / "matcher" / "harvest" / "crops")) == n and files(root) == set()
+    finally:
+        up.stop()
+        proc.stop()
 
 
 def test_hostile_uploads_are_refused_crop_by_crop_and_the_rest_is_stored(site):
