@@ -145,7 +145,7 @@ class Job:
         log.info("adapt run %s in %s: harvest %s .. %s", self.run_id, self.dir, _when(self.plan["since"]),
                  _when(self.plan["until"]))
         harvest = self._collect()
-        crops, tracklets = read_tracklets(harvest)
+        crops, tracklets = read_tracklets(harvest) if any(harvest.rglob("*.jpg")) else ([], [])
         if len(tracklets) < self.cfg.min_tracklets:
             return Outcome(self.run_id, "too-little-harvest",
                            f"{len(tracklets)} tracklet(s) ({len(crops)} crops) harvested since {_when(self.plan['since'])}, "
@@ -162,8 +162,10 @@ class Job:
     # ------------------------------------------------------------------ steps
     def _collect(self) -> Path:
         out = self.dir / "harvest"
-        count = self.client.download_harvest(out, since=self.plan["since"], until=self.plan["until"])
-        log.info("1/7 collect: %d crops from %s into %s", count, self.cfg.matcher.url, out)
+        out.mkdir(parents=True, exist_ok=True)  # an empty harvest is a harvest of no tracklets
+        n = self.client.download_harvest(out, since=self.plan["since"], until=self.plan["until"])
+        log.info("1/7 collect: %d crops downloaded (%.1f MB), %d there from before, %d gone meanwhile, from %s into %s",
+                 n["downloaded"], n["bytes"] / 1e6, n["skipped"], n["gone"], self.cfg.matcher.url, out)
         return out
 
     def _link(self, crops, fit) -> Path:
