@@ -60,8 +60,11 @@ def parse_cli(argv: list[str], where: str):
     except SystemExit:
         pytest.fail(f"{where}: `crossview {shlex.join(argv)}` is not a valid crossview command")
     # argparse takes `--conf` for `--config`: a file here spells every flag out.
-    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    known = {o for a in [*parser._actions, *verbs.choices[args.verb]._actions] for o in a.option_strings}
+    known, level = set(), parser
+    while level is not None:  # the verb's parser, and its action's (`models status`) when it has actions
+        known |= {o for a in level._actions for o in a.option_strings}
+        subs = [a for a in level._actions if isinstance(a, argparse._SubParsersAction)]
+        level = subs[0].choices[getattr(args, subs[0].dest)] if subs else None
     for token in argv:
         flag = str(token).split("=", 1)[0]
         if flag.startswith("--"):
