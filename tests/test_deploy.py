@@ -456,26 +456,72 @@ def matcher_reached(verb: str, cfg) -> list[tuple[str, str, Path]]:
     return [("matcher", cfg.matcher.url, cfg.matcher.token_file)] if verb == "adapt" else []
 
 
-def test_compose_edges_and_the_adapt_job_reach_the_matcher_with_its_tokens(monkeypatch):
+def compose_loaded(monkeypatch) -> dict[str, tuple[str, list[str], object]]:
+    """Service -> (verb, argv, its config loaded, or None for a verb without one)."""
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    services, files = compose_services(), {name: COMPOSE.parent / c["file"] for name, c in compose()["configs"].items()}
-
-    def loaded(name: str):
-        svc = services[name]
-        verb, config = commands_of(image_argv(svc["build"]["target"], svc.get("entrypoint"), svc.get("command")), name)
+    files = {name: COMPOSE.parent / c["file"] for name, c in compose()["configs"].items()}
+    out = {}
+    for name, svc in compose_services().items():
+        argv = image_argv(svc["build"]["target"], svc.get("entrypoint"), svc.get("command"))
+        verb, config = commands_of(argv, name)
         by_target = {c["target"]: files[c["source"]] for c in svc.get("configs", [])}
-        return verb, LOADERS[verb](by_target[str(config)]) if verb in LOADERS else None
+        out[name] = (verb, argv, LOADERS[verb](by_target[str(config)]) if verb in LOADERS else None)
+    return out
+
+
+def model_reads(verb: str, cfg) -> list[tuple[str, Path]]:
+    """The ONNX files a service loads at its start."""
+    if verb == "edge":
+        return [("embedder.model", cfg.embedder.model)]
+    if verb == "matcher":
+        return [(f"models.{i}", m) for i, m in enumerate(cfg.models)]
+    return [("baseline_model", cfg.baseline_model)] if verb == "adapt" and cfg.baseline_model else []
+
+
+def in_volume(mounts: list[tuple[str, str, str]], path: Path | str, where: str) -> tuple[str, str]:
+    """(volume, path inside it) of a container path, through (mount target, volume, sub-path) mounts."""
+    holders = [m for m in mounts if under(path, m[0])]
+    assert holders, f"{where}: {path} is on no volume"
+    target, volume, subpath = max(holders, key=lambda m: len(PurePosixPath(m[0]).parts))
+    return volume, str(PurePosixPath(subpath or ".") / PurePosixPath(path).relative_to(target))
+
+
+def check_setup_writes_every_model(reads: dict[str, list[tuple[str, Path]]], builds: list[tuple[str, Path]],
+                                   mounts: dict[str, list[tuple[str, str, str]]]) -> None:
+    """Every model a service loads at start is a file a setup step's `build-embedder --out` writes, on the same volume;
+    each edge's its own, which only its rollout replaces (so a canary edge runs the version on trial alone)."""
+    written = {in_volume(mounts[who], out, who) for who, out in builds}
+    for who, models in reads.items():
+        for key, path in models:
+            assert in_volume(mounts[who], path, who) in written, f"{who}: {key} {path} is written by no setup step"
+    edges = [in_volume(mounts[who], path, who) for who, models in reads.items() for key, path in models
+             if key == "embedder.model"]
+    assert len(edges) >= 2 and len(set(edges)) == len(edges), f"edges share a model file: {edges}"
+
+
+def test_compose_setup_writes_every_model_a_service_starts_with(monkeypatch):
+    services = compose_services()
+    mounts = {name: [(v.split(":")[1], v.split(":")[0], "") for v in svc.get("volumes", []) if not v.startswith(("$", ".", "/"))]
+              for name, svc in services.items()}
+    loaded = compose_loaded(monkeypatch)
+    builds = [(name, Path(argv[argv.index("--out") + 1])) for name, (verb, argv, _) in loaded.items() if verb == "build-embedder"]
+    assert all(services[name]["profiles"] == ["setup"] for name, _ in builds)
+    reads = {name: model_reads(verb, cfg) for name, (verb, _, cfg) in loaded.items() if cfg is not None}
+    check_setup_writes_every_model(reads, builds, mounts)
+
+
+def test_compose_edges_and_the_adapt_job_reach_the_matcher_with_its_tokens(monkeypatch):
+    services, loaded = compose_services(), compose_loaded(monkeypatch)
 
     def secret(name: str, path: Path) -> str:
         return {f"/run/secrets/{s['target']}": s["source"] for s in services[name].get("secrets", [])}[str(path)]
 
-    _, matcher = loaded("matcher")
+    matcher = loaded["matcher"][2]
     token = {"edge": secret("matcher", matcher.http.edge_token_file), "adapt": secret("matcher", matcher.http.token_file)}
     assert token["edge"] != token["adapt"]
     reached = 0
-    for name in services:
-        verb, cfg = loaded(name)
+    for name, (verb, _, cfg) in loaded.items():
         for key, url, token_file in matcher_reached(verb, cfg):
             u = urllib.parse.urlsplit(url)
             assert (u.hostname, u.port) == ("matcher", matcher.http.port), f"{name}: {key}.url {url}: not the matcher"
@@ -630,6 +676,29 @@ def test_k8s_edges_and_the_adapt_job_reach_the_matcher_service(monkeypatch):
             assert u.hostname == "crossview-matcher" and service.get(u.port) == "http", f"{cm}: {what}.url {url}"
             reached += 1
     assert reached == 5
+
+
+def test_k8s_setup_job_writes_every_model_a_pod_starts_with(monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    maps = generated_configmaps()
+    reads, builds, mounts = {}, [], {}
+    for where, spec in pod_specs():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            who = f"{where} container {c['name']}"
+            mounts[who] = [(m["mountPath"], volumes[m["name"]]["persistentVolumeClaim"]["claimName"], m.get("subPath", ""))
+                           for m in c["volumeMounts"] if "claimName" in volumes[m["name"]].get("persistentVolumeClaim", {})]
+            files = {f"{m['mountPath']}/{key}": file for m in c["volumeMounts"]
+                     for key, file in maps.get((volumes[m["name"]].get("configMap") or {}).get("name"), {}).items()}
+            argv = [*c.get("command", []), *c.get("args", [])]
+            verb, config = commands_of(argv, who)
+            if verb == "build-embedder":
+                builds.append((who, Path(argv[argv.index("--out") + 1])))
+            elif verb in LOADERS:
+                reads[who] = model_reads(verb, LOADERS[verb](files[str(config)]))
+    assert len(builds) == 3 and all(who.startswith("Job/crossview-build-embedder") for who, _ in builds)
+    check_setup_writes_every_model(reads, builds, mounts)
 
 
 def test_k8s_matcher_adapt_and_edges_shape():
