@@ -174,7 +174,8 @@ def _query(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (cfg.data_dir if cfg else Path("var/matcher"))
     models = [*(cfg.models if cfg else []), *args.embedder]
     engine = open_data(data_dir, cfg.index if cfg else IndexConfig(), cfg.query if cfg else QueryConfig(), models, read_only=True)
-    filters = Filters(since=args.since, until=args.until, cameras=args.camera, min_score=args.min_score, top_k=args.top_k)
+    filters = Filters(since=args.since, until=args.until, cameras=args.camera, min_score=args.min_score, top_k=args.top_k,
+                      min_probability=args.min_probability)
     try:
         result = _ask(engine, args, filters)
     except LookupError as e:
@@ -376,7 +377,8 @@ def _query_http(args: argparse.Namespace) -> int:
     if args.config or args.data_dir or args.embedder:
         raise ValueError("--url asks a running matcher: --config, --data-dir and --embedder do not apply")
     client = MatcherClient(args.url, read_token(args.token_file))
-    filters = {"since": args.since, "until": args.until, "cameras": args.camera, "min_score": args.min_score, "top_k": args.top_k}
+    filters = {"since": args.since, "until": args.until, "cameras": args.camera, "min_score": args.min_score, "top_k": args.top_k,
+               "min_probability": args.min_probability}
     try:
         if args.image is not None:
             answer = client.query_image(args.image.read_bytes(), args.image.name, args.model, filters)
@@ -555,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--until", type=_when, help="Unix seconds or ISO date/time")
     q.add_argument("--camera", action="append", metavar="ID", help="only these cameras (repeatable)")
     q.add_argument("--min-score", type=float, default=0.0, help="minimum cosine similarity (default: %(default)s)")
+    q.add_argument("--min-probability", type=float, metavar="P",
+                   help="minimum P(same person), from the model's calibration (calibrated models only)")
     q.add_argument("--top-k", type=int, default=10, help="tracks to return (default: %(default)s)")
     q.add_argument("--json", action="store_true", help="JSON instead of a table")
     q.add_argument("--url", help="ask a running matcher's HTTP API instead, e.g. http://127.0.0.1:8080")

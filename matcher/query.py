@@ -5,7 +5,8 @@
 | by          | an embedding; a stored sighting (its embedding); an edge track (its newest sighting: the |
 |             | edge sends a track's running mean, so the newest is the best); a person image, embedded   |
 |             | with the loaded ONNX model of the partition's version                                      |
-| filters     | `Filters(since, until, cameras, min_score, top_k)`, applied to sightings                   |
+| filters     | `Filters(since, until, cameras, min_score, top_k, min_probability)`, applied to sightings; |
+|             | `min_probability` becomes the cosine where the model's calibration reaches it (calibrated only) |
 | over-fetch  | search top_k·overfetch sightings; ×4 until top_k tracks pass the filters, the scores fall  |
 |             | below min_score or the partition is exhausted                                              |
 | selective   | when cameras / time window leave few sightings (≤ `filter_scan_mb` of vectors), those are  |
@@ -55,12 +56,15 @@ class Filters:
     cameras: list[str] | None = None
     min_score: float = 0.0  # cosine similarity
     top_k: int = 10  # tracks
+    min_probability: float | None = None  # P(same person): needs the model's calibration; tightens min_score
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= 1000:
             raise ValueError(f"top_k must be 1..1000, got {self.top_k}")
         if not -1.0 <= self.min_score <= 1.0:
             raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
+        if self.min_probability is not None and not 0 < self.min_probability < 1:
+            raise ValueError(f"min_probability is a probability in (0, 1), got {self.min_probability}")
         if self.since is not None and self.until is not None and self.since > self.until:
             raise ValueError(f"since ({self.since}) is after until ({self.until})")
         if self.cameras is not None and (not self.cameras or not all(isinstance(c, str) and c for c in self.cameras)):
@@ -74,6 +78,16 @@ class Filters:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _probability_floor(filters: Filters, cal: Calibration | None, model: str) -> Filters | None:
+    """`filters` with min_score raised to the cosine at which the calibration reaches min_probability, None when
+    no cosine does; an uncalibrated model cannot say what a probability is."""
+    if cal is None:
+        raise ValueError(f"model {model!r} has no score calibration, so min_probability means nothing for it: "
+                         "calibrate it (crossview calibrate) or filter by min_score (cosine similarity)")
+    floor = cal.cosine_at(filters.min_probability)
+    return None if floor is None else replace(filters, min_score=max(filters.min_score, floor))
 
 
 def _unit(vec: np.ndarray) -> np.ndarray:
@@ -169,15 +183,20 @@ class QueryEngine:
         return Subject(_unit(vec), model, {"by": "image", "height": image.shape[0], "width": image.shape[1]})
 
     def _search(self, vec: np.ndarray, model: str, query: dict, exclude_track: int | None, filters: Filters) -> QueryResult:
-        groups = self._candidates(self._ranker(vec, model, filters), filters, exclude_track)
+        cal = self.calibration_of(model)
+        asked = filters
+        if filters.min_probability is not None:
+            filters = _probability_floor(filters, cal, model)
+        # None: no similarity reaches that probability, so nothing can match
+        groups = {} if filters is None else self._candidates(self._ranker(vec, model, filters), filters, exclude_track)
+        filters = filters or asked
         best = sorted(groups.values(), key=lambda g: -g[0][0])[: filters.top_k]
         spans = self.store.track_spans(g[0][1].track_id for g in best)
         hits = [self._hit(g, spans) for g in best]
-        cal = self.calibration_of(model)
         if cal is not None:
             probabilities = cal.probability([h.score for h in hits]).tolist() if hits else []
             hits = [replace(h, probability=p) for h, p in zip(hits, probabilities)]
-        return QueryResult(model, {**query, "filters": filters.to_dict()}, _by_camera(hits), calibrated=cal is not None,
+        return QueryResult(model, {**query, "filters": asked.to_dict()}, _by_camera(hits), calibrated=cal is not None,
                            coverage=self.migration.coverage() if self.migration else None)
 
     def use_model(self, path: Path) -> None:

@@ -180,9 +180,12 @@ class QueryFilters(BaseModel):
     cameras: list[str] | None = Field(None, description="only these cameras; all when absent")
     min_score: float = Field(0.0, ge=-1.0, le=1.0, description="cosine similarity threshold")
     top_k: int = Field(10, ge=1, le=1000, description="matching tracks wanted")
+    min_probability: float | None = Field(None, gt=0, lt=1, description="P(same person) threshold; the model "
+                                                                         "must be calibrated (else 400)")
 
     def filters(self) -> Filters:
-        return Filters(since=self.since, until=self.until, cameras=self.cameras, min_score=self.min_score, top_k=self.top_k)
+        return Filters(since=self.since, until=self.until, cameras=self.cameras, min_score=self.min_score, top_k=self.top_k,
+                       min_probability=self.min_probability)
 
 
 class ImageQueryForm(QueryFilters):

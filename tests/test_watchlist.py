@@ -22,7 +22,7 @@ from crossview.edge.tracking import TrackGallery
 from crossview.kernel.calibration import Calibration
 from crossview.kernel.config import ConfigError, WatchlistConfig, parse_config
 from crossview.matcher.api import serve
-from crossview.matcher.query import Subject
+from crossview.matcher.query import Filters, Subject
 from crossview.matcher.service import Matcher
 from crossview.matcher.watchlist import Watchlist
 
@@ -282,6 +282,12 @@ def test_a_calibrated_model_turns_scores_into_probabilities_in_queries_and_watch
         assert result.calibrated and hits
         assert [h.probability for h in hits] == pytest.approx(cal.probability([h.score for h in hits]).tolist())
         assert "P = P(same person)" in result.to_text() and hits[0].verdict in result.to_text()
+        # A probability threshold: exactly the hits whose P reaches it, and the question as asked.
+        p = sorted(h.probability for h in hits)[len(hits) // 2]
+        likely = m.queries.search_sighting(subject.id, Filters(min_probability=p))
+        assert {h.track_id for h in likely.ranked()} == {h.track_id for h in hits if h.probability >= p - 1e-9}
+        assert likely.query["filters"]["min_probability"] == p and likely.query["filters"]["min_score"] == 0.0
+        assert m.queries.search_sighting(subject.id, Filters(min_probability=0.99)).ranked() == []  # P tops at 0.95
         entry = m.watchlist.add("person 3", m.queries.sighting_subject(subject.id))
         assert (entry.min_probability, entry.min_similarity) == (0.9, pytest.approx(cal.cosine_at(0.9)))
     finally:
@@ -306,6 +312,9 @@ def test_watch_and_alerts_from_the_command_line(tmp_path, capsys, caplog, monkey
         assert "not found" in caplog.text
         assert main(["watch", "--url", url, "--name", "x", "--sighting", "1", "--min-probability", "0.9"]) == 2
         assert "no calibration" in caplog.text
+        caplog.clear()
+        assert main(["query", "--url", url, "--sighting", "1", "--min-probability", "0.9"]) == 2
+        assert "has no score calibration" in caplog.text
         feed(m, walk(person, "hall", 4, 3, rng, T0 + 10) + walk(person, "lobby", 5, 3, rng, T0 + 20))
         assert main(["alerts", "--url", url]) == 0
         [line] = capsys.readouterr().out.splitlines()  # hall only: the entry watches no other camera
