@@ -147,6 +147,7 @@ class Job:
         harvest = self._collect()
         crops, tracklets = read_tracklets(harvest) if any(harvest.rglob("*.jpg")) else ([], [])
         if len(tracklets) < self.cfg.min_tracklets:
+            (self.dir / "plan.json").unlink()  # the next start plans afresh, with what has arrived since
             return Outcome(self.run_id, "too-little-harvest",
                            f"{len(tracklets)} tracklet(s) ({len(crops)} crops) harvested since {_when(self.plan['since'])}, "
                            f"need adapt.min_tracklets {self.cfg.min_tracklets}: nothing adapted; the next run tries again")

@@ -89,7 +89,7 @@ class Rollout:
         version, sha, size = production["version"], production["sha256"], int(production["bytes"])
         if not set(version) <= _VERSION_CHARS or not 0 < size <= MAX_MODEL_BYTES:
             raise RolloutError(f"the registry's answer is not a model: version {version!r}, {size} bytes")
-        tmp = self.model.with_name(f".{self.model.name}.{version}.download")
+        tmp = self.model.with_name(f".{self.model.name}.{self.node}.{version}.download")  # edges may share a folder
         try:
             self._download(f"/api/v1/models/{urllib.parse.quote(version)}/onnx", tmp, size, sha)
             loaded = Embedder(tmp, device="cpu").version  # as the node will load it: a broken file fails here

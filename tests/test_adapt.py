@@ -108,4 +108,5 @@ def test_a_run_collects_gates_registers_and_promotes_and_a_second_start_does_not
     assert busy.outcome.status == "busy"
     # The next run's harvest starts where this one's ended: nothing new to adapt on yet.
     assert run_job(load_adapt_config(path), "r3").status == "too-little-harvest"
+    assert not (tmp / "passes" / "runs" / "r3" / "plan.json").exists()  # a later start looks again, up to its time
 
