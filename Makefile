@@ -35,6 +35,7 @@ bench: install
 	$(PY) bench/watchlist_bench.py --out docs/benchmarks.md
 	$(PY) bench/calibration_bench.py --out docs/benchmarks.md
 	$(PY) bench/int8_bench.py --out docs/benchmarks.md
+	$(PY) bench/migration_bench.py --out docs/benchmarks.md
 
 # The domain adaptation experiments on real footage (about 1.5 h on 2 CPU cores): docs/results.md.
 results: install

@@ -10,24 +10,29 @@ version `site-2` is a real other model: the same backbone at a 192x96 input, so 
 |                     | queries carry their coverage; a deletion leaves no vector; a person seen before the switch |
 |                     | is found by a `site-2` query; the old partition goes only once no edge reports it     |
 | kill -9             | a `crossview matcher` killed mid-migration resumes where it stopped, without duplicates |
+| older store         | a store from before re-embedding opens read-only as it is, and gains its table when writable |
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 
+import numpy as np
 import pytest
 import requests
 import yaml
-from helpers import CrossviewProcess, Pusher, index_ids, matcher_config, wait_until
+from helpers import CrossviewProcess, Pusher, index_ids, make_sighting, matcher_config, store_insert, unit_vectors, wait_until
 from live_matcher import person_crop, thumbnail, tud_sightings
 
 from crossview.kernel.embedder import Embedder
 from crossview.kernel.wire import CameraStatus, Heartbeat, Sighting, encode_heartbeat
+from crossview.matcher import store as store_module
 from crossview.matcher.api import serve
 from crossview.matcher.query import Filters
 from crossview.matcher.service import Matcher, open_data
+from crossview.matcher.store import Store
 from crossview.trainer.export import build_default_embedder, write_metadata
 
 NEW = "site-2"
@@ -128,6 +133,8 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
         wait_until(lambda: m.store.latest_in_track("edge-3", "street", 99), 10, "the new sighting stored")
         hits = m.queries.search_track("edge-3", "street", 99, None, Filters(top_k=3)).ranked()
         assert {("gate", PERSON), ("hall", PERSON)} <= {(h.camera, h.track) for h in hits}, hits
+        on_hall = m.queries.search_track("edge-3", "street", 99, None, Filters(cameras=["hall"], top_k=1)).ranked()
+        assert on_hall[0].track == PERSON  # a selective filter scores the re-embedded vectors from the store exactly
         by_image = m.queries.search_image(crop, NEW, Filters(cameras=["gate", "hall"], top_k=3)).ranked()
         assert PERSON in {h.track for h in by_image}, "the registry's file serves image queries by the new version"
 
@@ -181,3 +188,29 @@ def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplica
         m.stop()
     text = proc.text()
     assert "gallery migration to site-2" in text and "newest first" in text
+
+
+@pytest.mark.parametrize("read_only", [True, False])
+def test_a_store_from_before_re_embedding_opens(tmp_path, read_only):
+    old = store_module.SCHEMA[:store_module.SCHEMA.index("-- Sightings re-embedded")] + \
+        store_module.SCHEMA[store_module.SCHEMA.index("CREATE TABLE IF NOT EXISTS deletions"):]
+    assert "reembedded" not in old
+    db = sqlite3.connect(tmp_path / "sightings.db")
+    db.executescript(old)
+    db.close()
+    writer = Store(tmp_path / "sightings.db")  # as a matcher from before wrote it: one sighting
+    [sid] = store_insert(writer, [make_sighting(unit_vectors(np.random.default_rng(0), 1, 4)[0])])
+    writer.close()
+    db = sqlite3.connect(tmp_path / "sightings.db")
+    db.execute("DROP TABLE reembedded")  # the writable open made it: gone again, as in the old file
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "sightings.db", read_only=read_only)
+    try:
+        assert store.count("m1", None, None, None, 10) == 1 and list(store.reembedded_vectors("m1")) == []
+        assert store.vector(sid, "m1") is not None and store.vector(sid, NEW) is None
+        if not read_only:
+            added, seq = store.add_reembedded(NEW, [sid], unit_vectors(np.random.default_rng(1), 1, 8))
+            assert added == [sid] and seq == 1 and store.vector(sid, NEW).shape == (8,)
+    finally:
+        store.close()
