@@ -161,14 +161,14 @@ class QueryEngine:
 
     def _vector(self, rec: SightingRecord) -> tuple[np.ndarray, str]:
         """(vector, model version) a stored sighting is searched by: re-embedded by the production version once the
-        migration got to it, so the answer spans the switch; else its own."""
+        migration got to it, so the answer spans the switch; else its own; else (its own partition dropped, as a
+        reader of the data directory finds it) any other partition's."""
         target = self.migration.target if self.migration else None
-        if target and target != rec.model and (vec := self.store.vector(rec.id, target)) is not None:
-            return vec, target
-        if (vec := self.store.vector(rec.id)) is None:
-            raise LookupError(f"sighting {rec.id} has no embedding any more: its model version {rec.model!r} was "
-                              "replaced and it had no thumbnail to re-embed")
-        return vec, rec.model
+        for model in dict.fromkeys([target, rec.model, *self.index.partitions]):
+            if model in self.index.partitions and (vec := self.store.vector(rec.id, model)) is not None:
+                return vec, model
+        raise LookupError(f"sighting {rec.id} has no embedding any more: its model version {rec.model!r} was "
+                          "replaced and it had no thumbnail to re-embed")
 
     def image_subject(self, image_bgr: np.ndarray, model: str) -> Subject:
         embedder = self.embedders.get(model)

@@ -150,6 +150,9 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
         with pytest.raises(LookupError, match="no thumbnail to re-embed"):
             m.queries.search_sighting(bare[0])
         assert m.queries.search_sighting(left[0]).model == NEW
+        reader = open_data(m.cfg.data_dir, m.cfg.index, m.cfg.query, [], read_only=True)  # as `crossview query` reads it
+        assert reader.search_sighting(left[0]).model == NEW
+        reader.store.close()
     finally:
         server.stop()
         m.stop()
