@@ -10,12 +10,14 @@ version `site-2` is a real other model: the same backbone at a 192x96 input, so 
 |                     | queries carry their coverage; a deletion leaves no vector; a person seen before the switch |
 |                     | is found by a `site-2` query; the old partition goes only once no edge reports it     |
 | kill -9             | a `crossview matcher` killed mid-migration resumes where it stopped, without duplicates |
+| page                | the progress line while it runs, and a search's note of how far back it covers       |
 | older store         | a store from before re-embedding opens read-only as it is, and gains its table when writable |
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sqlite3
 import time
 
@@ -191,6 +193,34 @@ def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplica
         m.stop()
     text = proc.text()
     assert "gallery migration to site-2" in text and "newest first" in text
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed: `make browser`")
+def test_the_page_shows_the_migration_and_what_a_search_covers(tmp_path, default_model, new_model, history):
+    from playwright.sync_api import sync_playwright
+
+    m = started(tmp_path, default_model, history, enabled=False)
+    server = serve(m, m.cfg.http)
+    try:
+        m.registry.register(new_model)
+        m.registry.promote(NEW)
+        assert m.migration.step()  # one batch of the newest: migrating
+        newest = max(m.store.recent(limit=1000), key=lambda r: (r.ts, r.id))
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=["--headless", "--no-sandbox"])
+            page = browser.new_page()
+            page.set_default_timeout(15000)
+            page.goto(server.url)
+            page.fill("#token", TOKEN)
+            page.click("#login-form button")
+            page.wait_for_selector("#migration:has-text('Re-embedding the gallery by site-2: 8 of')")
+            page.click(f".pick[data-id='{newest.id}']")
+            note = page.wait_for_selector("#query .coverage")
+            assert "site-2 became production: 8 of" in note.inner_text() and "does not cover the rest yet" in note.inner_text()
+            browser.close()
+    finally:
+        server.stop()
+        m.stop()
 
 
 @pytest.mark.parametrize("read_only", [True, False])
