@@ -114,8 +114,8 @@ class Migration:
         rows = self.store.to_migrate(self.target, self._since(), self.cfg.batch, self._cursor, self._after)
         if rows:
             self._cursor, self._found = (rows[-1][1], rows[-1][0]), self._found + len(rows)
-            if self.done:  # more sightings of an older version arrived after it was done
-                self.done, self.total = False, self.total + len(rows)
+            if self.done:  # more sightings of an older version arrived after it was done: a run of their own
+                self.done, self.total, self._session = False, self.total + len(rows), (self.migrated, time.monotonic())
             self._migrate(rows)
             return True
         finished = self._found == 0

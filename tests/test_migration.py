@@ -143,6 +143,16 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
         assert not m.migration.step() and old in m.index.partitions, "kept: edge-1 still reports the old version"
         assert m.migration.progress()["kept"] == {old: ["edge-1"]}
         assert m.index.save() and list((tmp_path / "matcher" / "index").glob(f"{old}*"))
+        late = dataclasses.replace(history[5], frame=999, ts=time.time())  # edge-1, still on the old version, sends more
+        with Pusher(m.ingest.endpoint) as push:
+            push.send([late])
+        wait_until(lambda: m.store.latest_in_track(late.node, late.camera, late.track, old).frame == 999, 10, "it stored")
+        late_id = m.store.latest_in_track(late.node, late.camera, late.track, old).id
+        assert m.migration.step() and m.migration.progress()["state"] == "migrating"
+        while m.migration.step():
+            pass
+        assert m.store.vector(late_id, NEW) is not None and m.migration.progress()["state"] == "done"
+        left.append(late_id)
         with Pusher(m.ingest.endpoint) as push:
             push.send_raw(heartbeat("edge-1", NEW))
         wait_until(lambda: m.edges.report()["edges"][0]["model"] == NEW, 10, "edge-1 on site-2")
