@@ -11,12 +11,12 @@
 | `ModelOut`     | one registered model version (`matcher.registry`)                             |
 | `HarvestUploadOut`, `HarvestCropOut`, `HarvestStatsOut` | harvest uploads' answers per crop, stored crops, the store's totals (`matcher.harvest`) |
 | `WatchIn`, `WatchImageForm`, `WatchEntryOut`, `AlertOut` | watchlist entries (from a sighting, a track or a crop) and their alerts |
-| `QueryFilters` | time window, cameras, minimum score, top-k; shared by both query endpoints    |
+| `QueryFilters` | time window, cameras, minimum score or probability, top-k; shared by both query endpoints |
 | `QueryIn`      | JSON query: exactly one of `embedding` (+ `model`), `sighting_id` or `track`  |
 | `ImageQueryForm` | the form fields beside an uploaded crop: `model` and the filters            |
 
     >>> QueryIn.model_validate({"sighting_id": 12, "top_k": 5}).filters()
-    Filters(since=None, until=None, cameras=None, min_score=0.0, top_k=5)
+    Filters(since=None, until=None, cameras=None, min_score=0.0, top_k=5, min_probability=None)
 """
 
 from __future__ import annotations
