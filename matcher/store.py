@@ -35,7 +35,6 @@ Camera ids are site-wide: two nodes reporting the same camera id are one camera.
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +45,7 @@ import numpy as np
 
 from crossview.kernel.wire import MAX_INT, Sighting
 from crossview.matcher.results import SightingRecord
+from crossview.matcher.storecommon import COLUMNS, by_model, chunks, id_vectors, migrate_window, oldest_over, record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -90,22 +90,8 @@ CREATE TABLE IF NOT EXISTS deletions (
 );
 CREATE TABLE IF NOT EXISTS pruned (upto INTEGER NOT NULL);  -- one row: deletion log forgotten up to here
 """
-_COLUMNS = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, score, model, has_thumb"
 _OLD_SCORE = "det_score"  # the score column's name in stores written before it was named as on the wire
 _PAGE_SIZE = 16384
-_VECTOR_CHUNK = 20000
-
-
-def _record(r: tuple) -> SightingRecord:
-    return SightingRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], (r[7], r[8], r[9], r[10]), r[11], r[12], bool(r[13]))
-
-
-def _id_vectors(rows: list[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, (n, dim) float32) from (id, float32 blob) rows; (0, 0) vectors for no rows."""
-    ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    if not rows:
-        return ids, np.zeros((0, 0), np.float32)
-    return ids, np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), -1)
 
 
 def _ids_json(ids: Iterable[int]) -> str:
@@ -114,6 +100,8 @@ def _ids_json(ids: Iterable[int]) -> str:
 
 
 class Store:
+    Error = sqlite3.Error  # what a failed store operation raises (PgStore's is psycopg's)
+
     def __init__(self, path: Path, read_only: bool = False):
         self.path = Path(path)
         self.read_only = read_only
@@ -145,11 +133,11 @@ class Store:
     def _record_columns(self) -> str:
         """What a `SightingRecord` is selected as; an old store's score column is renamed first, when writable."""
         if _OLD_SCORE not in {r[1] for r in self._all("PRAGMA table_info(sightings)")}:
-            return _COLUMNS
+            return COLUMNS
         if self.read_only:
-            return _COLUMNS.replace("score", f"{_OLD_SCORE} AS score")
+            return COLUMNS.replace("score", f"{_OLD_SCORE} AS score")
         self._writer.execute(f"ALTER TABLE sightings RENAME COLUMN {_OLD_SCORE} TO score")
-        return _COLUMNS
+        return COLUMNS
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -241,7 +229,7 @@ class Store:
 
         def work(db: sqlite3.Connection) -> None:
             db.executemany(
-                f"INSERT INTO sightings ({_COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO sightings ({COLUMNS}, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(i, s.node, s.camera, s.ts, s.frame, s.track, t, *s.box, s.score, s.model, s.thumbnail is not None, s.seq)
                  for i, s, t in zip(ids, sightings, track_ids)],
             )
@@ -265,7 +253,7 @@ class Store:
     def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
         rows = self._all(f"SELECT {self._record_sql} FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
                          (_ids_json(ids),))
-        return {r[0]: _record(r) for r in rows}
+        return {r[0]: record(r) for r in rows}
 
     def record(self, sighting_id: int) -> SightingRecord | None:
         return self.records([sighting_id]).get(int(sighting_id))
@@ -291,7 +279,7 @@ class Store:
         if model is not None:
             sql, args = sql + " AND model = ?", (*args, model)
         row = self._one(sql + " ORDER BY ts DESC LIMIT 1", args)
-        return None if row is None else _record(row)
+        return None if row is None else record(row)
 
     def track_spans(self, track_ids: Iterable[int]) -> dict[int, tuple[float, float, int]]:
         """track_id -> (first ts, last ts, sightings stored)."""
@@ -302,7 +290,7 @@ class Store:
     def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
         where, args = ("WHERE camera = ?", (camera,)) if camera is not None else ("", ())
         rows = self._all(f"SELECT {self._record_sql} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
-        return [_record(r) for r in rows]
+        return [record(r) for r in rows]
 
     def cameras(self) -> list[dict]:
         rows = self._all("SELECT camera, GROUP_CONCAT(DISTINCT node), COUNT(*), COUNT(DISTINCT track_id), MIN(ts), MAX(ts) "
@@ -330,11 +318,8 @@ class Store:
             cur = db.execute(
                 "SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? AND s.id > ? AND s.id <= ? "
                 "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else MAX_INT))
-            try:
-                while rows := cur.fetchmany(_VECTOR_CHUNK):
-                    yield _id_vectors(rows)
-            finally:
-                cur.close()
+            for rows in chunks(cur):
+                yield id_vectors(rows)
 
     def reembedded_vectors(self, model: str, after_seq: int = 0,
                            upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
@@ -343,11 +328,8 @@ class Store:
         with self._read() as db:
             cur = db.execute("SELECT id, vec, seq FROM reembedded WHERE model = ? AND seq > ? AND seq <= ? ORDER BY seq",
                              (model, int(after_seq), int(upto_seq) if upto_seq is not None else MAX_INT))
-            try:
-                while rows := cur.fetchmany(_VECTOR_CHUNK):
-                    yield (*_id_vectors(rows), rows[-1][2])
-            finally:
-                cur.close()
+            for rows in chunks(cur):
+                yield (*id_vectors(rows), rows[-1][2])
 
     @staticmethod
     def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None,
@@ -376,7 +358,7 @@ class Store:
         """(ids, (n, dim) float32) of the sightings `count()` counts."""
         own, own_args = self._where(model, cameras, since, until)
         other, other_args = self._where(model, cameras, since, until, "r.model")
-        return _id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {own} UNION ALL "
+        return id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {own} UNION ALL "
                                      f"SELECT s.id, r.vec FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other}",
                                      (*own_args, *other_args)))
 
@@ -396,10 +378,7 @@ class Store:
             for table in ("sightings", "vectors", "thumbnails", "reembedded"):
                 db.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (present,))
             db.executemany("INSERT INTO deletions (id, model) VALUES (?, ?)", found)
-            by_model: dict[str, list[int]] = {}
-            for i, model in found:
-                by_model.setdefault(model, []).append(i)
-            return by_model, self._last_deletion(db)
+            return by_model(found), self._last_deletion(db)
 
         result = self._transaction(work)
         self._purge = True
@@ -440,15 +419,9 @@ class Store:
 
     def over_quota(self, max_per_camera: int, limit: int) -> list[int]:
         """Ids of the oldest sightings of every camera holding more than `max_per_camera`."""
-        out: list[int] = []
         over = self._all("SELECT camera, COUNT(*) FROM sightings GROUP BY camera HAVING COUNT(*) > ?", (int(max_per_camera),))
-        for camera, count in over:
-            n = min(count - max_per_camera, limit - len(out))
-            if n <= 0:
-                break
-            rows = self._all("SELECT id FROM sightings WHERE camera = ? ORDER BY ts, id LIMIT ?", (camera, n))
-            out += [r[0] for r in rows]
-        return out
+        return oldest_over(over, max_per_camera, limit, lambda camera, n: [
+            r[0] for r in self._all("SELECT id FROM sightings WHERE camera = ? ORDER BY ts, id LIMIT ?", (camera, n))])
 
     # -- re-embedding (matcher.migration) ------------------------------------------------------
 
@@ -480,14 +453,12 @@ class Store:
         """(id, ts, JPEG) of thumbnailed sightings at or after `since` that lack a `model` vector, in a pass over the
         store newest first and older than `before` (ts, id); or, with `after_id`, those with ids between it and
         `before`'s (what arrived since a pass began), highest id first."""
-        args = {"model": model, "since": since, "n": int(limit)}
-        if after_id is None:
-            ts, last = before or (math.inf, MAX_INT)  # inf: times stored before the wire bounded them
+        by_time, window = migrate_window(before, after_id)
+        args = {"model": model, "since": since, "n": int(limit), **window}
+        if by_time:
             where, order = "(s.ts, s.id) < (:ts, :last)", "s.ts DESC, s.id DESC"  # the ts index, walked down
-            args |= {"ts": ts, "last": last}
         else:
             where, order = "s.id > :after AND s.id < :last", "s.id DESC"
-            args |= {"after": int(after_id), "last": before[1] if before else MAX_INT}
         rows = self._all(f"SELECT s.id, s.ts, t.jpeg FROM sightings s JOIN thumbnails t ON t.id = s.id WHERE s.ts >= :since "
                          f"AND {where} AND {self._LACKS} ORDER BY {order} LIMIT :n", args)
         return [(r[0], r[1], bytes(r[2])) for r in rows]
