@@ -1,11 +1,11 @@
 # `make demo` and `make test` install everything into .venv first (about 2 minutes the first time).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= edge,matcher,train,test,gpu
+EXTRAS ?= edge,matcher,postgres,train,test,gpu
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 
-.PHONY: install demo test bench results browser
+.PHONY: install demo test bench results browser postgres
 install: $(VENV)/.installed
 
 # Every service's extra, the GPU flavour of ONNX Runtime (it runs on CPU too) and the test tools; a
@@ -23,7 +23,12 @@ demo: install
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-test: install browser
+# The PostgreSQL store tests start their own server from Debian's package (initdb + pg_ctl, no system service).
+postgres:
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql)
+
+test: install browser postgres
 	$(VENV)/bin/ruff check crossview kernel edge matcher trainer tests bench
 	$(PY) -m pytest -q
 

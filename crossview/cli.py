@@ -173,7 +173,8 @@ def _query(args: argparse.Namespace) -> int:
     cfg = load_matcher_config(args.config) if args.config else None
     data_dir = args.data_dir or (cfg.data_dir if cfg else Path("var/matcher"))
     models = [*(cfg.models if cfg else []), *args.embedder]
-    engine = open_data(data_dir, cfg.index if cfg else IndexConfig(), cfg.query if cfg else QueryConfig(), models, read_only=True)
+    engine = open_data(data_dir, cfg.index if cfg else IndexConfig(), cfg.query if cfg else QueryConfig(), models, read_only=True,
+                       store_cfg=cfg.store if cfg else None)
     filters = Filters(since=args.since, until=args.until, cameras=args.camera, min_score=args.min_score, top_k=args.top_k,
                       min_probability=args.min_probability)
     try:

@@ -408,8 +408,51 @@ class AuditConfig(_Strict):
                                                          "retention, apart from the sightings')")
 
 
+class StoreConfig(_Strict):
+    """Where the matcher keeps its sightings (`matcher.store` / `matcher.pgstore`). Only the sightings store: the
+    registry, watchlist, webhooks, harvest index, users and audit log stay SQLite files in data_dir."""
+
+    kind: Literal["sqlite", "postgres"] = Field("sqlite", description="sqlite: data_dir/sightings.db; postgres: a server")
+    dsn: str | None = Field(None, min_length=1, max_length=1000, description="postgres: a libpq connection string or "
+                            "postgresql:// URL, without a password; or host/port/dbname/user")
+    host: str | None = Field(None, min_length=1, max_length=255)
+    port: int | None = Field(None, ge=1, le=65535)
+    dbname: str | None = Field(None, min_length=1, max_length=63)
+    user: str | None = Field(None, min_length=1, max_length=63)
+    password_file: Path | None = Field(None, description="postgres: a file holding the password (never logged)")
+    pool_max: int = Field(8, ge=1, le=256, description="postgres: reader connections at most (one per concurrent query)")
+
+    @model_validator(mode="after")
+    def _postgres_settings(self) -> "StoreConfig":
+        parts = {k: getattr(self, k) for k in ("dsn", "host", "port", "dbname", "user", "password_file")}
+        if self.kind == "sqlite":
+            if given := [k for k, v in parts.items() if v is not None]:
+                raise ValueError(f"{', '.join(given)}: only for kind postgres")
+            return self
+        if self.dsn is None and self.dbname is None:
+            raise ValueError("kind postgres needs dsn, or dbname (with host, port, user as needed)")
+        if self.dsn is not None and re.search(r"password\s*=|://[^/@]*:[^/@]*@", self.dsn, re.I):
+            raise ValueError("dsn: no password in the connection string; put it in password_file")
+        return self
+
+    def conninfo(self) -> str:
+        """The libpq connection string, with the password read from password_file: for connecting, never for logs."""
+        from psycopg.conninfo import make_conninfo  # the postgres extra
+
+        password = read_secret(self.password_file, "store.password_file", "password") if self.password_file else None
+        parts = {"host": self.host, "port": self.port, "dbname": self.dbname, "user": self.user, "password": password}
+        return make_conninfo(self.dsn or "", **{k: v for k, v in parts.items() if v is not None})
+
+    @property
+    def shown(self) -> str:
+        """Which server and database, as logs and errors show it (no password)."""
+        return self.dsn or f"postgresql://{self.user or ''}{'@' if self.user else ''}{self.host or 'localhost'}" \
+                           f"{f':{self.port}' if self.port else ''}/{self.dbname}"
+
+
 class MatcherConfig(_Strict):
     data_dir: Path = Field(Path("var/matcher"), description="SQLite store, index snapshots")
+    store: StoreConfig = StoreConfig()
     ingest: IngestConfig  # required: the endpoint and its security
     index: IndexConfig = IndexConfig()
     retention: RetentionConfig = RetentionConfig()
@@ -529,7 +572,7 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
 MATCHER_PATH_KEYS = [
     ("data_dir",), ("http", "token_file"), ("http", "edge_token_file"), ("models",),
     ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
-    ("watchlist", "webhooks", "*", "secret_file"),
+    ("watchlist", "webhooks", "*", "secret_file"), ("store", "password_file"),
 ]
 
 

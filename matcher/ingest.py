@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -67,7 +66,6 @@ _MAX_PEERS = 4096  # nodes whose connection is remembered for acknowledgements
 # ZeroMQ cuts the connection of a sender over this, losing what it sent after: so well above the schema's limit,
 # for a slightly oversized message to be counted and logged as one, with the connection kept.
 _SOCKET_MAX_BYTES = 4 * MAX_MESSAGE_BYTES
-_REFUSED = (sqlite3.Error, OverflowError)  # what the store raises for a row it cannot take
 
 
 @dataclass
@@ -285,7 +283,7 @@ class Pipeline:
             if batch:
                 try:
                     first = self._insert(batch)
-                except _REFUSED as e:  # one row can refuse the whole transaction: find it, keep the others
+                except (self.store.Error, OverflowError) as e:  # what the store raises for a row it cannot take; one row can refuse the whole transaction: find it, keep the others
                     log.warning("the store refused a batch of %d sightings (%s): committing them one by one", _size(batch), e)
                     batch, first = self._insert_each(batch)
             if batch:  # under the lock, for quiet()
@@ -335,7 +333,7 @@ class Pipeline:
     def _insert_one(self, model: str, s: Sighting, vec: np.ndarray) -> bool:
         try:
             self._insert({model: Rows([s], vec)})
-        except _REFUSED as e:
+        except (self.store.Error, OverflowError) as e:
             self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
             return False
         return True

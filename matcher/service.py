@@ -4,9 +4,12 @@
 |----------------|----------------------------------------------------------------------------------------|
 | `ingest`       | `matcher.ingest.Pipeline`: receive → check → commit → index threads; accepted/rejected counts |
 | `queries`      | `matcher.query.QueryEngine`: search by embedding, stored sighting, edge track or image   |
-| `store`        | `matcher.store.Store`: lookups (`record`, `thumbnail`, `recent`, `cameras`)               |
+| `store`        | by `store.kind`: `matcher.store.Store` (SQLite, data_dir/sightings.db) or `matcher.pgstore.PgStore` |
+|                | (PostgreSQL); lookups (`record`, `thumbnail`, `recent`, `cameras`). The other files (registry, |
+|                | watchlist, webhooks, harvest index, users, audit) and index snapshots stay in data_dir either way |
 | `index`        | `matcher.index.Index`: FAISS partitions; rebuilds start there when one outgrows exact search |
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
+|                | (PostgreSQL: VACUUM after a deletion)                                                    |
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
 | retention      | thread: every `retention.check_interval_s`, delete sightings past max age / per-camera count |
 | registry       | `matcher.registry`: the model versions, which is production (edges fetch it)             |
@@ -36,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig
+from crossview.kernel.config import IndexConfig, MatcherConfig, QueryConfig, StoreConfig
 from crossview.kernel.runtime import listening
 from crossview.matcher.audit import AuditLog
 from crossview.matcher.edges import Edges
@@ -59,10 +62,19 @@ _RETENTION_CHUNK = 5000  # sightings deleted per transaction, so ingest never wa
 _CHECKPOINT_INTERVAL_S = 1.0  # ~20 MB of WAL at 10,000 sightings/s
 
 
+def open_store(data_dir: Path, cfg: StoreConfig, read_only: bool = False) -> Store:
+    """The sightings store `store.kind` names: data_dir/sightings.db, or the PostgreSQL database."""
+    if cfg.kind == "sqlite":
+        return Store(Path(data_dir) / "sightings.db", read_only)
+    from crossview.matcher.pgstore import PgStore  # psycopg: the postgres extra
+
+    return PgStore(cfg, read_only)
+
+
 def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, models: list[Path],
-              read_only: bool = False) -> QueryEngine:
+              read_only: bool = False, store_cfg: StoreConfig | None = None) -> QueryEngine:
     """Store + recovered index + image embedders over `data_dir`; read-only beside a running service is fine."""
-    store = Store(Path(data_dir) / "sightings.db", read_only)
+    store = open_store(data_dir, store_cfg or StoreConfig(), read_only)
     try:
         index = Index(index_cfg, store, Path(data_dir) / "index", read_only)
         index.recover()
@@ -78,7 +90,7 @@ class Matcher:
     def __init__(self, cfg: MatcherConfig):
         self.cfg = cfg
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models)
+        self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models, store_cfg=cfg.store)
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
@@ -185,7 +197,7 @@ class Matcher:
         while True:
             try:
                 self.enforce_retention()
-            except sqlite3.Error as e:
+            except self.store.Error as e:
                 log.error("retention pass failed, retried in %.0f s: %s", self.cfg.retention.check_interval_s, e)
             if self._stop.wait(self.cfg.retention.check_interval_s):
                 return
@@ -194,7 +206,7 @@ class Matcher:
         while not self._stop.wait(_CHECKPOINT_INTERVAL_S):
             try:
                 self.store.checkpoint()
-            except sqlite3.Error as e:  # the WAL keeps everything meanwhile; the next pass copies it
+            except self.store.Error as e:  # the WAL keeps everything meanwhile; the next pass copies it
                 log.error("WAL checkpoint failed: %s", e)
 
     def _snapshot_loop(self) -> None:
@@ -206,7 +218,7 @@ class Matcher:
         try:
             written = self.index.save()
             self.store.prune_deletions(self.index.snapshot_deletion_pos())
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, self.store.Error) as e:
             log.error("index snapshot failed (the previous one stays): %s", e)
             return
         if written:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the shared data sets, the default embedder model (built once) and tiny models.
+"""Shared fixtures: the shared data sets, the default embedder model (built once), tiny models, and the matcher's
+store backends (`store_section`: SQLite, or a fresh database on one PostgreSQL server per session, `pgserver.py`).
 
 Shared data lives beside the repository (`/work/shared/data` next to `/work/main`, as CI clones it);
 tests that need it are skipped with the reason when it is absent.
@@ -93,3 +94,54 @@ def live_matcher(tmp_path_factory, default_model, tud_frames):
 
     with LiveMatcher(tmp_path_factory.mktemp("matcher"), default_model, tud_frames) as live:
         yield live
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""
+    import shutil
+    import tempfile
+
+    from pgserver import PgServer
+
+    root = Path(tempfile.mkdtemp(prefix="crossview-pg-"))  # not under pytest's 0700 folders: the server's user must reach it
+    root.chmod(0o755)
+    try:
+        with PgServer(root / "pg") as pg:
+            yield pg
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def backend_section(request) -> dict:
+    """The matcher config's `store` section for the backend `request.param` names: {} (SQLite, the default)."""
+    if request.param == "sqlite":
+        return {}
+    pg = request.getfixturevalue("pg_server")
+    return pg.store_section(pg.fresh_db())
+
+
+@pytest.fixture(params=BACKENDS)
+def store_section(request) -> dict:
+    """Per backend, a `store` section for one test (PostgreSQL: an empty database of its own)."""
+    return backend_section(request)
+
+
+@pytest.fixture
+def open_test_store(tmp_path, store_section):
+    """`open_test_store(read_only=False)`: the backend's store, SQLite in tmp_path; all are closed at the end."""
+    from crossview.kernel.config import StoreConfig
+    from crossview.matcher.service import open_store
+
+    opened = []
+
+    def make(read_only: bool = False):
+        opened.append(open_store(tmp_path, StoreConfig(**store_section), read_only))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()

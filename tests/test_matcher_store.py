@@ -4,7 +4,8 @@
 |----------------------------|-------------------------------------------------------------------------|
 | old `det_score` column     | a store from before the detector score was named `score` (as on the wire): |
 |                            | read-only it reads as is; a writable open renames the column, keeping rows |
-| ids                        | `next_id()` after deletions: the deleted ids are not given out again     |
+| ids                        | `next_id()` after deletions, also after a reopen: the deleted ids are not given out |
+|                            | again (both backends: SQLite and PostgreSQL)                            |
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ def test_a_store_with_the_old_score_column_opens_and_reads(tmp_path, read_only):
         reader.close()
 
 
-def test_ids_are_never_reused_after_a_deletion(tmp_path):
-    store = Store(tmp_path / "sightings.db")
+def test_ids_are_never_reused_after_a_deletion(open_test_store):
+    store = open_test_store()
     vecs = unit_vectors(np.random.default_rng(1), 3, 8)
     ids = store_insert(store, [make_sighting(v, frame=k) for k, v in enumerate(vecs)])
-    store.delete(ids[1:])
+    assert store.delete(ids[1:]) == ({"m1": [2, 3]}, 2)
     assert ids == [1, 2, 3] and store.next_id() == 4
     store.close()
+    again = open_test_store()  # the highest id taken is stored, not derived from the rows left
+    assert again.next_id() == 4 and again.last_deletion() == 2 and [r.id for r in again.recent()] == [1]
+    assert store_insert(again, [make_sighting(vecs[0], frame=9)]) == [4]
