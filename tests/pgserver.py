@@ -7,6 +7,7 @@
 |             | the data folder; as anyone else, as that user                                           |
 | auth        | scram-sha-256 over TCP on 127.0.0.1 only, the password in a file: `store.password_file` |
 | databases   | `fresh_db()`: a new, empty database each call, for one test's store                     |
+| inspection  | `connect(db)`, `dead_tuples(db, table)`: deleted row versions VACUUM has not pruned yet  |
 
     >>> with PgServer(tmp_path) as pg:
     ...     cfg = pg.store_config(pg.fresh_db())    # a StoreConfig section for matcher_config(store=...)
@@ -74,6 +75,14 @@ class PgServer:
 
         return psycopg.connect(host="127.0.0.1", port=self.port, dbname=dbname, user=self.user, password=PASSWORD,
                                autocommit=True)
+
+    def dead_tuples(self, dbname: str, table: str) -> int:
+        """Row versions a DELETE left in `table`'s pages that VACUUM has not yet pruned (pageinspect)."""
+        with self.connect(dbname) as db:
+            db.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+            return db.execute("SELECT COUNT(*) FROM generate_series(0, pg_relation_size(%s) / 8192 - 1) AS b, "
+                              "heap_page_items(get_raw_page(%s, b::int)) WHERE lp_flags = 3 OR (lp_flags = 1 AND t_xmax <> 0)",
+                              (table, table)).fetchone()[0]
 
     def fresh_db(self) -> str:
         name = f"t{next(self._names)}"
