@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from pgserver import BACKENDS, backend_section
 from torch import nn
 
 from crossview.kernel.modelmeta import ModelMeta
@@ -96,9 +97,6 @@ def live_matcher(tmp_path_factory, default_model, tud_frames):
         yield live
 
 
-BACKENDS = ["sqlite", "postgres"]
-
-
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""
@@ -114,14 +112,6 @@ def pg_server():
             yield pg
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def backend_section(request) -> dict:
-    """The matcher config's `store` section for the backend `request.param` names: {} (SQLite, the default)."""
-    if request.param == "sqlite":
-        return {}
-    pg = request.getfixturevalue("pg_server")
-    return pg.store_section(pg.fresh_db())
 
 
 @pytest.fixture(params=BACKENDS)

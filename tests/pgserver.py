@@ -6,6 +6,7 @@
 | user        | run as root (CI), the server runs as the `postgres` system user (`runuser`), which owns |
 |             | the data folder; as anyone else, as that user                                           |
 | auth        | scram-sha-256 over TCP on 127.0.0.1 only, the password in a file: `store.password_file` |
+| backends    | `BACKENDS`, `backend_section(request)`: a fixture's `store` section per backend param |
 | databases   | `fresh_db()`: a new, empty database each call, for one test's store                     |
 | inspection  | `connect(db)`, `dead_tuples(db, table)`: deleted row versions VACUUM has not pruned yet  |
 
@@ -25,6 +26,16 @@ import pytest
 from helpers import free_port
 
 PASSWORD = "test-pg-password-0123456789"
+BACKENDS = ["sqlite", "postgres"]  # the matcher's store backends, for fixture params
+
+
+def backend_section(request) -> dict:
+    """The matcher config's `store` section for the backend `request.param` names: {} (SQLite in data_dir, the
+    default), or a fresh database on the session's server (the `pg_server` fixture)."""
+    if request.param == "sqlite":
+        return {}
+    pg = request.getfixturevalue("pg_server")
+    return pg.store_section(pg.fresh_db())
 
 
 def pg_bin() -> Path | None:

@@ -2,7 +2,7 @@
 
 Twenty people walk past three cameras (one edge track per person and camera); model version m2
 (32-d) holds other people, and m3 holds exact copies of m1's vectors on a camera of its own, to show
-that versions are never compared.
+that versions are never compared. Every test runs on both store backends (SQLite and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 from helpers import TINY_JPEG, PersonWorld, Pusher, make_sighting, matcher_config, person_world, unit_vectors, wait_until
+from pgserver import BACKENDS, backend_section
 
 from crossview.kernel.config import QueryConfig
 from crossview.matcher.query import Filters, QueryEngine
@@ -27,9 +29,9 @@ def world():
     return person_world()
 
 
-@pytest.fixture(scope="module")
-def matcher(tmp_path_factory, world):
-    m = Matcher(matcher_config(tmp_path_factory.mktemp("matcher")))
+@pytest.fixture(scope="module", params=BACKENDS)
+def matcher(request, tmp_path_factory, world):
+    m = Matcher(matcher_config(tmp_path_factory.mktemp("matcher"), store=backend_section(request)))
     m.start()
     other = person_world(persons=5, cameras=("lobby", "yard", "dock"), dim=32, model="m2", seed=1)
     mirror = [make_sighting(s.embedding, "edge-3", "mirror", s.ts, s.frame, s.track, "m3") for s in world.sightings]
@@ -161,8 +163,18 @@ def test_lookups_for_a_picker(matcher, world):
     assert newest[0].to_dict()["box"] == [10.0, 20.0, 50.0, 140.0]
 
 
-def test_query_cli_reads_the_live_data_dir(matcher, world):
-    cmd = [sys.executable, "-m", "crossview.cli", "query", "--data-dir", str(matcher.cfg.data_dir),
+def _where(matcher, tmp_path) -> list[str]:
+    """`crossview query`'s arguments for the matcher's data: its data dir, or a config naming its PostgreSQL store."""
+    if matcher.cfg.store.kind == "sqlite":
+        return ["--data-dir", str(matcher.cfg.data_dir)]
+    config = tmp_path / "matcher.yaml"
+    config.write_text(yaml.safe_dump({**matcher.cfg.model_dump(mode="json", include={"data_dir", "ingest", "http"}),
+                                      "store": matcher.cfg.store.model_dump(mode="json", exclude_none=True)}))
+    return ["--config", str(config)]
+
+
+def test_query_cli_reads_the_live_data_dir(matcher, world, tmp_path):
+    cmd = [sys.executable, "-m", "crossview.cli", "query", *_where(matcher, tmp_path),
            "--track", "edge-1:gate:%d" % (PERSON + 1), "--min-score", "0.7"]
     out = json.loads(subprocess.run([*cmd, "--json"], capture_output=True, text=True, check=True, timeout=60).stdout)
     assert {cam: [h["track"] for h in hits] for cam, hits in out["cameras"].items()} == {"hall": [4], "street": [4]}
@@ -193,8 +205,8 @@ def test_wrong_dimension_and_zero_embeddings_are_counted_and_dropped(tmp_path, c
         m.stop()
 
 
-def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path):
-    m = Matcher(matcher_config(tmp_path, query={"track_gap_s": 30}))
+def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path, store_section):
+    m = Matcher(matcher_config(tmp_path, store=store_section, query={"track_gap_s": 30}))
     m.start()
     try:
         v = unit_vectors(np.random.default_rng(1), 2, 64)
@@ -213,8 +225,8 @@ def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path):
         m.stop()
 
 
-def test_a_track_continues_across_a_matcher_restart(tmp_path):
-    cfg = matcher_config(tmp_path, query={"track_gap_s": 30})
+def test_a_track_continues_across_a_matcher_restart(tmp_path, store_section):
+    cfg = matcher_config(tmp_path, store=store_section, query={"track_gap_s": 30})
     v = unit_vectors(np.random.default_rng(2), 1, 64)[0]
     for times in ([1000, 1001], [1010, 1100]):  # 9 s after the restart, then a 90 s gap
         m = Matcher(cfg)
