@@ -1,4 +1,8 @@
-"""Durability: what the matcher accepted survives a clean stop, a damaged snapshot and `kill -9`."""
+"""Durability: what the matcher accepted survives a clean stop, a damaged snapshot and `kill -9`.
+
+The restart, deletion-log and `kill -9` tests run on both store backends (SQLite and PostgreSQL); the WAL and
+damaged-snapshot ones on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +24,20 @@ import pytest
 import yaml
 from helpers import Pusher, index_ids, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
 
-from crossview.kernel.config import load_matcher_config
+from crossview.kernel.config import StoreConfig, load_matcher_config
 from crossview.matcher.query import Filters
 from crossview.matcher.service import Matcher
 from crossview.matcher.store import Store
 
 
-def _stored(data_dir: Path) -> dict[int, float]:
-    """Sighting id -> ts as a reader of the SQLite file sees them: committed ones only."""
+def _stored(data_dir: Path, store: dict | None = None) -> dict[int, float]:
+    """Sighting id -> ts as another reader of the store sees them (the SQLite file, or the `store` section's
+    PostgreSQL database): committed ones only."""
+    if store:
+        import psycopg
+
+        with psycopg.connect(StoreConfig(**store).conninfo()) as db:
+            return dict(db.execute("SELECT id, ts FROM sightings").fetchall())
     db = sqlite3.connect(f"{(data_dir / 'sightings.db').as_uri()}?mode=ro", uri=True)
     try:
         return dict(db.execute("SELECT id, ts FROM sightings"))
@@ -35,8 +45,8 @@ def _stored(data_dir: Path) -> dict[int, float]:
         db.close()
 
 
-def _store_ids(data_dir: Path) -> set[int]:
-    return set(_stored(data_dir))
+def _store_ids(data_dir: Path, store: dict | None = None) -> set[int]:
+    return set(_stored(data_dir, store))
 
 
 def _ingest(m: Matcher, sightings: list) -> None:
@@ -59,13 +69,13 @@ def _ranked(m: Matcher, world, person: int) -> list[tuple]:
     return [(h.camera, h.track, round(h.score, 5), h.n_sightings) for h in result.ranked()]
 
 
-def test_restart_after_a_clean_stop_keeps_everything_and_never_reuses_ids(tmp_path):
+def test_restart_after_a_clean_stop_keeps_everything_and_never_reuses_ids(tmp_path, store_section):
     world = person_world()
-    cfg = matcher_config(tmp_path)
+    cfg = matcher_config(tmp_path, store=store_section)
     m = Matcher(cfg)
     m.start()
     _ingest(m, world.sightings)
-    last = max(_store_ids(tmp_path))
+    last = max(_store_ids(tmp_path, store_section))
     assert m.remove([last, 1, 2]) == 3
     before = {p: _ranked(m, world, p) for p in (0, 3, 19)}
     m.stop()
@@ -73,10 +83,10 @@ def test_restart_after_a_clean_stop_keeps_everything_and_never_reuses_ids(tmp_pa
 
     again = Matcher(cfg)
     assert {p: _ranked(again, world, p) for p in (0, 3, 19)} == before
-    assert index_ids(again.index.partition("m1").index) == _store_ids(tmp_path)
+    assert index_ids(again.index.partition("m1").index) == _store_ids(tmp_path, store_section)
     again.start()
     _ingest(again, [make_sighting(world.centers[0], camera="yard", track=99)])
-    [new] = _store_ids(tmp_path) - set(range(1, last + 1))
+    [new] = _store_ids(tmp_path, store_section) - set(range(1, last + 1))
     assert new == last + 1, "the deleted highest id is not handed out again"
     again.stop()
 
@@ -94,9 +104,9 @@ def test_a_damaged_snapshot_is_rebuilt_from_the_store(tmp_path, caplog):
     again.stop()
 
 
-def test_a_snapshot_older_than_the_pruned_deletion_log_is_not_trusted(tmp_path, caplog):
+def test_a_snapshot_older_than_the_pruned_deletion_log_is_not_trusted(tmp_path, caplog, store_section):
     world = person_world(persons=5)
-    cfg = matcher_config(tmp_path)
+    cfg = matcher_config(tmp_path, store=store_section)
     _filled(cfg, world.sightings)
     shutil.copytree(tmp_path / "index", tmp_path / "old-index")  # e.g. a backup of the index folder
     m = Matcher(cfg)
@@ -106,7 +116,7 @@ def test_a_snapshot_older_than_the_pruned_deletion_log_is_not_trusted(tmp_path, 
     (tmp_path / "old-index").rename(tmp_path / "index")
     again = Matcher(cfg)
     assert "does not fit the store" in caplog.text
-    assert index_ids(again.index.partition("m1").index) == _store_ids(tmp_path) == set(range(31, 91))
+    assert index_ids(again.index.partition("m1").index) == _store_ids(tmp_path, store_section) == set(range(31, 91))
     again.stop()
 
 
@@ -153,7 +163,7 @@ class _Sender(threading.Thread):
 
 
 @pytest.mark.timeout(120)
-def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog):
+def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog, store_section):
     caplog.set_level(logging.INFO, logger="crossview.matcher.index")
     port = _free_port()
     raw = {
@@ -163,6 +173,7 @@ def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog):
         "retention": {"max_age_hours": 24, "check_interval_s": 0.1},
         "http": {"token": "test-token-0123456789"},
         "metrics": {"log_interval_s": 1},
+        "store": store_section,
     }
     config = tmp_path / "matcher.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -173,9 +184,9 @@ def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog):
     sender = _Sender(f"tcp://127.0.0.1:{port}", 40000)
     sender.start()
     try:
-        wait_until(lambda: (data / "sightings.db").is_file() and list((data / "index").glob("*.json")), 30, "a first snapshot")
-        wait_until(lambda: len(_store_ids(data)) >= 8000, 30, "8000 sightings committed")
-        acknowledged = _stored(data)  # committed, so counted as accepted by the service
+        wait_until(lambda: list((data / "index").glob("*.json")), 30, "a first snapshot")
+        wait_until(lambda: len(_store_ids(data, store_section)) >= 8000, 30, "8000 sightings committed")
+        acknowledged = _stored(data, store_section)  # committed, so counted as accepted by the service
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
     finally:
@@ -186,7 +197,7 @@ def test_kill_9_mid_ingest_loses_no_accepted_sighting(tmp_path, caplog):
     sender.join()
 
     m = Matcher(load_matcher_config(config))  # restart: snapshot + replay of the store
-    stored = _store_ids(data)
+    stored = _store_ids(data, store_section)
     fresh = {i for i, ts in acknowledged.items() if ts > time.time() - 86400}  # the rest retention may delete
     assert len(fresh) >= 0.9 * 8000 - 1 and fresh <= stored, "an acknowledged sighting was lost"
     assert index_ids(m.index.partition("m1").index) == stored, "index and store disagree after recovery"
