@@ -10,6 +10,7 @@
 | the spool on its own              | a bound too small, reopening, a wiped spool | oldest dropped, numbers never reused  |
 | its config                        | `publisher.spool_dir` left out, `spool_mb` 0 | beside the config file; the key named |
 
+The matcher `kill -9` and resend tests run on both store backends (SQLite and PostgreSQL).
 `CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
 """
 
@@ -30,7 +31,7 @@ from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_
 
 from crossview.edge.publisher import Publisher
 from crossview.edge.spool import Spool
-from crossview.kernel.config import ConfigError, CurveConfig, PublisherConfig, load_edge_config
+from crossview.kernel.config import ConfigError, CurveConfig, PublisherConfig, StoreConfig, load_edge_config
 from crossview.kernel.transport import generate_keys
 from crossview.kernel.wire import decode_ack
 from crossview.matcher.ingest import Receiver
@@ -42,12 +43,13 @@ OUTAGE_S = max(20.0, float(os.environ.get("CROSSVIEW_TEST_OUTAGE_S", "22")))
 NODE = "edge-d"
 
 
-def matcher_yaml(tmp: Path, port: int) -> Path:
+def matcher_yaml(tmp: Path, port: int, store: dict | None = None) -> Path:
     path = tmp / "matcher.yaml"
     path.write_text(yaml.safe_dump({
         "data_dir": str(tmp / "matcher"),
         "ingest": {"endpoint": f"tcp://127.0.0.1:{port}", "security": {"mode": "plain"}, "batch_wait_ms": 2},
         "http": {"token": "test-token-0123456789", "port": 0},
+        "store": store or {},
     }))
     return path
 
@@ -67,8 +69,8 @@ def edge_yaml(tmp: Path, model: Path, port: int, **publisher) -> Path:
     return path
 
 
-def start_matcher(tmp: Path, port: int) -> CrossviewProcess:
-    return CrossviewProcess(tmp / "matcher.log", "matcher", "--config", str(matcher_yaml(tmp, port)))
+def start_matcher(tmp: Path, port: int, store: dict | None = None) -> CrossviewProcess:
+    return CrossviewProcess(tmp / "matcher.log", "matcher", "--config", str(matcher_yaml(tmp, port, store)))
 
 
 def start_edge(tmp: Path, config: Path, seconds: float, log: str = "edge.log") -> CrossviewProcess:
@@ -90,8 +92,15 @@ def read(db: Path, sql: str) -> list[tuple]:
         conn.close()
 
 
-def stored_seqs(tmp: Path) -> list[int]:
-    return [r[0] for r in read(tmp / "matcher" / "sightings.db", f"SELECT seq FROM sightings WHERE node = '{NODE}'")]
+def stored_seqs(tmp: Path, store: dict | None = None) -> list[int]:
+    """The edge's sequence numbers in the matcher's store: the SQLite file, or the `store` section's database."""
+    sql = f"SELECT seq FROM sightings WHERE node = '{NODE}'"
+    if not store:
+        return [r[0] for r in read(tmp / "matcher" / "sightings.db", sql)]
+    import psycopg
+
+    with psycopg.connect(StoreConfig(**store).conninfo()) as db:
+        return [r[0] for r in db.execute(sql)]
 
 
 def spooled_seqs(tmp: Path) -> list[int]:
@@ -192,7 +201,7 @@ class Acked:
 
 
 @pytest.mark.timeout(150)
-def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_path):
+def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_path, store_section):
     port, total = free_port(), 2400
     vecs = unit_vectors(np.random.default_rng(0), total, 64)
     pub = Publisher(PublisherConfig(endpoint=f"tcp://127.0.0.1:{port}", security=CurveConfig(mode="plain"),
@@ -208,7 +217,7 @@ def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_
             time.sleep(1 / 200)
 
     feeder = threading.Thread(target=feed, daemon=True)
-    matcher = start_matcher(tmp_path, port)
+    matcher = start_matcher(tmp_path, port, store_section)
     feeder.start()
     try:
         for kill in range(5):
@@ -216,12 +225,12 @@ def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_
             wait_until(lambda: len(acked.now()) >= before + 100, 60, f"ingest going before kill {kill + 1}")
             matcher.kill9()
             sure = acked.now()  # acknowledged before the kill: must be in the store
-            missing = sure - set(stored_seqs(tmp_path))
+            missing = sure - set(stored_seqs(tmp_path, store_section))
             assert not missing, f"kill {kill + 1}: {len(missing)} acknowledged sightings not stored"
-            matcher = start_matcher(tmp_path, port)
+            matcher = start_matcher(tmp_path, port, store_section)
         feeder.join(60)
         wait_until(lambda: pub.spooled == 0, 60, "the spool drained")
-        seqs = stored_seqs(tmp_path)
+        seqs = stored_seqs(tmp_path, store_section)
         assert len(acked.now()) == pub.acknowledged == total and pub.dropped == 0
         assert_once(seqs, total)
         assert set(seqs) == acked.now()
@@ -268,11 +277,11 @@ def acks(push: Pusher, want: int, timeout: float = 10.0) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-def test_resent_sightings_are_stored_once_and_acknowledged_each_time_across_a_restart(tmp_path):
+def test_resent_sightings_are_stored_once_and_acknowledged_each_time_across_a_restart(tmp_path, store_section):
     vecs = unit_vectors(np.random.default_rng(1), 120, 16)
     v2 = [dataclasses.replace(make_sighting(v, frame=k), seq=1000 + k) for k, v in enumerate(vecs[:100])]
     v1 = [make_sighting(v, frame=100 + k) for k, v in enumerate(vecs[100:])]  # no seq: stored, never deduplicated
-    cfg = matcher_config(tmp_path / "matcher")
+    cfg = matcher_config(tmp_path / "matcher", store=store_section)
     for restart in range(2):
         m = Matcher(cfg)
         m.start()
