@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/calibration_bench.py --out docs/benchmarks.md
 	$(PY) bench/int8_bench.py --out docs/benchmarks.md
 	$(PY) bench/migration_bench.py --out docs/benchmarks.md
+	$(PY) bench/harvest_upload_bench.py --out docs/benchmarks.md
 
 # The domain adaptation experiments on real footage (about 1.5 h on 2 CPU cores): docs/results.md.
 results: install
