@@ -3,7 +3,8 @@ ZeroMQ (`live_matcher.py`), uvicorn on 127.0.0.1, plain `urllib` as the client.
 
 Checks what a client relies on: the token gate, answers that find people on the other camera with
 thumbnails that load, image uploads (and the 400 a broken one gets), errors that say what is wrong,
-the OpenAPI schema, localhost binding, and `crossview query --url`.
+the OpenAPI schema, localhost binding, and `crossview query --url`. On both store backends: the session's
+SQLite `live_matcher`, and one on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,12 +18,24 @@ import urllib.request
 import cv2
 import numpy as np
 import pytest
-from live_matcher import TOKEN, person_crop
+from live_matcher import TOKEN, LiveMatcher, person_crop
+from pgserver import BACKENDS, backend_section
 
 from crossview.cli import main
 from crossview.kernel.config import HttpConfig, MatcherConfig, parse_config
 from crossview.matcher.api import serve
 from crossview.matcher.client import encode_multipart
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def live_matcher(request, live_matcher, tmp_path_factory, default_model, tud_frames):
+    """The session's live matcher (SQLite), then the same on PostgreSQL."""
+    if request.param == "sqlite":
+        yield live_matcher
+        return
+    with LiveMatcher(tmp_path_factory.mktemp("matcher-pg"), default_model, tud_frames, backend_section(request)) as live:
+        yield live
+
 
 PROTECTED = [
     ("GET", "/api/v1/stats"), ("GET", "/api/v1/cameras"), ("GET", "/api/v1/sightings"), ("GET", "/api/v1/sightings/1"),
