@@ -84,7 +84,10 @@ ADAPT_PATH_KEYS = [("train",), ("state_dir",), ("baseline_model",), ("matcher", 
 
 
 def load_adapt_config(path: str | Path) -> AdaptJobConfig:
-    return load_config(path, AdaptJobConfig, ADAPT_PATH_KEYS)
+    cfg = load_config(path, AdaptJobConfig, ADAPT_PATH_KEYS)
+    if not cfg.state_dir.is_absolute():  # the default, unresolved: beside the config, not wherever the job starts
+        cfg = cfg.model_copy(update={"state_dir": Path(path).resolve().parent / cfg.state_dir})
+    return cfg
 
 
 @dataclass(frozen=True)
