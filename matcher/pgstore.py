@@ -31,7 +31,9 @@ Everything else (registry, watchlist, webhooks, harvest index, users, audit) sta
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -41,9 +43,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from crossview.kernel.config import StoreConfig
-from crossview.kernel.wire import MAX_INT, Sighting
-from crossview.matcher.results import SightingRecord
-from crossview.matcher.storecommon import COLUMNS, by_model, chunks, id_vectors, ints, migrate_window, oldest_over, record
+from crossview.kernel.wire import Sighting
+from crossview.matcher.storecommon import COLUMNS, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,15 @@ MIGRATIONS = [
 ]
 _PURGED = ("sightings", "vectors", "thumbnails", "reembedded")  # what a deletion leaves dead tuples in
 _LOCK_KEY = 0x63726F7373  # the advisory lock schema steps run under ("cross")
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # `:name`, not a `::type` cast
 
 
-class PgStore:
-    """See the module docstring."""
+class PgStore(SqlStore):
+    """See the module docstring; the lookups, retention queries and migration selections are `SqlStore`'s."""
 
     Error = psycopg.Error
+    _IN = "= ANY(?)"
+    _NODES = "string_agg(DISTINCT node, ',' ORDER BY node)"
 
     def __init__(self, cfg: StoreConfig, read_only: bool = False):
         self.shown, self.read_only = cfg.shown, read_only
@@ -145,13 +149,23 @@ class PgStore:
         with self._pool.connection() as conn:
             yield conn
 
-    def _all(self, sql: str, args: tuple | dict = ()) -> list[tuple]:
-        with self._read() as db:
-            return db.execute(sql, args).fetchall()
+    @staticmethod
+    @functools.lru_cache(maxsize=256)
+    def _sql(sql: str) -> str:
+        """SQLite's placeholders (`?`, `:name`; `SqlStore`'s SQL) as psycopg's; a `::type` cast stays."""
+        return _NAMED.sub(r"%(\1)s", sql.replace("?", "%s"))
 
-    def _one(self, sql: str, args: tuple | dict = ()) -> tuple | None:
+    @staticmethod
+    def _list(values: Iterable) -> list:
+        return list(values)
+
+    def _all(self, sql: str, args: Sequence | dict = ()) -> list[tuple]:
         with self._read() as db:
-            return db.execute(sql, args).fetchone()
+            return db.execute(self._sql(sql), args).fetchall()
+
+    def _one(self, sql: str, args: Sequence | dict = ()) -> tuple | None:
+        with self._read() as db:
+            return db.execute(self._sql(sql), args).fetchone()
 
     def close(self) -> None:
         if getattr(self, "_pool", None) is not None:
@@ -228,105 +242,15 @@ class PgStore:
 
     # -- lookups -------------------------------------------------------------------------------
 
-    def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
-        rows = self._all(f"SELECT {COLUMNS} FROM sightings WHERE id = ANY(%s)", (ints(ids),))
-        return {r[0]: record(r) for r in rows}
-
-    def record(self, sighting_id: int) -> SightingRecord | None:
-        return self.records([sighting_id]).get(int(sighting_id))
-
-    def vector(self, sighting_id: int, model: str | None = None) -> np.ndarray | None:
-        """The sighting's embedding by its own model version, or by `model` (its own, or one it was re-embedded by)."""
-        if model is None:
-            row = self._one("SELECT vec FROM vectors WHERE id = %s", (int(sighting_id),))
-        else:
-            row = self._one("SELECT v.vec FROM vectors v JOIN sightings s ON s.id = v.id WHERE v.id = %(id)s AND s.model = %(m)s "
-                            "UNION ALL SELECT vec FROM reembedded WHERE id = %(id)s AND model = %(m)s",
-                            {"id": int(sighting_id), "m": model})
-        return None if row is None else np.frombuffer(row[0], np.float32)
-
-    def thumbnail(self, sighting_id: int) -> bytes | None:
-        row = self._one("SELECT jpeg FROM thumbnails WHERE id = %s", (int(sighting_id),))
-        return None if row is None else bytes(row[0])
-
-    def latest_in_track(self, node: str, camera: str, track: int, model: str | None = None) -> SightingRecord | None:
-        """The newest sighting of an edge track: it carries the track's best (longest running mean) embedding."""
-        row = self._one(f"SELECT {COLUMNS} FROM sightings WHERE node = %s AND camera = %s AND track = %s "
-                        "AND (%s::text IS NULL OR model = %s) ORDER BY ts DESC LIMIT 1", (node, camera, int(track), model, model))
-        return None if row is None else record(row)
-
-    def track_spans(self, track_ids: Iterable[int]) -> dict[int, tuple[float, float, int]]:
-        """track_id -> (first ts, last ts, sightings stored)."""
-        rows = self._all("SELECT track_id, MIN(ts), MAX(ts), COUNT(*) FROM sightings WHERE track_id = ANY(%s) GROUP BY track_id",
-                         (ints(track_ids),))
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
-
-    def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
-        rows = self._all(f"SELECT {COLUMNS} FROM sightings WHERE (%s::text IS NULL OR camera = %s) ORDER BY ts DESC LIMIT %s",
-                         (camera, camera, int(limit)))
-        return [record(r) for r in rows]
-
-    def cameras(self) -> list[dict]:
-        rows = self._all("SELECT camera, string_agg(DISTINCT node, ','), COUNT(*), COUNT(DISTINCT track_id), MIN(ts), MAX(ts) "
-                         "FROM sightings GROUP BY camera ORDER BY camera")
-        return [{"camera": r[0], "node": r[1], "sightings": r[2], "tracks": r[3], "first_ts": r[4], "last_ts": r[5]}
-                for r in rows]
-
-    def newest_by_node(self) -> dict[str, float]:
-        """node -> its newest sighting's time."""
-        return dict(self._all("SELECT node, MAX(ts) FROM sightings GROUP BY node"))
-
     def track_ends(self, since: float) -> list[tuple[str, str, int, str, int, float]]:
         """(node, camera, track, model, track_id, last ts) of every edge track seen since `since`: its latest stretch."""
         return self._all("SELECT DISTINCT ON (node, camera, track, model) node, camera, track, model, track_id, ts "
                          "FROM sightings WHERE ts >= %s ORDER BY node, camera, track, model, ts DESC", (since,))
 
-    def models(self) -> dict[str, int]:
-        """Every model version ever stored, with its embedding dimension."""
-        return dict(self._all("SELECT model, dim FROM models"))
-
-    def _stream(self, sql: str, args: tuple) -> Iterator[list[tuple]]:
+    def _stream(self, sql: str, args: Sequence) -> Iterator[list[tuple]]:
         """A query's rows in chunks, through a server-side cursor: one consistent read, never all in memory."""
         with self._read() as db, db.transaction():
-            yield from chunks(db.cursor(name="stream").execute(sql, args))
-
-    def vectors(self, model: str, after_id: int = 0, upto_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, (n, dim) float32) chunks of one model's stored embeddings with after_id < id <= upto_id, by id."""
-        for rows in self._stream("SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = %s "
-                                 "AND s.id > %s AND s.id <= %s ORDER BY s.id",
-                                 (model, int(after_id), int(upto_id) if upto_id is not None else MAX_INT)):
-            yield id_vectors(rows)
-
-    def reembedded_vectors(self, model: str, after_seq: int = 0,
-                           upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(ids, (n, dim) float32, last seq) chunks of the vectors re-embedded by `model` with after_seq < seq <= upto_seq,
-        in the order they were added."""
-        for rows in self._stream("SELECT id, vec, seq FROM reembedded WHERE model = %s AND seq > %s AND seq <= %s ORDER BY seq",
-                                 (model, int(after_seq), int(upto_seq) if upto_seq is not None else MAX_INT)):
-            yield (*id_vectors(rows), rows[-1][2])
-
-    @staticmethod
-    def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None, column: str) -> tuple[str, tuple]:
-        return (f"{column} = %s AND (%s::text[] IS NULL OR s.camera = ANY(%s)) AND s.ts >= %s AND s.ts <= %s",
-                (model, cameras or None, cameras or None, -np.inf if since is None else since, np.inf if until is None else until))
-
-    def count(self, model: str, cameras: list[str] | None, since: float | None, until: float | None, limit: int) -> int:
-        """Sightings with a vector of a model version (their own or re-embedded) on these cameras (None: all) within
-        [since, until], counted up to `limit` each way."""
-        own, own_args = self._where(model, cameras, since, until, "s.model")
-        other, other_args = self._where(model, cameras, since, until, "r.model")
-        return self._one(f"SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM sightings s WHERE {own} LIMIT %s) a) + "
-                         f"(SELECT COUNT(*) FROM (SELECT 1 FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other} "
-                         "LIMIT %s) b)", (*own_args, int(limit), *other_args, int(limit)))[0]
-
-    def vectors_where(self, model: str, cameras: list[str] | None, since: float | None,
-                      until: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, (n, dim) float32) of the sightings `count()` counts."""
-        own, own_args = self._where(model, cameras, since, until, "s.model")
-        other, other_args = self._where(model, cameras, since, until, "r.model")
-        return id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {own} UNION ALL "
-                                    f"SELECT s.id, r.vec FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other}",
-                                    (*own_args, *other_args)))
+            yield from chunks(db.cursor(name="stream").execute(self._sql(sql), args))
 
     # -- deletions and retention ---------------------------------------------------------------
 
@@ -356,10 +280,6 @@ class PgStore:
         with self._read() as db:
             return self._position(db, "deletions")
 
-    def deletions_after(self, seq: int) -> list[tuple[int, int, str]]:
-        """(seq, sighting id, model) logged after position `seq`."""
-        return self._all("SELECT seq, id, model FROM deletions WHERE seq > %s ORDER BY seq", (int(seq),))
-
     def prune_deletions(self, upto_seq: int) -> None:
         """Forget log entries every index snapshot already includes."""
         if upto_seq <= self.pruned_upto():
@@ -375,15 +295,6 @@ class PgStore:
         """Deletion-log position forgotten up to: a snapshot older than this cannot be brought up to date."""
         with self._read() as db:
             return self._position(db, "pruned")
-
-    def older_than(self, ts: float, limit: int) -> list[int]:
-        return [r[0] for r in self._all("SELECT id FROM sightings WHERE ts < %s ORDER BY ts LIMIT %s", (ts, int(limit)))]
-
-    def over_quota(self, max_per_camera: int, limit: int) -> list[int]:
-        """Ids of the oldest sightings of every camera holding more than `max_per_camera`."""
-        over = self._all("SELECT camera, COUNT(*) FROM sightings GROUP BY camera HAVING COUNT(*) > %s", (int(max_per_camera),))
-        return oldest_over(over, max_per_camera, limit, lambda camera, n: [
-            r[0] for r in self._all("SELECT id FROM sightings WHERE camera = %s ORDER BY ts, id LIMIT %s", (camera, n))])
 
     # -- re-embedding (matcher.migration) ------------------------------------------------------
 
@@ -404,61 +315,5 @@ class PgStore:
                     for k, i in enumerate(keep):
                         copy.write_row((first + k, i, model, np.asarray(wanted[i], np.float32).tobytes()))
             return keep, self._position(db, "reembedded")
-
-        return self._transaction(work)
-
-    # A sighting lacks a vector of %(model)s when it is neither its own version's (with that vector kept) nor re-embedded.
-    _LACKS = ("NOT (s.model = %(model)s AND EXISTS (SELECT 1 FROM vectors v WHERE v.id = s.id)) "
-              "AND NOT EXISTS (SELECT 1 FROM reembedded r WHERE r.model = %(model)s AND r.id = s.id)")
-
-    def to_migrate(self, model: str, since: float, limit: int, before: tuple[float, int] | None = None,
-                   after_id: int | None = None) -> list[tuple[int, float, bytes]]:
-        """(id, ts, JPEG) of thumbnailed sightings at or after `since` that lack a `model` vector, in a pass over the
-        store newest first and older than `before` (ts, id); or, with `after_id`, those with ids between it and
-        `before`'s (what arrived since a pass began), highest id first."""
-        by_time, window = migrate_window(before, after_id)
-        if by_time:
-            where, order = "(s.ts, s.id) < (%(ts)s, %(last)s)", "s.ts DESC, s.id DESC"  # the (ts, id) index, walked down
-        else:
-            where, order = "s.id > %(after)s AND s.id < %(last)s", "s.id DESC"
-        rows = self._all(f"SELECT s.id, s.ts, t.jpeg FROM sightings s JOIN thumbnails t ON t.id = s.id WHERE s.ts >= %(since)s "
-                         f"AND {where} AND {self._LACKS} ORDER BY {order} LIMIT %(n)s",
-                         {"model": model, "since": since, "n": int(limit), **window})
-        return [(r[0], r[1], bytes(r[2])) for r in rows]
-
-    def migration_counts(self, model: str, since: float) -> dict[str, int]:
-        """Sightings at or after `since`: re-embedded by `model`, thumbnailed ones still lacking its vector, and ones
-        lacking it without a thumbnail (which cannot be re-embedded)."""
-        todo, bare = self._one(f"SELECT COUNT(*) FILTER (WHERE s.has_thumb), COUNT(*) FILTER (WHERE NOT s.has_thumb) "
-                               f"FROM sightings s WHERE s.ts >= %(since)s AND {self._LACKS}", {"model": model, "since": since})
-        done = self._one("SELECT COUNT(*) FROM reembedded r JOIN sightings s ON s.id = r.id WHERE r.model = %s AND s.ts >= %s",
-                         (model, since))[0]
-        return {"reembedded": done, "remaining": todo, "without_thumbnail": bare}
-
-    def drop_vectors(self, model: str, after_id: int, upto_id: int, limit: int) -> tuple[int, int | None]:
-        """Delete `model`'s vectors (own and re-embedded) of the next `limit` sightings by id in (after_id, upto_id]: its
-        partition is gone. Returns (vectors deleted, the last id looked at, to go on from; None once past upto_id)."""
-
-        def work(db: psycopg.Connection) -> tuple[int, int | None]:
-            lo, hi = db.execute("SELECT MIN(id), MAX(id) FROM (SELECT id FROM sightings WHERE id > %s AND id <= %s ORDER BY id "
-                                "LIMIT %s) a", (int(after_id), int(upto_id), int(limit))).fetchone()
-            if lo is None:
-                return 0, None
-            own = db.execute("DELETE FROM vectors v USING sightings s WHERE s.id = v.id AND s.id BETWEEN %s AND %s "
-                             "AND s.model = %s", (lo, hi, model)).rowcount
-            return own + db.execute("DELETE FROM reembedded WHERE model = %s AND id BETWEEN %s AND %s", (model, lo, hi)).rowcount, hi
-
-        n, last = self._transaction(work)
-        self._purge = self._purge or n > 0
-        return n, last
-
-    def forget_model(self, model: str) -> bool:
-        """Remove a version from `models()` once no vector of it is left (a restart builds no partition for it)."""
-
-        def work(db: psycopg.Connection) -> bool:
-            if db.execute("SELECT EXISTS (SELECT 1 FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = %(m)s) "
-                          "OR EXISTS (SELECT 1 FROM reembedded WHERE model = %(m)s)", {"m": model}).fetchone()[0]:
-                return False
-            return db.execute("DELETE FROM models WHERE model = %s", (model,)).rowcount > 0
 
         return self._transaction(work)

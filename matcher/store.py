@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from crossview.kernel.wire import MAX_INT, Sighting
-from crossview.matcher.results import SightingRecord
-from crossview.matcher.storecommon import COLUMNS, by_model, chunks, id_vectors, migrate_window, oldest_over, record
+from crossview.kernel.wire import Sighting
+from crossview.matcher.storecommon import COLUMNS, SqlStore, by_model, chunks, ints
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS models (
@@ -94,12 +93,9 @@ _OLD_SCORE = "det_score"  # the score column's name in stores written before it 
 _PAGE_SIZE = 16384
 
 
-def _ids_json(ids: Iterable[int]) -> str:
-    """Id lists go to SQLite as one JSON parameter (`json_each`), so their length is unlimited."""
-    return json.dumps([int(i) for i in ids])
+class Store(SqlStore):
+    """See the module docstring; the lookups, retention queries and migration selections are `SqlStore`'s."""
 
-
-class Store:
     Error = sqlite3.Error  # what a failed store operation raises (PgStore's is psycopg's)
 
     def __init__(self, path: Path, read_only: bool = False):
@@ -176,6 +172,14 @@ class Store:
         with self._read() as db:
             return db.execute(sql, args).fetchone()
 
+    def _stream(self, sql: str, args: tuple) -> Iterator[list[tuple]]:
+        with self._read() as db:  # one statement: one consistent read of the store
+            yield from chunks(db.execute(sql, args))
+
+    @staticmethod
+    def _list(values: Iterable) -> str:
+        return json.dumps(list(values))
+
     def close(self) -> None:
         with self._conns_lock:
             for conn in self._conns:
@@ -248,131 +252,23 @@ class Store:
                          "ON s.node = j.value ->> 0 AND s.seq = j.value ->> 1", (json.dumps([[n, int(s)] for n, s in keys]),))
         return {(n, s) for n, s in rows}
 
-    # -- lookups -------------------------------------------------------------------------------
-
-    def records(self, ids: Iterable[int]) -> dict[int, SightingRecord]:
-        rows = self._all(f"SELECT {self._record_sql} FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
-                         (_ids_json(ids),))
-        return {r[0]: record(r) for r in rows}
-
-    def record(self, sighting_id: int) -> SightingRecord | None:
-        return self.records([sighting_id]).get(int(sighting_id))
-
-    def vector(self, sighting_id: int, model: str | None = None) -> np.ndarray | None:
-        """The sighting's embedding by its own model version, or by `model` (its own, or one it was re-embedded by)."""
-        if model is None:
-            row = self._one("SELECT vec FROM vectors WHERE id = ?", (int(sighting_id),))
-        else:
-            row = self._one("SELECT v.vec FROM vectors v JOIN sightings s ON s.id = v.id WHERE v.id = ? AND s.model = ? "
-                            "UNION ALL SELECT vec FROM reembedded WHERE id = ? AND model = ?",
-                            (int(sighting_id), model, int(sighting_id), model))
-        return None if row is None else np.frombuffer(row[0], np.float32)
-
-    def thumbnail(self, sighting_id: int) -> bytes | None:
-        row = self._one("SELECT jpeg FROM thumbnails WHERE id = ?", (int(sighting_id),))
-        return None if row is None else bytes(row[0])
-
-    def latest_in_track(self, node: str, camera: str, track: int, model: str | None = None) -> SightingRecord | None:
-        """The newest sighting of an edge track: it carries the track's best (longest running mean) embedding."""
-        sql = f"SELECT {self._record_sql} FROM sightings WHERE node = ? AND camera = ? AND track = ?"
-        args: tuple = (node, camera, int(track))
-        if model is not None:
-            sql, args = sql + " AND model = ?", (*args, model)
-        row = self._one(sql + " ORDER BY ts DESC LIMIT 1", args)
-        return None if row is None else record(row)
-
-    def track_spans(self, track_ids: Iterable[int]) -> dict[int, tuple[float, float, int]]:
-        """track_id -> (first ts, last ts, sightings stored)."""
-        rows = self._all("SELECT track_id, MIN(ts), MAX(ts), COUNT(*) FROM sightings "
-                         "WHERE track_id IN (SELECT value FROM json_each(?)) GROUP BY track_id", (_ids_json(track_ids),))
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
-
-    def recent(self, camera: str | None = None, limit: int = 50) -> list[SightingRecord]:
-        where, args = ("WHERE camera = ?", (camera,)) if camera is not None else ("", ())
-        rows = self._all(f"SELECT {self._record_sql} FROM sightings {where} ORDER BY ts DESC LIMIT ?", (*args, int(limit)))
-        return [record(r) for r in rows]
-
-    def cameras(self) -> list[dict]:
-        rows = self._all("SELECT camera, GROUP_CONCAT(DISTINCT node), COUNT(*), COUNT(DISTINCT track_id), MIN(ts), MAX(ts) "
-                         "FROM sightings GROUP BY camera ORDER BY camera")
-        return [{"camera": r[0], "node": r[1], "sightings": r[2], "tracks": r[3], "first_ts": r[4], "last_ts": r[5]}
-                for r in rows]
-
-    def newest_by_node(self) -> dict[str, float]:
-        """node -> its newest sighting's time."""
-        return dict(self._all("SELECT node, MAX(ts) FROM sightings GROUP BY node"))
-
     def track_ends(self, since: float) -> list[tuple[str, str, int, str, int, float]]:
         """(node, camera, track, model, track_id, last ts) of every edge track seen since `since`: its latest stretch."""
         # SQLite takes a bare column (track_id) from the row holding the MAX().
         return self._all("SELECT node, camera, track, model, track_id, MAX(ts) FROM sightings WHERE ts >= ? "
                          "GROUP BY node, camera, track, model", (since,))
 
-    def models(self) -> dict[str, int]:
-        """Every model version ever stored, with its embedding dimension."""
-        return dict(self._all("SELECT model, dim FROM models"))
-
-    def vectors(self, model: str, after_id: int = 0, upto_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, (n, dim) float32) chunks of one model's stored embeddings with after_id < id <= upto_id, by id."""
-        with self._read() as db:  # one statement: one consistent read of the store
-            cur = db.execute(
-                "SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? AND s.id > ? AND s.id <= ? "
-                "ORDER BY s.id", (model, int(after_id), int(upto_id) if upto_id is not None else MAX_INT))
-            for rows in chunks(cur):
-                yield id_vectors(rows)
-
-    def reembedded_vectors(self, model: str, after_seq: int = 0,
-                           upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        """(ids, (n, dim) float32, last seq) chunks of the vectors re-embedded by `model` with after_seq < seq <= upto_seq,
-        in the order they were added."""
-        with self._read() as db:
-            cur = db.execute("SELECT id, vec, seq FROM reembedded WHERE model = ? AND seq > ? AND seq <= ? ORDER BY seq",
-                             (model, int(after_seq), int(upto_seq) if upto_seq is not None else MAX_INT))
-            for rows in chunks(cur):
-                yield (*id_vectors(rows), rows[-1][2])
-
-    @staticmethod
-    def _where(model: str, cameras: list[str] | None, since: float | None, until: float | None,
-               column: str = "s.model") -> tuple[str, tuple]:
-        sql, args = f"{column} = ?", [model]
-        if cameras:
-            sql += " AND s.camera IN (SELECT value FROM json_each(?))"
-            args.append(json.dumps(cameras))
-        if since is not None:
-            sql, args = sql + " AND s.ts >= ?", [*args, since]
-        if until is not None:
-            sql, args = sql + " AND s.ts <= ?", [*args, until]
-        return sql, tuple(args)
-
-    def count(self, model: str, cameras: list[str] | None, since: float | None, until: float | None, limit: int) -> int:
-        """Sightings with a vector of a model version (their own or re-embedded) on these cameras (None: all) within
-        [since, until], counted up to `limit` each way."""
-        own, own_args = self._where(model, cameras, since, until)
-        other, other_args = self._where(model, cameras, since, until, "r.model")
-        return self._one(f"SELECT (SELECT COUNT(*) FROM (SELECT 1 FROM sightings s WHERE {own} LIMIT ?)) + "
-                         f"(SELECT COUNT(*) FROM (SELECT 1 FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other} LIMIT ?))",
-                         (*own_args, int(limit), *other_args, int(limit)))[0]
-
-    def vectors_where(self, model: str, cameras: list[str] | None, since: float | None,
-                      until: float | None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, (n, dim) float32) of the sightings `count()` counts."""
-        own, own_args = self._where(model, cameras, since, until)
-        other, other_args = self._where(model, cameras, since, until, "r.model")
-        return id_vectors(self._all(f"SELECT s.id, v.vec FROM sightings s JOIN vectors v ON v.id = s.id WHERE {own} UNION ALL "
-                                     f"SELECT s.id, r.vec FROM reembedded r JOIN sightings s ON s.id = r.id WHERE {other}",
-                                     (*own_args, *other_args)))
-
     # -- deletions and retention ---------------------------------------------------------------
 
     def delete(self, ids: Iterable[int]) -> tuple[dict[str, list[int]], int]:
         """Delete sightings with their embeddings (of every version) and thumbnails; log each. Returns ({model: ids
         deleted}, log position): a re-embedded sighting is listed under each version that held it."""
-        ids_json = _ids_json(ids)
+        ids_json = self._list(ints(ids))
 
         def work(db: sqlite3.Connection) -> tuple[dict[str, list[int]], int]:
             found = db.execute("SELECT id, model FROM sightings WHERE id IN (SELECT value FROM json_each(?))",
                                (ids_json,)).fetchall()
-            present = _ids_json(i for i, _ in found)
+            present = self._list(i for i, _ in found)
             found += db.execute("SELECT id, model FROM reembedded WHERE id IN (SELECT value FROM json_each(?))",
                                 (present,)).fetchall()
             for table in ("sightings", "vectors", "thumbnails", "reembedded"):
@@ -392,10 +288,6 @@ class Store:
         with self._read() as db:
             return self._last_deletion(db)
 
-    def deletions_after(self, seq: int) -> list[tuple[int, int, str]]:
-        """(seq, sighting id, model) logged after position `seq`."""
-        return self._all("SELECT seq, id, model FROM deletions WHERE seq > ? ORDER BY seq", (int(seq),))
-
     def prune_deletions(self, upto_seq: int) -> None:
         """Forget log entries every index snapshot already includes."""
         if upto_seq <= self.pruned_upto():
@@ -412,16 +304,6 @@ class Store:
         """Deletion-log position forgotten up to: a snapshot older than this cannot be brought up to date."""
         row = self._one("SELECT upto FROM pruned")
         return row[0] if row else 0
-
-    def older_than(self, ts: float, limit: int) -> list[int]:
-        rows = self._all("SELECT id FROM sightings WHERE ts < ? ORDER BY ts LIMIT ?", (ts, int(limit)))
-        return [r[0] for r in rows]
-
-    def over_quota(self, max_per_camera: int, limit: int) -> list[int]:
-        """Ids of the oldest sightings of every camera holding more than `max_per_camera`."""
-        over = self._all("SELECT camera, COUNT(*) FROM sightings GROUP BY camera HAVING COUNT(*) > ?", (int(max_per_camera),))
-        return oldest_over(over, max_per_camera, limit, lambda camera, n: [
-            r[0] for r in self._all("SELECT id FROM sightings WHERE camera = ? ORDER BY ts, id LIMIT ?", (camera, n))])
 
     # -- re-embedding (matcher.migration) ------------------------------------------------------
 
@@ -443,59 +325,3 @@ class Store:
     @staticmethod
     def _last_seq(db: sqlite3.Connection) -> int:
         return (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'reembedded'").fetchone() or (0,))[0]
-
-    # A sighting lacks a vector of :model when it is neither its own version's (with that vector kept) nor re-embedded.
-    _LACKS = ("NOT (s.model = :model AND EXISTS (SELECT 1 FROM vectors v WHERE v.id = s.id)) "
-              "AND NOT EXISTS (SELECT 1 FROM reembedded r WHERE r.model = :model AND r.id = s.id)")
-
-    def to_migrate(self, model: str, since: float, limit: int, before: tuple[float, int] | None = None,
-                   after_id: int | None = None) -> list[tuple[int, float, bytes]]:
-        """(id, ts, JPEG) of thumbnailed sightings at or after `since` that lack a `model` vector, in a pass over the
-        store newest first and older than `before` (ts, id); or, with `after_id`, those with ids between it and
-        `before`'s (what arrived since a pass began), highest id first."""
-        by_time, window = migrate_window(before, after_id)
-        args = {"model": model, "since": since, "n": int(limit), **window}
-        if by_time:
-            where, order = "(s.ts, s.id) < (:ts, :last)", "s.ts DESC, s.id DESC"  # the ts index, walked down
-        else:
-            where, order = "s.id > :after AND s.id < :last", "s.id DESC"
-        rows = self._all(f"SELECT s.id, s.ts, t.jpeg FROM sightings s JOIN thumbnails t ON t.id = s.id WHERE s.ts >= :since "
-                         f"AND {where} AND {self._LACKS} ORDER BY {order} LIMIT :n", args)
-        return [(r[0], r[1], bytes(r[2])) for r in rows]
-
-    def migration_counts(self, model: str, since: float) -> dict[str, int]:
-        """Sightings at or after `since`: re-embedded by `model`, thumbnailed ones still lacking its vector, and ones
-        lacking it without a thumbnail (which cannot be re-embedded)."""
-        todo, bare = self._one(f"SELECT TOTAL(s.has_thumb), TOTAL(1 - s.has_thumb) FROM sightings s WHERE s.ts >= :since "
-                               f"AND {self._LACKS}", {"model": model, "since": since})
-        done = self._one("SELECT COUNT(*) FROM reembedded r JOIN sightings s ON s.id = r.id WHERE r.model = ? AND s.ts >= ?",
-                         (model, since))[0]
-        return {"reembedded": done, "remaining": int(todo), "without_thumbnail": int(bare)}
-
-    def drop_vectors(self, model: str, after_id: int, upto_id: int, limit: int) -> tuple[int, int | None]:
-        """Delete `model`'s vectors (own and re-embedded) of the next `limit` sightings by id in (after_id, upto_id]: its
-        partition is gone. Returns (vectors deleted, the last id looked at, to go on from; None once past upto_id)."""
-
-        def work(db: sqlite3.Connection) -> tuple[int, int | None]:
-            span = db.execute("SELECT MIN(id), MAX(id) FROM (SELECT id FROM sightings WHERE id > ? AND id <= ? ORDER BY id "
-                              "LIMIT ?)", (int(after_id), int(upto_id), int(limit))).fetchone()
-            if span[0] is None:
-                return 0, None
-            n = db.execute("DELETE FROM vectors WHERE id IN (SELECT id FROM sightings WHERE id BETWEEN ? AND ? AND model = ?)",
-                           (*span, model)).rowcount
-            return n + db.execute("DELETE FROM reembedded WHERE model = ? AND id BETWEEN ? AND ?", (model, *span)).rowcount, span[1]
-
-        n, last = self._transaction(work)
-        self._purge = self._purge or n > 0
-        return n, last
-
-    def forget_model(self, model: str) -> bool:
-        """Remove a version from `models()` once no vector of it is left (a restart builds no partition for it)."""
-
-        def work(db: sqlite3.Connection) -> bool:
-            if db.execute("SELECT 1 FROM sightings s JOIN vectors v ON v.id = s.id WHERE s.model = ? LIMIT 1", (model,)).fetchone() \
-                    or db.execute("SELECT 1 FROM reembedded WHERE model = ? LIMIT 1", (model,)).fetchone():
-                return False
-            return db.execute("DELETE FROM models WHERE model = ?", (model,)).rowcount > 0
-
-        return self._transaction(work)
