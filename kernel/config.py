@@ -305,7 +305,41 @@ class IngestConfig(_Strict):
         return self
 
 
+class MilvusConfig(_Strict):
+    """`index.engine: milvus`: where the vectors live instead of FAISS (`matcher.milvus_index`). One of `uri` (a Milvus
+    server or cluster) or `lite_file` (Milvus Lite in this process: behaviour tests and trials, not production)."""
+
+    uri: str | None = Field(None, max_length=1000, pattern=r"^(https?|tcp)://[^\s@]+$",
+                            description="http://host:19530: a Milvus standalone server or cluster's proxy")
+    lite_file: Path | None = Field(None, description="a local Milvus Lite database (a folder named *.db)")
+    token_file: Path | None = Field(None, description="a file holding the user:password or API token (never logged)")
+    collection_prefix: str = Field("crossview", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$",
+                                   description="collections are <prefix>_<model version>_<hash>: sites sharing a Milvus "
+                                               "use different prefixes")
+    index_type: Literal["FLAT", "IVF_FLAT", "HNSW"] = Field("HNSW", description="Milvus's index per sealed segment; "
+                                                            "HNSW uses index.hnsw_m and hnsw_ef_search, IVF_FLAT nlist and index.nprobe")
+    nlist: int = Field(1024, ge=1, le=65536)
+    consistency: Literal["Strong", "Session", "Bounded"] = Field("Strong", description="Strong: a search sees every "
+                                                                 "insert acknowledged before it, whichever replica made it")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="one Milvus call at most")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "MilvusConfig":
+        if (self.uri is None) == (self.lite_file is None):
+            raise ValueError("give one of uri (a Milvus server) or lite_file (Milvus Lite)")
+        if self.lite_file is not None and self.lite_file.suffix != ".db":
+            raise ValueError("lite_file: Milvus Lite needs a name ending in .db")
+        return self
+
+    @property
+    def shown(self) -> str:
+        return self.uri or f"Milvus Lite {self.lite_file}"
+
+
 class IndexConfig(_Strict):
+    engine: Literal["faiss", "milvus"] = Field("faiss", description="faiss: partitions in this process, snapshots in "
+                                               "data_dir/index; milvus: collections in the Milvus the `milvus` section names")
+    milvus: MilvusConfig | None = None
     exact_max: int = Field(50000, ge=1, description="a partition above this many vectors moves to an approximate index")
     kind: Literal["ivf", "hnsw"] = "ivf"
     nprobe: int = Field(64, ge=1, description="IVF lists searched per query; 64 keeps recall@10 >= 0.95 to 1e6 "
@@ -319,6 +353,12 @@ class IndexConfig(_Strict):
     max_models: int = Field(8, ge=1, description="model versions holding sightings at once: a new one beyond is refused "
                                                  "(`unknown_model`), so bit flips cannot make partitions without end; "
                                                  "a version whose sightings all expired no longer counts")
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "IndexConfig":
+        if (self.engine == "milvus") != (self.milvus is not None):
+            raise ValueError("engine milvus needs the milvus section, and the milvus section needs engine milvus")
+        return self
 
 
 class RetentionConfig(_Strict):
@@ -573,6 +613,7 @@ MATCHER_PATH_KEYS = [
     ("data_dir",), ("http", "token_file"), ("http", "edge_token_file"), ("models",),
     ("ingest", "security", "secret_key"), ("ingest", "security", "allowed_clients"),
     ("watchlist", "webhooks", "*", "secret_file"), ("store", "password_file"),
+    ("index", "milvus", "lite_file"), ("index", "milvus", "token_file"),
 ]
 
 
