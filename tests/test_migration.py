@@ -64,10 +64,10 @@ def heartbeat(node: str, model: str) -> bytes:
     return encode_heartbeat(Heartbeat(node, time.time(), 0.5, model, 0, 0.0, 0, (cam,)))
 
 
-def started(tmp_path, default_model, history, **migration) -> Matcher:
-    """A matcher whose production version is the old one, holding `history`."""
+def started(tmp_path, default_model, history, store: dict | None = None, **migration) -> Matcher:
+    """A matcher whose production version is the old one, holding `history` (in the `store` section's backend)."""
     m = Matcher(matcher_config(tmp_path / "matcher", migration={"poll_s": 0.2, "batch": 8, **migration},
-                               http={"port": 0, "token": TOKEN}))
+                               http={"port": 0, "token": TOKEN}, store=store or {}))
     m.registry.promote(m.registry.register(default_model).version)
     m.start()
     with Pusher(m.ingest.endpoint) as push:
@@ -77,8 +77,8 @@ def started(tmp_path, default_model, history, **migration) -> Matcher:
 
 
 def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_once_no_edge_runs_it(
-        tmp_path, default_model, new_model, history, tud_frames):
-    m = started(tmp_path, default_model, history, enabled=False)  # steps driven here, to look between two batches
+        tmp_path, default_model, new_model, history, tud_frames, store_section):
+    m = started(tmp_path, default_model, history, store_section, enabled=False)  # steps driven here, to look between two batches
     old = history[0].model
     server = serve(m, m.cfg.http)
     try:
@@ -109,7 +109,7 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
 
         # A snapshot now, two batches more: a restart finds the snapshot's and replays the rest by their store seq.
         assert m.index.save() and m.migration.step() and m.migration.step()
-        reader = open_data(m.cfg.data_dir, m.cfg.index, m.cfg.query, [], read_only=True)
+        reader = open_data(m.cfg.data_dir, m.cfg.index, m.cfg.query, [], read_only=True, store_cfg=m.cfg.store)
         recovered = reader.index.partition(NEW).index
         assert recovered.ntotal == 24 and index_ids(recovered) == {i for i in thumbnailed if m.store.vector(i, NEW) is not None}
         reader.store.close()
@@ -162,7 +162,7 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
         with pytest.raises(LookupError, match="no thumbnail to re-embed"):
             m.queries.search_sighting(bare[0])
         assert m.queries.search_sighting(left[0]).model == NEW
-        reader = open_data(m.cfg.data_dir, m.cfg.index, m.cfg.query, [], read_only=True)  # as `crossview query` reads it
+        reader = open_data(m.cfg.data_dir, m.cfg.index, m.cfg.query, [], read_only=True, store_cfg=m.cfg.store)  # as `crossview query` reads it
         assert reader.search_sighting(left[0]).model == NEW
         reader.store.close()
     finally:
@@ -172,8 +172,8 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
 
 
 def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplicates(tmp_path, default_model, new_model,
-                                                                                   history):
-    m = started(tmp_path, default_model, history, enabled=False)
+                                                                                   history, store_section):
+    m = started(tmp_path, default_model, history, store_section, enabled=False)
     m.stop()
     m.registry.register(new_model)
     m.registry.promote(NEW)
