@@ -101,38 +101,40 @@ class PgStore(SqlStore):
         self.shown, self.read_only = cfg.shown, read_only
         conninfo = cfg.conninfo()
         options = "-c default_transaction_read_only=on" if read_only else "-c synchronous_commit=on"
+        self._writer = self._pool = None
         try:
-            self._writer = None if read_only else psycopg.connect(conninfo, autocommit=True, options=options)
-            if self._writer is not None:
+            first = psycopg.connect(conninfo, autocommit=True, options=options)  # a wrong address or password fails here
+            if read_only:
+                with first:
+                    if first.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                        raise FileNotFoundError(f"{self.shown}: no matcher store here (no schema_version table)")
+            else:
+                self._writer = first
                 self._migrate()
             self._pool = ConnectionPool(conninfo, min_size=1, max_size=cfg.pool_max, open=True, name="pgstore",
                                         kwargs={"autocommit": True, "options": options})
-            self._pool.wait(30)
-            if read_only and self._version() == 0:
-                raise FileNotFoundError(f"{self.shown}: no matcher store here (no schema_version)")
-        except (psycopg.Error, TimeoutError) as e:
+        except psycopg.Error as e:
             self.close()
-            raise ConnectionError(f"store.dsn: {self.shown}: {str(e).strip() or type(e).__name__}") from None
+            raise ConnectionError(f"store: {self.shown}: {str(e).strip() or type(e).__name__}") from None
+        except BaseException:
+            self.close()
+            raise
         self._write_lock = threading.Lock()
         self._purge = False  # a deletion since the last VACUUM
 
     # -- schema --------------------------------------------------------------------------------
 
-    def _version(self) -> int:
-        row = self._one("SELECT to_regclass('schema_version') IS NOT NULL")
-        return self._one("SELECT version FROM schema_version")[0] if row[0] else 0
-
     def _migrate(self) -> None:
         db = self._writer
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
             if db.execute("SELECT version FROM schema_version").fetchone() is None:
                 db.execute("INSERT INTO schema_version VALUES (0)")
         version = db.execute("SELECT version FROM schema_version").fetchone()[0]
         if version > len(MIGRATIONS):
-            raise psycopg.errors.FeatureNotSupported(f"schema version {version} is newer than this matcher's "
-                                                     f"{len(MIGRATIONS)}: upgrade the matcher")
+            raise ValueError(f"store: {self.shown}: schema version {version} is newer than this matcher's {len(MIGRATIONS)}: "
+                             "upgrade the matcher")
         for step in range(version + 1, len(MIGRATIONS) + 1):
             with db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -168,9 +170,9 @@ class PgStore(SqlStore):
             return db.execute(self._sql(sql), args).fetchone()
 
     def close(self) -> None:
-        if getattr(self, "_pool", None) is not None:
+        if self._pool is not None:
             self._pool.close()
-        if getattr(self, "_writer", None) is not None:
+        if self._writer is not None:
             self._writer.close()
 
     def checkpoint_in_background(self) -> None:
