@@ -46,7 +46,7 @@ from crossview.trainer.data.samples import with_labels
 from crossview.trainer.data.transforms import build_transforms
 from crossview.trainer.evaluation import evaluate_features
 from crossview.trainer.methods import METHODS
-from crossview.trainer.modeling.losses import Batch
+from crossview.trainer.modeling.losses import Batch, optimise
 
 log = logging.getLogger("crossview.trainer")
 CHECKPOINT = "last.pt"
@@ -294,12 +294,7 @@ def train_step(net: nn.Module, losses: Callable, batch: Batch, optimizer: torch.
     step in the error when the loss is not finite."""
     with torch.autocast(batch.images.device.type, dtype=torch.float16, enabled=amp):
         loss, terms = losses(net(batch.images), batch)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at {where}; lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    optimise(loss, optimizer, scaler, where)
     return float(loss.detach()), terms
 
 

@@ -63,7 +63,7 @@ from crossview.trainer.modeling.gan import (
     lsgan,
     to_unit,
 )
-from crossview.trainer.modeling.losses import Batch
+from crossview.trainer.modeling.losses import Batch, optimise
 from crossview.trainer.modeling.network import load_trunk
 
 log = logging.getLogger("crossview.trainer")
@@ -174,16 +174,6 @@ def _requires_grad(modules: list[nn.Module], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _optimise(loss: torch.Tensor, optimizer, scaler, where: str) -> None:
-    """Backward and step through the AMP scaler; parameters the loss did not reach keep grad None, so Adam skips them."""
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at {where}; lower the learning rate")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
 # ------------------------------------------------------------------------------------------------- method
 class Edaan(Method):
     name = "edaan"
@@ -252,18 +242,18 @@ class Edaan(Method):
         if s == batch.images.shape[0]:  # a source-only (pre-training) batch: re-ID alone
             with torch.autocast(device, dtype=torch.float16, enabled=amp):
                 loss, terms = self.losses(net(batch.images), batch)
-            _optimise(loss, optimizer, scaler, where)
+            optimise(loss, optimizer, scaler, where)
             return float(loss.detach()), terms
         _requires_grad(net.discriminators(), False)
         try:
             with torch.autocast(device, dtype=torch.float16, enabled=amp):
                 loss_g, terms, seen = self._generator_loss(net, batch)
-            _optimise(loss_g, optimizer, scaler, where)
+            optimise(loss_g, optimizer, scaler, where)
         finally:
             _requires_grad(net.discriminators(), True)
         with torch.autocast(device, dtype=torch.float16, enabled=amp):
             loss_d = self._discriminator_loss(net, *seen)
-        _optimise(loss_d, optimizer, scaler, where)
+        optimise(loss_d, optimizer, scaler, where)
         return float(loss_g.detach() + loss_d.detach()), {**terms, "disc": float(loss_d.detach())}
 
     def _seen(self, images: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -103,3 +103,15 @@ def total_loss(out: Outputs, batch: Batch, w: LossWeights) -> tuple[torch.Tensor
     idle = sum((t.sum() * 0 for t in out if t is not None), torch.zeros((), device=out.f_sh.device))
     total = sum(weighted.values(), idle)
     return total, {k: float(v.detach()) for k, v in weighted.items()}
+
+
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, where: str) -> None:
+    """Backward and step through the AMP scaler; parameters the loss did not reach keep grad None (Adam skips them).
+    A loss that is not finite stops the run, naming `where`."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at {where}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
