@@ -79,6 +79,7 @@ def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(trained):
     meta = ModelMeta.from_props({p.key: p.value for p in onnx.load(onnx_path).metadata_props}, str(onnx_path))
     assert (meta.input_h, meta.input_w, meta.embedding_dim) == (64, 32, 256)
     assert meta.extra["source"] == "mot:TUD-Stadtmitte" and meta.extra["target"] == "mot:TUD-Campus"
+    assert (meta.extra["method"], meta.extra["attention"], meta.extra["attn3"]) == ("daam", "daam", "none")
     assert json.loads(meta.extra["metrics"])["label"] == "iteration 2"
     emb = Embedder(onnx_path).embed([np.zeros((120, 50, 3), np.uint8), np.full((90, 40, 3), 200, np.uint8)])
     assert emb.shape == (2, 256) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)

@@ -170,7 +170,9 @@ def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
             "date": now.isoformat(timespec="seconds"),
             "metrics": history[-1] if history else {},
             "backbone": cfg.model.backbone,
+            "method": cfg.method,
             "attention": cfg.model.attention,
+            "attn3": cfg.model.attn3,
         },
     )
     diff = export_onnx(model.embedder(), out, meta)
