@@ -1,7 +1,7 @@
 # `make demo` and `make test` install everything into .venv first (about 2 minutes the first time).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= edge,matcher,postgres,train,test,gpu
+EXTRAS ?= edge,matcher,postgres,milvus,train,test,gpu
 export YOLO_OFFLINE := 1
 export YOLO_AUTOINSTALL := false
 

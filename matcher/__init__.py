@@ -6,6 +6,7 @@
 | `tracks`   | which track a new sighting continues (matcher track ids)                      |
 | `store`    | SQLite (WAL): sightings, embeddings, thumbnails, deletion log                  |
 | `index`    | FAISS partitions per model version: exact → IVF/HNSW, snapshots, recovery     |
+| `milvus_index` | `index.engine: milvus`: a Milvus collection per model version, the same interface |
 | `query`    | the query engine: filters, over-fetch, grouping into tracks                    |
 | `results`  | what queries answer with (`SightingRecord`, `TrackHit`, `QueryResult`); stdlib only |
 | `service`  | `Matcher`: starts ingest and maintenance (snapshots, retention), holds the queries |

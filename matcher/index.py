@@ -36,6 +36,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -190,9 +191,10 @@ def lower_priority() -> None:
         log.debug("rebuild thread keeps its CPU priority: %s", e)
 
 
-def _key(model: str) -> str:
-    """A file name for a model version: readable, and unique through a hash of the exact name."""
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', model)[:60]}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+def _key(model: str, unsafe: str = r"[^A-Za-z0-9_.-]", sep: str = "-") -> str:
+    """A file (or collection) name for a model version: readable, and unique through a hash of the exact name;
+    characters matching `unsafe` become `_`."""
+    return f"{re.sub(unsafe, '_', model)[:60]}{sep}{hashlib.sha1(model.encode()).hexdigest()[:8]}"
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
@@ -212,11 +214,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class Index:
-    def __init__(self, cfg: IndexConfig, store: Store, snapshot_dir: Path, read_only: bool = False):
-        self.cfg, self.store, self.dir, self.read_only = cfg, store, Path(snapshot_dir), read_only
-        self.partitions: dict[str, Partition] = {}
+class VectorIndex:
+    """What every engine's index shares (this module's FAISS `Index`, `matcher.milvus_index.MilvusIndex`): partitions
+    by model version, each with `model`, `dim`, `size` and `stats()`; the checks a query vector passes; the store's
+    vectors of a version."""
+
+    def __init__(self, cfg: IndexConfig, store: Store, read_only: bool):
+        self.cfg, self.store, self.read_only = cfg, store, read_only
+        self.partitions: dict = {}
         self.del_pos = 0  # deletion-log position applied to every partition
+
+    def partition(self, model: str):
+        p = self.partitions.get(model)
+        if p is None:
+            known = ", ".join(sorted(self.partitions)) or "none"
+            raise LookupError(f"no sightings of embedding model version {model!r} (indexed versions: {known})")
+        return p
+
+    def query_vector(self, model: str, vec: np.ndarray) -> np.ndarray:
+        """`vec` as float32 for this model's partition, or LookupError / ValueError saying what does not fit."""
+        dim = self.partition(model).dim
+        vec = np.asarray(vec, np.float32).reshape(-1)
+        if vec.shape[0] != dim:
+            raise ValueError(f"query embedding has {vec.shape[0]} dimensions, model version {model!r} has {dim}")
+        return vec
+
+    def stats(self) -> dict[str, dict]:
+        return {m: p.stats() for m, p in sorted(self.partitions.items())}
+
+    def stored_chunks(self, model: str, upto: int | None = None,
+                      upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, vectors) chunks of one model version in the store: its own sightings' with ids up to `upto`, then
+        those it re-embedded up to seq `upto_seq`."""
+        yield from (c for c in self.store.vectors(model, 0, upto) if len(c[0]))
+        yield from (c[:2] for c in self.store.reembedded_vectors(model, 0, upto_seq) if len(c[0]))
+
+    def stored_vectors(self, model: str, upto: int | None = None, upto_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`stored_chunks` in one piece: what a rebuild trains on."""
+        chunks = list(self.stored_chunks(model, upto, upto_seq))
+        if not chunks:
+            dim = self.store.models()[model]
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
+class Index(VectorIndex):
+    def __init__(self, cfg: IndexConfig, store: Store, snapshot_dir: Path, read_only: bool = False):
+        super().__init__(cfg, store, read_only)
+        self.dir = Path(snapshot_dir)
+        self.partitions: dict[str, Partition] = {}
         self._lock = threading.Lock()
         self._rebuilds: dict[str, threading.Thread] = {}
         self._reading = threading.Lock()  # held by a rebuild reading the store
@@ -272,27 +318,11 @@ class Index:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def partition(self, model: str) -> Partition:
-        p = self.partitions.get(model)
-        if p is None:
-            known = ", ".join(sorted(self.partitions)) or "none"
-            raise LookupError(f"no sightings of embedding model version {model!r} (indexed versions: {known})")
-        return p
-
-    def query_vector(self, model: str, vec: np.ndarray) -> np.ndarray:
-        """`vec` as float32 for this model's partition, or LookupError / ValueError saying what does not fit."""
-        dim = self.partition(model).dim
-        vec = np.asarray(vec, np.float32).reshape(-1)
-        if vec.shape[0] != dim:
-            raise ValueError(f"query embedding has {vec.shape[0]} dimensions, model version {model!r} has {dim}")
-        return vec
-
-    def search(self, model: str, vec: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, model: str, vec: np.ndarray, k: int, cameras: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) best first. `cameras` is a hint FAISS does not use (its ids carry no camera); the caller
+        filters the sightings it gets anyway (`query.Filters.admits`)."""
         self._faiss_threads()
         return self.partition(model).search(self.query_vector(model, vec), k)
-
-    def stats(self) -> dict[str, dict]:
-        return {m: p.stats() for m, p in sorted(self.partitions.items())}
 
     # -- background rebuild --------------------------------------------------------------------
 
@@ -355,15 +385,6 @@ class Index:
         log.info("partition %s: now %s, %d vectors, rebuilt in %.1f s (%d changes replayed)",
                  p.model, kind, p.size, time.monotonic() - t0, replayed)
         self.maybe_rebuild(p)  # it may have outgrown this one meanwhile (ingest runs on during a rebuild)
-
-    def stored_vectors(self, model: str, upto: int | None = None, upto_seq: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of one model version in the store, its own sightings' with ids up to `upto` and those it
-        re-embedded up to seq `upto_seq`: what a rebuild trains on."""
-        chunks = list(self.store.vectors(model, 0, upto)) + [c[:2] for c in self.store.reembedded_vectors(model, 0, upto_seq)]
-        if not chunks:
-            dim = self.store.models()[model]
-            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-        return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
     def wait_rebuilds(self, timeout: float | None = None) -> bool:
         """True when no rebuild is running (the running ones, and those they started, finished within `timeout`)."""

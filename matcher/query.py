@@ -38,7 +38,7 @@ import numpy as np
 
 from crossview.kernel.calibration import Calibration
 from crossview.kernel.config import QueryConfig
-from crossview.matcher.index import Index
+from crossview.matcher.index import VectorIndex
 from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
 from crossview.matcher.store import Store
 
@@ -124,7 +124,7 @@ class Subject(NamedTuple):
 
 
 class QueryEngine:
-    def __init__(self, store: Store, index: Index, embedders: dict[str, "Embedder"], cfg: QueryConfig):
+    def __init__(self, store: Store, index: VectorIndex, embedders: dict[str, "Embedder"], cfg: QueryConfig):
         self.store, self.index, self.embedders, self.cfg = store, index, embedders, cfg
         self.migration: Migration | None = None  # set by the service: the production version and its coverage
 
@@ -219,7 +219,7 @@ class QueryEngine:
                 order = np.argsort(-scores, kind="stable")
                 scores, ids = scores[order], ids[order]
                 return lambda k: (scores[:k], ids[:k])
-        return lambda k: self.index.search(model, vec, k)
+        return lambda k: self.index.search(model, vec, k, filters.cameras)  # Milvus filters by camera itself
 
     def _candidates(self, top: Callable[[int], tuple[np.ndarray, np.ndarray]], filters: Filters,
                     exclude_track: int | None) -> dict[int, list]:

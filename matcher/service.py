@@ -8,6 +8,7 @@
 |                | (PostgreSQL); lookups (`record`, `thumbnail`, `recent`, `cameras`). The other files (registry, |
 |                | watchlist, webhooks, harvest index, users, audit) and index snapshots stay in data_dir either way |
 | `index`        | `matcher.index.Index`: FAISS partitions; rebuilds start there when one outgrows exact search |
+|                | (`index.engine: milvus`: `matcher.milvus_index.MilvusIndex`, collections in Milvus, no snapshots) |
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
 |                | (PostgreSQL: VACUUM after a deletion)                                                    |
 | snapshots      | thread: every `index.snapshot_interval_s`, write changed partitions, prune the deletion log |
@@ -44,7 +45,7 @@ from crossview.kernel.runtime import listening
 from crossview.matcher.audit import AuditLog
 from crossview.matcher.edges import Edges
 from crossview.matcher.harvest import HarvestStore
-from crossview.matcher.index import Index
+from crossview.matcher.index import Index, VectorIndex
 from crossview.matcher.ingest import Pipeline
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.migration import Migration
@@ -71,12 +72,21 @@ def open_store(data_dir: Path, cfg: StoreConfig, read_only: bool = False) -> Sto
     return PgStore(cfg, read_only)
 
 
+def open_index(data_dir: Path, cfg: IndexConfig, store: Store, read_only: bool = False) -> VectorIndex:
+    """The index `index.engine` names: FAISS partitions with snapshots in data_dir/index, or Milvus collections."""
+    if cfg.engine == "faiss":
+        return Index(cfg, store, Path(data_dir) / "index", read_only)
+    from crossview.matcher.milvus_index import MilvusIndex  # pymilvus: the milvus extra
+
+    return MilvusIndex(cfg, store, read_only)
+
+
 def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, models: list[Path],
               read_only: bool = False, store_cfg: StoreConfig | None = None) -> QueryEngine:
     """Store + recovered index + image embedders over `data_dir`; read-only beside a running service is fine."""
     store = open_store(data_dir, store_cfg or StoreConfig(), read_only)
     try:
-        index = Index(index_cfg, store, Path(data_dir) / "index", read_only)
+        index = open_index(data_dir, index_cfg, store, read_only)
         index.recover()
         return QueryEngine(store, index, load_embedders(models), query_cfg)
     except BaseException:

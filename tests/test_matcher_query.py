@@ -29,9 +29,8 @@ def world():
     return person_world()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def matcher(request, tmp_path_factory, world):
-    m = Matcher(matcher_config(tmp_path_factory.mktemp("matcher"), store=backend_section(request)))
+def started(m: Matcher, world: PersonWorld) -> Matcher:
+    """`m` started and fed the module's sightings: `world` (m1), other people (m2) and the mirror (m3)."""
     m.start()
     other = person_world(persons=5, cameras=("lobby", "yard", "dock"), dim=32, model="m2", seed=1)
     mirror = [make_sighting(s.embedding, "edge-3", "mirror", s.ts, s.frame, s.track, "m3") for s in world.sightings]
@@ -39,6 +38,12 @@ def matcher(request, tmp_path_factory, world):
         push.send(world.sightings + other.sightings + mirror)
     total = 2 * len(world.sightings) + len(other.sightings)
     wait_until(lambda: m.ingest.accepted == total, 20, f"{total} sightings accepted")
+    return m
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def matcher(request, tmp_path_factory, world):
+    m = started(Matcher(matcher_config(tmp_path_factory.mktemp("matcher"), store=backend_section(request))), world)
     yield m
     m.stop()
 

@@ -1,0 +1,242 @@
+"""Milvus collections, one per embedding-model version: `index.engine: milvus`, the same interface as `matcher.index.Index`.
+
+| what        | how                                                                                          |
+|-------------|----------------------------------------------------------------------------------------------|
+| collection  | `<prefix>_<version>_<hash>` (the version made safe for Milvus, a hash of its exact name): `id` INT64 |
+|             | primary key = the store's sighting id, `camera` VARCHAR, the partition key, and `vec`; the version's |
+|             | exact name is the collection's description                                                    |
+| metric      | inner product on the unit vectors (cosine similarity); `index.milvus.index_type` per sealed segment |
+| cameras     | `search(..., cameras=)` filters on the partition key, so only those cameras' partitions are searched |
+| consistency | `index.milvus.consistency`; Strong (the default): a search sees every insert acknowledged before it |
+| removal     | `delete` by ids, as the store commits deletions                                               |
+| durability  | Milvus's own (its log, then object storage). The matcher keeps no snapshot: `save()` writes nothing, |
+|             | and the deletion log may be pruned up to what was applied                                     |
+| recovery    | `recover()`: each version's collection count against the store's; where they differ (a matcher killed |
+|             | between the store commit and the Milvus insert, or between a store deletion and Milvus's), the ids |
+|             | are compared: what the store holds and Milvus lacks is inserted from the store, what Milvus holds   |
+|             | and the store no longer has is deleted. So a kill loses nothing and resurrects nothing           |
+| drop        | `drop(model)`: the version's collection goes                                                  |
+| clients     | one pymilvus `MilvusClient` for a server or cluster (`uri`) and for Milvus Lite (`lite_file`)    |
+
+    index = MilvusIndex(cfg.index, store)                # cfg.index.engine == "milvus"
+    index.recover()
+    index.add("osnet-3", ids, vecs)                      # once committed: cameras come from the store
+    scores, ids = index.search("osnet-3", query_vec, k=80, cameras=["gate"])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from crossview.kernel.config import IndexConfig, read_secret
+from crossview.kernel.wire import MAX_ID_LEN
+from crossview.matcher.index import VectorIndex, _key
+from crossview.matcher.store import Store
+
+log = logging.getLogger(__name__)
+
+TOPK_MAX = 16384  # Milvus answers at most this many hits a search: a bigger k gets this many
+_INSERT_ROWS = 5000  # rows per insert: well below Milvus's message size limit for 4096-d vectors
+_ID_PAGE = 10000
+_NUM_PARTITIONS = 64  # partition-key buckets the cameras hash into
+
+
+def collection_name(prefix: str, model: str) -> str:
+    return f"{prefix}_{_key(model, r'[^A-Za-z0-9_]', '_')}"
+
+
+class Collection:
+    """One model version's collection. `size` is counted here: Milvus's count at recovery, then adds and removals."""
+
+    kind = "milvus"
+
+    def __init__(self, model: str, dim: int, name: str, size: int = 0):
+        self.model, self.dim, self.name, self.size = model, dim, name, size
+
+    def stats(self) -> dict:
+        return {"size": self.size, "kind": self.kind, "dim": self.dim, "rebuilding": False}
+
+
+class MilvusIndex(VectorIndex):
+    def __init__(self, cfg: IndexConfig, store: Store, read_only: bool = False):
+        from pymilvus import MilvusClient  # the milvus extra
+
+        super().__init__(cfg, store, read_only)
+        self.mcfg = cfg.milvus
+        token = read_secret(self.mcfg.token_file, "index.milvus.token_file", "token") if self.mcfg.token_file else ""
+        self.client = MilvusClient(uri=self.mcfg.uri or str(self.mcfg.lite_file), token=token, timeout=self.mcfg.timeout_s)
+        self.partitions: dict[str, Collection] = {}
+        self._lock = threading.Lock()  # creating a collection, and counting
+
+    # -- collections -----------------------------------------------------------------------------
+
+    def _open(self, model: str, dim: int) -> Collection:
+        """The version's collection, created if missing; one of another dimension is an error."""
+        name = collection_name(self.mcfg.collection_prefix, model)
+        if not self.client.has_collection(name):
+            if self.read_only:
+                return Collection(model, dim, name)
+            self._create(name, model, dim)
+        else:
+            have = next(f["params"]["dim"] for f in self.client.describe_collection(name)["fields"] if f["name"] == "vec")
+            if int(have) != dim:
+                raise ValueError(f"Milvus collection {name} holds {have}-d vectors, model version {model!r} has {dim}-d")
+        self.client.load_collection(name)
+        return Collection(model, dim, name, self._count(name))
+
+    def _create(self, name: str, model: str, dim: int) -> None:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=model[:255])
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("camera", DataType.VARCHAR, max_length=4 * MAX_ID_LEN, is_partition_key=True)  # UTF-8 bytes
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vec", index_type=self.mcfg.index_type, metric_type="IP", params=self._build_params())
+        self.client.create_collection(name, schema=schema, index_params=params, num_partitions=_NUM_PARTITIONS,
+                                      consistency_level=self.mcfg.consistency)
+        log.info("Milvus collection %s created for model version %s (%d-d, %s)", name, model, dim, self.mcfg.index_type)
+
+    def _build_params(self) -> dict:
+        if self.mcfg.index_type == "HNSW":
+            return {"M": self.cfg.hnsw_m, "efConstruction": max(2 * self.cfg.hnsw_m, 100)}
+        return {"nlist": self.mcfg.nlist} if self.mcfg.index_type == "IVF_FLAT" else {}
+
+    def _search_params(self, k: int) -> dict:
+        if self.mcfg.index_type == "HNSW":
+            return {"metric_type": "IP", "params": {"ef": max(self.cfg.hnsw_ef_search, k)}}
+        if self.mcfg.index_type == "IVF_FLAT":
+            return {"metric_type": "IP", "params": {"nprobe": min(self.cfg.nprobe, self.mcfg.nlist)}}
+        return {"metric_type": "IP"}
+
+    def _count(self, name: str) -> int:
+        return int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def _collection(self, model: str, dim: int) -> Collection:
+        with self._lock:
+            c = self.partitions.get(model)
+            if c is None:
+                c = self.partitions[model] = self._open(model, dim)
+        return c
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    def add(self, model: str, ids: np.ndarray, vecs: np.ndarray, seq: int | None = None) -> None:
+        """Committed sightings of `model`, or (`seq`) older ones it re-embedded: their cameras are read from the store."""
+        c = self._collection(model, vecs.shape[1])
+        self._insert(c, np.asarray(ids, np.int64), vecs)
+
+    def _insert(self, c: Collection, ids: np.ndarray, vecs: np.ndarray) -> int:
+        """Insert rows whose sightings the store still holds (a deletion may have come between); returns how many."""
+        n = 0
+        for at in range(0, len(ids), _INSERT_ROWS):
+            chunk = ids[at: at + _INSERT_ROWS].tolist()
+            records = self.store.records(chunk)
+            rows = [{"id": i, "camera": records[i].camera, "vec": v}
+                    for i, v in zip(chunk, vecs[at: at + _INSERT_ROWS].tolist()) if i in records]
+            if rows:
+                self.client.insert(c.name, rows)
+                n += len(rows)
+        with self._lock:
+            c.size += n
+        return n
+
+    def remove(self, by_model: dict[str, list[int]], del_pos: int) -> None:
+        """Apply deletions the store committed up to log position `del_pos`."""
+        for model, ids in by_model.items():
+            if (c := self.partitions.get(model)) is not None and ids:
+                self._delete(c, [int(i) for i in ids])
+        self.del_pos = max(self.del_pos, del_pos)
+
+    def _delete(self, c: Collection, ids: list[int]) -> None:
+        for at in range(0, len(ids), _INSERT_ROWS):
+            self.client.delete(c.name, ids=ids[at: at + _INSERT_ROWS])
+        with self._lock:
+            c.size = max(0, c.size - len(ids))  # the store deleted them, so they were here
+
+    def drop(self, model: str) -> bool:
+        """Drop a version's collection; False if it had none. Its vectors in the store are the caller's."""
+        with self._lock:
+            c = self.partitions.pop(model, None)
+        if c is None:
+            return False
+        self.client.drop_collection(c.name)
+        log.info("Milvus collection %s of model version %s dropped", c.name, model)
+        return True
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def search(self, model: str, vec: np.ndarray, k: int, cameras: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) best first, at most min(k, TOPK_MAX); with `cameras`, of those cameras' sightings only."""
+        c = self.partition(model)
+        vec = self.query_vector(model, vec)
+        k = min(k, TOPK_MAX)
+        if k <= 0 or c.size == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        where = f"camera in {json.dumps(list(cameras))}" if cameras else ""
+        [hits] = self.client.search(c.name, data=[vec.tolist()], limit=k, filter=where, anns_field="vec",
+                                    search_params=self._search_params(k))
+        return (np.fromiter((h["distance"] for h in hits), np.float32, len(hits)),
+                np.fromiter((h["id"] for h in hits), np.int64, len(hits)))
+
+    # -- what the FAISS index has and Milvus does itself -------------------------------------------
+
+    def rebuilding(self, model: str) -> bool:
+        return False  # Milvus builds its segment indexes itself; searches never wait for them
+
+    def wait_rebuilds(self, timeout: float | None = None) -> bool:
+        return True
+
+    def save(self) -> int:
+        return 0  # Milvus is durable on its own: nothing to snapshot
+
+    def snapshot_deletion_pos(self) -> int:
+        return self.del_pos  # applied to Milvus when committed; recovery compares ids, not the log
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.client.close()
+
+    # -- recovery --------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Open every stored version's collection and make it hold exactly the store's vectors of that version."""
+        t0 = time.monotonic()
+        for model, dim in self.store.models().items():
+            c = self._collection(model, dim)
+            stored = self.store.count(model, None, None, None, limit=2**62)
+            if stored != c.size and not self.read_only:
+                self._reconcile(c)
+        self.del_pos = self.store.last_deletion()
+        summary = ", ".join(f"{m} {c.size}" for m, c in sorted(self.partitions.items())) or "empty"
+        log.info("Milvus index (%s) recovered in %.1f s: %s", self.mcfg.shown, time.monotonic() - t0, summary)
+
+    def _reconcile(self, c: Collection) -> None:
+        held = np.fromiter(self._ids(c.name), np.int64)
+        kept, added = [], 0
+        for ids, vecs in self.stored_chunks(c.model):
+            kept.append(ids)
+            missing = ~np.isin(ids, held)
+            if missing.any():
+                added += self._insert(c, ids[missing], vecs[missing])
+        gone = np.setdiff1d(held, np.concatenate(kept) if kept else held[:0]).tolist()
+        if gone:
+            self._delete(c, gone)
+        with self._lock:
+            c.size = self._count(c.name)
+        log.info("Milvus collection %s: %d inserted from the store, %d deleted ones removed (%d held)",
+                 c.name, added, len(gone), c.size)
+
+    def _ids(self, name: str) -> Iterator[int]:
+        """Every primary key in the collection, a page at a time."""
+        it = self.client.query_iterator(name, batch_size=_ID_PAGE, filter="", output_fields=["id"])
+        try:
+            while page := it.next():
+                yield from (r["id"] for r in page)
+        finally:
+            it.close()

@@ -1,0 +1,166 @@
+"""The matcher's vectors in Milvus (`index.engine: milvus`): Milvus Lite for behaviour, one test on the real server.
+
+The index on its own: a collection per model version, search, camera filters, removal, and recovery that backfills
+from the store what a killed matcher committed but never inserted. Then the matcher's query tests of
+`test_matcher_query` (imported, so they run here on this module's `matcher`: the same assertions over Milvus Lite).
+Last, the standalone server of the `milvus` package (a session fixture, ~10 s to start): ingest, a query, and a
+restart that backfills.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+from helpers import Pusher, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
+from test_matcher_query import (  # noqa: F401  collected here, on this module's `matcher`
+    started,
+    test_a_track_finds_the_same_person_on_the_other_cameras,
+    test_clear_errors,
+    test_filters,
+    test_query_by_sighting_and_by_embedding,
+    test_results_are_grouped_per_camera_and_ordered_by_time,
+    test_selective_filters_scanned_exactly_agree_with_over_fetching,
+    world,
+)
+
+from crossview.kernel.config import IndexConfig
+from crossview.matcher.query import Filters
+from crossview.matcher.service import Matcher
+from crossview.matcher.store import Store
+
+pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
+from crossview.matcher.milvus_index import MilvusIndex, collection_name  # noqa: E402
+
+CAMERAS = ("gate", "hall", "street")
+
+
+def lite(tmp_path, **milvus) -> dict:
+    """The matcher config's `index` section for a Milvus Lite file in `tmp_path`."""
+    return {"engine": "milvus", "milvus": {"lite_file": str(tmp_path / "milvus.db"), **milvus}}
+
+
+def _stored(store: Store, vecs: np.ndarray, model: str = "m1") -> np.ndarray:
+    sightings = [make_sighting(v, camera=CAMERAS[i % 3], ts=1000.0 + i, track=i, model=model) for i, v in enumerate(vecs)]
+    return np.asarray(store_insert(store, sightings), np.int64)
+
+
+def test_a_collection_per_version_searched_by_camera_with_removal(tmp_path):
+    store = Store(tmp_path / "sightings.db")
+    index = MilvusIndex(IndexConfig(**lite(tmp_path)), store)
+    try:
+        index.recover()
+        vecs = unit_vectors(np.random.default_rng(0), 60, 16)
+        ids = _stored(store, vecs)
+        index.add("m1", ids, vecs)
+        scores, found = index.search("m1", vecs[4], 5)
+        assert found[0] == ids[4] and scores[0] == pytest.approx(1.0, abs=1e-5) and list(scores) == sorted(scores, reverse=True)
+        _, hall = index.search("m1", vecs[4], 100, cameras=["hall"])
+        assert sorted(hall) == sorted(ids[1::3]), "all of hall's sightings, and only those"
+        assert set(index.search("m1", vecs[4], 100, cameras=["gate", "street"])[1]) == set(ids) - set(ids[1::3])
+
+        by_model, pos = store.delete([int(ids[4]), int(ids[5])])
+        index.remove(by_model, pos)
+        assert not {ids[4], ids[5]} & set(index.search("m1", vecs[4], 100)[1])
+        assert index.stats()["m1"] == {"size": 58, "kind": "milvus", "dim": 16, "rebuilding": False}
+
+        other = unit_vectors(np.random.default_rng(1), 5, 8)
+        index.add("m2:v2/β", _stored(store, other, "m2:v2/β"), other)  # any version string makes a valid name
+        assert {collection_name("crossview", "m1"), collection_name("crossview", "m2:v2/β")} <= set(index.client.list_collections())
+        assert {m: s["size"] for m, s in index.stats().items()} == {"m1": 58, "m2:v2/β": 5}
+        with pytest.raises(ValueError, match="query embedding has 16 dimensions, model version 'm2:v2/β' has 8"):
+            index.query_vector("m2:v2/β", vecs[0])
+        with pytest.raises(LookupError, match=r"indexed versions: m1, m2:v2/β"):
+            index.search("m3", vecs[0], 5)
+        assert index.drop("m2:v2/β") and not index.drop("m2:v2/β")
+        assert collection_name("crossview", "m2:v2/β") not in index.client.list_collections()
+    finally:
+        index.close()
+        store.close()
+
+
+def test_recovery_backfills_what_was_committed_but_never_inserted(tmp_path):
+    """A matcher killed between the store's commit and Milvus's insert (or between a store deletion and Milvus's)."""
+    store = Store(tmp_path / "sightings.db")
+    cfg = IndexConfig(**lite(tmp_path))
+    vecs = unit_vectors(np.random.default_rng(2), 40, 16)
+    ids = _stored(store, vecs)
+    first = MilvusIndex(cfg, store)
+    first.recover()  # the store's 40 go in: recovery of a collection that never was
+    later = unit_vectors(np.random.default_rng(3), 10, 16)
+    later_ids = _stored(store, later)  # committed, then the kill: never inserted
+    store.delete([int(ids[0])])  # deleted from the store, the kill before Milvus heard
+    first.close()
+
+    again = MilvusIndex(cfg, store)
+    try:
+        again.recover()
+        assert again.stats()["m1"]["size"] == 49
+        _, found = again.search("m1", later[3], 1)
+        assert found[0] == later_ids[3]
+        assert ids[0] not in again.search("m1", vecs[0], 100)[1]
+        held = set(again._ids(collection_name("crossview", "m1")))
+        assert held == set(ids[1:]) | set(later_ids)
+    finally:
+        again.close()
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def matcher(tmp_path_factory, world):  # noqa: F811  (test_matcher_query's fixture)
+    """`test_matcher_query`'s matcher, on Milvus Lite (exact search, so scores agree with the store's exact scan)."""
+    tmp = tmp_path_factory.mktemp("matcher")
+    m = started(Matcher(matcher_config(tmp, index=lite(tmp, index_type="FLAT"))), world)
+    yield m
+    m.stop()
+
+
+def test_the_matcher_on_milvus_partitions_by_model(matcher):
+    assert isinstance(matcher.index, MilvusIndex)
+    assert {m: (p["size"], p["dim"], p["kind"]) for m, p in matcher.stats()["partitions"].items()} == {
+        "m1": (360, 64, "milvus"), "m2": (90, 32, "milvus"), "m3": (360, 64, "milvus")}
+
+
+@pytest.fixture(scope="session")
+def milvus_server():
+    """The Milvus standalone server the `milvus` package bundles (with its embedded etcd), in a temporary folder."""
+    milvus = pytest.importorskip("milvus", reason="the milvus extra is not installed")
+    root = tempfile.mkdtemp(prefix="crossview-milvus-")
+    server = milvus.MilvusServer()
+    server.set_base_dir(root)
+    try:
+        server.start()
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.milvus_server
+def test_the_matcher_on_a_milvus_server_restarts_and_backfills(milvus_server, tmp_path):
+    cfg = matcher_config(tmp_path, index={"engine": "milvus", "milvus": {"uri": milvus_server, "collection_prefix": "restart"}})
+    people = person_world(persons=6)
+    m = Matcher(cfg)
+    m.start()
+    try:
+        with Pusher(m.ingest.endpoint) as push:
+            push.send(people.sightings)
+        wait_until(lambda: m.ingest.accepted == len(people.sightings), 30, "every sighting accepted")
+        [first, *_] = m.queries.search_track(*people.track(2, "gate"), None, Filters(top_k=2, min_score=0.7)).ranked()
+        assert first.track == 3 and first.camera in ("hall", "street")
+    finally:
+        m.stop()
+    # Committed while no Milvus insert followed (the matcher was killed after its store commit): a new person.
+    late = unit_vectors(np.random.default_rng(9), 1, 64)[0]
+    store = Store(tmp_path / "sightings.db")
+    store_insert(store, [make_sighting(late, camera="yard", ts=2e9, track=99)])
+    store.close()
+    m = Matcher(cfg)
+    try:
+        assert m.stats()["partitions"]["m1"]["size"] == len(people.sightings) + 1
+        [hit] = m.queries.search_embedding(late, "m1", Filters(min_score=0.99)).ranked()
+        assert (hit.camera, hit.track) == ("yard", 99)
+    finally:
+        m.stop()
