@@ -87,7 +87,17 @@ MIGRATIONS = [
 ]
 _PURGED = ("sightings", "vectors", "thumbnails", "reembedded")  # what a deletion leaves dead tuples in
 _LOCK_KEY = 0x63726F7373  # the advisory lock schema steps run under ("cross")
+_SIGHTING_TYPES = ("bigint", "text", "text", "double precision", "bigint", "bigint", "bigint", *["double precision"] * 5,
+                   "text", "boolean", "bigint")  # COLUMNS and seq
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # `:name`, not a `::type` cast
+
+
+def _copy(db: psycopg.Connection, table: str, types: Sequence[str], rows: Iterable[tuple]) -> None:
+    """Rows into `table (columns)` of these types by binary COPY: no text escaping of the vectors' and JPEGs' bytes."""
+    with db.cursor().copy(f"COPY {table} FROM STDIN (FORMAT BINARY)") as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
 
 
 class PgStore(SqlStore):
@@ -216,18 +226,12 @@ class PgStore(SqlStore):
         ids = ints(ids)
 
         def work(db: psycopg.Connection) -> None:
-            with db.cursor() as cur:
-                with cur.copy(f"COPY sightings ({COLUMNS}, seq) FROM STDIN") as copy:
-                    for i, s, t in zip(ids, sightings, track_ids):
-                        copy.write_row((i, s.node, s.camera, s.ts, int(s.frame), int(s.track), int(t), *s.box, s.score,
-                                        s.model, s.thumbnail is not None, s.seq))
-                with cur.copy("COPY vectors (id, vec) FROM STDIN") as copy:
-                    for i, v in zip(ids, vecs):
-                        copy.write_row((i, np.asarray(v, np.float32).tobytes()))
-                with cur.copy("COPY thumbnails (id, jpeg) FROM STDIN") as copy:
-                    for i, s in zip(ids, sightings):
-                        if s.thumbnail is not None:
-                            copy.write_row((i, s.thumbnail))
+            _copy(db, f"sightings ({COLUMNS}, seq)", _SIGHTING_TYPES, (
+                (i, s.node, s.camera, s.ts, int(s.frame), int(s.track), int(t), *s.box, s.score, s.model, s.thumbnail is not None,
+                 s.seq) for i, s, t in zip(ids, sightings, track_ids)))
+            _copy(db, "vectors (id, vec)", ("bigint", "bytea"), ((i, np.asarray(v, np.float32).tobytes()) for i, v in zip(ids, vecs)))
+            _copy(db, "thumbnails (id, jpeg)", ("bigint", "bytea"),
+                  ((i, s.thumbnail) for i, s in zip(ids, sightings) if s.thumbnail is not None))
             db.cursor().executemany("INSERT INTO models (model, dim) VALUES (%s, %s) ON CONFLICT DO NOTHING",
                                     sorted({(s.model, len(v)) for s, v in zip(sightings, vecs)}))
             db.execute("UPDATE positions SET value = GREATEST(value, %s) WHERE name = 'sightings'", (max(ids),))
@@ -313,9 +317,8 @@ class PgStore(SqlStore):
                 (list(wanted), model))]
             if keep:
                 first = self._take(db, "reembedded", len(keep))
-                with db.cursor().copy("COPY reembedded (seq, id, model, vec) FROM STDIN") as copy:
-                    for k, i in enumerate(keep):
-                        copy.write_row((first + k, i, model, np.asarray(wanted[i], np.float32).tobytes()))
+                _copy(db, "reembedded (seq, id, model, vec)", ("bigint", "bigint", "text", "bytea"),
+                      ((first + k, i, model, np.asarray(wanted[i], np.float32).tobytes()) for k, i in enumerate(keep)))
             return keep, self._position(db, "reembedded")
 
         return self._transaction(work)
