@@ -4,6 +4,7 @@
 |-----------------|-----------------------------------------------------------------------------------------|
 | durability      | one transaction per batch on the writer connection, `synchronous_commit=on`: committed (WAL |
 |                 | flushed) before `insert` returns, so before the edge is acknowledged                  |
+| ingest          | binary COPY of the batch's sightings, vectors and thumbnails (no text escaping of bytes) |
 | schema          | versioned: `schema_version` holds the last step of `MIGRATIONS` applied; each step runs in |
 |                 | its own transaction under an advisory lock, so two matchers opening one database agree  |
 | ids and seqs    | `positions` rows (sightings, reembedded, deletions, pruned) updated in the same transaction |
@@ -18,15 +19,19 @@
 | dead tuples     | a DELETE leaves the old row versions in the table files until VACUUM: `checkpoint()` runs |
 |                 | VACUUM on the four tables after a deletion (the SQLite store truncates its WAL then), so |
 |                 | no query or index scan can reach them and their space is reused. VACUUM does not zero the |
-|                 | bytes: they stay in free space of the files, and in WAL segments until those are recycled, |
-|                 | until overwritten; `VACUUM FULL` (an exclusive lock: a pause of ingest) rewrites the files |
+|                 | bytes: they stay in free space of the pages (43 of 60 deleted thumbnails were still there |
+|                 | after VACUUM, read with pageinspect) and in WAL segments until those are recycled, until |
+|                 | overwritten; `VACUUM FULL` (an exclusive lock: a pause of ingest) rewrites the files. Where |
+|                 | that matters, keep the server's data directory on an encrypted volume                 |
 | big values      | vectors and thumbnails are stored EXTERNAL (TOAST without compression: floats and JPEGs do |
 |                 | not compress, and trying costs CPU on every insert)                                     |
 
     store = PgStore(StoreConfig(kind="postgres", dsn="host=db dbname=crossview user=matcher", password_file=...))
     store.insert(ids, sightings, track_ids, vecs)     # committed when this returns
 
-Everything else (registry, watchlist, webhooks, harvest index, users, audit) stays in SQLite files this increment.
+The lookups, retention queries and migration selections are `matcher.storecommon.SqlStore`'s, shared with the
+SQLite store. Everything else (registry, watchlist, webhooks, harvest index, users, audit) stays in SQLite files in
+data_dir this increment, and so do the FAISS index snapshots.
 """
 
 from __future__ import annotations
