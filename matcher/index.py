@@ -242,6 +242,10 @@ class VectorIndex:
     def stats(self) -> dict[str, dict]:
         return {m: p.stats() for m, p in sorted(self.partitions.items())}
 
+    def production(self, model: str) -> None:
+        """`model` became production and its migration covers the history. The matcher's queries name their version,
+        so this index needs nothing; Milvus points an alias at it for other readers."""
+
     def stored_chunks(self, model: str, upto: int | None = None,
                       upto_seq: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, vectors) chunks of one model version in the store: its own sightings' with ids up to `upto`, then

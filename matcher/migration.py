@@ -200,6 +200,7 @@ class Migration:
         n, seconds, self._done_rate = self.migrated - self._session[0], time.monotonic() - self._session[1], self.rate()
         self._count(self.store.migration_counts(self.target, self._since()))  # the counts kept meanwhile drift with retention
         self.done = True
+        self.index.production(self.target)
         log.info("gallery migration to %s done: %d re-embedded in %.1f s (%.1f thumbnails/s), %d of %d in all%s%s",
                  self.target, n, seconds, self._done_rate, self.migrated, self.total, f", {self.unreadable} unreadable thumbnails" if self.unreadable else "",
                  self._bare_note())

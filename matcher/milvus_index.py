@@ -15,6 +15,8 @@
 |             | between the store commit and the Milvus insert, or between a store deletion and Milvus's), the ids |
 |             | are compared: what the store holds and Milvus lacks is inserted from the store, what Milvus holds   |
 |             | and the store no longer has is deleted. So a kill loses nothing and resurrects nothing           |
+| production  | `production(model)`, once a new production version's migration is done: the alias `<prefix>_production` |
+|             | is moved to its collection, for readers outside the matcher (the matcher's queries name their version) |
 | drop        | `drop(model)`: the version's collection goes                                                  |
 | clients     | one pymilvus `MilvusClient` for a server or cluster (`uri`) and for Milvus Lite (`lite_file`)    |
 
@@ -170,6 +172,20 @@ class MilvusIndex(VectorIndex):
         log.info("Milvus collection %s of model version %s dropped", c.name, model)
         return True
 
+    def production(self, model: str) -> None:
+        alias = f"{self.mcfg.collection_prefix}_production"
+        if (c := self.partitions.get(model)) is None:
+            return  # no sighting of it yet: the alias stays where it was
+        if alias in self.client.list_aliases(c.name).get("aliases", []):
+            return
+        from pymilvus import MilvusException
+
+        try:
+            self.client.alter_alias(c.name, alias)
+        except MilvusException:  # no such alias yet
+            self.client.create_alias(c.name, alias)
+        log.info("Milvus alias %s -> %s (model version %s)", alias, c.name, model)
+
     # -- queries ---------------------------------------------------------------------------------
 
     def search(self, model: str, vec: np.ndarray, k: int, cameras: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -177,9 +193,9 @@ class MilvusIndex(VectorIndex):
         c = self.partition(model)
         vec = self.query_vector(model, vec)
         k = min(k, TOPK_MAX)
-        if k <= 0 or c.size == 0:
+        if k <= 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
-        where = f"camera in {json.dumps(list(cameras))}" if cameras else ""
+        where = f"camera in {json.dumps(list(cameras), ensure_ascii=False)}" if cameras else ""
         [hits] = self.client.search(c.name, data=[vec.tolist()], limit=k, filter=where, anns_field="vec",
                                     search_params=self._search_params(k))
         return (np.fromiter((h["distance"] for h in hits), np.float32, len(hits)),

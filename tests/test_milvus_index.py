@@ -67,13 +67,18 @@ def test_a_collection_per_version_searched_by_camera_with_removal(tmp_path):
         assert index.stats()["m1"] == {"size": 58, "kind": "milvus", "dim": 16, "rebuilding": False}
 
         other = unit_vectors(np.random.default_rng(1), 5, 8)
-        index.add("m2:v2/β", _stored(store, other, "m2:v2/β"), other)  # any version string makes a valid name
+        other_ids = _stored(store, other, "m2:v2/β")
+        index.add("m2:v2/β", other_ids, other)  # any version string makes a valid name
         assert {collection_name("crossview", "m1"), collection_name("crossview", "m2:v2/β")} <= set(index.client.list_collections())
         assert {m: s["size"] for m, s in index.stats().items()} == {"m1": 58, "m2:v2/β": 5}
         with pytest.raises(ValueError, match="query embedding has 16 dimensions, model version 'm2:v2/β' has 8"):
             index.query_vector("m2:v2/β", vecs[0])
         with pytest.raises(LookupError, match=r"indexed versions: m1, m2:v2/β"):
             index.search("m3", vecs[0], 5)
+        for model, vec, sighting in (("m2:v2/β", other[2], other_ids[2]), ("m1", vecs[7], ids[7])):
+            index.production(model)  # the alias follows the production version
+            [[hit]] = index.client.search("crossview_production", data=[vec.tolist()], limit=1, anns_field="vec")
+            assert hit["id"] == sighting
         assert index.drop("m2:v2/β") and not index.drop("m2:v2/β")
         assert collection_name("crossview", "m2:v2/β") not in index.client.list_collections()
     finally:
@@ -150,6 +155,9 @@ def test_the_matcher_on_a_milvus_server_restarts_and_backfills(milvus_server, tm
         wait_until(lambda: m.ingest.accepted == len(people.sightings), 30, "every sighting accepted")
         [first, *_] = m.queries.search_track(*people.track(2, "gate"), None, Filters(top_k=2, min_score=0.7)).ranked()
         assert first.track == 3 and first.camera in ("hall", "street")
+        m.index.production("m1")
+        [[hit]] = m.index.client.search("restart_production", data=[people.centers[2].tolist()], limit=1, anns_field="vec")
+        assert m.store.record(hit["id"]).track == 3
     finally:
         m.stop()
     # Committed while no Milvus insert followed (the matcher was killed after its store commit): a new person.
