@@ -198,7 +198,7 @@ def pip_extras(run: str) -> list[set[str]]:
     return [set(m[1].split(",")) for m in re.finditer(r"crossview[^\s\"']*\[([a-z0-9_,-]+)\]", run)]
 
 
-WANTED = {"edge": {"edge", "cpu"}, "matcher": {"matcher", "cpu"}, "adapt": {"train", "gpu"}}
+WANTED = {"edge": {"edge", "cpu"}, "matcher": {"matcher", "postgres", "milvus", "cpu"}, "adapt": {"train", "gpu"}}
 
 
 def test_dockerfile_targets_install_only_their_extras_and_run_as_a_user():
@@ -313,16 +313,18 @@ def test_make_install_still_installs_everything_the_suite_needs():
     m = re.search(r"^EXTRAS \?= (\S+)$", make, re.M)
     assert m and '-e ".[$(EXTRAS)]"' in make
     extras = set(m[1].split(","))
-    assert extras == {"edge", "matcher", "train", "test", "gpu"}, "every service, the tests, one ONNX Runtime flavour"
+    assert extras == {"edge", "matcher", "postgres", "milvus", "train", "test", "gpu"}, \
+        "every service and backend, the tests, one ONNX Runtime flavour"
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
 # (file, import) pairs that are not the service's own: kernel/runtime.py imports ultralytics only when the edge
-# calls it; kernel/checkpoint.py (torch) is read by the trainer alone.
-NOT_THEIRS = {("kernel/runtime.py", "ultralytics")}
+# calls it; kernel/config.py imports psycopg only to check a `store.kind: postgres` dsn (the matcher's postgres
+# extra); kernel/checkpoint.py (torch) is read by the trainer alone.
+NOT_THEIRS = {("kernel/runtime.py", "ultralytics"), ("kernel/config.py", "psycopg")}
 SERVICE_FILES = {
     "edge": (["edge", "kernel"], ["kernel/checkpoint.py"], ("edge", "cpu")),
-    "matcher": (["matcher", "kernel"], ["kernel/checkpoint.py"], ("matcher", "cpu")),
+    "matcher": (["matcher", "kernel"], ["kernel/checkpoint.py"], ("matcher", "postgres", "milvus", "cpu")),
     "train": (["trainer", "kernel"], [], ("train", "gpu")),
 }
 
