@@ -319,8 +319,9 @@ class MilvusConfig(_Strict):
     index_type: Literal["FLAT", "IVF_FLAT", "HNSW"] = Field("HNSW", description="Milvus's index per sealed segment; "
                                                             "HNSW uses index.hnsw_m and hnsw_ef_search, IVF_FLAT nlist and index.nprobe")
     nlist: int = Field(1024, ge=1, le=65536)
-    consistency: Literal["Strong", "Session", "Bounded"] = Field("Strong", description="Strong: a search sees every "
-                                                                 "insert acknowledged before it, whichever replica made it")
+    consistency: Literal["Strong", "Session", "Bounded"] = Field("Session", description="Session: a search sees every "
+                                                                  "insert this matcher made; Strong: any client's (replicas), "
+                                                                  "but waits ~200 ms a search (bench/milvus_tail.py)")
     timeout_s: float = Field(30.0, gt=0, le=600, description="one Milvus call at most")
 
     @model_validator(mode="after")

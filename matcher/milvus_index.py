@@ -7,7 +7,8 @@
 |             | exact name is the collection's description                                                    |
 | metric      | inner product on the unit vectors (cosine similarity); `index.milvus.index_type` per sealed segment |
 | cameras     | `search(..., cameras=)` filters on the partition key, so only those cameras' partitions are searched |
-| consistency | `index.milvus.consistency`; Strong (the default): a search sees every insert acknowledged before it |
+| consistency | `index.milvus.consistency`; Session (the default): a search sees every insert this client made, so |
+|             | what ingest counted is findable; Strong sees other replicas' too, at one time tick (~200 ms) a search |
 | removal     | `delete` by ids, as the store commits deletions                                               |
 | durability  | Milvus's own (its log, then object storage). The matcher keeps no snapshot: `save()` writes nothing, |
 |             | and the deletion log may be pruned up to what was applied                                     |
