@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -73,9 +74,20 @@ class MilvusIndex(VectorIndex):
         super().__init__(cfg, store, read_only)
         self.mcfg = cfg.milvus
         token = read_secret(self.mcfg.token_file, "index.milvus.token_file", "token") if self.mcfg.token_file else ""
-        self.client = MilvusClient(uri=self.mcfg.uri or str(self.mcfg.lite_file), token=token, timeout=self.mcfg.timeout_s)
+        with self._reaching():
+            self.client = MilvusClient(uri=self.mcfg.uri or str(self.mcfg.lite_file), token=token, timeout=self.mcfg.timeout_s)
         self.partitions: dict[str, Collection] = {}
         self._lock = threading.Lock()  # creating a collection, and counting
+
+    @contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Milvus's errors at start (unreachable, refused, a wrong token) as a ConnectionError naming the section."""
+        from pymilvus import MilvusException
+
+        try:
+            yield
+        except MilvusException as e:
+            raise ConnectionError(f"index.milvus: {self.mcfg.shown}: {e.message or type(e).__name__}") from None
 
     # -- collections -----------------------------------------------------------------------------
 
@@ -224,11 +236,12 @@ class MilvusIndex(VectorIndex):
     def recover(self) -> None:
         """Open every stored version's collection and make it hold exactly the store's vectors of that version."""
         t0 = time.monotonic()
-        for model, dim in self.store.models().items():
-            c = self._collection(model, dim)
-            stored = self.store.count(model, None, None, None, limit=2**62)
-            if stored != c.size and not self.read_only:
-                self._reconcile(c)
+        with self._reaching():
+            for model, dim in self.store.models().items():
+                c = self._collection(model, dim)
+                stored = self.store.count(model, None, None, None, limit=2**62)
+                if stored != c.size and not self.read_only:
+                    self._reconcile(c)
         self.del_pos = self.store.last_deletion()
         summary = ", ".join(f"{m} {c.size}" for m, c in sorted(self.partitions.items())) or "empty"
         log.info("Milvus index (%s) recovered in %.1f s: %s", self.mcfg.shown, time.monotonic() - t0, summary)

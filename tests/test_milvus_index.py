@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from helpers import Pusher, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
+from helpers import Pusher, free_port, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
 from test_matcher_query import (  # noqa: F401  collected here, on this module's `matcher`
     started,
     test_a_track_finds_the_same_person_on_the_other_cameras,
@@ -110,6 +110,16 @@ def test_recovery_backfills_what_was_committed_but_never_inserted(tmp_path):
         assert held == set(ids[1:]) | set(later_ids)
     finally:
         again.close()
+        store.close()
+
+
+def test_an_unreachable_milvus_is_a_clear_error(tmp_path):
+    cfg = IndexConfig(engine="milvus", milvus={"uri": f"http://127.0.0.1:{free_port()}", "timeout_s": 2})
+    store = Store(tmp_path / "sightings.db")
+    try:
+        with pytest.raises(ConnectionError, match=r"index.milvus: http://127.0.0.1:\d+: "):
+            MilvusIndex(cfg, store).recover()
+    finally:
         store.close()
 
 
