@@ -172,19 +172,25 @@ class TrackerConfig(_Strict):
     track_buffer: int = Field(30, ge=1, description="frames a lost track is kept")
 
 
-class RegistryConfig(_Strict):
-    """Where the edge fetches the production model from (the matcher's model registry); off without a url."""
+class _MatcherLink(_Strict):
+    """An edge's HTTP link to the matcher, authenticated with the edges' token; off without a url."""
 
     url: str | None = Field(None, pattern=r"^https?://", description="the matcher's HTTP API, e.g. http://10.0.0.2:8080")
-    token_file: Path | None = Field(None, description="the matcher's http.edge_token_file (read-only model access)")
-    poll_s: float = Field(60.0, ge=1, le=86400, description="how often the production version is checked")
-    timeout_s: float = Field(60.0, gt=0, le=3600, description="longest a model download may take")
+    token_file: Path | None = Field(None, description="the matcher's http.edge_token_file")
 
     @model_validator(mode="after")
-    def _token_with_url(self) -> "RegistryConfig":
+    def _token_with_url(self):
         if self.url and self.token_file is None:
-            raise ValueError("a registry url needs token_file (the matcher's http.edge_token_file)")
+            raise ValueError(f"{self._what} url needs token_file (the matcher's http.edge_token_file)")
         return self
+
+
+class RegistryConfig(_MatcherLink):
+    """Where the edge fetches the production model from (the matcher's model registry); off without a url."""
+
+    _what = "a registry"
+    poll_s: float = Field(60.0, ge=1, le=86400, description="how often the production version is checked")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="longest a model download may take")
 
 
 class EmbedderConfig(_Strict):
@@ -236,23 +242,16 @@ class PublisherConfig(_Strict):
 MAX_UPLOAD_BATCH = 100  # harvested crops in one upload at most; the matcher refuses a larger batch whole
 
 
-class UploadConfig(_Strict):
+class UploadConfig(_MatcherLink):
     """Harvested crops sent to the matcher's harvest store (`edge.uploader`); each is deleted on the edge once the
     matcher has acknowledged it. Off without a url."""
 
-    url: str | None = Field(None, pattern=r"^https?://", description="the matcher's HTTP API, e.g. http://10.0.0.2:8080")
-    token_file: Path | None = Field(None, description="the matcher's http.edge_token_file (or its API token)")
+    _what = "an upload"
     batch: int = Field(16, ge=1, le=MAX_UPLOAD_BATCH, description="crops per request at most")
     interval_s: float = Field(10.0, ge=0.1, le=3600, description="how often the folder is checked for new crops; the "
                               "first wait after a failure, doubled up to 32 times that")
     timeout_s: float = Field(30.0, gt=0, le=600, description="longest one request may take")
     drain_s: float = Field(10.0, ge=0, le=3600, description="on stop, how long the last crops may take to upload")
-
-    @model_validator(mode="after")
-    def _token_with_url(self) -> "UploadConfig":
-        if self.url and self.token_file is None:
-            raise ValueError("an upload url needs token_file (the matcher's http.edge_token_file)")
-        return self
 
 
 class HarvestConfig(_Strict):
