@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
-from crossview.kernel.config import ConfigError, IndexConfig, QueryConfig, load_edge_config, load_matcher_config
+from crossview.kernel.config import ConfigError, IndexConfig, QueryConfig, StoreConfig, load_edge_config, load_matcher_config
 from crossview.kernel.runtime import offline_env, passive_threads, setup_logging
 
 log = logging.getLogger("crossview")
@@ -268,15 +268,17 @@ def _alerts(args: argparse.Namespace) -> int:
         return 0
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    """The matcher's data directory for a verb working on its disk: --data-dir, else the --config's, else the default."""
-    return args.data_dir or (load_matcher_config(args.config).data_dir if args.config else Path("var/matcher"))
+def _matcher_data(args: argparse.Namespace) -> tuple[Path, StoreConfig | None]:
+    """Where a verb working on the matcher's data finds it: the data directory (--data-dir, else the --config's, else
+    the default) and the --config's `store` (with kind postgres, the registry, users and audit log are there)."""
+    cfg = load_matcher_config(args.config) if args.config else None
+    return args.data_dir or (cfg.data_dir if cfg else Path("var/matcher")), cfg.store if cfg else None
 
 
 def _users(args: argparse.Namespace) -> int:
     from crossview.matcher.users import Users
 
-    users = Users(_data_dir(args))
+    users = Users(_matcher_data(args)[0])
     if args.action == "add":
         token = users.add(args.name, args.role)
         print(f"user {args.name} ({args.role}) added; their token, shown only now:\n{token}")
@@ -296,7 +298,7 @@ def _users(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from crossview.matcher.audit import AuditLog
 
-    log_ = AuditLog(_data_dir(args), read_only=True)
+    log_ = AuditLog(_matcher_data(args)[0], read_only=True)
     since = time.time() - args.days * 86400 if args.days else None
     out = open(args.out, "w") if args.out else sys.stdout
     try:
@@ -318,8 +320,8 @@ def _models(args: argparse.Namespace) -> int:
         return _models_status(args)
     from crossview.matcher.registry import Registry
 
-    data_dir = _data_dir(args)
-    registry = Registry(data_dir, read_only=args.action == "list")
+    data_dir, store = _matcher_data(args)
+    registry = Registry(data_dir, read_only=args.action == "list", store=store)
     if args.action == "list":
         entries = registry.list()
         if args.json:

@@ -36,9 +36,7 @@ data_dir this increment, and so do the FAISS index snapshots.
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -49,6 +47,7 @@ from psycopg_pool import ConnectionPool
 
 from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import Sighting
+from crossview.matcher.sqldb import Db, connect_pg, migrate, pg_options, pg_sql, schema_version
 from crossview.matcher.storecommon import COLUMNS, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
@@ -91,10 +90,8 @@ MIGRATIONS = [
     """,
 ]
 _PURGED = ("sightings", "vectors", "thumbnails", "reembedded")  # what a deletion leaves dead tuples in
-_LOCK_KEY = 0x63726F7373  # the advisory lock schema steps run under ("cross")
 _SIGHTING_TYPES = ("bigint", "text", "text", "double precision", "bigint", "bigint", "bigint", *["double precision"] * 5,
                    "text", "boolean", "bigint")  # COLUMNS and seq
-_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")  # `:name`, not a `::type` cast
 
 
 def _copy(db: psycopg.Connection, table: str, types: Sequence[str], rows: Iterable[tuple]) -> None:
@@ -114,20 +111,19 @@ class PgStore(SqlStore):
 
     def __init__(self, cfg: StoreConfig, read_only: bool = False):
         self.shown, self.read_only = cfg.shown, read_only
-        conninfo = cfg.conninfo()
-        options = "-c default_transaction_read_only=on" if read_only else "-c synchronous_commit=on"
         self._writer = self._pool = None
         try:
-            first = psycopg.connect(conninfo, autocommit=True, options=options)  # a wrong address or password fails here
+            first = connect_pg(cfg, read_only)  # a wrong address or password fails here
+            schema = Db(first, "postgres", "store", self.shown)
             if read_only:
                 with first:
-                    if first.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
-                        raise FileNotFoundError(f"{self.shown}: no matcher store here (no schema_version table)")
+                    if schema_version(schema) is None:
+                        raise FileNotFoundError(f"{self.shown}: no matcher store here (no schema_version row)")
             else:
                 self._writer = first
-                self._migrate()
-            self._pool = ConnectionPool(conninfo, min_size=1, max_size=cfg.pool_max, open=True, name="pgstore",
-                                        kwargs={"autocommit": True, "options": options})
+                migrate(schema, [{"postgres": step} for step in MIGRATIONS])
+            self._pool = ConnectionPool(cfg.conninfo(), min_size=1, max_size=cfg.pool_max, open=True, name="pgstore",
+                                        kwargs={"autocommit": True, "options": pg_options(read_only)})
         except psycopg.Error as e:
             self.close()
             raise ConnectionError(f"store: {self.shown}: {str(e).strip() or type(e).__name__}") from None
@@ -139,26 +135,6 @@ class PgStore(SqlStore):
 
     # -- schema --------------------------------------------------------------------------------
 
-    def _migrate(self) -> None:
-        db = self._writer
-        with db.transaction():
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
-            if db.execute("SELECT version FROM schema_version").fetchone() is None:
-                db.execute("INSERT INTO schema_version VALUES (0)")
-        version = db.execute("SELECT version FROM schema_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise ValueError(f"store: {self.shown}: schema version {version} is newer than this matcher's {len(MIGRATIONS)}: "
-                             "upgrade the matcher")
-        for step in range(version + 1, len(MIGRATIONS) + 1):
-            with db.transaction():
-                db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-                if db.execute("SELECT version FROM schema_version").fetchone()[0] >= step:
-                    continue  # another matcher applied it meanwhile
-                db.execute(MIGRATIONS[step - 1])
-                db.execute("UPDATE schema_version SET version = %s", (step,))
-            log.info("store %s: schema step %d applied", self.shown, step)
-
     # -- connections ---------------------------------------------------------------------------
 
     @contextmanager
@@ -167,10 +143,8 @@ class PgStore(SqlStore):
             yield conn
 
     @staticmethod
-    @functools.lru_cache(maxsize=256)
     def _sql(sql: str) -> str:
-        """SQLite's placeholders (`?`, `:name`; `SqlStore`'s SQL) as psycopg's; a `::type` cast stays."""
-        return _NAMED.sub(r"%(\1)s", sql.replace("?", "%s"))
+        return pg_sql(sql)  # SQLite's placeholders (`SqlStore`'s SQL) as psycopg's
 
     @staticmethod
     def _list(values: Iterable) -> list:

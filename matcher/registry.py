@@ -15,6 +15,12 @@ edge runs which version (from their heartbeats). The CLI changes the registry on
 (`--config` or `--data-dir`), as `crossview query` reads the store; a running matcher sees each change
 at its next request, since every call reads the database.
 
+With `store.kind: postgres` the tables are in that database (`matcher.sqldb`), shared by every matcher on it: a
+version registered or promoted through one is production for all. The ONNX files go there too, in 1 MiB parts
+(`model_files`, at most `http.max_model_bytes`: 512 MB by default, well within PostgreSQL's limits, and written
+once per version), since a replica must serve an edge a version another one registered; `registry/<version>.onnx`
+is then each matcher's cache, fetched from the database when missing and checked against the SHA-256.
+
     reg = Registry(data_dir)
     reg.register(Path("runs/train/site/site.onnx"), gate={"mAP": 0.71})   # -> ModelEntry, state candidate
     reg.promote("site-20261201")
@@ -27,13 +33,13 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import time
-from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from crossview.kernel.config import StoreConfig
 from crossview.kernel.integrity import sha256_of
+from crossview.matcher.sqldb import WAL_FULL, open_db, pg_ddl
 
 log = logging.getLogger(__name__)
 STATES = ("candidate", "canary", "production", "retired")
@@ -62,6 +68,12 @@ CREATE TABLE IF NOT EXISTS promotions (   -- every production version in turn, f
     why TEXT NOT NULL          -- promote or rollback
 );
 """
+_PG_FILES = """
+CREATE TABLE model_files (version text NOT NULL, part integer NOT NULL, data bytea NOT NULL, PRIMARY KEY (version, part));
+ALTER TABLE model_files ALTER data SET STORAGE EXTERNAL;  -- ONNX weights do not compress
+"""
+MIGRATIONS = [{"sqlite": SCHEMA, "postgres": pg_ddl(SCHEMA) + _PG_FILES}]  # never edit a step: add one
+_PART = 1 << 20  # bytes of a model file per model_files row
 
 
 @dataclass(frozen=True)
@@ -85,26 +97,24 @@ def _summary(meta) -> dict:
 
 
 class Registry:
-    def __init__(self, data_dir: Path, read_only: bool = False):
+    """`store`: where the tables are (`store.kind`; None: SQLite in `registry/`). Read-only, a registry not yet
+    created reads as empty."""
+
+    def __init__(self, data_dir: Path, read_only: bool = False, store: StoreConfig | None = None):
         self.dir = Path(data_dir) / "registry"
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
-        self._path = self.dir / "registry.db"
-        if not read_only:
-            with closing(self._connect()) as db:
-                db.executescript(SCHEMA)
+        self._db = open_db("registry", self.dir / "registry.db", store, MIGRATIONS, read_only, WAL_FULL[:1])
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
     def _rows(self, where: str = "", args: tuple = ()) -> list[ModelEntry]:
-        if not self._path.exists():
+        if self._db is None:
             return []
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT version, sha256, bytes, meta, gate, state, registered, changed FROM models "
-                              f"{where} ORDER BY registered", args).fetchall()
+        rows = self._db.all("SELECT version, sha256, bytes, meta, gate, state, registered, changed FROM models "
+                            f"{where} ORDER BY registered", args)
         return [ModelEntry(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]) if r[4] else None, *r[5:]) for r in rows]
 
     def list(self) -> list[ModelEntry]:
@@ -119,7 +129,32 @@ class Registry:
         return rows[0] if rows else None
 
     def file_of(self, version: str) -> Path:
-        return self.dir / f"{version}.onnx"
+        """The version's ONNX file (on PostgreSQL fetched into `registry/` when this matcher has no copy yet)."""
+        path = self.dir / f"{version}.onnx"
+        if self._db is not None and self._db.postgres and not path.exists():
+            self._fetch(version, path)
+        return path
+
+    def _fetch(self, version: str, path: Path) -> None:
+        entry = self.get(version)
+        if entry is None:
+            return  # no such version: no file, as on SQLite
+        tmp = self.dir / f".{version}.{os.getpid()}.fetch"
+        try:
+            with open(tmp, "wb") as f:
+                for part in range(-(-entry.bytes // _PART)):  # part by part: a model is never all in memory
+                    f.write(self._db.one("SELECT data FROM model_files WHERE version = ? AND part = ?", (version, part))[0])
+            if sha256_of(tmp) != entry.sha256:
+                raise ValueError(f"{version}: the model file in {self._db.shown} does not match its SHA-256")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _store_file(self, version: str, path: Path) -> None:
+        """The file's bytes into `model_files`, in the caller's transaction (PostgreSQL only)."""
+        with open(path, "rb") as f:
+            for part, data in enumerate(iter(lambda: f.read(_PART), b"")):
+                self._db.run("INSERT INTO model_files (version, part, data) VALUES (?, ?, ?)", (version, part, data))
 
     def register(self, path: Path, gate: dict | None = None) -> ModelEntry:
         """Copy a model into the registry as a candidate; the same file again is a no-op, another file under a
@@ -138,10 +173,12 @@ class Registry:
         shutil.copyfile(path, tmp)
         os.replace(tmp, self.file_of(meta.version))
         now = time.time()
-        with closing(self._connect()) as db:
-            db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, 'candidate', ?, ?)",
-                       (meta.version, digest, Path(path).stat().st_size, json.dumps(_summary(meta)),
-                        json.dumps(gate) if gate is not None else None, now, now))
+        with self._db.transaction() as db:
+            db.run("INSERT INTO models VALUES (?, ?, ?, ?, ?, 'candidate', ?, ?)",
+                   (meta.version, digest, Path(path).stat().st_size, json.dumps(_summary(meta)),
+                    json.dumps(gate) if gate is not None else None, now, now))
+            if db.postgres:
+                self._store_file(meta.version, self.file_of(meta.version))
         log.info("registry: %s registered as a candidate (sha256 %s)", meta.version, digest[:12])
         return self.get(meta.version)
 
@@ -150,14 +187,12 @@ class Registry:
         if self.get(version) is None:
             raise LookupError(f"model version {version!r} is not in the registry (crossview models list)")
         now = time.time()
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("UPDATE models SET state = 'retired', changed = ? WHERE state IN ('production', 'canary') "
-                       "AND version != ?", (now, version))
-            db.execute("DELETE FROM canary")
-            db.execute("UPDATE models SET state = 'production', changed = ? WHERE version = ?", (now, version))
-            db.execute("INSERT INTO promotions (version, ts, why) VALUES (?, ?, ?)", (version, now, why))
-            db.execute("COMMIT")
+        with self._db.transaction() as db:
+            db.run("UPDATE models SET state = 'retired', changed = ? WHERE state IN ('production', 'canary') "
+                   "AND version != ?", (now, version))
+            db.run("DELETE FROM canary")
+            db.run("UPDATE models SET state = 'production', changed = ? WHERE version = ?", (now, version))
+            db.run("INSERT INTO promotions (version, ts, why) VALUES (?, ?, ?)", (version, now, why))
         log.info("registry: %s is production (%s)", version, why)
         return self.get(version)
 
@@ -169,22 +204,19 @@ class Registry:
         if entry.state == "production" or not nodes:
             raise ValueError(f"{version}: a canary needs a version that is not production and at least one edge")
         now = time.time()
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("UPDATE models SET state = 'candidate', changed = ? WHERE state = 'canary'", (now,))
-            db.execute("DELETE FROM canary")
-            db.execute("INSERT INTO canary VALUES (?, ?, ?, ?)", (version, json.dumps(sorted(set(nodes))), now, hold_s))
-            db.execute("UPDATE models SET state = 'canary', changed = ? WHERE version = ?", (now, version))
-            db.execute("COMMIT")
+        with self._db.transaction() as db:
+            db.run("UPDATE models SET state = 'candidate', changed = ? WHERE state = 'canary'", (now,))
+            db.run("DELETE FROM canary")
+            db.run("INSERT INTO canary VALUES (?, ?, ?, ?)", (version, json.dumps(sorted(set(nodes))), now, hold_s))
+            db.run("UPDATE models SET state = 'canary', changed = ? WHERE version = ?", (now, version))
         log.info("registry: %s on canary edges %s for %g s", version, ", ".join(sorted(set(nodes))), hold_s)
         return self.get(version)
 
     def canary(self) -> dict | None:
         """{"version", "nodes", "since", "hold_s"} of the version on trial, or None."""
-        if not self._path.exists():
+        if self._db is None:
             return None
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT version, nodes, since, hold_s FROM canary").fetchone()
+        row = self._db.one("SELECT version, nodes, since, hold_s FROM canary")
         return None if row is None else {"version": row[0], "nodes": json.loads(row[1]), "since": row[2], "hold_s": row[3]}
 
     def production_for(self, node: str | None) -> ModelEntry | None:
@@ -203,8 +235,7 @@ class Registry:
         running = {e["node"]: e["model"] for e in edges if e["state"] == "online"}
         if any(running.get(node) != trial["version"] for node in trial["nodes"]):
             return None  # not all of them run it (yet, or any more): the operator looks at `models status`
-        with closing(self._connect()) as db:
-            db.execute("DELETE FROM canary")
+        self._db.run("DELETE FROM canary")
         return self.promote(trial["version"], why="canary passed")
 
     def rollback(self) -> ModelEntry:
@@ -212,13 +243,12 @@ class Registry:
         production version before the current one production again."""
         trial = self.canary()
         if trial is not None:
-            with closing(self._connect()) as db:
-                db.execute("DELETE FROM canary")
-                db.execute("UPDATE models SET state = 'retired', changed = ? WHERE version = ?", (time.time(), trial["version"]))
+            with self._db.transaction() as db:
+                db.run("DELETE FROM canary")
+                db.run("UPDATE models SET state = 'retired', changed = ? WHERE version = ?", (time.time(), trial["version"]))
             log.info("registry: canary of %s stopped", trial["version"])
             return self.get(trial["version"])
-        with closing(self._connect()) as db:
-            history = [v for (v,) in db.execute("SELECT version FROM promotions ORDER BY id")]
+        history = [v for (v,) in self._db.all("SELECT version FROM promotions ORDER BY id")]
         current = self.production()
         earlier = [v for v in history if current is None or v != current.version]
         if not earlier:

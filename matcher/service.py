@@ -104,7 +104,7 @@ class Matcher:
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
-        self.registry = Registry(Path(cfg.data_dir))
+        self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
         self.users, self.audit = Users(Path(cfg.data_dir)), AuditLog(Path(cfg.data_dir))
         max_age = cfg.retention.max_age_hours
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
@@ -172,6 +172,7 @@ class Matcher:
         self.webhooks.close()
         self.harvest.close()
         self.audit.close()
+        self.registry.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------
@@ -262,7 +263,7 @@ class Matcher:
     def _advance_canary(self) -> None:
         try:
             self.registry.advance(self.edges.report()["edges"])
-        except sqlite3.Error as e:  # the registry file is the CLI's too: a busy or broken one is retried next time
+        except (sqlite3.Error, self.store.Error) as e:  # the CLI changes it too: a busy or broken one is retried next time
             log.error("model registry: canary not checked: %s", e)
 
     def _save_edges(self) -> None:

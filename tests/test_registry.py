@@ -1,6 +1,6 @@
 """The model registry and its rollout: register, promote, roll back; an edge node following the production
 version over HTTP with the read-only edge token, checking the checksum, and keeping its model when a download
-is bad."""
+is bad. On both backends (`store_section`); on PostgreSQL two matchers share one registry, files included."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import requests
 from helpers import edge_config, matcher_config, shared_data, wait_until
 
 from crossview.cli import main
+from crossview.kernel.config import StoreConfig
 from crossview.kernel.embedder import Embedder, ModelError
 from crossview.matcher.api import serve
 from crossview.matcher.client import MatcherClient
@@ -31,8 +32,9 @@ def relabel(src, out, version: str, **extra):
     return out
 
 
-def test_register_promote_and_roll_back(tmp_path, default_model):
-    reg = Registry(tmp_path)
+def test_register_promote_and_roll_back(tmp_path, default_model, store_section):
+    store = StoreConfig(**store_section)
+    reg = Registry(tmp_path, store=store)
     v2 = relabel(default_model, tmp_path / "v2.onnx", "site-2")
     first = reg.register(default_model)
     assert (first.state, reg.production()) == ("candidate", None)
@@ -52,7 +54,7 @@ def test_register_promote_and_roll_back(tmp_path, default_model):
     assert {e.version: e.state for e in reg.list()} == {first.version: "retired", "site-2": "production"}
     assert reg.get("site-2").gate == {"mAP": 0.71} and reg.get("site-2").meta["dim"] == first.meta["dim"]
     assert reg.rollback().version == first.version and reg.production().version == first.version
-    assert Registry(tmp_path, read_only=True).production().version == first.version  # another process reads it
+    assert Registry(tmp_path, read_only=True, store=store).production().version == first.version  # another process reads it
 
 
 def test_the_cli_manages_the_registry_on_the_matcher_host(tmp_path, default_model, capsys):
@@ -69,10 +71,25 @@ def test_the_cli_manages_the_registry_on_the_matcher_host(tmp_path, default_mode
     assert "no models registered" in capsys.readouterr().out
 
 
+def test_two_matchers_on_one_postgres_share_the_registry_and_its_files(tmp_path, default_model, pg_server):
+    store = StoreConfig(**pg_server.store_section(pg_server.fresh_db()))
+    one, other = Registry(tmp_path / "one", store=store), Registry(tmp_path / "other", store=store)
+    version = one.register(default_model).version
+    other.promote(version)
+    assert one.production().version == version and other.production().sha256 == one.get(version).sha256
+    assert other.file_of(version).read_bytes() == default_model.read_bytes()  # fetched from the database, once
+    assert Registry(tmp_path / "cli", read_only=True, store=store).production().version == version
+    assert Registry(tmp_path / "none", read_only=True, store=StoreConfig(**pg_server.store_section(pg_server.fresh_db()))) \
+        .list() == []  # a database without a registry reads as an empty one
+    one.close()
+    other.close()
+
+
 @pytest.fixture
-def site(tmp_path, default_model):
+def site(tmp_path, default_model, store_section):
     (tmp_path / "edge-token").write_text(EDGE_TOKEN + "\n")
-    cfg = matcher_config(tmp_path / "matcher", http={"port": 0, "token": TOKEN, "edge_token_file": str(tmp_path / "edge-token")})
+    cfg = matcher_config(tmp_path / "matcher", store=store_section,
+                         http={"port": 0, "token": TOKEN, "edge_token_file": str(tmp_path / "edge-token")})
     m = Matcher(cfg)
     m.registry.register(default_model)
     m.registry.promote(Embedder(default_model, device="cpu").version)
@@ -175,8 +192,9 @@ def test_an_edge_follows_the_production_version_and_keeps_its_model_on_a_bad_dow
         runner.join(30)
 
 
-def test_a_canary_runs_on_its_edges_first_and_becomes_production_once_they_ran_it(tmp_path, default_model, capsys):
-    reg = Registry(tmp_path)
+def test_a_canary_runs_on_its_edges_first_and_becomes_production_once_they_ran_it(tmp_path, default_model, capsys,
+                                                                                 store_section):
+    reg = Registry(tmp_path, store=StoreConfig(**store_section))
     v1 = reg.register(default_model).version
     reg.promote(v1)
     reg.register(relabel(default_model, tmp_path / "v2.onnx", "site-2"))
