@@ -101,6 +101,11 @@ TCAP_ABLATIONS = {
     "tcap-no-proxies": ("no camera-aware proxies", {"proxy_intra": 0.0, "proxy_inter": 0.0}),
     "tcap-no-cooccur": ("no co-occurrence margin", {"cooccur": 0.0}),
 }
+# The second source: PKU-Reid's 74 identities from two outdoor cameras, beside TUD-Campus's 8.
+PKU = {"source": {"also": [{"kind": "folders", "root": str(REPO.parent / "shared" / "data" / "PKU-Reid-subset"),
+                            "camera_folders": True}]}}
+VARIANTS |= {"tcap-pku": ("TCAP, sources TUD-Campus + PKU-Reid", overlay(TCAP, PKU)),
+             "daam-pku": ("DAAM full, sources TUD-Campus + PKU-Reid", PKU)}
 VARIANTS |= {"tcap": ("TCAP: tracklet pseudo labels + cluster memory + camera proxies + co-occurrence margin, GeM, "
                       "BN neck, on the edge harvest", TCAP)}
 VARIANTS |= {name: (f"TCAP, {what}", overlay(TCAP, {"tcap": change}))

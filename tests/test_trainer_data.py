@@ -6,6 +6,7 @@ TUD-Campus sequence from ../shared/data; the harvest folder is written by the ed
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -455,3 +456,25 @@ def test_unreadable_files_are_skipped_even_with_ultralytics_loaded(tmp_path):
     assert image_problem(bad) == "not an image format PIL can identify"
     with pytest.raises(ImageReadError, match="0001_c1_f0000001.jpg"):
         read_image(bad)
+
+
+def test_several_sources_train_as_one_with_identities_and_cameras_apart(tmp_path, campus):
+    """`source.also`: TUD-Campus's real crops plus a camera-folder dataset; pids and cameras never collide."""
+    from crossview.trainer.config import ConfigError, load_train_config
+    from crossview.trainer.data.build import load_train_data
+
+    write_tree(tmp_path / "pku", {"001/cam1": ["1.jpg", "2.jpg"], "001/cam2": ["3.jpg"], "004/cam2": ["4.jpg"]})
+    cfg = {"name": "t", "cache_dir": str(tmp_path / "cache"), "target": {"kind": "mot", "root": str(campus[0])},
+           "source": {"kind": "mot", "root": str(campus[0]),
+                      "also": [{"kind": "folders", "root": "pku", "camera_folders": True}]}}
+    path = tmp_path / "train.yaml"
+    path.write_text(json.dumps(cfg))
+    data = load_train_data(load_train_config(path))  # `also` roots are relative to the file, like every root
+    tud = [s for s in data.source if "pku" not in s.path.parts]
+    pku = {s.path.name: (s.pid, s.camid) for s in data.source if "pku" in s.path.parts}
+    assert len(tud) == len(campus[1]) and ids(tud) == set(range(8)) and cams(tud) == {0}
+    assert pku == {"1.jpg": (8, 1), "2.jpg": (8, 1), "3.jpg": (8, 2), "4.jpg": (9, 2)}
+    assert data.num_source_ids == 10
+    path.write_text(json.dumps({**cfg, "source": {**cfg["source"], "also": [cfg["source"]]}}))
+    with pytest.raises(ConfigError, match="source.also.*list every dataset at one level"):
+        load_train_config(path)

@@ -3,7 +3,7 @@
 | section      | what                                                                       |
 |--------------|----------------------------------------------------------------------------|
 | `method`     | the adaptation method (`trainer.methods`); its paper's settings are the defaults of the keys below |
-| `source`     | the labelled source dataset (kind + root)                                  |
+| `source`     | the labelled source dataset (kind + root), with more under `source.also`   |
 | `target`     | the unlabelled target: harvested crops, an image folder, or a labelled set whose labels are used only for evaluation |
 | `model`      | backbone, attention variant, heads and the ablation switches               |
 | `loss`       | weights of Eq. 12's terms and the target loss kind                         |
@@ -33,6 +33,18 @@ class SourceConfig(_Strict):
     kind: DatasetKind
     root: Path = Field(description="dataset folder (for mot: the sequence folder with gt/gt.txt)")
     frame_step: int = Field(1, ge=1, description="mot only: crops from every n-th frame (neighbours are near-duplicates)")
+    camera_folders: bool = Field(False, description="folders only: <identity>/<camera>/*.jpg instead of <identity>/*.jpg")
+    also: list[SourceConfig] = Field(
+        default_factory=list, description="more labelled datasets trained beside this one as one source, their "
+        "identities and cameras kept apart (e.g. TUD-Campus plus PKU-Reid); the first stays the source that gates and "
+        "metadata name")
+
+    @field_validator("also")
+    @classmethod
+    def _flat(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        if any(s.also for s in v):
+            raise ValueError("a source listed under also cannot have its own also: list every dataset at one level")
+        return v
 
 
 class TargetConfig(_Strict):
@@ -263,8 +275,8 @@ def overlay(base: dict, changes: dict) -> dict:
     return out
 
 
-TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("target", "root"),
-                   ("target", "evaluate_on", "root"), ("model", "init_from")]
+TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("source", "also", "*", "root"),
+                   ("target", "root"), ("target", "evaluate_on", "root"), ("model", "init_from")]
 
 
 def load_train_config(path: str | Path) -> TrainConfig:

@@ -165,7 +165,7 @@ def export_trained(model, cfg, history: list[dict], out: Path) -> Path:
         std=IMAGENET_STD,
         embedding_dim=model.dim,
         extra={
-            "source": f"{cfg.source.kind}:{Path(cfg.source.root).name}",
+            "source": " + ".join(f"{s.kind}:{Path(s.root).name}" for s in (cfg.source, *cfg.source.also)),
             "target": f"{cfg.target.kind}:{Path(cfg.target.root).name}",
             "date": now.isoformat(timespec="seconds"),
             "metrics": history[-1] if history else {},
