@@ -108,8 +108,8 @@ class Matcher:
         self.users, self.audit = Users(Path(cfg.data_dir)), AuditLog(Path(cfg.data_dir))
         max_age = cfg.retention.max_age_hours
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
-        self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of)
-        self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist)
+        self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of, cfg.store)
+        self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist, cfg.store)
         self.watchlist.on_alerts(self.webhooks.enqueue)
         self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics,
                                self.edges.heard, self._watch)

@@ -1,5 +1,6 @@
 """Watchlists: people an operator wants to hear about, checked against every ingested sighting, and the alerts
-they raise. The file `watchlist.db` in the data directory is this module's.
+they raise. The file `watchlist.db` in the data directory is this module's; with `store.kind: postgres` its tables
+are in that database (`matcher.sqldb`), shared by every matcher on it.
 
 | part      | what                                                                                         |
 |-----------|----------------------------------------------------------------------------------------------|
@@ -12,8 +13,11 @@ they raise. The file `watchlist.db` in the data directory is this module's.
 |           | once the batch is searchable)                                                                 |
 | alert     | one per entry and matcher track (its first sighting checked over the threshold), stored, then |
 |           | listed by the API and offered to the webhooks (`matcher.webhooks`)                            |
+| replicas  | an entry added or removed through another matcher on the database: each check first compares |
+|           | (count, highest id) of the entries with its indexes' and rebuilds them if it changed (ids are |
+|           | never reused); the UNIQUE (entry, track) keeps one alert even when two matchers check a track |
 
-    wl = Watchlist(data_dir / "watchlist.db", cfg.watchlist, calibration_of)
+    wl = Watchlist(data_dir / "watchlist.db", cfg.watchlist, calibration_of, cfg.store)
     entry = wl.add("visitor 7", queries.sighting_subject(123), min_probability=0.9, cameras=["gate"])
     wl.check(model, ids, sightings, vecs, records_of)    # -> the new alerts
     wl.alerts(after=0)                                   # oldest first
@@ -23,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +37,11 @@ import faiss
 import numpy as np
 
 from crossview.kernel.calibration import Calibration
-from crossview.kernel.config import WatchlistConfig
+from crossview.kernel.config import StoreConfig, WatchlistConfig
 from crossview.kernel.wire import Sighting
 from crossview.matcher.query import Subject
 from crossview.matcher.results import SightingRecord
+from crossview.matcher.sqldb import WAL_FULL, open_db
 
 log = logging.getLogger(__name__)
 _HITS_PER_SIGHTING = 8  # entries over the threshold reported per sighting at most
@@ -69,6 +73,7 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created);
 """
+MIGRATIONS = [SCHEMA]  # never edit a step: add one
 
 
 @dataclass(frozen=True)
@@ -116,12 +121,11 @@ class _Partition:
 
 
 class Watchlist:
-    def __init__(self, path: Path, cfg: WatchlistConfig, calibration_of: Callable[[str], Calibration | None]):
+    def __init__(self, path: Path, cfg: WatchlistConfig, calibration_of: Callable[[str], Calibration | None],
+                 store: StoreConfig | None = None):
         self.cfg, self.calibration_of = cfg, calibration_of
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_db("watchlist", path, store, MIGRATIONS, pragmas=WAL_FULL)
+        self._seen: tuple | None = None  # (count, highest id) of the entries the indexes hold
         self._lock = threading.Lock()  # the index thread checks, HTTP threads add and list, webhooks read
         self._parts: dict[str, _Partition] = {}
         self._listeners: list[Callable[[list[Alert]], None]] = []
@@ -151,15 +155,15 @@ class Watchlist:
         vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
         cams = sorted(set(cameras)) if cameras else None
         with self._lock:
-            (n,) = self._db.execute("SELECT COUNT(*) FROM entries").fetchone()
-            if n >= self.cfg.max_entries:
-                raise ValueError(f"the watchlist is full ({n} entries, watchlist.max_entries): remove one first")
-            cur = self._db.execute(
-                "INSERT INTO entries (name, model, vec, min_probability, min_similarity, cameras, origin, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, subject.model, vec.tobytes(), p, cos, json.dumps(cams) if cams else None, json.dumps(subject.query),
-                 time.time()))
-            entry_id = cur.lastrowid
+            with self._db.transaction() as db:  # counted and added with no other matcher adding meanwhile
+                (n,) = db.one("SELECT COUNT(*) FROM entries")
+                if n >= self.cfg.max_entries:
+                    raise ValueError(f"the watchlist is full ({n} entries, watchlist.max_entries): remove one first")
+                (entry_id,) = db.one(
+                    "INSERT INTO entries (name, model, vec, min_probability, min_similarity, cameras, origin, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                    (name, subject.model, vec.tobytes(), p, cos, json.dumps(cams) if cams else None,
+                     json.dumps(subject.query), time.time()))
             self._rebuild_locked()
         log.info("watchlist: %r added (entry %d, model %s, %s, cameras %s)", name, entry_id, subject.model,
                  f"P >= {p:g}" if p is not None else f"similarity >= {cos:g} (uncalibrated)", ", ".join(cams or ["all"]))
@@ -182,7 +186,7 @@ class Watchlist:
 
     def remove(self, entry_id: int) -> bool:
         with self._lock:
-            gone = self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,)).rowcount > 0
+            gone = self._db.run("DELETE FROM entries WHERE id = ?", (entry_id,)) > 0
             self._rebuild_locked()
         if gone:
             log.info("watchlist: entry %d removed", entry_id)
@@ -202,18 +206,25 @@ class Watchlist:
 
     def _entries(self, where: str, args: tuple) -> list[Entry]:
         with self._lock:
-            rows = self._db.execute("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created "
-                                    f"FROM entries {where}", args).fetchall()
+            rows = self._db.all("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created "
+                                f"FROM entries {where}", args)
         return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7]) for r in rows]
 
     def _rebuild(self) -> None:
         with self._lock:
             self._rebuild_locked()
 
+    def _refresh(self) -> None:
+        """Rebuild the indexes if another matcher on the database added or removed an entry."""
+        with self._lock:
+            if self._db.one(_SEEN) != self._seen:
+                self._rebuild_locked()
+
     def _rebuild_locked(self) -> None:
         """The per-model indexes from the table: entries change rarely, so a rebuild (milliseconds) is simplest."""
         by_model: dict[str, list[tuple[Entry, bytes]]] = {}
-        for r in self._db.execute("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created, vec "
+        self._seen = self._db.one(_SEEN)
+        for r in self._db.all("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created, vec "
                                   "FROM entries ORDER BY id"):
             e = Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7])
             by_model.setdefault(e.model, []).append((e, r[8]))
@@ -227,6 +238,7 @@ class Watchlist:
               records_of: Callable[[list[int]], dict[int, SightingRecord]]) -> list[Alert]:
         """Alerts for the sightings of one model version's batch (committed, so `records_of` finds them): one
         search of the batch against the version's entries; a track alerts an entry once."""
+        self._refresh()
         part = self._parts.get(model)
         if part is None or not len(ids) or part.index.d != vecs.shape[1]:
             return []
@@ -251,12 +263,12 @@ class Watchlist:
                 if rec is None:  # deleted meanwhile (retention)
                     continue
                 p = float(cal.probability(score)) if cal is not None and entry.min_probability is not None else None
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO alerts (entry, name, sighting, node, camera, track, track_id, ts, similarity, "
-                    "probability, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row = self._db.one(
+                    "INSERT INTO alerts (entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, "
+                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (entry.id, entry.name, rec.id, rec.node, rec.camera, rec.track, rec.track_id, rec.ts, score, p, time.time()))
-                if cur.rowcount:
-                    new.append(self._alert(cur.lastrowid))
+                if row is not None:
+                    new.append(self._alert(row[0]))
         if new:
             self.alerted += len(new)
             for a in new:
@@ -268,20 +280,22 @@ class Watchlist:
         return new
 
     def _alert(self, alert_id: int) -> Alert:
-        r = self._db.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?", (alert_id,)).fetchone()
-        return Alert(*r)
+        return Alert(*self._db.one(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?", (alert_id,)))
 
     def alerts(self, after: int = 0, limit: int = 100) -> list[Alert]:
         """Alerts with an id above `after`, oldest first: a client polls with the last id it has."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id > ? ORDER BY id LIMIT ?",
-                                    (after, limit)).fetchall()
+            rows = self._db.all(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
         return [Alert(*r) for r in rows]
 
     def expire(self, before: float) -> int:
         """Delete alerts of sightings older than `before` (retention: an alert says who was where)."""
         with self._lock:
-            return self._db.execute("DELETE FROM alerts WHERE ts < ?", (before,)).rowcount
+            n = self._db.run("DELETE FROM alerts WHERE ts < ?", (before,))
+            if n:
+                self._db.purge("alerts")
+            return n
 
 
+_SEEN = "SELECT COUNT(*), MAX(id) FROM entries"
 _ALERT_COLUMNS = "id, entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, created"

@@ -1,5 +1,8 @@
 """Watchlist alerts POSTed to the configured webhooks: at least once, signed, retried, resumed after a restart.
-The file `webhooks.db` in the data directory (the deliveries not yet done) is this module's.
+The file `webhooks.db` in the data directory (the deliveries not yet done) is this module's; with `store.kind:
+postgres` the queue is in that database (`matcher.sqldb`), shared by every matcher on it. A pass takes the
+deliveries due in one transaction and moves them `timeout_s` + 1 s later before trying them, so two matchers never
+try one at once, and one that dies mid-try leaves it due again soon after.
 
 Each alert goes to each webhook as one JSON POST, `{"alert": {...}}` (`watchlist.Alert.to_dict()`), with headers
 
@@ -14,7 +17,7 @@ useless. A 2xx answer delivers the alert; anything else, or no answer within `ti
 after 1, 2, 4, ... s (at most `watchlist.retry_max_s`), `watchlist.max_attempts` times in all, then given up,
 logged and counted. One thread per webhook, so a dead receiver delays no other.
 
-    hooks = Webhooks(data_dir / "webhooks.db", cfg.watchlist)
+    hooks = Webhooks(data_dir / "webhooks.db", cfg.watchlist, cfg.store)
     watchlist.on_alerts(hooks.enqueue)
     hooks.start(); ...; hooks.stop(); hooks.close()
 """
@@ -25,7 +28,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -33,7 +35,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from crossview.kernel.config import WatchlistConfig, WebhookConfig, read_secret
+from crossview.kernel.config import StoreConfig, WatchlistConfig, WebhookConfig, read_secret
+from crossview.matcher.sqldb import WAL_FULL, open_db
 from crossview.matcher.watchlist import Alert
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (hook, alert)
 );
 """
+MIGRATIONS = [SCHEMA]  # never edit a step: add one
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -69,16 +73,14 @@ def _secret(hook: WebhookConfig, n: int) -> bytes:
 
 
 class Webhooks:
-    def __init__(self, path: Path, cfg: WatchlistConfig):
+    def __init__(self, path: Path, cfg: WatchlistConfig, store: StoreConfig | None = None):
         self.cfg = cfg
         self._hooks = [(h, _secret(h, n)) for n, h in enumerate(cfg.webhooks)]
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        urls = [h.url for h, _ in self._hooks]
+        self._db = open_db("webhooks", path, store, MIGRATIONS, pragmas=WAL_FULL)
+        urls = {h.url for h, _ in self._hooks}
         # Deliveries to a webhook no longer configured have nowhere to go.
-        dropped = self._db.execute(f"DELETE FROM deliveries WHERE hook NOT IN ({','.join('?' * len(urls))})", urls).rowcount
+        dropped = sum(self._db.run("DELETE FROM deliveries WHERE hook = ?", (hook,))
+                      for (hook,) in self._db.all("SELECT DISTINCT hook FROM deliveries") if hook not in urls)
         if dropped:
             log.warning("webhooks: %d undelivered alerts dropped: their webhook is no longer configured", dropped)
         self._lock = threading.Lock()
@@ -94,14 +96,14 @@ class Webhooks:
         now = time.time()
         rows = [(h.url, a.id, json.dumps({"alert": a.to_dict()}).encode(), now) for h, _ in self._hooks for a in alerts]
         with self._lock:
-            self._db.executemany("INSERT OR IGNORE INTO deliveries (hook, alert, body, due) VALUES (?, ?, ?, ?)", rows)
+            self._db.many("INSERT INTO deliveries (hook, alert, body, due) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
         for wake in self._wake:
             wake.set()
 
     @property
     def pending(self) -> int:
         with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
+            return self._db.one("SELECT COUNT(*) FROM deliveries")[0]
 
     def start(self) -> None:
         for n, (hook, secret) in enumerate(self._hooks):
@@ -132,16 +134,25 @@ class Webhooks:
     def _pass(self, hook: WebhookConfig, secret: bytes) -> float:
         """Try what is due; the seconds until the next is due (at most 1)."""
         with self._lock:
-            rows = self._db.execute("SELECT alert, body, attempts FROM deliveries WHERE hook = ? AND due <= ? ORDER BY due "
-                                    "LIMIT ?", (hook.url, time.time(), _BATCH)).fetchall()
+            rows = self._take(hook)
         for alert, body, attempts in rows:
             if self._stop.is_set():
                 break
             error = self._post(hook, secret, alert, body)
             self._done(hook, alert, attempts + 1, error)
         with self._lock:
-            (due,) = self._db.execute("SELECT MIN(due) FROM deliveries WHERE hook = ?", (hook.url,)).fetchone()
+            (due,) = self._db.one("SELECT MIN(due) FROM deliveries WHERE hook = ?", (hook.url,))
         return 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+
+    def _take(self, hook: WebhookConfig) -> list[tuple]:
+        """(alert, body, attempts) of the deliveries due, theirs to try until `timeout_s` + 1 s from now."""
+        now = time.time()
+        with self._db.transaction() as db:
+            rows = db.all("SELECT alert, body, attempts FROM deliveries WHERE hook = ? AND due <= ? ORDER BY due LIMIT ?",
+                          (hook.url, now, _BATCH))
+            db.many("UPDATE deliveries SET due = ? WHERE hook = ? AND alert = ?",
+                    [(now + hook.timeout_s + 1, hook.url, alert) for alert, _, _ in rows])
+        return [(alert, bytes(body), attempts) for alert, body, attempts in rows]
 
     def _post(self, hook: WebhookConfig, secret: bytes, alert: int, body: bytes) -> str | None:
         """None once delivered, else what went wrong."""
@@ -161,11 +172,11 @@ class Webhooks:
     def _done(self, hook: WebhookConfig, alert: int, attempts: int, error: str | None) -> None:
         with self._lock:
             if error is None or attempts >= self.cfg.max_attempts:
-                self._db.execute("DELETE FROM deliveries WHERE hook = ? AND alert = ?", (hook.url, alert))
+                self._db.run("DELETE FROM deliveries WHERE hook = ? AND alert = ?", (hook.url, alert))
             else:
                 due = time.time() + min(2.0 ** (attempts - 1), self.cfg.retry_max_s)
-                self._db.execute("UPDATE deliveries SET attempts = ?, due = ? WHERE hook = ? AND alert = ?",
-                                 (attempts, due, hook.url, alert))
+                self._db.run("UPDATE deliveries SET attempts = ?, due = ? WHERE hook = ? AND alert = ?",
+                             (attempts, due, hook.url, alert))
         if error is None:
             self.delivered += 1
         elif attempts >= self.cfg.max_attempts:

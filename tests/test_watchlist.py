@@ -1,5 +1,6 @@
 """Watchlists and alerts: entries from a sighting, a track or a crop, one alert per track, camera filters,
-calibrated and raw thresholds, the API, and webhooks with signatures and retries against a real HTTP receiver."""
+calibrated and raw thresholds, the API, and webhooks with signatures and retries against a real HTTP receiver.
+Storage on both backends (`store_section`); on PostgreSQL two matchers share entries, alerts and the webhook queue."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from live_matcher import person_crop, tud_sightings
 
 from crossview.edge.tracking import TrackGallery
 from crossview.kernel.calibration import Calibration
-from crossview.kernel.config import ConfigError, WatchlistConfig, parse_config
+from crossview.kernel.config import ConfigError, StoreConfig, WatchlistConfig, parse_config
 from crossview.matcher.api import serve
 from crossview.matcher.query import Filters, Subject
 from crossview.matcher.service import Matcher
@@ -97,10 +98,11 @@ def walk(vec, camera: str, track: int, frames: int, rng, t: float, noise: float 
     return out
 
 
-def test_a_person_passing_a_second_camera_alerts_once_per_track_and_only_on_watched_cameras(tmp_path, receiver):
+def test_a_person_passing_a_second_camera_alerts_once_per_track_and_only_on_watched_cameras(tmp_path, receiver,
+                                                                                           store_section):
     rng = np.random.default_rng(0)
     people = unit_vectors(rng, 6, 64)
-    m = start(tmp_path, receiver)
+    m = start(tmp_path, receiver, store=store_section)
     try:
         feed(m, walk(people[0], "gate", 1, 5, rng, T0))
         gate_sighting = m.store.recent("gate", 1)[0]
@@ -125,16 +127,16 @@ def test_a_person_passing_a_second_camera_alerts_once_per_track_and_only_on_watc
         m.stop()
 
 
-def test_alerts_and_entries_survive_a_restart_and_a_track_never_alerts_twice(tmp_path):
+def test_alerts_and_entries_survive_a_restart_and_a_track_never_alerts_twice(tmp_path, store_section):
     rng = np.random.default_rng(1)
     person = unit_vectors(rng, 1, 64)[0]
-    m = start(tmp_path)
+    m = start(tmp_path, store=store_section)
     feed(m, walk(person, "gate", 1, 3, rng, T0))
     entry = m.watchlist.add("visitor", m.queries.track_subject("edge-1", "gate", 1))
     feed(m, walk(person, "hall", 4, 3, rng, T0 + 10))
     assert len(m.watchlist.alerts()) == 1
     m.stop()
-    m = start(tmp_path)
+    m = start(tmp_path, store=store_section)
     try:
         assert [e.id for e in m.watchlist.entries()] == [entry.id]
         feed(m, walk(person, "hall", 4, 3, rng, T0 + 12))  # the same track goes on
@@ -146,9 +148,10 @@ def test_alerts_and_entries_survive_a_restart_and_a_track_never_alerts_twice(tmp
         m.stop()
 
 
-def test_calibrated_thresholds_are_probabilities_and_uncalibrated_ones_refuse_them(tmp_path):
+def test_calibrated_thresholds_are_probabilities_and_uncalibrated_ones_refuse_them(tmp_path, store_section):
     cal = Calibration((0.6, 0.8, 0.9), (0.05, 0.5, 0.95))  # P 0.5 at cosine 0.8, at most 0.95
-    wl = Watchlist(tmp_path / "w.db", WatchlistConfig(max_entries=2), lambda model: cal if model == "cal" else None)
+    wl = Watchlist(tmp_path / "w.db", WatchlistConfig(max_entries=2), lambda model: cal if model == "cal" else None,
+                   StoreConfig(**store_section))
     v = np.ones(8, np.float32)
     e = wl.add("a", Subject(v, "cal", {"by": "embedding"}), min_probability=0.5)
     assert e.min_similarity == pytest.approx(0.8) and e.to_dict()["calibrated"]
@@ -163,6 +166,28 @@ def test_calibrated_thresholds_are_probabilities_and_uncalibrated_ones_refuse_th
     with pytest.raises(ValueError, match="printable"):
         wl.add("bad\nname", Subject(v, "raw", {}))
     wl.close()
+
+
+def test_two_matchers_on_one_postgres_share_entries_alerts_and_the_webhook_queue(tmp_path, pg_server):
+    section = pg_server.store_section(pg_server.fresh_db())
+    rng = np.random.default_rng(5)
+    person = unit_vectors(rng, 1, 64)[0]
+    receiver = Receiver()
+    one, other = start(tmp_path / "one", receiver, store=section), start(tmp_path / "other", receiver, store=section)
+    try:
+        feed(one, walk(person, "gate", 1, 3, rng, T0))
+        entry = one.watchlist.add("visitor", one.queries.track_subject("edge-1", "gate", 1))
+        assert [e.id for e in other.watchlist.entries()] == [entry.id]
+        feed(other, walk(person, "hall", 4, 3, rng, T0 + 10))  # checked by the other against the entry one added
+        assert [(a.entry, a.track) for a in one.watchlist.alerts()] == [(entry.id, 4)]
+        wait_until(lambda: len(receiver.requests) == 1, 20, "the alert delivered")
+        time.sleep(1.5)  # both matchers' webhook threads have passed over the queue again meanwhile
+        assert len(receiver.requests) == 1 and one.webhooks.pending == other.webhooks.pending == 0
+        assert other.watchlist.remove(entry.id) and one.watchlist.entries() == []
+    finally:
+        one.stop()
+        other.stop()
+        receiver.close()
 
 
 def as_edges_send(sightings: list) -> list:
@@ -325,10 +350,10 @@ def test_watch_and_alerts_from_the_command_line(tmp_path, capsys, caplog, monkey
         m.stop()
 
 
-def test_retention_deletes_old_alerts_with_the_sightings(tmp_path):
+def test_retention_deletes_old_alerts_with_the_sightings(tmp_path, store_section):
     rng = np.random.default_rng(4)
     person = unit_vectors(rng, 1, 64)[0]
-    m = start(tmp_path, retention={"max_age_hours": 1})
+    m = start(tmp_path, retention={"max_age_hours": 1}, store=store_section)
     try:
         feed(m, walk(person, "gate", 1, 3, rng, T0))
         m.watchlist.add("visitor", m.queries.track_subject("edge-1", "gate", 1))
