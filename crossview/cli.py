@@ -278,7 +278,7 @@ def _matcher_data(args: argparse.Namespace) -> tuple[Path, StoreConfig | None]:
 def _users(args: argparse.Namespace) -> int:
     from crossview.matcher.users import Users
 
-    users = Users(_matcher_data(args)[0])
+    users = Users(*_matcher_data(args))
     if args.action == "add":
         token = users.add(args.name, args.role)
         print(f"user {args.name} ({args.role}) added; their token, shown only now:\n{token}")
@@ -298,7 +298,8 @@ def _users(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from crossview.matcher.audit import AuditLog
 
-    log_ = AuditLog(_matcher_data(args)[0], read_only=True)
+    data_dir, store = _matcher_data(args)
+    log_ = AuditLog(data_dir, read_only=True, store=store)
     since = time.time() - args.days * 86400 if args.days else None
     out = open(args.out, "w") if args.out else sys.stdout
     try:

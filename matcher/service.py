@@ -105,7 +105,7 @@ class Matcher:
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
         self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
-        self.users, self.audit = Users(Path(cfg.data_dir)), AuditLog(Path(cfg.data_dir))
+        self.users, self.audit = Users(Path(cfg.data_dir), cfg.store), AuditLog(Path(cfg.data_dir), store=cfg.store)
         max_age = cfg.retention.max_age_hours
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of, cfg.store)
@@ -172,6 +172,7 @@ class Matcher:
         self.webhooks.close()
         self.harvest.close()
         self.audit.close()
+        self.users.close()
         self.registry.close()
         log.info("matcher stopped")
 
@@ -257,7 +258,7 @@ class Matcher:
         try:
             if pruned := self.audit.prune(self.cfg.audit.max_age_days):
                 log.info("audit log: %d entries older than %g days deleted", pruned, self.cfg.audit.max_age_days)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, self.store.Error) as e:
             log.error("audit log: retention not applied, retried next time: %s", e)
 
     def _advance_canary(self) -> None:

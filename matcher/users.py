@@ -1,4 +1,5 @@
-"""Who may use the matcher's API: per-user tokens with a role, kept in `users.db` in the data directory.
+"""Who may use the matcher's API: per-user tokens with a role, kept in `users.db` in the data directory, or with
+`store.kind: postgres` in that database (`matcher.sqldb`), shared by every matcher on it.
 
 | role     | may                                                                                   |
 |----------|---------------------------------------------------------------------------------------|
@@ -11,7 +12,7 @@ the database gives no one a token. `revoke` ends a user's access at their next r
 reads the database, as the CLI changes it beside a running matcher). The configured `http.token` stays the
 one-user default: it acts as the user `admin` with the admin role.
 
-    users = Users(data_dir)
+    users = Users(data_dir, cfg.store)
     token = users.add("alice", "viewer")
     users.lookup(token)        # User(name='alice', role='viewer')
 """
@@ -21,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
+import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+from crossview.kernel.config import StoreConfig
+from crossview.matcher.sqldb import open_db
 
 ROLES = ("viewer", "admin", "edge")
 RANK = {"edge": 0, "viewer": 1, "admin": 2}  # edge is not below viewer in what it may do: checked apart
@@ -39,6 +42,7 @@ CREATE TABLE IF NOT EXISTS users (
     revoked REAL
 );
 """
+MIGRATIONS = [SCHEMA]  # never edit a step: add one
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,25 @@ def _digest(token: str) -> str:
 
 
 class Users:
-    def __init__(self, data_dir: Path):
-        self.path = Path(data_dir) / "users.db"
+    """Opened at the first call (a `users list` of an empty data directory creates nothing)."""
 
-    def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
-        db.executescript(SCHEMA)
-        return db
+    def __init__(self, data_dir: Path, store: StoreConfig | None = None):
+        self.path, self.store = Path(data_dir) / "users.db", store
+        self._db, self._lock = None, threading.Lock()
+
+    def _connect(self):
+        with self._lock:
+            if self._db is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = open_db("users", self.path, self.store, MIGRATIONS)
+            return self._db
+
+    def _exists(self) -> bool:
+        return self._db is not None or (self.store is not None and self.store.kind == "postgres") or self.path.exists()
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
     def add(self, name: str, role: str) -> str:
         """A new user; returns their token (shown once). A name in use, even revoked, is a `ValueError`."""
@@ -74,31 +89,26 @@ class Users:
         if role not in ROLES:
             raise ValueError(f"role {role!r}: one of {', '.join(ROLES)}")
         token = secrets.token_urlsafe(32)
+        db = self._connect()
         try:
-            with closing(self._connect()) as db:
-                db.execute("INSERT INTO users VALUES (?, ?, ?, ?, NULL)", (name, role, _digest(token), time.time()))
-        except sqlite3.IntegrityError:
+            db.run("INSERT INTO users VALUES (?, ?, ?, ?, NULL)", (name, role, _digest(token), time.time()))
+        except db.IntegrityError:
             raise ValueError(f"user {name!r} exists already (crossview users list); pick another name") from None
         return token
 
     def revoke(self, name: str) -> None:
-        with closing(self._connect()) as db:
-            done = db.execute("UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name))
-        if not done.rowcount:
+        if not self._connect().run("UPDATE users SET revoked = ? WHERE name = ? AND revoked IS NULL", (time.time(), name)):
             raise LookupError(f"no active user {name!r} (crossview users list)")
 
     def list(self) -> list[dict]:
-        if not self.path.exists():
+        if not self._exists():
             return []
-        with closing(self._connect()) as db:
-            rows = db.execute("SELECT name, role, created, revoked FROM users ORDER BY created").fetchall()
+        rows = self._connect().all("SELECT name, role, created, revoked FROM users ORDER BY created")
         return [{"name": n, "role": r, "created": c, "revoked": v} for n, r, c, v in rows]
 
     def lookup(self, token: str) -> User | None:
         """The active user holding `token`, or None."""
-        if not token or not self.path.exists():
+        if not token or not self._exists():
             return None
-        with closing(self._connect()) as db:
-            row = db.execute("SELECT name, role FROM users WHERE token_sha256 = ? AND revoked IS NULL",
-                             (_digest(token),)).fetchone()
+        row = self._connect().one("SELECT name, role FROM users WHERE token_sha256 = ? AND revoked IS NULL", (_digest(token),))
         return None if row is None else User(*row)
