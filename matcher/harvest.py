@@ -1,6 +1,9 @@
 """The matcher's harvest store: the person crops edges upload (`edge.uploader`), kept for the adapt job.
 The folder `harvest/` in the data directory is this module's: `index.db` (SQLite, one row per crop) and `crops/`,
-the JPEGs in the `kernel.harvest` layout (`crops/<camera>/<node>_<camera>_t<track>_f<frame>.jpg`).
+the JPEGs in the `kernel.harvest` layout (`crops/<camera>/<node>_<camera>_t<track>_f<frame>.jpg`). With
+`store.kind: postgres` the rows are in that database (`matcher.sqldb`) and the JPEGs beside them (`crop_jpegs`,
+at most `harvest.max_crop_bytes` each, deleted with their row), so every matcher on it serves every crop; nothing
+is written under `harvest/`.
 
 | what        | how                                                                                        |
 |-------------|--------------------------------------------------------------------------------------------|
@@ -14,12 +17,15 @@ the JPEGs in the `kernel.harvest` layout (`crops/<camera>/<node>_<camera>_t<trac
 |             | when it arrives is `expired`: acknowledged (the edge deletes it), never stored              |
 | reading     | `list(after, since, until, limit)` by id, the cursor (ids only grow); `jpeg(id)`; `stats()`  |
 | deletion    | the row, then the file; `secure_delete` on the index. At open, files without a row and rows  |
-|             | without a file are removed, so what a crash interrupts leaves no image the index does not know |
+|             | without a file are removed, so what a crash interrupts leaves no image the index does not know. |
+|             | PostgreSQL: row and JPEG in one statement, then VACUUM (what it leaves: `matcher.pgstore`)   |
+| replicas    | PostgreSQL: `count` and `bytes` are read again before each quota check, as another matcher  |
+|             | may have stored or deleted crops                                                             |
 
 These are images of people: they are kept no longer than the sightings' thumbnails, and read only with the main
 API token (the edges' token may upload, never list or download).
 
-    store = HarvestStore(data_dir, cfg.harvest, max_age_s=None)
+    store = HarvestStore(data_dir, cfg.harvest, max_age_s=None, store=cfg.store)
     [answer] = store.receive([(sidecar_json, jpeg, "gate/edge-1_gate_t7_f12.jpg")])
     answer.status, answer.id        # ('stored', 1)
     store.list(after=0, limit=100)  # [StoredCrop, ...] oldest id first
@@ -30,16 +36,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from crossview.kernel.config import HarvestStoreConfig
+from crossview.kernel.config import HarvestStoreConfig, StoreConfig
 from crossview.kernel.harvest import CropName, HarvestError, Sidecar, decode, encode
 from crossview.matcher.limits import decode_image, image_size
+from crossview.matcher.sqldb import open_db, pg_ddl
 
 log = logging.getLogger(__name__)
 STATUSES = ("stored", "duplicate", "expired", "refused")
@@ -63,7 +69,13 @@ CREATE TABLE IF NOT EXISTS crops (
 );
 CREATE INDEX IF NOT EXISTS crops_ts ON crops (ts);
 """
+_PG_JPEGS = """
+CREATE TABLE crop_jpegs (id bigint PRIMARY KEY REFERENCES crops ON DELETE CASCADE, jpeg bytea NOT NULL);
+ALTER TABLE crop_jpegs ALTER jpeg SET STORAGE EXTERNAL;  -- JPEGs do not compress
+"""
+MIGRATIONS = [{"sqlite": SCHEMA, "postgres": pg_ddl(SCHEMA) + _PG_JPEGS}]  # never edit a step: add one
 _COLUMNS = "id, node, camera, track, frame, ts, x1, y1, x2, y2, score, model, bytes, received"
+_TOTALS = "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM crops"
 
 
 @dataclass(frozen=True)
@@ -105,19 +117,22 @@ def _row_crop(r: tuple) -> StoredCrop:
 class HarvestStore:
     """Thread-safe (the API answers uploads from a thread pool): one connection, used under one lock."""
 
-    def __init__(self, data_dir: Path, cfg: HarvestStoreConfig, max_age_s: float | None = None):
+    def __init__(self, data_dir: Path, cfg: HarvestStoreConfig, max_age_s: float | None = None,
+                 store: StoreConfig | None = None):
         self.cfg, self.max_age_s = cfg, max_age_s
         self.dir = Path(data_dir) / "harvest"
         self.crops = self.dir / "crops"
-        self.crops.mkdir(parents=True, exist_ok=True)
         self.quota = int(cfg.quota_mb * 2**20)
         self.counts = dict.fromkeys((*STATUSES, "dropped"), 0)  # since start; dropped: by the quota
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.dir / "index.db", check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.execute("PRAGMA secure_delete=ON")  # a deleted row's bytes are overwritten, not just unlinked
-        self._db.executescript(SCHEMA)
-        self.count, self.bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM crops").fetchone()
-        self._reconcile()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # secure_delete: a deleted row's bytes are overwritten, not just unlinked
+        self._db = open_db("harvest", self.dir / "index.db", store, MIGRATIONS, pragmas=("PRAGMA secure_delete=ON",))
+        self._files = not self._db.postgres  # the JPEGs: files under crops/, or rows beside the index's
+        self._totals()
+        if self._files:
+            self.crops.mkdir(exist_ok=True)
+            self._reconcile()
         with self._lock:
             self._enforce_quota()  # the quota may have been lowered since the last run
 
@@ -127,6 +142,10 @@ class HarvestStore:
 
     def _path(self, name: CropName) -> Path:
         return name.path(self.crops)
+
+    def _totals(self) -> None:
+        count, size = self._db.one(_TOTALS)
+        self.count, self.bytes = int(count), int(size)  # PostgreSQL's SUM of bigints is a numeric
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -176,49 +195,52 @@ class HarvestStore:
 
     def _insert(self, good: list[tuple[int, Sidecar, bytes]], now: float) -> list[tuple[int, Answer]]:
         """Rows and files of one batch in one transaction: a failure (disk full) stores none of it, and raises."""
-        db, out, written, size = self._db, [], [], 0
-        db.execute("BEGIN IMMEDIATE")
+        out, written, size = [], [], 0
         try:
-            for i, s, jpeg in good:
-                row = db.execute("INSERT INTO crops (node, camera, track, frame, ts, x1, y1, x2, y2, score, model, bytes, "
+            with self._db.transaction() as db:
+                for i, s, jpeg in good:
+                    row = db.one("INSERT INTO crops (node, camera, track, frame, ts, x1, y1, x2, y2, score, model, bytes, "
                                  "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING "
                                  "RETURNING id", (s.node, s.camera, s.track, s.frame, s.ts, *s.box, s.score, s.model,
-                                                  len(jpeg), now)).fetchone()
-                if row is None:
-                    (old,) = db.execute("SELECT id FROM crops WHERE node = ? AND camera = ? AND track = ? AND frame = ?",
-                                        (s.node, s.camera, s.track, s.frame)).fetchone()
-                    out.append((i, Answer("duplicate", layout_path(s.name), "stored before: kept once", old)))
-                    continue
-                path = self._path(s.name)
-                _write(path, jpeg)
-                written.append(path)
-                size += len(jpeg)
-                out.append((i, Answer("stored", layout_path(s.name), None, row[0])))
-            db.execute("COMMIT")
+                                                  len(jpeg), now))
+                    if row is None:
+                        (old,) = db.one("SELECT id FROM crops WHERE node = ? AND camera = ? AND track = ? AND frame = ?",
+                                        (s.node, s.camera, s.track, s.frame))
+                        out.append((i, Answer("duplicate", layout_path(s.name), "stored before: kept once", old)))
+                        continue
+                    if self._files:
+                        _write(self._path(s.name), jpeg)
+                        written.append(self._path(s.name))
+                    else:
+                        db.run("INSERT INTO crop_jpegs (id, jpeg) VALUES (?, ?)", (row[0], jpeg))
+                    size += len(jpeg)
+                    out.append((i, Answer("stored", layout_path(s.name), None, row[0])))
         except BaseException:
-            db.execute("ROLLBACK")
             for path in written:
                 path.unlink(missing_ok=True)
             raise
-        self.count += len(written)
+        self.count += sum(a.status == "stored" for _, a in out)
         self.bytes += size
         return out
 
     # -- deleting ------------------------------------------------------------------------------
 
     def _delete(self, rows: list[tuple]) -> None:
-        """Rows of `_COLUMNS`: gone from the index, then from the disk."""
-        self._db.execute("DELETE FROM crops WHERE id IN (SELECT value FROM json_each(?))", (json.dumps([r[0] for r in rows]),))
-        for r in rows:
+        """Rows of `_COLUMNS` (at most `_CHUNK`): gone from the index, then from the disk (PostgreSQL: with their JPEGs)."""
+        self._db.run(f"DELETE FROM crops WHERE id IN ({', '.join('?' * len(rows))})", [r[0] for r in rows])
+        for r in rows if self._files else []:
             self._path(_row_crop(r).sidecar.name).unlink(missing_ok=True)
+        self._db.purge("crops", "crop_jpegs")
         self.count -= len(rows)
         self.bytes -= sum(r[12] for r in rows)
 
     def _enforce_quota(self) -> None:
         dropped = 0
+        if not self._files:
+            self._totals()  # another matcher's uploads count too
         while self.bytes > self.quota:
             over, rows = self.bytes - self.quota, []
-            for r in self._db.execute(f"SELECT {_COLUMNS} FROM crops ORDER BY ts, id LIMIT ?", (_CHUNK,)):
+            for r in self._db.all(f"SELECT {_COLUMNS} FROM crops ORDER BY ts, id LIMIT ?", (_CHUNK,)):
                 rows.append(r)
                 over -= r[12]
                 if over <= 0:
@@ -235,8 +257,7 @@ class HarvestStore:
         total = 0
         while True:
             with self._lock:
-                rows = self._db.execute(f"SELECT {_COLUMNS} FROM crops WHERE ts < ? ORDER BY ts LIMIT ?",
-                                        (before, _CHUNK)).fetchall()
+                rows = self._db.all(f"SELECT {_COLUMNS} FROM crops WHERE ts < ? ORDER BY ts LIMIT ?", (before, _CHUNK))
                 if rows:
                     self._delete(rows)
             total += len(rows)
@@ -249,7 +270,7 @@ class HarvestStore:
     def _reconcile(self) -> None:
         """What a crash between a row and its file left: files nobody indexed (a batch rolled back, a deletion cut
         short, a temporary file) are deleted, and rows whose file is gone."""
-        rows = self._db.execute(f"SELECT {_COLUMNS} FROM crops").fetchall()
+        rows = self._db.all(f"SELECT {_COLUMNS} FROM crops")
         known = {self._path(_row_crop(r).sidecar.name): r for r in rows}
         strays = [p for p in self.crops.glob("*/*") if p not in known and not p.is_dir()]
         for p in strays:
@@ -267,14 +288,16 @@ class HarvestStore:
              limit: int = 100) -> list[StoredCrop]:
         """Crops with an id above `after`, captured within [since, until], lowest id first."""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM crops WHERE id > ? AND ts >= ? AND ts <= ? ORDER BY id LIMIT ?",
-                                    (after, -1.0 if since is None else since, float("inf") if until is None else until,
-                                     limit)).fetchall()
+            rows = self._db.all(f"SELECT {_COLUMNS} FROM crops WHERE id > ? AND ts >= ? AND ts <= ? ORDER BY id LIMIT ?",
+                                (after, -1.0 if since is None else since, float("inf") if until is None else until, limit))
         return [_row_crop(r) for r in rows]
 
     def jpeg(self, crop_id: int) -> bytes | None:
+        if not self._files:
+            row = self._db.one("SELECT jpeg FROM crop_jpegs WHERE id = ?", (crop_id,))
+            return None if row is None else bytes(row[0])
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM crops WHERE id = ?", (crop_id,)).fetchone()
+            row = self._db.one(f"SELECT {_COLUMNS} FROM crops WHERE id = ?", (crop_id,))
         if row is None:
             return None
         try:

@@ -107,7 +107,7 @@ class Matcher:
         self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
         self.users, self.audit = Users(Path(cfg.data_dir), cfg.store), AuditLog(Path(cfg.data_dir), store=cfg.store)
         max_age = cfg.retention.max_age_hours
-        self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None)
+        self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None, cfg.store)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of, cfg.store)
         self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist, cfg.store)
         self.watchlist.on_alerts(self.webhooks.enqueue)

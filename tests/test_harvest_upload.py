@@ -266,10 +266,10 @@ class Overloaded(ThreadingHTTPServer):
         self.server_close()
 
 
-def test_the_quota_and_retention_delete_crops_from_disk_and_index(tmp_path):
+def test_the_quota_and_retention_delete_crops_from_disk_and_index(tmp_path, store_section):
     cfg = parse_config({"data_dir": str(tmp_path), "ingest": {"security": {"mode": "plain"}}, "http": {"token": TOKEN},
-                        "harvest": {"quota_mb": 0.05}}, MatcherConfig)
-    store = HarvestStore(tmp_path, cfg.harvest, max_age_s=3600)
+                        "harvest": {"quota_mb": 0.05}, "store": store_section}, MatcherConfig)
+    store = HarvestStore(tmp_path, cfg.harvest, max_age_s=3600, store=cfg.store)
     now = time.time()
     jpegs = [crop_jpeg(i) for i in range(10)]  # ~10 KB each: five fit in 50 KB
     answers = store.receive([(encode(sidecar(i, ts=now - 1000 + i)), jpegs[i]) + (f"c{i}.jpg",) for i in range(10)], now)
@@ -277,20 +277,42 @@ def test_the_quota_and_retention_delete_crops_from_disk_and_index(tmp_path):
     kept = store.list(limit=100)
     assert store.bytes <= store.quota and store.counts["dropped"] == 10 - len(kept) > 0
     assert [c.sidecar.frame for c in kept] == list(range(10 - len(kept), 10))  # the oldest went first
-    assert files(store.crops) == {store.crops / c.to_dict()["path"] for c in kept}
-    on_disk = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
-    assert all((jpegs[i] in on_disk) == (i >= 10 - len(kept)) for i in range(10))
+    assert [store.jpeg(c.id) for c in kept] == jpegs[10 - len(kept):]
+    # Where the JPEGs are (files; PostgreSQL: rows beside the index), only the kept ones are.
+    if store_section:
+        held = [bytes(j) for (j,) in store._db.all("SELECT jpeg FROM crop_jpegs")]
+        assert files(store.crops) == set() and sorted(held) == sorted(jpegs[10 - len(kept):])
+    else:
+        assert files(store.crops) == {store.crops / c.to_dict()["path"] for c in kept}
+        on_disk = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+        assert all((jpegs[i] in on_disk) == (i >= 10 - len(kept)) for i in range(10))
 
     assert store.expire(now - 1000 + 8) == len(kept) - 2  # retention: captured before that
-    assert [c.sidecar.frame for c in store.list()] == [8, 9] and len(files(store.crops)) == 2
+    assert [c.sidecar.frame for c in store.list()] == [8, 9] and store.count == 2
+    assert len(files(store.crops) if not store_section else store._db.all("SELECT id FROM crop_jpegs")) == 2
     assert store.jpeg(kept[0].id) is None
     store.close()
+    if store_section:
+        return  # no files to reconcile with the index
 
     (store.crops / "gate" / "edge-1_gate_t1_f77.jpg").write_bytes(jpegs[0])  # a stray file: a crash before the commit
     (store.crops / "gate" / "edge-1_gate_t1_f9.jpg").unlink()  # and a row whose file is gone
     store = HarvestStore(tmp_path, cfg.harvest)
     assert [c.sidecar.frame for c in store.list()] == [8] and files(store.crops) == {store.crops / "gate/edge-1_gate_t1_f8.jpg"}
     store.close()
+
+
+def test_two_matchers_on_one_postgres_share_the_harvest(tmp_path, pg_server):
+    cfg = parse_config({"data_dir": str(tmp_path), "ingest": {"security": {"mode": "plain"}}, "http": {"token": TOKEN},
+                        "store": pg_server.store_section(pg_server.fresh_db())}, MatcherConfig)
+    one = HarvestStore(tmp_path / "one", cfg.harvest, store=cfg.store)
+    [stored] = one.receive([(encode(sidecar(1)), crop_jpeg(1), "c1.jpg")])
+    other = HarvestStore(tmp_path / "other", cfg.harvest, store=cfg.store)  # opening it deletes nothing of one's
+    assert [c.id for c in other.list()] == [stored.id] and other.jpeg(stored.id) == crop_jpeg(1)
+    assert other.receive([(encode(sidecar(1)), crop_jpeg(1), "c1.jpg")])[0].status == "duplicate"
+    assert other.expire(time.time() + 60) == 1 and one.list() == [] and one.jpeg(stored.id) is None
+    one.close()
+    other.close()
 
 
 def test_retention_in_the_matcher_deletes_harvested_crops(site):
