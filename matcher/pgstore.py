@@ -5,8 +5,9 @@
 | durability      | one transaction per batch on the writer connection, `synchronous_commit=on`: committed (WAL |
 |                 | flushed) before `insert` returns, so before the edge is acknowledged                  |
 | ingest          | binary COPY of the batch's sightings, vectors and thumbnails (no text escaping of bytes) |
-| schema          | versioned: `schema_version` holds the last step of `MIGRATIONS` applied; each step runs in |
-|                 | its own transaction under an advisory lock, so two matchers opening one database agree  |
+| schema          | versioned (`matcher.sqldb.migrate`): `schema_version` holds the last step of `MIGRATIONS` |
+|                 | applied (module `store`); each step runs in its own transaction under an advisory lock, |
+|                 | so two matchers opening one database agree                                              |
 | ids and seqs    | `positions` rows (sightings, reembedded, deletions, pruned) updated in the same transaction |
 |                 | as the rows, like SQLite's `sqlite_sequence`: ids are never reused after a deletion, and a |
 |                 | reader never sees a position before its rows (a SEQUENCE is not transactional: `next_id()` |
@@ -30,8 +31,9 @@
     store.insert(ids, sightings, track_ids, vecs)     # committed when this returns
 
 The lookups, retention queries and migration selections are `matcher.storecommon.SqlStore`'s, shared with the
-SQLite store. Everything else (registry, watchlist, webhooks, harvest index, users, audit) stays in SQLite files in
-data_dir this increment, and so do the FAISS index snapshots.
+SQLite store; the schema runner, placeholders and connection options are `matcher.sqldb`'s, which puts the matcher's
+other databases (registry, watchlist and alerts, webhook queue, users, audit log, harvest index) in this database
+too, each in a schema of its own. The FAISS index snapshots and the edges' last heartbeats stay in data_dir.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@
 | `ingest`       | `matcher.ingest.Pipeline`: receive → check → commit → index threads; accepted/rejected counts |
 | `queries`      | `matcher.query.QueryEngine`: search by embedding, stored sighting, edge track or image   |
 | `store`        | by `store.kind`: `matcher.store.Store` (SQLite, data_dir/sightings.db) or `matcher.pgstore.PgStore` |
-|                | (PostgreSQL); lookups (`record`, `thumbnail`, `recent`, `cameras`). The other files (registry, |
-|                | watchlist, webhooks, harvest index, users, audit) and index snapshots stay in data_dir either way |
+|                | (PostgreSQL); lookups (`record`, `thumbnail`, `recent`, `cameras`). The registry, watchlist, |
+|                | webhooks, harvest index, users and audit log follow it (`matcher.sqldb`: SQLite files in   |
+|                | data_dir, or that PostgreSQL database, shared by replicas); index snapshots and the edges' |
+|                | heartbeats stay in data_dir either way                                                   |
 | `index`        | `matcher.index.Index`: FAISS partitions; rebuilds start there when one outgrows exact search |
 |                | (`index.engine: milvus`: `matcher.milvus_index.MilvusIndex`, collections in Milvus, no snapshots) |
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |

@@ -168,7 +168,8 @@ def test_calibrated_thresholds_are_probabilities_and_uncalibrated_ones_refuse_th
     wl.close()
 
 
-def test_two_matchers_on_one_postgres_share_entries_alerts_and_the_webhook_queue(tmp_path, pg_server):
+def test_two_matchers_on_one_postgres_share_entries_alerts_the_webhook_queue_registry_and_audit(tmp_path, pg_server,
+                                                                                                 default_model):
     section = pg_server.store_section(pg_server.fresh_db())
     rng = np.random.default_rng(5)
     person = unit_vectors(rng, 1, 64)[0]
@@ -184,6 +185,11 @@ def test_two_matchers_on_one_postgres_share_entries_alerts_and_the_webhook_queue
         time.sleep(1.5)  # both matchers' webhook threads have passed over the queue again meanwhile
         assert len(receiver.requests) == 1 and one.webhooks.pending == other.webhooks.pending == 0
         assert other.watchlist.remove(entry.id) and one.watchlist.entries() == []
+        version = one.registry.register(default_model).version
+        other.registry.promote(version)
+        assert one.registry.production().version == version
+        one.audit.record("alice", "search", {"sighting_id": 1}, 0)
+        assert [e["user"] for e in other.audit.entries()] == ["alice"]
     finally:
         one.stop()
         other.stop()
