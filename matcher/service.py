@@ -155,7 +155,7 @@ class Matcher:
 
     def stop(self) -> None:
         """Stop ingest (what was received is still committed), write a final snapshot, close the store.
-        The object is unusable afterwards."""
+        The object is unusable afterwards, but for `registry`."""
         if self._stopped:
             return
         self._stopped = True
@@ -175,7 +175,6 @@ class Matcher:
         self.harvest.close()
         self.audit.close()
         self.users.close()
-        self.registry.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------
