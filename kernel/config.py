@@ -450,8 +450,8 @@ class AuditConfig(_Strict):
 
 class StoreConfig(_Strict):
     """Where the matcher keeps its sightings (`matcher.store` / `matcher.pgstore`) and its other databases (registry,
-    watchlist, webhooks, harvest index, users, audit log: `matcher.sqldb`): SQLite files in data_dir, or all in one
-    PostgreSQL database that several matchers may share."""
+    watchlist, webhooks, harvest index, users, audit log, edges' heartbeats: `matcher.sqldb`): files in data_dir, or
+    all in one PostgreSQL database that several matchers may share."""
 
     kind: Literal["sqlite", "postgres"] = Field("sqlite", description="sqlite: data_dir/sightings.db; postgres: a server")
     dsn: str | None = Field(None, min_length=1, max_length=1000, description="postgres: a libpq connection string or "

@@ -6,7 +6,7 @@
 | `tracks`   | which track a new sighting continues (matcher track ids)                      |
 | `store`    | SQLite (WAL): sightings, embeddings, thumbnails, deletion log                  |
 | `pgstore`  | `store.kind: postgres`: the same store on PostgreSQL                           |
-| `sqldb`    | the other databases (registry, watchlist, webhooks, users, audit, harvest) on either engine |
+| `sqldb`    | the other databases (registry, watchlist, webhooks, users, audit, harvest, edges) on either engine |
 | `index`    | FAISS partitions per model version: exact → IVF/HNSW, snapshots, recovery     |
 | `milvus_index` | `index.engine: milvus`: a Milvus collection per model version, the same interface |
 | `query`    | the query engine: filters, over-fetch, grouping into tracks                    |

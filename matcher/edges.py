@@ -11,7 +11,12 @@ Times are the matcher's clock (an edge's may be off). The last heartbeats are sa
 data directory every status interval and at stop, so after a restart an edge that is gone is still listed, offline
 since its last heartbeat; the file holds wire-format heartbeats, validated again when read.
 
-    edges = Edges(data_dir / "edges.msgpack")    # loads what was saved
+With `store.kind: postgres` they are saved to that database's `edges` table instead (`matcher.sqldb`), one row per
+node, the newest heartbeat of every matcher on it winning; each save then takes the rows newer than its own, so
+every replica lists (and the canary and the gallery migration count) the edges its peers hear, one status interval
+late at most. The `MAX_EDGES` most recently heard are kept.
+
+    edges = Edges(data_dir / "edges.msgpack", cfg.store)    # loads what was saved
     edges.heard(heartbeat)                       # the receiving thread, per heartbeat
     edges.report()                               # {"now": ..., "edges": [...], "summary": {...}}: the API's answer
     edges.save()
@@ -29,7 +34,9 @@ from pathlib import Path
 
 import msgpack
 
+from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import CameraStatus, Heartbeat, decode, encode_heartbeat
+from crossview.matcher.sqldb import open_db
 
 log = logging.getLogger(__name__)
 MISSED = 3  # heartbeats missed before an edge is offline
@@ -37,6 +44,14 @@ MAX_EDGES = 1024  # nodes remembered (each up to wire.MAX_CAMERAS cameras); beyo
 EDGE_STATES = ("online", "offline")
 CAMERA_STATES = ("online", "stalled", "offline")
 _FILE_VERSION = 1
+MIGRATIONS = ["""
+CREATE TABLE IF NOT EXISTS edges (
+    node TEXT PRIMARY KEY,
+    seen REAL NOT NULL,      -- its last heartbeat, by the clock of the matcher that heard it
+    edge BLOB NOT NULL       -- msgpack: one row of the file's `edges`
+);
+CREATE INDEX IF NOT EXISTS edges_seen ON edges (seen);
+"""]  # never edit a step: add one
 
 
 def camera_state(c: CameraStatus) -> str:
@@ -89,12 +104,19 @@ class _Edge:
 class Edges:
     """See the module docstring. Thread-safe: heartbeats arrive on the receiving thread, reports go to HTTP's."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, store: StoreConfig | None = None):
         self.path = path
         self._edges: dict[str, _Edge] = {}  # the most recently heard last
         self._lock = threading.Lock()
-        if path is not None and path.exists():
+        self._db = open_db("edges", path, store, MIGRATIONS) if store is not None and store.kind == "postgres" else None
+        if self._db is not None:
+            self._adopt()
+        elif path is not None and path.exists():
             self._load(path)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
     def heard(self, hb: Heartbeat, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -121,30 +143,65 @@ class Edges:
     # -- the file ------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the last heartbeats atomically (a crash leaves the previous file)."""
-        if self.path is None:
+        """Write the last heartbeats atomically (a crash leaves the previous file); PostgreSQL: share them."""
+        if self.path is None and self._db is None:
             return
         with self._lock:
-            rows = [{"hb": encode_heartbeat(e.heartbeat), "seen": e.last_seen, "since": e.online_since,
-                     "cams": {cid: list(v) for cid, v in e.cameras.items()}} for e in self._edges.values()]
+            rows = {node: {"hb": encode_heartbeat(e.heartbeat), "seen": e.last_seen, "since": e.online_since,
+                           "cams": {cid: list(v) for cid, v in e.cameras.items()}} for node, e in self._edges.items()}
+        if self._db is not None:
+            self._share(rows)
+            return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(msgpack.packb({"v": _FILE_VERSION, "edges": rows}, use_bin_type=True))
+        tmp.write_bytes(msgpack.packb({"v": _FILE_VERSION, "edges": list(rows.values())}, use_bin_type=True))
         os.replace(tmp, self.path)
 
     def _load(self, path: Path) -> None:
         try:
             m = msgpack.unpackb(path.read_bytes(), raw=False, max_array_len=MAX_EDGES)
             for row in m["edges"]:
-                hb = decode(row["hb"])
-                if not isinstance(hb, Heartbeat):
-                    raise ValueError("a sighting where a heartbeat belongs")
-                cams = {cid: (state, float(since)) for cid, (state, since) in row["cams"].items()}
-                if set(cams) != {c.id for c in hb.cameras} or not all(s in CAMERA_STATES for s, _ in cams.values()):
-                    raise ValueError("camera states do not match the heartbeat")
-                self._edges[hb.node] = _Edge(hb, float(row["seen"]), float(row["since"]), cams)
+                edge = _edge(row)
+                self._edges[edge.heartbeat.node] = edge
         except Exception as e:  # a damaged file costs the list until the edges' next heartbeats, nothing more
             log.warning("%s unreadable (%s: %s): the edges' status starts empty", path, type(e).__name__, e)
             self._edges.clear()
+
+    # -- the shared table (PostgreSQL) ---------------------------------------------------------
+
+    def _share(self, rows: dict[str, dict]) -> None:
+        """Ours where newer than the table's, the `MAX_EDGES` newest kept; then the table's where newer than ours."""
+        self._db.many("INSERT INTO edges (node, seen, edge) VALUES (?, ?, ?) ON CONFLICT (node) DO UPDATE SET "
+                      "seen = excluded.seen, edge = excluded.edge WHERE edges.seen < excluded.seen",
+                      [(node, r["seen"], msgpack.packb(r, use_bin_type=True)) for node, r in rows.items()])
+        self._db.run("DELETE FROM edges WHERE seen < (SELECT MIN(seen) FROM (SELECT seen FROM edges ORDER BY seen DESC "
+                     "LIMIT ?) AS newest)", (MAX_EDGES,))
+        self._adopt()
+
+    def _adopt(self) -> None:
+        for (data,) in reversed(self._db.all("SELECT edge FROM edges ORDER BY seen DESC LIMIT ?", (MAX_EDGES,))):
+            try:
+                edge = _edge(msgpack.unpackb(bytes(data), raw=False))
+            except Exception as e:  # another matcher's row we cannot read: its next save replaces it
+                log.warning("edges: a row in %s unreadable (%s: %s): skipped", self._db.shown, type(e).__name__, e)
+                continue
+            with self._lock:
+                mine = self._edges.get(edge.heartbeat.node)
+                if mine is None or mine.last_seen < edge.last_seen:
+                    self._edges.pop(edge.heartbeat.node, None)
+                    if len(self._edges) >= MAX_EDGES:
+                        del self._edges[next(iter(self._edges))]
+                    self._edges[edge.heartbeat.node] = edge
+
+
+def _edge(row: dict) -> _Edge:
+    """An edge from a saved row, validated: `ValueError` (or a wire error) for one that does not hold together."""
+    hb = decode(row["hb"])
+    if not isinstance(hb, Heartbeat):
+        raise ValueError("a sighting where a heartbeat belongs")
+    cams = {cid: (state, float(since)) for cid, (state, since) in row["cams"].items()}
+    if set(cams) != {c.id for c in hb.cameras} or not all(s in CAMERA_STATES for s, _ in cams.values()):
+        raise ValueError("camera states do not match the heartbeat")
+    return _Edge(hb, float(row["seen"]), float(row["since"]), cams)
 
 
 # -- the terminal's view -------------------------------------------------------------------------

@@ -32,8 +32,8 @@
 
 The lookups, retention queries and migration selections are `matcher.storecommon.SqlStore`'s, shared with the
 SQLite store; the schema runner, placeholders and connection options are `matcher.sqldb`'s, which puts the matcher's
-other databases (registry, watchlist and alerts, webhook queue, users, audit log, harvest index) in this database
-too, each in a schema of its own. The FAISS index snapshots and the edges' last heartbeats stay in data_dir.
+other databases (registry, watchlist and alerts, webhook queue, users, audit log, harvest index, the edges' last
+heartbeats) in this database too, each in a schema of its own. The FAISS index snapshots stay in data_dir.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@
 | `queries`      | `matcher.query.QueryEngine`: search by embedding, stored sighting, edge track or image   |
 | `store`        | by `store.kind`: `matcher.store.Store` (SQLite, data_dir/sightings.db) or `matcher.pgstore.PgStore` |
 |                | (PostgreSQL); lookups (`record`, `thumbnail`, `recent`, `cameras`). The registry, watchlist, |
-|                | webhooks, harvest index, users and audit log follow it (`matcher.sqldb`: SQLite files in   |
-|                | data_dir, or that PostgreSQL database, shared by replicas); index snapshots and the edges' |
-|                | heartbeats stay in data_dir either way                                                   |
+|                | webhooks, harvest index, users, audit log and edges' heartbeats follow it (`matcher.sqldb`: |
+|                | files in data_dir, or that PostgreSQL database, shared by replicas); index snapshots stay |
+|                | in data_dir either way                                                                   |
 | `index`        | `matcher.index.Index`: FAISS partitions; rebuilds start there when one outgrows exact search |
 |                | (`index.engine: milvus`: `matcher.milvus_index.MilvusIndex`, collections in Milvus, no snapshots) |
 | checkpoint     | thread: every second, copy the SQLite WAL into the database file, off the commit path     |
@@ -105,7 +105,7 @@ class Matcher:
         self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models, store_cfg=cfg.store)
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
-        self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack")
+        self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack", cfg.store)
         self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
         self.users, self.audit = Users(Path(cfg.data_dir), cfg.store), AuditLog(Path(cfg.data_dir), store=cfg.store)
         max_age = cfg.retention.max_age_hours
@@ -175,6 +175,7 @@ class Matcher:
         self.harvest.close()
         self.audit.close()
         self.users.close()
+        self.edges.close()
         log.info("matcher stopped")
 
     # -- removal, retention, snapshots ---------------------------------------------------------

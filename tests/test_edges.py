@@ -13,6 +13,7 @@ from helpers import Pusher, edge_config, free_port, matcher_config, shared_data,
 
 from crossview.cli import main
 from crossview.edge.node import EdgeNode
+from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import CameraStatus, Heartbeat, Reason, encode_heartbeat
 from crossview.matcher.api import serve
 from crossview.matcher.edges import MAX_EDGES, Edges, report_text
@@ -76,6 +77,25 @@ def test_the_last_heartbeats_survive_a_restart_and_a_damaged_file_only_empties_t
     for junk in (b"", b"\x93garbage", msgpack.packb({"v": 1, "edges": [{"hb": b"junk", "seen": 1, "since": 1, "cams": {}}]})):
         path.write_bytes(junk)
         assert Edges(path).report()["edges"] == []
+
+
+def test_matchers_on_one_postgres_list_the_edges_each_hears_and_the_newest_heartbeat_wins(pg_server):
+    store = StoreConfig(**pg_server.store_section(pg_server.fresh_db()))
+    one, other = Edges(store=store), Edges(store=store)
+    one.heard(beat("edge-1"), now=T)
+    other.heard(beat("edge-2"), now=T + 1)
+    one.save(), other.save(), one.save()
+    assert [e["node"] for e in one.report(T + 2)["edges"]] == [e["node"] for e in other.report(T + 2)["edges"]] == \
+        ["edge-1", "edge-2"]
+    other.heard(beat("edge-1", cam("connecting")), now=T + 5)  # edge-1 now sends to the other matcher
+    stale = Edges(store=store)
+    stale.heard(beat("edge-1"), now=T + 3)
+    other.save(), stale.save(), one.save()
+    for edges in (one, other, stale, Edges(store=store)):  # the last: a restart
+        assert states(edges.report(T + 6)) == {"edge-1": ("online", T, {"gate": ("stalled", T + 5)}),
+                                                "edge-2": ("online", T + 1, {"gate": ("online", T + 1)})}
+    for edges in (one, other, stale):
+        edges.close()
 
 
 def test_the_edges_remembered_are_bounded_and_the_longest_quiet_goes_first():
