@@ -19,7 +19,7 @@ TCAP and its ablations (`tcap*`) train on the edge node's harvest of TUD-Stadtmi
 rows on its ground-truth crops; all are scored on the same ground-truth time split:
 
     python bench/adapt_tud.py --seeds 1 2 3 --variants daam daal tcap tcap-no-tracklets tcap-no-split \
-        tcap-no-cannot-link tcap-eps-percentile tcap-avg tcap-no-neck tcap-no-memory tcap-no-proxies tcap-no-cooccur \
+        tcap-no-cannot-link tcap-eps-profile tcap-eps-percentile tcap-avg tcap-no-neck tcap-no-memory tcap-no-proxies tcap-no-cooccur \
         --out docs/results.md
 
 EDAAN and its comparison rows run from their own file, `bench/train/tud-edaan.yaml` (CPU-sized generators and
@@ -94,7 +94,8 @@ TCAP_ABLATIONS = {
     "tcap-no-tracklets": ("crops clustered alone (no tracklets)", {"tracklets": False}),
     "tcap-no-split": ("tracklets never split at appearance jumps", {"split": False}),
     "tcap-no-cannot-link": ("co-occurring tracklets may merge", {"cannot_link": False}),
-    "tcap-eps-percentile": ("DAAL's fixed eps share p 0.02 instead of the k-NN profile", {"eps": "percentile"}),
+    "tcap-eps-profile": ("eps from Otsu on the k-NN profile instead of the tracklets' halves", {"eps": "profile"}),
+    "tcap-eps-percentile": ("DAAL's fixed eps share p 0.02 instead of the tracklets' halves", {"eps": "percentile"}),
     "tcap-avg": ("average pooling instead of GeM", {"pool": "avg"}),
     "tcap-no-neck": ("no BN neck", {"neck": False}),
     "tcap-no-memory": ("no cluster-memory InfoNCE", {"memory": 0.0}),

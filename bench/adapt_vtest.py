@@ -1,9 +1,9 @@
-"""The full site loop on real footage: the edge node harvests person crops from vtest.avi, the trainer
-adapts from the labelled TUD sequences onto them, and the exported model loads on the edge again.
+"""The full site loop on real footage: the edge node harvests person crops from vtest.avi, the trainer adapts
+(TCAP) from the labelled TUD sequences and PKU-Reid onto them, and the exported model loads on the edge again.
 
 vtest.avi has no labels, so the report is what the loop itself can tell: crops harvested, the target's
-clustering per iteration (clusters, outliers, cluster sizes, mean confidence weight, NMI between
-consecutive pseudo labels), and the time of each stage.
+pseudo labels per iteration (tracklet segments, swap cuts, co-occurring pairs, the learnt radius, clusters,
+outliers, cluster sizes, NMI between consecutive pseudo labels), and the time of each stage.
 
     python bench/adapt_vtest.py --out docs/results.md      # appends/replaces its section; ~20 min on 2 cores
 """
@@ -52,14 +52,17 @@ def harvest() -> tuple[dict, float]:
 
 
 def train() -> tuple[Path, list[dict], float]:
-    from crossview.trainer.config import load_train_config
+    """TCAP as the TUD rows run it (`adapt_tud.TCAP`, sources TUD-Campus + TUD-Stadtmitte + PKU-Reid), onto the harvest."""
+    from adapt_tud import PKU, TCAP
+
+    from crossview.trainer.config import load_train_config, overlay
     from crossview.trainer.engine import Trainer
 
     base = yaml.safe_load((REPO / "bench" / "train" / "tud-daam.yaml").read_text())
-    cfg = {**base, "name": "site-daam", "output_dir": str(WORK / "run"), "cache_dir": str(REPO / "runs" / "cache"),
-           "source": {"kind": "mot", "root": str(SHARED)},  # both TUD sequences: 18 identities
-           "target": {"kind": "harvest", "root": str(WORK / "harvest")},
-           "clustering": {"method": "dbscan", "p": 0.02, "min_samples": 4}}
+    cfg = overlay(overlay(base, TCAP), PKU)
+    cfg.update(name="site-tcap", output_dir=str(WORK / "run"), cache_dir=str(REPO / "runs" / "cache"),
+               target={"kind": "harvest", "root": str(WORK / "harvest")})
+    cfg["source"] = {**cfg["source"], "root": str(SHARED)}  # both TUD sequences (18 identities), PKU-Reid beside
     (WORK / "run" / "metrics.jsonl").unlink(missing_ok=True)
     path = WORK / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -84,20 +87,22 @@ def report(frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s
              f"{os.cpu_count()} CPU cores, no GPU, load average {os.getloadavg()[0]:.1f} at the end.", "",
              f"- Edge node over `vtest.avi` at 5 fps with the HOG people detector: {sum(frames.values())} frames in "
              f"{harvest_s:.0f} s, **{crops} crops harvested** (every 2nd frame of a track, at least 48 px high).",
-             f"- Trainer: source TUD-Campus + TUD-Stadtmitte (labelled, 18 identities), target the harvested crops "
-             f"(no labels), DAAM model and losses with DBSCAN on the k-reciprocal distance (site identities are not "
-             f"known in advance, so no K); `bench/train/tud-daam.yaml` settings otherwise. {train_s:.0f} s in all.",
+             f"- Trainer: TCAP (`bench/adapt_tud.py`'s `tcap` settings), sources TUD-Campus + TUD-Stadtmitte "
+             f"(labelled, 18 identities) + PKU-Reid (74 identities, 2 cameras), target the harvested crops and their "
+             f"sidecars (no labels). {train_s:.0f} s in all.",
              f"- Exported `{version}`, loaded by the edge embedder: {dim}-d embeddings of harvested crops.", "",
-             "| iteration | clusters | outliers | cluster size min / median / max | mean weight w_i | NMI vs previous "
-             "| seconds |", "|---|---|---|---|---|---|---|"]
+             "Pseudo labels before each iteration (segments: tracklets after the swap cuts, in halves; cannot-link: "
+             "pairs of segments seen in one frame; eps: the radius learnt from them):", "",
+             "| iteration | segments | swap cuts | cannot-link pairs | eps | clusters | outliers | cluster size min / "
+             "median / max | NMI vs previous | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in (r for r in recs if r["event"] == "cluster"):
-        lines.append(f"| {r['iteration']} | {r['clusters']} | {100 * r['outlier_share']:.1f}% | {r['size_min']} / "
-                     f"{r['size_median']:.0f} / {r['size_max']} | {r['mean_weight']:.3f} | "
-                     f"{r.get('nmi', '-')} | {r['seconds']} |")
+        lines.append(f"| {r['iteration']} | {r['segments']} | {r['splits']} | {r['cannot_link_pairs']} | {r['eps']} | "
+                     f"{r['clusters']} | {100 * r['outlier_share']:.1f}% | {r['size_min']} / {r['size_median']:.0f} / "
+                     f"{r['size_max']} | {r.get('nmi', '-')} | {r['seconds']} |")
     epochs = [r for r in recs if r["event"] == "epoch" and r["stage"] == "adapt"]
     if epochs:
         last = epochs[-1]
-        terms = ", ".join(f"{k} {last[k]:.3f}" for k in ("reid_s", "reid_t", "ds", "dsp", "orth") if k in last)
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("source_", "memory", "proxy_", "cooccur")))
         lines += ["", f"Last adaptation epoch: loss {last['loss']:.3f} ({terms}), {last['images_per_s']} images/s."]
     return "\n".join(lines) + "\n"
 

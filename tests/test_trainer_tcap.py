@@ -1,4 +1,4 @@
-"""TCAP: tracklet pseudo labels (co-occurrence, swap splits, eps from the k-NN profile), the memory losses on known
+"""TCAP: tracklet pseudo labels (co-occurrence, swap splits, eps from the tracklets or the k-NN profile), the memory losses on known
 inputs, where their gradients go, and a run on a real harvest that is killed, resumed and exported."""
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from crossview.trainer.modeling.memory import (
     momentum_update,
 )
 from crossview.trainer.modeling.tcap import GeM
-from crossview.trainer.tracklets import eps_from_profile, otsu_threshold, tracklet_labels
+from crossview.trainer.tracklets import (
+    cooccurring,
+    eps_from_profile,
+    eps_from_tracklets,
+    halves,
+    otsu_threshold,
+    pair_distances,
+    tracklet_labels,
+    tracklets_of,
+)
 
 DIM = 16
 
@@ -86,6 +95,39 @@ def test_eps_from_the_knn_profile_recovers_tight_clusters():
     assert within < eps < 1
     tl = tracklet_labels(feats, np.zeros(30), np.full(30, -1), np.full(30, -1), k1=6, k2=2, min_crops=3)
     assert adjusted_rand_score(groups, tl.labels) == 1.0 and tl.n_clusters == 6
+
+
+def _street(rng, n: int = 8):
+    """`n` alike passers-by, each one tracklet of 12 crops; people 2k and 2k+1 walk past together, nobody comes back."""
+    people = rng.standard_normal(DIM) + 0.6 * rng.standard_normal((n, DIM))
+    feats = np.vstack([_track(people[p], 12, rng) for p in range(n)])
+    who = np.repeat(np.arange(n), 12)
+    frames = 100 * (who // 2) + np.tile(np.arange(12), n)
+    return feats, who, frames
+
+
+def test_eps_from_the_tracklets_keeps_people_seen_once_apart_where_the_profile_merges_them():
+    """A street of people who each pass once has no "same person" mode in its k-NN profile: Otsu splits the "someone
+    else" distances and merges strangers. The two halves of each tracklet show what one person looks like."""
+    feats, who, frames = _street(np.random.default_rng(3))
+    profile = tracklet_labels(feats, np.zeros(len(feats)), who, frames, k1=6, k2=2)
+    learnt = tracklet_labels(feats, np.zeros(len(feats)), who, frames, k1=6, k2=2, eps_by_halves=True)
+    assert profile.n_clusters < 8
+    assert adjusted_rand_score(who, learnt.labels) == 1.0 and learnt.n_segments == 16  # every tracklet in halves
+
+
+def test_eps_from_the_tracklets_lies_between_one_persons_halves_and_co_occurring_people():
+    rng = np.random.default_rng(4)
+    feats, who, frames = _street(rng)
+    pieces, siblings = halves(tracklets_of(np.zeros(len(who)), who, frames), 4)
+    assert len(pieces) == 16 and siblings.tolist() == [[2 * i, 2 * i + 1] for i in range(8)]
+    means = np.stack([feats[p].mean(0) for p in pieces])
+    dist = jaccard_distance(means, 6, 2)
+    co = cooccurring(np.zeros(len(who)), frames, pieces)
+    eps = eps_from_tracklets(dist, siblings, co)
+    assert pair_distances(dist, siblings).max() < eps < pair_distances(dist, co).min()
+    assert eps_from_tracklets(dist, siblings, np.zeros((0, 2), np.int64)) is None  # nobody ever beside anybody
+    assert pair_distances(dist, np.array([[0, 0]]))[0] == 0.0  # a stored zero is not an absent entry
 
 
 def test_otsu_threshold_falls_in_the_gap_of_two_modes():

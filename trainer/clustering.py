@@ -8,6 +8,7 @@
 | DAAM sample weights (Eq. 9) | `daam_weights`: w_i = 1 / (1 + exp(‖f_i − C_yi‖²)), in (0, 0.5]              |
 | DAAL soft labels (Eq. 4)    | `daal_soft_labels`: w_ik = 1 / (K ‖f_i − C_k‖²), + ε for k = y_i              |
 | label agreement             | `nmi`: sklearn NMI, each outlier its own singleton cluster                   |
+| cluster sizes               | `size_summary`: min / median / max crops a cluster, for the training log     |
 | one call for the trainer    | `cluster(features, method="kmeans" or "dbscan", soft=...)` → `PseudoLabels`   |
 
 Outliers (DBSCAN label −1) get weight 0 and an all-zero soft-label row: they add nothing to the loss,
@@ -194,6 +195,12 @@ def daal_soft_labels(
     w[np.arange(len(inside)), labels[inside]] += epsilon
     out[inside] = w
     return out
+
+
+def size_summary(labels: np.ndarray, n_clusters: int) -> dict:
+    """Cluster sizes (outliers -1 left out) as the training log records them: min, median, max crops a cluster."""
+    sizes = np.bincount(labels[labels >= 0], minlength=n_clusters) if n_clusters else np.zeros(1, np.int64)
+    return {"size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max())}
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:

@@ -129,8 +129,10 @@ class TcapConfig(_Strict):
     split_z: float = Field(4.0, gt=0, description="a jump is above median + z robust std of the target's cut distances")
     split_min: float = Field(0.2, ge=0, le=2, description="... and above this cosine distance")
     cannot_link: bool = Field(True, description="never cluster two tracklets that co-occur (one camera, overlapping frames)")
-    eps: Literal["profile", "percentile"] = Field(
-        "profile", description="DBSCAN eps: Otsu's threshold on the k-NN distance profile, or DAAL's clustering.p share"
+    eps: Literal["tracklets", "profile", "percentile"] = Field(
+        "tracklets", description="DBSCAN eps: the distance that best separates two halves of one tracklet from "
+        "co-occurring tracklets (the profile where the site has no such pairs), Otsu's threshold on the k-NN distance "
+        "profile, or DAAL's clustering.p share"
     )
     eps_k: int = Field(5, ge=1, description="neighbours per tracklet in the eps profile")
     min_crops: int = Field(4, ge=1, description="DBSCAN min_samples, counted in crops (a long tracklet is a core point)")

@@ -6,7 +6,7 @@
 | tracker swaps         | `split_at_jumps`: cut a tracklet where the mean embedding of the `window` crops before and after a point differ by a robust outlier of the target's own profile (median + z·MAD, at least `min_distance`) |
 | co-occurrence         | `cooccurring(segments)`: pairs of segments of one camera whose frame spans overlap: two people |
 | distance              | `trainer.kreciprocal.jaccard_distance` of the segments' mean embeddings; co-occurring pairs set to 1 |
-| radius                | `eps_from_profile`: Otsu's threshold on every segment's k-NN Jaccard distances (absent = 1): the valley between "same person" and "someone else" |
+| radius                | `eps_from_profile`: Otsu's threshold on every segment's k-NN Jaccard distances (absent = 1): the valley between "same person" and "someone else"; or `eps_from_tracklets` (`eps_by_halves`): segments cut into `halves`, the radius that best tells two halves of one tracklet (one person) from co-occurring ones (two people) |
 | clusters              | DBSCAN with each segment weighted by its crop count (a tracklet of M crops is a core point alone), then `separate_cannot_links` re-links a cluster that joined co-occurring segments closest pairs first, never across a co-occurrence |
 | one call              | `tracklet_labels(features, cams, tracks, frames, ...)` → `TrackletLabels` (per crop) |
 
@@ -132,6 +132,44 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float((v[i] + v[i + 1]) / 2)
 
 
+def halves(segments: list[np.ndarray], min_crops: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(pieces, sibling pairs): every segment of at least 2·`min_crops` crops cut in time into its earlier and later
+    half, the others kept whole; the pairs (i, i+1) of pieces that are two halves of one segment."""
+    pieces, siblings = [], []
+    for s in segments:
+        if len(s) >= 2 * min_crops:
+            siblings.append((len(pieces), len(pieces) + 1))
+            pieces += np.array_split(s, 2)
+        else:
+            pieces.append(s)
+    return pieces, np.array(siblings, np.int64).reshape(-1, 2)
+
+
+def pair_distances(dist: sparse.csr_matrix, pairs: np.ndarray) -> np.ndarray:
+    """dist[i, j] for each pair, 1 where the entry is absent (a stored 0 is a real 0: identical encodings)."""
+    out = np.ones(len(pairs))
+    for n, (i, j) in enumerate(pairs):
+        lo, hi = dist.indptr[i], dist.indptr[i + 1]
+        hit = np.flatnonzero(dist.indices[lo:hi] == j)
+        if len(hit):
+            out[n] = dist.data[lo + hit[0]]
+    return out
+
+
+def eps_from_tracklets(dist: sparse.csr_matrix, same: np.ndarray, different: np.ndarray) -> float | None:
+    """DBSCAN's radius from the site's own labels: the distance that best tells the two halves of one tracklet (one
+    person) from co-occurring tracklets (two people), by Youden's J (the share of `same` pairs within it minus the
+    share of `different` pairs within it, largest), midway to the next distance seen. None without pairs of both
+    kinds: the caller falls back to the k-NN profile."""
+    if not len(same) or not len(different):
+        return None
+    pos, neg = pair_distances(dist, same), pair_distances(dist, different)
+    cuts = np.unique(np.concatenate([pos, neg]))
+    j = (pos[None, :] <= cuts[:, None]).mean(1) - (neg[None, :] <= cuts[:, None]).mean(1)
+    best = int(np.argmax(j))
+    return float((cuts[best] + (cuts[best + 1] if best + 1 < len(cuts) else 1.0)) / 2)
+
+
 def separate_cannot_links(labels: np.ndarray, dist: sparse.csr_matrix, eps: float, conflicts: np.ndarray) -> np.ndarray:
     """`labels` with every cluster holding a co-occurring pair re-linked: its members' links within `eps`, closest
     first, joined unless that would put two co-occurring segments in one cluster (union-find with cannot-links)."""
@@ -179,9 +217,11 @@ def _renumber(labels: np.ndarray) -> np.ndarray:
 def tracklet_labels(features: np.ndarray, cams: np.ndarray, tracks: np.ndarray, frames: np.ndarray, *,
                     k1: int = 20, k2: int = 6, min_crops: int = 4, split: bool = True, window: int = 3,
                     z: float = 4.0, min_jump: float = 0.2, cannot_link: bool = True, eps_k: int = 5,
+                    eps_by_halves: bool = False,
                     eps_rule: Callable[[sparse.csr_matrix], float] | None = None) -> TrackletLabels:
     """Cluster the target's crops by tracklet segment (see the module table); `eps_rule(distance)` gives the radius,
-    by default `eps_from_profile` with `eps_k`.
+    by default `eps_from_profile` with `eps_k`. With `eps_by_halves` the points are the segments' `halves` and the
+    radius is `eps_from_tracklets` (the profile where the site gives no pairs of both kinds).
 
     Segments with fewer than `min_crops` crops in all their cluster are outliers (-1), as DBSCAN's noise."""
     features = l2_normalise(np.asarray(features, np.float32))
@@ -189,13 +229,21 @@ def tracklet_labels(features: np.ndarray, cams: np.ndarray, tracks: np.ndarray, 
     segments, cuts = tracklets_of(cams, tracks, frames), 0
     if split:
         segments, cuts = split_at_jumps(features, segments, window, z, min_jump)
-    conflicts = cooccurring(cams, frames, segments) if cannot_link else np.zeros((0, 2), np.int64)
+    siblings = np.zeros((0, 2), np.int64)
+    if eps_by_halves:
+        segments, siblings = halves(segments, min_crops)
+    co = cooccurring(cams, frames, segments)
+    conflicts = co if cannot_link else np.zeros((0, 2), np.int64)
     means = l2_normalise(np.stack([features[s].mean(0) for s in segments]))
-    dist = jaccard_distance(means, min(k1, len(means) - 1) or 1, k2).tolil()
+    dist = jaccard_distance(means, min(k1, len(means) - 1) or 1, k2)
+    radius = eps_from_tracklets(dist, siblings, co) if eps_by_halves else None  # before co-occurring pairs are set to 1
+    dist = dist.tolil()
     for i, j in conflicts:  # "absent" is 1; a stored 1 also keeps the pair out of every eps-neighbourhood
         dist[i, j] = dist[j, i] = 1.0
     dist = dist.tocsr()
-    radius = min(eps_rule(dist) if eps_rule is not None else eps_from_profile(dist, eps_k), 1 - 1e-6)
+    if radius is None:
+        radius = eps_rule(dist) if eps_rule is not None else eps_from_profile(dist, eps_k)
+    radius = min(radius, 1 - 1e-6)
     sizes = np.array([len(s) for s in segments], np.float64)
     seg_labels = DBSCAN(eps=radius, min_samples=min_crops, metric="precomputed").fit_predict(dist, sample_weight=sizes)
     seg_labels = separate_cannot_links(seg_labels.astype(np.int64), dist, radius, conflicts)

@@ -21,7 +21,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from crossview.trainer.clustering import PseudoLabels, cluster, nmi
+from crossview.trainer.clustering import PseudoLabels, cluster, nmi, size_summary
 from crossview.trainer.data.samples import with_labels
 from crossview.trainer.methods.base import AdaptSamples, Method
 from crossview.trainer.modeling.losses import LossWeights, total_loss
@@ -90,7 +90,6 @@ class Daam(Method):
 
 def _cluster_sizes(pl: PseudoLabels) -> dict:
     """Cluster size spread and the mean confidence weight: how the pseudo labels look without ground truth."""
-    sizes = np.bincount(pl.labels[pl.labels >= 0], minlength=pl.n_clusters)
     inlier_w = pl.weights[pl.labels >= 0]
-    return {"size_min": int(sizes.min()), "size_median": float(np.median(sizes)), "size_max": int(sizes.max()),
+    return {**size_summary(pl.labels, pl.n_clusters),
             "mean_weight": round(float(inlier_w.max(axis=1).mean() if inlier_w.ndim == 2 else inlier_w.mean()), 4)}

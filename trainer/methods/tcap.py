@@ -4,14 +4,14 @@
 |------------------|---------------------------------------------------------------------------------------|
 | network          | `TcapNet` (`trainer.modeling.tcap`): trunk, GeM or average pooling, optional BN neck, source classifier |
 | losses           | source CE + batch-hard triplet; target: cluster-memory InfoNCE + intra- / inter-camera proxies + the co-occurrence margin (`trainer.modeling.memory`), weights `tcap.*` |
-| target step      | embeddings → `trainer.tracklets.tracklet_labels` (tracklets split at appearance jumps, co-occurring ones never merged, DBSCAN eps from the k-NN profile) → fresh memories: cluster centroids and (cluster, camera) proxies; stop when NMI(previous, new) > `adapt.nmi_stop` |
+| target step      | embeddings → `trainer.tracklets.tracklet_labels` (tracklets split at appearance jumps, co-occurring ones never merged, DBSCAN eps from the tracklets' halves vs co-occurring pairs) → fresh memories: cluster centroids and (cluster, camera) proxies; stop when NMI(previous, new) > `adapt.nmi_stop` |
 | adaptation draws | the source, and the target's inliers by cluster; `target_weights` carries each row's index into the target, which is how the losses find its proxy and its co-occurring clusters |
 | checkpoint state | the pseudo labels and the memories as they stand after the last step, so `--resume` goes on with the same bank |
 | export           | trunk → pool → neck                                                                   |
 
 Start from a source-trained model with `pretrain.epochs` (source only, the same network and losses) or
 `model.init_from: <run>/last.pt`. Ablations, one key each: `tcap.tracklets`, `tcap.split`,
-`tcap.cannot_link`, `tcap.eps: percentile` (DAAL's `clustering.p`), `tcap.pool: avg`, `tcap.neck: false`,
+`tcap.cannot_link`, `tcap.eps: profile` (Otsu on the k-NN profile) or `percentile` (DAAL's `clustering.p`), `tcap.pool: avg`, `tcap.neck: false`,
 and 0 for any of the loss weights `tcap.memory`, `proxy_intra`, `proxy_inter`, `cooccur`.
 
 AMP: the losses run in float32 outside autocast, the memories are float32. DDP: the gradients are
@@ -24,6 +24,7 @@ computed on rank 0 and shared (`run.share`).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import functional as F  # noqa: N812
 
-from crossview.trainer.clustering import eps_from_percentile, nmi
+from crossview.trainer.clustering import eps_from_percentile, nmi, size_summary
 from crossview.trainer.data.samples import with_labels
 from crossview.trainer.methods.base import AdaptSamples, Method
 from crossview.trainer.modeling.embedding_losses import batch_hard_triplet
@@ -109,15 +110,15 @@ class Tcap(Method):
 
     # ------------------------------------------------------------- target step
     def target_step(self, run, model) -> bool:
-        previous = self.labels
+        previous, t0 = self.labels, time.perf_counter()
         labels, memory = run.share(lambda: self._pseudo_labels(run))
         self.labels = labels
         self._set_memory(memory, _device(model))
         score = nmi(previous.labels, labels.labels) if previous is not None else None
         run.log("cluster", clusters=labels.n_clusters, segments=labels.n_segments, splits=labels.n_splits,
                 cannot_link_pairs=len(labels.cannot_link), eps=round(labels.eps, 4), proxies=len(memory["proxies"]),
-                outlier_share=round(float(np.mean(labels.labels < 0)), 4),
-                **({"nmi": round(score, 4)} if score is not None else {}))
+                outlier_share=round(float(np.mean(labels.labels < 0)), 4), **size_summary(labels.labels, labels.n_clusters),
+                seconds=round(time.perf_counter() - t0, 2), **({"nmi": round(score, 4)} if score is not None else {}))
         if labels.n_clusters < 2:
             raise RuntimeError(f"tracklet clustering found {labels.n_clusters} clusters on the target; check tcap.eps, "
                                "tcap.min_crops or the target data")
@@ -132,7 +133,8 @@ class Tcap(Method):
         rule = (lambda d: eps_from_percentile(d, c.p)) if t.eps == "percentile" else None
         labels = tracklet_labels(features, cams, tracks, frames, k1=c.k1, k2=c.k2, min_crops=t.min_crops,
                                  split=t.split, window=t.split_window, z=t.split_z, min_jump=t.split_min,
-                                 cannot_link=t.cannot_link, eps_k=t.eps_k, eps_rule=rule)
+                                 cannot_link=t.cannot_link, eps_k=t.eps_k, eps_by_halves=t.eps == "tracklets",
+                                 eps_rule=rule)
         return labels, memory_init(features, cams, labels)
 
     def _set_memory(self, memory: dict[str, np.ndarray], device: torch.device) -> None:
