@@ -167,6 +167,9 @@ def schema_version(db: Db) -> int | None:
         "SELECT MAX(name) FROM sqlite_master WHERE name = 'schema_version'"
     if db.one(table)[0] is None:
         return None
+    if db.postgres and db.one("SELECT 1 FROM pg_attribute WHERE attrelid = 'schema_version'::regclass "
+                              "AND attname = 'module'") is None:  # a store's, from before the other modules came
+        return db.one("SELECT version FROM schema_version")[0] if db.module == "store" else None
     row = db.one("SELECT version FROM schema_version WHERE module = ?", (db.module,))
     return None if row is None else row[0]
 

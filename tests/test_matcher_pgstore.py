@@ -3,7 +3,8 @@
 | test                   | what                                                                             |
 |------------------------|----------------------------------------------------------------------------------|
 | config                 | `store.*` errors name the key; a password in the dsn is refused; the file's is used |
-| schema                 | a new database gets every step once; a reopen applies none; a newer one is refused |
+| schema                 | a new database gets every step once; a reopen applies none; a newer one is refused; |
+|                        | one from before `schema_version` had a module column is read and upgraded        |
 | read-only              | reads beside the writer, refuses writes, and an empty database is no store        |
 | wrong password         | a `ConnectionError` naming the server, never the password                          |
 | concurrent readers     | queries from several threads at once, each on a pooled connection                  |
@@ -59,6 +60,16 @@ def test_schema_steps_run_once_and_a_newer_schema_is_refused(section, pg_server)
         db.execute("UPDATE schema_version SET version = version + 1")
     with pytest.raises(ValueError, match=f"schema version {len(MIGRATIONS) + 1} is newer than this matcher's"):
         PgStore(StoreConfig(**section))
+
+
+def test_a_store_from_before_the_other_modules_came_is_read_and_upgraded_in_place(section, pg_server):
+    with pg_server.connect(section["dbname"]) as db:  # its schema_version had one row, no module column
+        db.execute(MIGRATIONS[0])
+        db.execute("CREATE TABLE schema_version (version integer NOT NULL); INSERT INTO schema_version VALUES (1)")
+    PgStore(StoreConfig(**section), read_only=True).close()
+    PgStore(StoreConfig(**section)).close()  # step 1 is not run again
+    with pg_server.connect(section["dbname"]) as db:
+        assert db.execute("SELECT module, version FROM schema_version").fetchall() == [("store", 1)]
 
 
 def test_read_only_reads_beside_the_writer_and_refuses_writes(section, pg_server):
