@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,6 +106,7 @@ class Registry:
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
         self._db = open_db("registry", self.dir / "registry.db", store, MIGRATIONS, read_only, WAL_FULL[:1])
+        self._fetching = threading.Lock()
 
     def close(self) -> None:
         if self._db is not None:
@@ -132,7 +134,9 @@ class Registry:
         """The version's ONNX file (on PostgreSQL fetched into `registry/` when this matcher has no copy yet)."""
         path = self.dir / f"{version}.onnx"
         if self._db is not None and self._db.postgres and not path.exists():
-            self._fetch(version, path)
+            with self._fetching:  # edges downloading at once: one fetch
+                if not path.exists():
+                    self._fetch(version, path)
         return path
 
     def _fetch(self, version: str, path: Path) -> None:

@@ -5,7 +5,8 @@
 | `open_db(...)`         | a module's `Db`: `store.kind: sqlite` its own file, `postgres` the shared database, so |
 |                        | matcher replicas on one server see each other's writes; migrated unless read-only.   |
 |                        | There each module has a schema of its own (its name, the connection's `search_path`): |
-|                        | the registry's `models` is not the sightings store's (`public`)                      |
+|                        | the registry's `models` is not the sightings store's (`public`). `matcher.edges` uses |
+|                        | it on PostgreSQL only (on SQLite its heartbeats stay a msgpack file)                 |
 | `Db`                   | one connection used under one lock; SQL in SQLite's dialect with `?` placeholders,   |
 |                        | which run on PostgreSQL as written (`ON CONFLICT DO NOTHING`, `RETURNING id`, `"user"`) |
 | `Db.transaction()`     | SQLite `BEGIN IMMEDIATE`; PostgreSQL a transaction holding the module's advisory lock: |
@@ -20,7 +21,8 @@
 
 A step is one SQL text for both engines (SQLite's DDL, `pg_ddl` turns it into PostgreSQL's) or {engine: SQL} where
 they differ (the audit log's trigger). Connections are autocommit: every statement outside `transaction()` is its
-own transaction, committed (PostgreSQL: `synchronous_commit=on`; SQLite: the module's pragmas) before it returns.
+own transaction, committed before it returns (PostgreSQL: flushed, `synchronous_commit=on`; SQLite: as durably as
+the module's pragmas say).
 
     db = open_db("watchlist", data_dir / "watchlist.db", cfg.store, MIGRATIONS, pragmas=WAL_FULL)
     with db.transaction():
