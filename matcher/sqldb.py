@@ -8,7 +8,9 @@
 |                        | the registry's `models` is not the sightings store's (`public`). `matcher.edges` uses |
 |                        | it on PostgreSQL only (on SQLite its heartbeats stay a msgpack file)                 |
 | `Db`                   | one connection used under one lock; SQL in SQLite's dialect with `?` placeholders,   |
-|                        | which run on PostgreSQL as written (`ON CONFLICT DO NOTHING`, `RETURNING id`, `"user"`) |
+|                        | which run on PostgreSQL as written (`ON CONFLICT DO NOTHING`, `RETURNING id`, `"user"`). |
+|                        | A PostgreSQL connection the server dropped (restart, failover) is replaced at the next |
+|                        | call: only the call that found it broken fails                                        |
 | `Db.transaction()`     | SQLite `BEGIN IMMEDIATE`; PostgreSQL a transaction holding the module's advisory lock: |
 |                        | one writer per module at a time across replicas, as SQLite has one per file          |
 | `migrate(db, steps)`   | versioned schema: `schema_version` holds (module, last step applied); each step in its |
@@ -38,7 +40,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,8 +96,10 @@ def _statements(script: str) -> Iterator[str]:
 class Db:
     """One connection, used under one lock; see the module docstring."""
 
-    def __init__(self, conn, engine: str, module: str, shown: str, schema: str | None = None):
+    def __init__(self, conn, engine: str, module: str, shown: str, schema: str | None = None,
+                 reconnect: Callable[[], object] | None = None):
         self.conn, self.engine, self.module, self.shown, self.schema = conn, engine, module, shown, schema
+        self._reconnect, self._in_transaction = reconnect, False
         self.postgres = engine == "postgres"
         if self.postgres:
             import psycopg  # the postgres extra
@@ -106,8 +110,14 @@ class Db:
         self._lock = threading.RLock()
         self._key = int.from_bytes(hashlib.sha256(f"crossview.{module}".encode()).digest()[:8], "big", signed=True)
 
+    def _live(self):
+        """The connection; a new one in place of one found broken, unless in a transaction (which is lost: it raises)."""
+        if self._reconnect is not None and not self._in_transaction and self.conn.broken:
+            self.conn = self._reconnect()
+        return self.conn
+
     def _execute(self, sql: str, args: Sequence):
-        return self.conn.execute(pg_sql(sql) if self.postgres else sql, args)
+        return self._live().execute(pg_sql(sql) if self.postgres else sql, args)
 
     def all(self, sql: str, args: Sequence = ()) -> list[tuple]:
         with self._lock:
@@ -125,30 +135,35 @@ class Db:
 
     def many(self, sql: str, rows: Sequence[Sequence]) -> None:
         with self._lock:
-            self.conn.cursor().executemany(pg_sql(sql) if self.postgres else sql, rows)
+            self._live().cursor().executemany(pg_sql(sql) if self.postgres else sql, rows)
 
     @contextmanager
     def transaction(self, key: int | None = None) -> Iterator[Db]:
         """One transaction, the only writer of this module (advisory lock `key`, default the module's) until it ends."""
         with self._lock:
+            conn = self._live()
             if self.postgres:
-                with self.conn.transaction():
-                    self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key if key is None else key,))
-                    yield self
+                self._in_transaction = True
+                try:
+                    with conn.transaction():
+                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._key if key is None else key,))
+                        yield self
+                finally:
+                    self._in_transaction = False
                 return
-            self.conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
+            conn.execute("COMMIT")
 
     def script(self, sql: str) -> None:
         """A schema step, inside the current transaction."""
         with self._lock:
             if self.postgres:
-                self.conn.execute(sql)  # no parameters: several statements at once
+                self._live().execute(sql)  # no parameters: several statements at once
                 return
             for statement in _statements(sql):
                 self.conn.execute(statement)
@@ -156,7 +171,7 @@ class Db:
     def purge(self, *tables: str) -> None:
         if self.postgres:
             with self._lock:
-                self.conn.execute(f"VACUUM {', '.join(tables)}")
+                self._live().execute(f"VACUUM {', '.join(tables)}")
 
     def close(self) -> None:
         with self._lock:
@@ -198,12 +213,18 @@ def migrate(db: Db, steps: Sequence[Step]) -> None:
         log.info("%s %s: schema step %d applied", db.module, db.shown, step)
 
 
+def _pg_connect(cfg: StoreConfig, read_only: bool, schema: str | None):
+    import psycopg  # the postgres extra
+
+    return psycopg.connect(cfg.conninfo(), autocommit=True, options=pg_options(read_only, schema))
+
+
 def connect_pg(cfg: StoreConfig, read_only: bool = False, schema: str | None = None):
     """A psycopg connection to the `store` database, autocommit; `ConnectionError` naming the server, never the password."""
     import psycopg  # the postgres extra
 
     try:
-        return psycopg.connect(cfg.conninfo(), autocommit=True, options=pg_options(read_only, schema))
+        return _pg_connect(cfg, read_only, schema)
     except psycopg.Error as e:
         raise ConnectionError(f"store: {cfg.shown}: {str(e).strip() or type(e).__name__}") from None
 
@@ -213,7 +234,8 @@ def open_db(module: str, path: Path, cfg: StoreConfig | None, steps: Sequence[St
     """`module`'s database: SQLite at `path` (with these pragmas, unless read-only), or the `store` PostgreSQL database; its schema
     migrated. Read-only, it is None where the module has no tables yet (no file, no schema_version row)."""
     if cfg is not None and cfg.kind == "postgres":
-        db = Db(connect_pg(cfg, read_only, module), "postgres", module, cfg.shown, schema=module)
+        db = Db(connect_pg(cfg, read_only, module), "postgres", module, cfg.shown, schema=module,
+                reconnect=functools.partial(_pg_connect, cfg, read_only, module))  # a failure there: a psycopg.Error
     elif read_only:
         if not path.exists():
             return None

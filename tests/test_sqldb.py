@@ -1,5 +1,6 @@
 """`matcher.sqldb`, the matcher's other databases on either engine: versioned steps applied once however many
-matchers open a database at a time, files from before versioning upgraded in place, a newer schema refused."""
+matchers open a database at a time, files from before versioning upgraded in place, a newer schema refused, a
+PostgreSQL connection the server dropped replaced."""
 
 from __future__ import annotations
 
@@ -55,3 +56,15 @@ def test_an_audit_log_from_before_versioning_keeps_its_rows_and_becomes_append_o
         audit._db.run("DELETE FROM audit")
     assert audit.prune(max_age_days=1, now=1000.0 + 86400 + 1) == 1 and audit.entries() == []
     audit.close()
+
+
+def test_a_connection_the_server_dropped_is_replaced_at_the_next_call(tmp_path, pg_server):
+    section = pg_server.store_section(pg_server.fresh_db())
+    db = open_db("things", tmp_path / "things.db", StoreConfig(**section), STEPS)
+    db.run("INSERT INTO things (name) VALUES (?)", ("a",))
+    with pg_server.connect(section["dbname"]) as admin:  # as a server restart or failover would
+        admin.execute("SELECT pg_terminate_backend(%s)", (db.conn.info.backend_pid,))
+    with pytest.raises(db.Error):
+        db.all("SELECT name FROM things")
+    assert db.all("SELECT name FROM things") == [("a",)]
+    db.close()
