@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 from docsection import machine, write_section
-from site_harvest import SEQ, edge_harvest
+from site_harvest import SEQ, edge_harvest, labelled_edge_harvest
 
 from crossview.trainer.config import overlay
 
@@ -111,6 +111,10 @@ VARIANTS |= {"tcap": ("TCAP: tracklet pseudo labels + cluster memory + camera pr
                       "BN neck, on the edge harvest", TCAP)}
 VARIANTS |= {name: (f"TCAP, {what}", overlay(TCAP, {"tcap": change}))
              for name, (what, change) in TCAP_ABLATIONS.items()}
+# The labels' ceiling: the same crops with every track replaced by the ground-truth person it overlaps.
+LABELLED = SITE / "labelled-edge-harvest"
+VARIANTS |= {"tcap-labelled": ("TCAP on the edge harvest with ground-truth identities as tracks (a perfect tracker)",
+                               overlay(TCAP, {"target": {"root": str(LABELLED)}}))}
 # EDAAN: the whole of bench/train/tud-edaan.yaml laid over the base (its roots are relative to the same folder).
 EDAAN = {k: v for k, v in yaml.safe_load((BASE.parent / "tud-edaan.yaml").read_text()).items()
          if k not in ("name", "output_dir")}
@@ -132,7 +136,7 @@ PAPER = {
     "adfl-baseline": "ADFL Table V baseline: M→D 30.8 / 48.9, D→M 29.1 / 59.4",
     "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
     "daam-adfl": "not in the papers",
-    **{name: "not in the papers" for name in ("tcap", *TCAP_ABLATIONS)},
+    **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
     "edaan-no-attention": "EDAAN Table V (w/o attention): M→D 26.8 / 48.5, D→M 23.7 / 55.4",
@@ -303,6 +307,8 @@ def main() -> None:
     base = yaml.safe_load(BASE.read_text())
     if any(VARIANTS[name][1].get("target", {}).get("kind") == "harvest" for name in args.variants):
         site_harvest()
+    if "tcap-labelled" in args.variants:
+        labelled_edge_harvest(SITE)
     before = os.getloadavg()
     command = " ".join(["python bench/adapt_tud.py", *sys.argv[1:]])
     if args.seeds:

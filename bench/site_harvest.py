@@ -4,11 +4,14 @@
 |----------------|----------------------------------------------------------------------------------------|
 | `edge_harvest` | the edge node (HOG + tracker, harvesting on) over `TUD-Stadtmitte.mp4`: crops + sidecars |
 | `gt_harvest`   | the sequence's ground-truth boxes in the same format (`trainer.data.mot_harvest`), with ids |
+| `labelled_edge_harvest` | the edge harvest with each crop's track replaced by the ground-truth identity it overlaps: the tracker made perfect, for the labels' ceiling |
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -48,3 +51,34 @@ def gt_harvest(work: Path) -> tuple[Path, dict[Path, int]]:
 
     out = work / "gt-harvest"
     return out, mot_harvest(SEQ, work / "cache", out)
+
+
+def labelled_edge_harvest(work: Path, min_iou: float = 0.4) -> Path:
+    """A copy of `edge_harvest`'s crops whose sidecar track is the ground-truth identity whose box overlaps the crop's
+    most (IoU at least `min_iou`: HOG's boxes are looser than MOT's); crops that match nobody (false detections) are
+    left out."""
+    from crossview.trainer.data.mot import read_gt
+
+    boxes: dict[int, list] = {}
+    for b in read_gt(SEQ / "gt" / "gt.txt"):
+        boxes.setdefault(b.frame, []).append((b.pid, (b.left, b.top, b.left + b.width, b.top + b.height)))
+    out = work / "labelled-edge-harvest"
+    shutil.rmtree(out, ignore_errors=True)
+    for side in sorted((work / "edge-harvest").rglob("*.json")):
+        meta = json.loads(side.read_text())
+        scored = [(_iou(meta["box"], box), pid) for pid, box in boxes.get(meta["frame"] + 1, [])]  # MOT frames from 1
+        best = max(scored, default=(0.0, -1))
+        if best[0] < min_iou:
+            continue
+        dest = out / side.relative_to(work / "edge-harvest")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps({**meta, "track": best[1]}))
+        shutil.copyfile(side.with_suffix(".jpg"), dest.with_suffix(".jpg"))
+    return out
+
+
+def _iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
