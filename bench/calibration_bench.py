@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 from docsection import machine, write_section
-from site_harvest import REPO, SEQ, edge_harvest, gt_harvest
+from site_harvest import REPO, SEQ, edge_harvest, edge_identities, gt_harvest
 
 from crossview.kernel.calibration import Calibration
 from crossview.kernel.embedder import Embedder
 from crossview.kernel.harvest import read_sidecar
 from crossview.trainer.calibration import MIN_GAP_S, expected_calibration_error, fit_map, make_pairs, read_tracklets
-from crossview.trainer.data.mot import read_gt, time_split
+from crossview.trainer.data.mot import time_split
 from crossview.trainer.data.samples import Sample
 from crossview.trainer.eval_onnx import embed_samples
 from crossview.trainer.export import build_default_embedder
@@ -49,28 +49,6 @@ TARGET_ECE = 0.05
 KEEP = 0.8  # share of the tracklets each seed fits on
 MIN_IOU = 0.5  # an edge crop is that gt person's when their boxes overlap this much
 log = logging.getLogger("bench")
-
-
-def edge_identities(crops: list[Sample]) -> dict[Path, int]:
-    """Each edge crop's gt identity: the gt box of its frame it overlaps by IoU >= 0.5, if any (others are left out)."""
-    by_frame: dict[int, list] = {}
-    for box in read_gt(SEQ / "gt" / "gt.txt"):
-        by_frame.setdefault(box.frame, []).append(box)
-    ids = {}
-    for c in crops:
-        s = read_sidecar(c.path)
-        gts = by_frame.get(s.frame + 1, [])  # the edge counts frames from 0, MOT from 1
-        ious = [_iou(s.box, (b.left, b.top, b.left + b.width, b.top + b.height)) for b in gts]
-        if ious and max(ious) >= MIN_IOU:
-            ids[c.path] = gts[int(np.argmax(ious))].pid
-    return ids
-
-
-def _iou(a, b) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def labelled_pairs(crops: list[Sample], ids: dict[Path, int]):
@@ -111,7 +89,7 @@ def run() -> tuple[list[dict], dict]:
     edge_features = embed_samples(embedder, edge_crops)
     info = {"gt_crops": len(gt_crops), "gt_tracks": len(gt_tracks), "edge_crops": len(edge_crops),
             "edge_tracks": len(edge_tracks)}
-    edge_ids = edge_identities(edge_crops)
+    edge_ids = edge_identities([c.path for c in edge_crops], MIN_IOU)
     info.update(edge_labelled=len(edge_ids), edge_people=len(set(edge_ids.values())))
     scored = {"gt crops": (gt_features, labelled_pairs(gt_crops, ids)),
               "edge crops": (edge_features, labelled_pairs(edge_crops, edge_ids))}

@@ -53,27 +53,36 @@ def gt_harvest(work: Path) -> tuple[Path, dict[Path, int]]:
     return out, mot_harvest(SEQ, work / "cache", out)
 
 
-def labelled_edge_harvest(work: Path, min_iou: float = 0.4) -> Path:
-    """A copy of `edge_harvest`'s crops whose sidecar track is the ground-truth identity whose box overlaps the crop's
-    most (IoU at least `min_iou`: HOG's boxes are looser than MOT's); crops that match nobody (false detections) are
-    left out."""
+def edge_identities(crops: list[Path], min_iou: float) -> dict[Path, int]:
+    """Each edge crop's gt identity: the gt box of its frame it overlaps most, by IoU >= `min_iou` (others are left
+    out; HOG's boxes are looser than MOT's)."""
+    from crossview.kernel.harvest import read_sidecar
     from crossview.trainer.data.mot import read_gt
 
-    boxes: dict[int, list] = {}
+    by_frame: dict[int, list] = {}
     for b in read_gt(SEQ / "gt" / "gt.txt"):
-        boxes.setdefault(b.frame, []).append((b.pid, (b.left, b.top, b.left + b.width, b.top + b.height)))
-    out = work / "labelled-edge-harvest"
+        by_frame.setdefault(b.frame, []).append(b)
+    ids = {}
+    for crop in crops:
+        s = read_sidecar(crop)
+        gts = by_frame.get(s.frame + 1, [])  # the edge counts frames from 0, MOT from 1
+        ious = [_iou(s.box, (b.left, b.top, b.left + b.width, b.top + b.height)) for b in gts]
+        if ious and max(ious) >= min_iou:
+            ids[crop] = gts[ious.index(max(ious))].pid
+    return ids
+
+
+def labelled_edge_harvest(work: Path, min_iou: float = 0.4) -> Path:
+    """A copy of `edge_harvest`'s crops whose sidecar track is the crop's `edge_identities`; crops that match nobody
+    (false detections) are left out."""
+    src, out = work / "edge-harvest", work / "labelled-edge-harvest"
     shutil.rmtree(out, ignore_errors=True)
-    for side in sorted((work / "edge-harvest").rglob("*.json")):
-        meta = json.loads(side.read_text())
-        scored = [(_iou(meta["box"], box), pid) for pid, box in boxes.get(meta["frame"] + 1, [])]  # MOT frames from 1
-        best = max(scored, default=(0.0, -1))
-        if best[0] < min_iou:
-            continue
-        dest = out / side.relative_to(work / "edge-harvest")
+    for crop, pid in edge_identities(sorted(src.rglob("*.jpg")), min_iou).items():
+        dest = out / crop.relative_to(src)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(json.dumps({**meta, "track": best[1]}))
-        shutil.copyfile(side.with_suffix(".jpg"), dest.with_suffix(".jpg"))
+        meta = json.loads(crop.with_suffix(".json").read_text())
+        dest.with_suffix(".json").write_text(json.dumps({**meta, "track": pid}))
+        shutil.copyfile(crop, dest)
     return out
 
 
