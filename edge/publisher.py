@@ -9,6 +9,9 @@
 | resend                | oldest first, after the live sightings of each round, at most `_RESEND_ROUND` per round |
 | socket                | DEALER (the matcher is a ROUTER, see `kernel.wire`), `IMMEDIATE`: nothing queues in ZeroMQ |
 |                       | for a matcher not connected, so the spool alone holds what is undelivered |
+| replicas              | `endpoint` a list: connected to each, ZeroMQ deals the sightings round-robin to the ones |
+|                       | connected; reachable while one is. One lost resends all in flight (which peer held what |
+|                       | is not known), so a killed replica's batches go to another; a repeat is acknowledged, not stored |
 | handshakes            | a refused edge key (allow-list) and a wrong matcher key (`server_key`) are told apart and |
 |                       | logged; a refused key is retried with backoff, so a later allow-list entry gets through |
 | heartbeats            | `beat()`: the node's state, sent while the matcher is reachable, never spooled: only the |
@@ -77,12 +80,14 @@ class Publisher:
         self._sock.setsockopt(zmq.LINGER, 0)  # what is unacknowledged is in the spool anyway
         secure_client(self._sock, cfg.security)
         self._monitor = self._sock.get_monitor_socket(_EVENTS)
-        self._retry_at: float | None = None
+        self._retry_at: dict[str, float] = {}  # endpoint -> when to connect again after a refused key
         self._retry_s = _RETRY_MIN_S
-        self._sock.connect(cfg.endpoint)
+        self._up: set[str] = set()  # endpoints whose handshake succeeded, not disconnected since
+        for endpoint in cfg.endpoints:
+            self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._run, name="edge-publisher", daemon=True)
         self._thread.start()
-        log.info("publishing to %s (%s, %d in flight at most), spool %s (%g MB)", cfg.endpoint, cfg.security.mode, cfg.hwm,
+        log.info("publishing to %s (%s, %d in flight at most), spool %s (%g MB)", ", ".join(cfg.endpoints), cfg.security.mode, cfg.hwm,
                  self.spool.path, cfg.spool_mb)
 
     # -- the caller's side ---------------------------------------------------------------------
@@ -228,43 +233,49 @@ class Publisher:
             self._in_flight = {s: t for s, t in self._in_flight.items() if t >= deadline}
             self._cursor = 0
 
-    def _lost_connection(self) -> None:
-        """Whatever was in flight may be lost with the connection: resend it all, oldest first."""
-        if self.reachable:
-            self.reachable, self.unreachable_since = False, time.time()
-            log.warning("matcher at %s unreachable; %s", self.cfg.endpoint, self.status())
+    def _lost_connection(self, endpoint: str) -> None:
+        """Whatever was in flight may be lost with the connection (and which peer held what is not known): resend it
+        all, oldest first, to the peers still connected."""
+        if endpoint in self._up:
+            self._up.discard(endpoint)
+            if not self._up:
+                self.reachable, self.unreachable_since = False, time.time()
+            log.warning("matcher at %s unreachable; %s", endpoint, self.status())
         self._in_flight.clear()
         self._live.clear()
         self._cursor = 0
 
     def _watch_handshakes(self) -> None:
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+            msg = recv_monitor_message(self._monitor)
+            event, endpoint = msg["event"], msg["endpoint"].decode()
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._retry_s = _RETRY_MIN_S
+                self._up.add(endpoint)
                 self.reachable = True
-                log.info("matcher at %s reachable; resending %d spooled sightings", self.cfg.endpoint, self.spool.count)
+                log.info("matcher at %s reachable; resending %d spooled sightings", endpoint, self.spool.count)
             elif event == zmq.EVENT_DISCONNECTED:
-                self._lost_connection()
+                self._lost_connection(endpoint)
             elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._refused()
+                self._refused(endpoint)
             else:  # the matcher could not decrypt our hello, or speaks another protocol
                 self.key_failures += 1
                 self._log_once("key", logging.ERROR, "CURVE handshake failing: check publisher.security.server_key "
-                               "and mode (the matcher at %s does not answer to %s)", self.cfg.endpoint,
+                               "and mode (the matcher at %s does not answer to %s)", endpoint,
                                self.cfg.security.server_key or "plain TCP")
-        if self._retry_at is not None and time.monotonic() >= self._retry_at:
-            self._retry_at = None
-            self._sock.disconnect(self.cfg.endpoint)
-            self._sock.connect(self.cfg.endpoint)
+        for endpoint, at in list(self._retry_at.items()):
+            if time.monotonic() >= at:
+                del self._retry_at[endpoint]
+                self._sock.disconnect(endpoint)
+                self._sock.connect(endpoint)
 
-    def _refused(self) -> None:
+    def _refused(self, endpoint: str) -> None:
         """ZeroMQ gives up on a peer that refused our key; connect again later, so an edge added to the matcher's
         allow-list afterwards gets through without a restart."""
         self.refused += 1
-        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_at[endpoint] = time.monotonic() + self._retry_s
         log.error("matcher at %s refused this edge's key (is its public key on the allow-list?); retrying in %.0f s",
-                  self.cfg.endpoint, self._retry_s)
+                  endpoint, self._retry_s)
         self._retry_s = min(self._retry_s * 2, _RETRY_MAX_S)
 
     def _log_once(self, what: str, level: int, msg: str, *args, exc_info: bool = False) -> None:

@@ -217,8 +217,12 @@ class CurveConfig(_Strict):
             raise ValueError(f"security: mode curve needs {wanted}; or say mode: plain")
 
 
+_ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S+$")
+
+
 class PublisherConfig(_Strict):
-    endpoint: str = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint")
+    endpoint: str | list[str] = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint, or a "
+                                      "list of its replicas' (each sighting goes to one; a dead one's are resent to another)")
     hwm: int = Field(2000, ge=1, description="sightings in flight (sent, not yet acknowledged) at most; the rest wait "
                                              "in the spool")
     spool_dir: Path = Field(Path("spool"), description="where unacknowledged sightings are kept (survives restarts)")
@@ -232,6 +236,24 @@ class PublisherConfig(_Strict):
     heartbeat_s: float = Field(5.0, ge=0.1, le=3600, description="how often the node tells the matcher its state "
                                "(cameras, fps, spool); three missed make it offline on the matcher's status page")
     security: CurveConfig = CurveConfig()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoints(cls, value: str | list[str]) -> str | list[str]:
+        listed = [value] if isinstance(value, str) else value
+        if not listed:
+            raise ValueError("at least one endpoint")
+        for e in listed:
+            if not _ENDPOINT.match(e):
+                raise ValueError(f"{e!r}: not a ZeroMQ endpoint (tcp://host:port)")
+        if len(set(listed)) < len(listed):
+            raise ValueError("an endpoint is listed twice")
+        return value
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every endpoint the edge connects to: one matcher, or each replica."""
+        return [self.endpoint] if isinstance(self.endpoint, str) else list(self.endpoint)
 
     @model_validator(mode="after")
     def _curve_keys(self) -> "PublisherConfig":

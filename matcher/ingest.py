@@ -7,8 +7,8 @@
 | check     | receive | the checks the schema cannot make (a model version keeps the dimension of its first      |
 |           |         | sighting; no zero embeddings; at most index.max_models versions), grouped by model version |
 |           |         | once: a `Batch` of `Rows`, each the model's sightings and their float32 unit vectors     |
-| commit    | commit  | group commit: queued batches (a lone sighting waits ≤ batch_wait_ms) into one SQLite      |
-|           |         | transaction of ≤ batch_max, with ids and track ids (`matcher.tracks`) decided before it; |
+| commit    | commit  | group commit: queued batches (a lone sighting waits ≤ batch_wait_ms) into one store       |
+|           |         | transaction of ≤ batch_max: ids from the store (`insert_new`), track ids (`matcher.tracks`); |
 |           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
 |           |         | next commit, as SQLite and FAISS both run without the GIL                                 |
@@ -282,12 +282,12 @@ class Pipeline:
             batch, repeats = self._unseen(batch)
             if batch:
                 try:
-                    first = self._insert(batch)
+                    ids = self._insert(batch)
                 except (self.store.Error, OverflowError) as e:  # what the store raises for a row it cannot take; one row can refuse the whole transaction: find it, keep the others
                     log.warning("the store refused a batch of %d sightings (%s): committing them one by one", _size(batch), e)
-                    batch, first = self._insert_each(batch)
+                    batch, ids = self._insert_each(batch)
             if batch:  # under the lock, for quiet()
-                self._committed.put((batch, np.arange(first, first + _size(batch), dtype=np.int64), t0))
+                self._committed.put((batch, ids, t0))
         self.receiver.ack(repeats + [s for rows in batch.values() for s in rows.sightings])  # committed: on disk
 
     def _unseen(self, batch: Batch) -> tuple[Batch, list[Sighting]]:
@@ -310,29 +310,33 @@ class Pipeline:
                 fresh[model] = rows if len(keep) == len(rows.sightings) else Rows([rows.sightings[k] for k in keep], rows.vecs[keep])
         return fresh, repeats
 
-    def _insert(self, batch: Batch) -> int:
-        """Commit a batch in one transaction; returns its first id (the others follow, in batch order)."""
+    def _insert(self, batch: Batch) -> np.ndarray:
+        """Commit a batch in one transaction; its ids, consecutive in batch order (the store gives them: another
+        replica may write the same store)."""
         sightings = [s for rows in batch.values() for s in rows.sightings]
-        first = self.store.next_id()  # the only writer, under self._write: no one takes these ids meanwhile
-        ids = list(range(first, first + len(sightings)))
-        track_ids, seen = self.tracks.assign(sightings, ids)
-        self.store.insert(ids, sightings, track_ids, [v for rows in batch.values() for v in rows.vecs])
-        self.tracks.remember(seen)  # only once committed: a rolled-back track id must not be continued
-        return first
+        seen: dict = {}
 
-    def _insert_each(self, batch: Batch) -> tuple[Batch, int]:
-        """(what the store took of `batch`, committing it sighting by sighting, and the first id). A refused one
-        rolls its id back, so the next takes it: the ids stay consecutive, in batch order."""
-        first, kept = self.store.next_id(), {}
+        def assign(ids: list[int], ends: dict) -> list[int]:
+            track_ids, found = self.tracks.assign(sightings, ids, ends)
+            seen.update(found)
+            return track_ids
+
+        first = self.store.insert_new(sightings, [v for rows in batch.values() for v in rows.vecs], assign)
+        self.tracks.remember(seen)  # only once committed: a rolled-back track id must not be continued
+        return np.arange(first, first + len(sightings), dtype=np.int64)
+
+    def _insert_each(self, batch: Batch) -> tuple[Batch, np.ndarray]:
+        """(what the store took of `batch`, committing it sighting by sighting, and their ids, in batch order)."""
+        kept, ids = {}, []
         for model, rows in batch.items():
-            took = [k for k, s in enumerate(rows.sightings) if self._insert_one(model, s, rows.vecs[k:k + 1])]
+            took = [k for k, s in enumerate(rows.sightings) if self._insert_one(model, s, rows.vecs[k:k + 1], ids)]
             if took:
                 kept[model] = Rows([rows.sightings[k] for k in took], rows.vecs[took])
-        return kept, first
+        return kept, np.array(ids, dtype=np.int64)
 
-    def _insert_one(self, model: str, s: Sighting, vec: np.ndarray) -> bool:
+    def _insert_one(self, model: str, s: Sighting, vec: np.ndarray, ids: list[int]) -> bool:
         try:
-            self._insert({model: Rows([s], vec)})
+            ids.extend(self._insert({model: Rows([s], vec)}).tolist())
         except (self.store.Error, OverflowError) as e:
             self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
             return False
@@ -368,7 +372,7 @@ class Pipeline:
 
 
 def _by_model(batch: Batch, ids: np.ndarray) -> Iterator[tuple[str, np.ndarray, Rows]]:
-    """(model, its ids, its rows): the commit gave each model's rows consecutive ids, in batch order."""
+    """(model, its ids, its rows): `ids` are the batch's, row for row in batch order."""
     start = 0
     for model, rows in batch.items():
         end = start + len(rows.sightings)

@@ -50,7 +50,7 @@ from psycopg_pool import ConnectionPool
 from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import Sighting
 from crossview.matcher.sqldb import Db, connect_pg, migrate, pg_options, pg_sql, schema_version
-from crossview.matcher.storecommon import COLUMNS, SqlStore, by_model, chunks, ints
+from crossview.matcher.storecommon import COLUMNS, Assign, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
 
@@ -201,24 +201,50 @@ class PgStore(SqlStore):
         with self._read() as db:
             return self._position(db, "sightings") + 1
 
+    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray], assign: Assign) -> int:
+        """Store a batch under ids taken in its transaction; its first id. Replicas write one database: taking the
+        ids locks the `sightings` position until commit, so their batches commit one after another, in id order (a
+        reader that sees an id has every lower one committed: what `matcher.index`'s tail relies on), and the track
+        ids come from `assign(ids, ends)` with `ends` the latest stretch the store holds of each edge track in the
+        batch, so a track whose sightings reach two replicas keeps one track id."""
+
+        def work(db: psycopg.Connection) -> int:
+            first = self._take(db, "sightings", len(sightings))
+            ids = list(range(first, first + len(sightings)))
+            self._rows(db, ids, sightings, assign(ids, self._ends(db, sightings)), vecs)
+            return first
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _ends(db: psycopg.Connection, sightings: Sequence[Sighting]) -> dict[tuple[str, str, int, str], tuple[int, float]]:
+        """{(node, camera, track, model): (track id, ts)} of the newest stored sighting of each of these edge tracks."""
+        keys = sorted({(s.node, s.camera, int(s.track), s.model) for s in sightings})
+        rows = db.execute(
+            "SELECT k.node, k.camera, k.track, k.model, e.track_id, e.ts FROM unnest(%s::text[], %s::text[], %s::bigint[], "
+            "%s::text[]) AS k (node, camera, track, model) CROSS JOIN LATERAL (SELECT track_id, ts FROM sightings s WHERE "
+            "s.node = k.node AND s.camera = k.camera AND s.track = k.track AND s.model = k.model ORDER BY ts DESC LIMIT 1) e",
+            [list(col) for col in zip(*keys)]).fetchall()
+        return {(n, c, t, m): (tid, ts) for n, c, t, m, tid, ts in rows}
+
     def insert(self, ids: Sequence[int], sightings: Sequence[Sighting], track_ids: Sequence[int],
                vecs: Sequence[np.ndarray]) -> None:
         """Store a batch in one transaction, row for row (see `matcher.store.Store.insert`)."""
-        ids = ints(ids)
-
-        def work(db: psycopg.Connection) -> None:
-            _copy(db, f"sightings ({COLUMNS}, seq)", _SIGHTING_TYPES, (
-                (i, s.node, s.camera, s.ts, int(s.frame), int(s.track), int(t), *s.box, s.score, s.model, s.thumbnail is not None,
-                 s.seq) for i, s, t in zip(ids, sightings, track_ids)))
-            _copy(db, "vectors (id, vec)", ("bigint", "bytea"), ((i, np.asarray(v, np.float32).tobytes()) for i, v in zip(ids, vecs)))
-            _copy(db, "thumbnails (id, jpeg)", ("bigint", "bytea"),
-                  ((i, s.thumbnail) for i, s in zip(ids, sightings) if s.thumbnail is not None))
-            db.cursor().executemany("INSERT INTO models (model, dim) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                                    sorted({(s.model, len(v)) for s, v in zip(sightings, vecs)}))
-            db.execute("UPDATE positions SET value = GREATEST(value, %s) WHERE name = 'sightings'", (max(ids),))
-
         if sightings:
-            self._transaction(work)
+            self._transaction(lambda db: self._rows(db, ints(ids), sightings, track_ids, vecs))
+
+    @staticmethod
+    def _rows(db: psycopg.Connection, ids: list[int], sightings: Sequence[Sighting], track_ids: Sequence[int],
+              vecs: Sequence[np.ndarray]) -> None:
+        _copy(db, f"sightings ({COLUMNS}, seq)", _SIGHTING_TYPES, (
+            (i, s.node, s.camera, s.ts, int(s.frame), int(s.track), int(t), *s.box, s.score, s.model, s.thumbnail is not None,
+             s.seq) for i, s, t in zip(ids, sightings, track_ids)))
+        _copy(db, "vectors (id, vec)", ("bigint", "bytea"), ((i, np.asarray(v, np.float32).tobytes()) for i, v in zip(ids, vecs)))
+        _copy(db, "thumbnails (id, jpeg)", ("bigint", "bytea"),
+              ((i, s.thumbnail) for i, s in zip(ids, sightings) if s.thumbnail is not None))
+        db.cursor().executemany("INSERT INTO models (model, dim) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                                sorted({(s.model, len(v)) for s, v in zip(sightings, vecs)}))
+        db.execute("UPDATE positions SET value = GREATEST(value, %s) WHERE name = 'sightings'", (max(ids),))
 
     def stored(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which of these (node, seq) are stored already."""

@@ -10,7 +10,7 @@
 | `oldest_over(...)`        | `over_quota`'s walk over the cameras above their quota                       |
 | `migrate_window(...)`     | `to_migrate`'s pass window: newest first below (ts, id), or an id range      |
 | `SqlStore`                | the methods whose SQL both engines run as written: lookups, retention queries, |
-|                           | the migration's selections, dropping a version's vectors                     |
+|                           | the migration's selections, dropping a version's vectors; `insert_new` for one writer |
 
 `matcher.store.Store` (SQLite) and `matcher.pgstore.PgStore` (PostgreSQL) have the same public methods and
 semantics. `SqlStore`'s SQL is written with SQLite's placeholders (`?`, `:name`); a backend's `_sql()` turns them
@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from crossview.kernel.wire import MAX_INT
+from crossview.kernel.wire import MAX_INT, Sighting
 from crossview.matcher.results import SightingRecord
 
+# (the batch's ids, {edge track key: (track id, last ts)} the store knows) -> each sighting's track id
+Assign = Callable[[list[int], dict[tuple[str, str, int, str], tuple[int, float]]], list[int]]
 COLUMNS = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, score, model, has_thumb"
 VECTOR_CHUNK = 20000
 
@@ -112,6 +114,16 @@ class SqlStore:
 
     def _transaction(self, work: Callable) -> object:
         raise NotImplementedError
+
+    # -- ingest --------------------------------------------------------------------------------
+
+    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray], assign: Assign) -> int:
+        """Store a batch under the next ids, its track ids from `assign(ids, {})` (the caller's tracks are all there
+        are: one writer); the first id, the others following in batch order."""
+        first = self.next_id()
+        ids = list(range(first, first + len(sightings)))
+        self.insert(ids, sightings, assign(ids, {}), vecs)
+        return first
 
     # -- lookups -------------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@
 |           | from the store at start: all a new sighting can continue, so assigning costs no query     |
 | rollback  | `assign()` returns what it decided; `remember()` that only once the batch is committed, so a |
 |           | rolled-back batch's track ids are never continued                                         |
+| replicas  | `assign(..., ends)`: what the store holds of the batch's edge tracks (`PgStore.insert_new`, in the |
+|           | batch's transaction) comes before the memory, which misses what other replicas stored     |
 
     tracks = Tracks(store, cfg.query.track_gap_s)
     track_ids, seen = tracks.assign(sightings, ids)    # ids: the ones the store is about to give them
@@ -38,12 +40,13 @@ class Tracks:
             self._tracks = {(n, c, t, m): (tid, ts) for n, c, t, m, tid, ts in rows if ts >= self._newest[n] - gap_s}
         self._prune_at = _CACHE
 
-    def assign(self, sightings: Sequence[Sighting], ids: Sequence[int]) -> tuple[list[int], Seen]:
-        """(track id of each sighting, what to `remember()` once they are stored under `ids`)."""
-        out, seen = [], {}
+    def assign(self, sightings: Sequence[Sighting], ids: Sequence[int], ends: Seen | None = None) -> tuple[list[int], Seen]:
+        """(track id of each sighting, what to `remember()` once they are stored under `ids`); `ends`: the store's
+        newest (track id, ts) of edge tracks, newer than the memory where another replica stored since."""
+        out, seen, ends = [], {}, ends or {}
         for i, s in zip(ids, sightings):
             key = (s.node, s.camera, s.track, s.model)
-            known = seen.get(key) or self._tracks.get(key)
+            known = seen.get(key) or ends.get(key) or self._tracks.get(key)
             if known and abs(s.ts - known[1]) <= self.gap_s:
                 seen[key] = (known[0], max(s.ts, known[1]))
             else:
