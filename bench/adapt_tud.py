@@ -266,8 +266,10 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(pcts):.1f} ± {spread:.1f}"
 
 
-def seeds_report(base: dict, results: dict[str, dict[int, list[dict]]], load: tuple[str, str], command: str) -> str:
-    """One row per variant: the last evaluation's mAP / rank-1 as mean ± std over seeds, and its direct transfer."""
+def seeds_report(base: dict, results: dict[str, dict[int, list[dict]]], load: tuple[str, str], command: str,
+                 imagenet: dict | None = None) -> str:
+    """One row per variant: the last evaluation's mAP / rank-1 as mean ± std over seeds, and its direct transfer;
+    first the ImageNet trunk's row when given (no training, so no spread)."""
     seeds = sorted(next(iter(results.values())))
     lines = [
         seeds_section(results),
@@ -285,6 +287,9 @@ def seeds_report(base: dict, results: dict[str, dict[int, list[dict]]], load: tu
         "| model | mAP | rank-1 | direct transfer mAP | training seconds (first to last record) | paper (mAP / rank-1) |",
         "|---|---|---|---|---|---|",
     ]
+    if imagenet is not None:
+        lines.append(f"| ImageNet features only (MobileNetV2 + GAP, no training) | {pct(imagenet['mAP'])} | "
+                     f"{pct(imagenet['rank1'])} | | | |")
     for name, by_seed in results.items():
         evals = [[r for r in h if r["event"] == "eval"] for h in by_seed.values()]
         secs = [h[-1]["time"] - h[0]["time"] for h in by_seed.values()]
@@ -317,7 +322,9 @@ def main() -> None:
             for name in args.variants:
                 results[name][seed] = run_variant(name, VARIANTS[name][1], base, seed, args.reuse)
         after = os.getloadavg()
-        section, text = seeds_section(results), seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command)
+        imagenet = imagenet_baseline(base) if seeds_section(results) == TCAP_SECTION else None
+        section = seeds_section(results)
+        text = seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command, imagenet)
     else:
         imagenet = imagenet_baseline(base)
         results = {name: run_variant(name, VARIANTS[name][1], base) for name in args.variants}
