@@ -117,6 +117,11 @@ class Publisher:
         return self.spool.dropped + self.unspooled
 
     @property
+    def connected(self) -> list[str]:
+        """The matcher endpoints connected now (a handshake done, no disconnection since)."""
+        return sorted(self._up.copy())  # a copy: the I/O thread changes the set
+
+    @property
     def spooled(self) -> int:
         """Sightings not yet acknowledged."""
         return self.spool.count

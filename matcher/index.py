@@ -272,6 +272,7 @@ class Index(VectorIndex):
         self._reading = threading.Lock()  # held by a rebuild reading the store
         self._saving = threading.Lock()  # snapshots are written, or a dropped partition's deleted, one at a time
         self._closed = False
+        self.recovered_upto = 0  # the store's highest id when `recover()` began: all of it is indexed
         self._faiss_threads()
         if not read_only:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -475,6 +476,7 @@ class Index(VectorIndex):
     def recover(self) -> None:
         """Load snapshots and bring them up to date with the store; build from the store what has none."""
         t0 = time.monotonic()
+        self.recovered_upto = self.store.next_id() - 1  # first: every sighting up to it is committed, so read below
         snapshots = self._load_snapshots() if self.dir.is_dir() else {}
         stored = self.store.models()
         pruned = self.store.pruned_upto()

@@ -11,7 +11,8 @@
 |           |         | transaction of ≤ batch_max: ids from the store (`insert_new`), track ids (`matcher.tracks`); |
 |           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
-|           |         | next commit, as SQLite and FAISS both run without the GIL                                 |
+|           |         | next commit, as SQLite and FAISS both run without the GIL. With replicas on one PostgreSQL |
+|           |         | and FAISS, `tail.poll()` instead: the store's new rows, every replica's (`matcher.tail`)  |
 | watch     | index   | each model's indexed rows go to `on_indexed` (`matcher.watchlist`): alerts          |
 | heartbeat | receive | an edge's state (`kernel.wire.Heartbeat`) goes to `on_heartbeat` (`matcher.edges`), no further |
 | ack       | receive | once a batch is committed, its `seq`s go back to the edges (ROUTER → DEALER, `kernel.wire`); |
@@ -56,6 +57,7 @@ from crossview.kernel.wire import MAX_MESSAGE_BYTES, Heartbeat, Reason, Sighting
 from crossview.matcher.index import Index
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.store import Store
+from crossview.matcher.tail import StoreTail
 from crossview.matcher.tracks import Tracks
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ class Pipeline:
         self.on_heartbeat = on_heartbeat
         self.on_indexed = on_indexed  # each model's (ids, rows) once searchable: the watchlist checks them
         self.receiver: Receiver | None = None
+        self.tail: StoreTail | None = None  # set by the service with replicas: it indexes, from the store
         self.accepted = 0  # committed and indexed since start
         self.accepted_by_camera: Counter[str] = Counter()
         self._rejections = Rejections()  # checks past the wire schema and the store's; the receiver counts its own
@@ -358,8 +361,11 @@ class Pipeline:
 
     def _index(self, batch: Batch, ids: np.ndarray, t0: float) -> None:
         parts = list(_by_model(batch, ids))
-        for model, model_ids, rows in parts:
-            self.index.add(model, model_ids, rows.vecs)
+        if self.tail:  # replicas: the store's rows in id order, this batch's among them (`matcher.tail`)
+            self.tail.poll()
+        else:
+            for model, model_ids, rows in parts:
+                self.index.add(model, model_ids, rows.vecs)
         # On disk, so accepted; counted once searchable too, so a count seen means findable.
         self.accepted += len(ids)
         self.accepted_by_camera.update(s.camera for rows in batch.values() for s in rows.sightings)

@@ -19,6 +19,9 @@ it, so a query made after the switch still finds the people seen before it.
 |           | other vector, so they are no longer searchable (counted beforehand, and said)              |
 | deletions | `lock`: the service deletes under it, so a batch is stored and indexed whole before a        |
 |           | deletion looks for its vectors                                                             |
+| replicas  | the thread works while `held()` (the service's lease, `matcher.lease`): one replica migrates, |
+|           | resuming from the store where another stopped; the others index its vectors from the store |
+|           | (`matcher.tail`) but keep their replaced partitions until restarted                       |
 
     migration = Migration(cfg.migration, store, index, registry, edges=lambda: edges.report()["edges"],
                           quiet=pipeline.quiet, max_age_s=3600 * 24)
@@ -55,11 +58,12 @@ class Migration:
     def __init__(self, cfg: MigrationConfig, store: Store, index: Index, registry: Registry,
                  edges: Callable[[], list[dict]], quiet: Callable[[], AbstractContextManager],
                  max_age_s: float | None = None, on_model: Callable[[Path], None] | None = None,
-                 on_dropped: Callable[[str], None] | None = None):
+                 on_dropped: Callable[[str], None] | None = None, held: Callable[[], bool] = lambda: True):
         self.cfg, self.store, self.index, self.registry = cfg, store, index, registry
         self.edges, self.quiet, self.max_age_s = edges, quiet, max_age_s
         self.on_model = on_model  # a new target's ONNX file: image queries and calibration by it
         self.on_dropped = on_dropped  # a version is gone from the store: ingest stops counting it
+        self.held = held  # whether this replica holds the migration's lease (`matcher.lease`): it alone works
         self.lock = threading.Lock()  # a batch's store commit and index add; deletions take it too
         self.target: str | None = None  # the production version being migrated to (or done)
         self._embedder: Embedder | None = None
@@ -95,7 +99,7 @@ class Migration:
         lower_priority()
         while not self._stop.is_set():
             try:
-                busy = self.step()
+                busy = self.held() and self.step()
             except Exception:  # a bug or a broken file must not end re-embedding: the next poll tries again
                 log.exception("gallery migration: step failed, retried in %g s", self.cfg.poll_s)
                 busy = False

@@ -22,6 +22,11 @@
 | watchlist      | `matcher.watchlist`: every indexed batch checked against it; alerts to `matcher.webhooks` |
 | status         | thread: every `metrics.log_interval_s`, log the counts, partitions and edges; save the   |
 |                | edges' last heartbeats (`matcher.edges`)                                                 |
+| replicas       | `store.kind: postgres`, any number of matchers on the database: the watchlist check and the |
+|                | migration run on the replica holding their lease (`matcher.lease`); thread: every second, |
+|                | FAISS indexes what the others stored (`matcher.tail`, also after each own commit) and the |
+|                | lease holder checks the store's new sightings against the watchlist; the deletion log is |
+|                | pruned a snapshot interval late, so the other replicas' tails have read it              |
 
 At start the index loads its snapshots and replays the store, so what was accepted before a `kill -9` is
 searchable again. A deletion runs inside `ingest.quiet()`: every committed batch is indexed first and no
@@ -49,11 +54,13 @@ from crossview.matcher.edges import Edges
 from crossview.matcher.harvest import HarvestStore
 from crossview.matcher.index import Index, VectorIndex
 from crossview.matcher.ingest import Pipeline
+from crossview.matcher.lease import Lease
 from crossview.matcher.metrics import MatcherMetrics
 from crossview.matcher.migration import Migration
 from crossview.matcher.query import QueryEngine, load_embedders
 from crossview.matcher.registry import Registry
 from crossview.matcher.store import Store
+from crossview.matcher.tail import StoreTail
 from crossview.matcher.tracks import Tracks
 from crossview.matcher.users import Users
 from crossview.matcher.watchlist import Watchlist
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 
 _RETENTION_CHUNK = 5000  # sightings deleted per transaction, so ingest never waits long
 _CHECKPOINT_INTERVAL_S = 1.0  # ~20 MB of WAL at 10,000 sightings/s
+_REPLICAS_INTERVAL_S = 1.0  # another replica's sighting is searchable (FAISS) and checked this late at most, ~
 
 
 def open_store(data_dir: Path, cfg: StoreConfig, read_only: bool = False) -> Store:
@@ -115,9 +123,18 @@ class Matcher:
         self.watchlist.on_alerts(self.webhooks.enqueue)
         self.ingest = Pipeline(cfg.ingest, self.store, self.index, Tracks(self.store, cfg.query.track_gap_s), self.metrics,
                                self.edges.heard, self._watch)
+        # Replicas on one PostgreSQL: the watchlist check and the migration run where the lease is held; with FAISS
+        # each replica's index follows the store (every replica's sightings), so any replica answers alike.
+        self.shared = cfg.store.kind == "postgres"
+        self.leases = {name: Lease(name, cfg.store) for name in ("watchlist", "migration")}
         self.migration = Migration(cfg.migration, self.store, self.index, self.registry, lambda: self.edges.report()["edges"],
                                    self.ingest.quiet, max_age * 3600 if max_age else None, self._use_model,
-                                   self.ingest.forget_model)
+                                   self.ingest.forget_model, self.leases["migration"].held)
+        self.tail = StoreTail(self.store, self.index, self.migration.lock) if self.shared and cfg.index.engine == "faiss" else None
+        self.ingest.tail = self.tail
+        if self.shared:
+            self.watchlist.start_checks(self.store)
+        self._prune_next = 0  # shared: the deletion-log position to prune at the next snapshot
         self.queries.migration = self.migration
         self._stop = threading.Event()
         self._stopped = False
@@ -126,7 +143,21 @@ class Matcher:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def _watch(self, model: str, ids, rows) -> None:
-        self.watchlist.check(model, ids, rows.sightings, rows.vecs, self.store.records)
+        if not self.shared:
+            self.watchlist.check(model, ids, rows.sightings, rows.vecs, self.store.records)
+        elif self.leases["watchlist"].held():  # every replica's sightings, from the store (`Watchlist.check_stored`)
+            self.watchlist.check_stored(self.store)
+
+    def _replicas_loop(self) -> None:
+        """What the other replicas stored: into this index (FAISS), and to the watchlist where the lease is held."""
+        while not self._stop.wait(_REPLICAS_INTERVAL_S):
+            try:
+                if self.tail is not None:
+                    self.tail.poll()
+                if self.leases["watchlist"].held():
+                    self.watchlist.check_stored(self.store)
+            except (sqlite3.Error, self.store.Error) as e:  # the next pass reads from where this one stopped
+                log.error("replicas: store tail or watchlist check failed, retried: %s", e)
 
     def _use_model(self, path: Path) -> None:
         """A new production version's file, for image queries and its calibration, unless `models` lists it."""
@@ -140,6 +171,8 @@ class Matcher:
             self.migration.start()
         self.store.checkpoint_in_background()
         loops = [("checkpoint", self._checkpoint_loop), ("snapshots", self._snapshot_loop), ("status", self._status_loop)]
+        if self.shared:
+            loops.append(("replicas", self._replicas_loop))
         if self.cfg.retention.max_age_hours or self.cfg.retention.max_per_camera:
             loops.append(("retention", self._retention_loop))
         for name, target in loops:
@@ -165,6 +198,8 @@ class Matcher:
         for t in self._threads:
             t.join()
         self.webhooks.stop()
+        for lease in self.leases.values():
+            lease.release()
         self.index.close()
         self._snapshot()
         self._save_edges()
@@ -231,7 +266,10 @@ class Matcher:
         t0 = time.monotonic()
         try:
             written = self.index.save()
-            self.store.prune_deletions(self.index.snapshot_deletion_pos())
+            pos = self.index.snapshot_deletion_pos()
+            if self.shared:  # a snapshot interval late: the other replicas' indexes have applied it by then
+                pos, self._prune_next = self._prune_next, pos
+            self.store.prune_deletions(pos)
         except (OSError, sqlite3.Error, self.store.Error) as e:
             log.error("index snapshot failed (the previous one stays): %s", e)
             return

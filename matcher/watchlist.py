@@ -10,7 +10,8 @@ are in that database (`matcher.sqldb`), shared by every matcher on it.
 |           | cosine similarity, and labelled so; kept as the cosine it stands for, so a check is a compare |
 | check     | per ingest batch and model version: one exact FAISS inner-product search of the batch's newest |
 |           | sighting of each track against that version's entries (`check`, on the ingest's index thread, |
-|           | once the batch is searchable)                                                                 |
+|           | once the batch is searchable). Replicas on PostgreSQL: `check_stored`, the store's rows above a |
+|           | shared cursor, moved with the alerts in one transaction, by the replica holding the lease     |
 | alert     | one per entry and matcher track (its first sighting checked over the threshold), stored, then |
 |           | listed by the API and offered to the webhooks (`matcher.webhooks`)                            |
 | replicas  | an entry added or removed through another matcher on the database: each check first compares |
@@ -20,6 +21,7 @@ are in that database (`matcher.sqldb`), shared by every matcher on it.
     wl = Watchlist(data_dir / "watchlist.db", cfg.watchlist, calibration_of, cfg.store)
     entry = wl.add("visitor 7", queries.sighting_subject(123), min_probability=0.9, cameras=["gate"])
     wl.check(model, ids, sightings, vecs, records_of)    # -> the new alerts
+    wl.check_stored(store)                               # replicas: what the store holds above the cursor
     wl.alerts(after=0)                                   # oldest first
 """
 
@@ -42,6 +44,7 @@ from crossview.kernel.wire import Sighting
 from crossview.matcher.query import Subject
 from crossview.matcher.results import SightingRecord
 from crossview.matcher.sqldb import WAL_FULL, open_db
+from crossview.matcher.storecommon import SqlStore
 
 log = logging.getLogger(__name__)
 _HITS_PER_SIGHTING = 8  # entries over the threshold reported per sighting at most
@@ -73,7 +76,12 @@ CREATE TABLE IF NOT EXISTS alerts (
 );
 CREATE INDEX IF NOT EXISTS alerts_created ON alerts (created);
 """
-MIGRATIONS = [SCHEMA]  # never edit a step: add one
+# the store's highest sighting id checked (`check_stored`, replicas on PostgreSQL); NULL: not yet started
+CHECKED = """
+CREATE TABLE IF NOT EXISTS checked (one INTEGER PRIMARY KEY CHECK (one = 1), upto INTEGER);
+INSERT INTO checked (one, upto) VALUES (1, NULL) ON CONFLICT DO NOTHING;
+"""
+MIGRATIONS = [SCHEMA, CHECKED]  # never edit a step: add one
 
 
 @dataclass(frozen=True)
@@ -239,45 +247,84 @@ class Watchlist:
         """Alerts for the sightings of one model version's batch (committed, so `records_of` finds them): one
         search of the batch against the version's entries; a track alerts an entry once."""
         self._refresh()
+        hits = self._hits(model, [(s.node, s.camera, s.track) for s in sightings], vecs)
+        if not hits:
+            return []
+        records = records_of([int(ids[i]) for i, _, _ in hits])
+        with self._lock:
+            new = self._store_alerts(model, ids, hits, records)
+        self._announce(new)
+        return new
+
+    def check_stored(self, store: SqlStore) -> list[Alert]:
+        """Alerts for the store's sightings above the shared cursor (`checked`), which moves in the transaction that
+        stores them: replicas on one PostgreSQL check each sighting once site-wide, whoever ingested it and whichever
+        replica holds the lease now (the module's lock keeps two checks from overlapping). The cursor starts at
+        `start_checks`: history is not checked."""
+        self._refresh()
+        with self._lock, self._db.transaction():
+            (upto,) = self._db.one("SELECT upto FROM checked")
+            top = store.next_id() - 1
+            new = []
+            for model in list(self._parts):
+                for ids, vecs in store.vectors(model, after_id=upto, upto_id=top):
+                    records = store.records(ids)  # a row deleted meanwhile (retention) raises nothing
+                    keys = [(r.node, r.camera, r.track) if (r := records.get(int(i))) else (None, None, i) for i in ids]
+                    new += self._store_alerts(model, ids, self._hits(model, keys, vecs), records)
+            if top != upto:
+                self._db.run("UPDATE checked SET upto = ?", (top,))
+        self._announce(new)
+        return new
+
+    def start_checks(self, store: SqlStore) -> None:
+        """The shared cursor at the store's top unless it has one: from now on `check_stored` sees every sighting."""
+        self._db.run("UPDATE checked SET upto = ? WHERE upto IS NULL", (store.next_id() - 1,))
+
+    def _hits(self, model: str, keys: list[tuple], vecs: np.ndarray) -> list[tuple[int, Entry, float]]:
+        """(row, entry, similarity) over an entry's threshold, rows keyed (node, camera, edge track) like `keys`."""
         part = self._parts.get(model)
-        if part is None or not len(ids) or part.index.d != vecs.shape[1]:
+        if part is None or not len(keys) or part.index.d != vecs.shape[1]:
             return []
         # A track's sightings in one batch: only its newest is searched (edges send the track's running mean
         # embedding, so the newest is its best estimate): a tenth of the work for tracks seen at 10 fps.
-        newest = list({(s.node, s.camera, s.track): i for i, s in enumerate(sightings)}.values())
+        newest = list({key: i for i, key in enumerate(keys)}.values())
         k = min(_HITS_PER_SIGHTING, part.index.ntotal)
         scores, rows = part.index.search(np.ascontiguousarray(vecs[newest], np.float32), k)
         hits = []
         for n, j in zip(*np.nonzero(scores >= part.min_similarity[rows])):
             entry, i = part.entries[rows[n, j]], newest[n]
-            if entry.cameras is None or sightings[i].camera in entry.cameras:
+            if entry.cameras is None or keys[i][1] in entry.cameras:
                 hits.append((i, entry, float(scores[n, j])))
-        if not hits:
-            return []
-        records = records_of([int(ids[i]) for i, _, _ in hits])
-        cal = self.calibration_of(model)
-        new = []
-        with self._lock:
-            for i, entry, score in hits:
-                rec = records.get(int(ids[i]))
-                if rec is None:  # deleted meanwhile (retention)
-                    continue
-                p = float(cal.probability(score)) if cal is not None and entry.min_probability is not None else None
-                row = self._db.one(
-                    "INSERT INTO alerts (entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, "
-                    "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
-                    (entry.id, entry.name, rec.id, rec.node, rec.camera, rec.track, rec.track_id, rec.ts, score, p, time.time()))
-                if row is not None:
-                    new.append(self._alert(row[0]))
-        if new:
-            self.alerted += len(new)
-            for a in new:
-                log.warning("ALERT %d: %r seen on %s (node %s, track %d) at %s, %s", a.id, a.name, a.camera, a.node, a.track,
-                            time.strftime("%H:%M:%S", time.localtime(a.ts)),
-                            f"P {a.probability:.2f}" if a.probability is not None else f"similarity {a.similarity:.2f}")
-            for listener in self._listeners:
-                listener(new)
+        return hits
+
+    def _store_alerts(self, model: str, ids: np.ndarray, hits: list[tuple[int, Entry, float]],
+                      records: dict[int, SightingRecord]) -> list[Alert]:
+        """The hits as alerts, under `_lock`: one per entry and track (the table's UNIQUE), so a repeat is no alert."""
+        cal, new = self.calibration_of(model), []
+        for i, entry, score in hits:
+            rec = records.get(int(ids[i]))
+            if rec is None:  # deleted meanwhile (retention)
+                continue
+            p = float(cal.probability(score)) if cal is not None and entry.min_probability is not None else None
+            row = self._db.one(
+                "INSERT INTO alerts (entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, "
+                "created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                (entry.id, entry.name, rec.id, rec.node, rec.camera, rec.track, rec.track_id, rec.ts, score, p, time.time()))
+            if row is not None:
+                new.append(self._alert(row[0]))
         return new
+
+    def _announce(self, new: list[Alert]) -> None:
+        """Log new alerts and hand them to the listeners (the webhooks), once committed."""
+        if not new:
+            return
+        self.alerted += len(new)
+        for a in new:
+            log.warning("ALERT %d: %r seen on %s (node %s, track %d) at %s, %s", a.id, a.name, a.camera, a.node, a.track,
+                        time.strftime("%H:%M:%S", time.localtime(a.ts)),
+                        f"P {a.probability:.2f}" if a.probability is not None else f"similarity {a.similarity:.2f}")
+        for listener in self._listeners:
+            listener(new)
 
     def _alert(self, alert_id: int) -> Alert:
         return Alert(*self._db.one(f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?", (alert_id,)))

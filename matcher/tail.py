@@ -1,0 +1,82 @@
+"""The store's tail into a FAISS index: with several matcher replicas on one PostgreSQL, each replica's own index
+holds every replica's sightings, so any replica gives the same answer.
+
+| what          | how                                                                                    |
+|---------------|----------------------------------------------------------------------------------------|
+| the feed      | the only writer of new sightings to the index (the ingest pipeline calls `poll()` after |
+|               | each commit instead of adding its batch; a thread calls it every `interval_s` for the   |
+|               | other replicas'): the store's rows above `upto` in id order, by model version           |
+| why in order  | `PgStore.insert_new` commits the replicas' batches one after another in id order, so a  |
+|               | row seen means every lower id is committed: reading by id misses nothing, and a         |
+|               | partition's `max_id` keeps meaning "everything up to here is in" (snapshots, rebuilds   |
+|               | and recovery rely on it, as with one writer)                                            |
+| start         | `upto` is the store's top before `Index.recover()` read it; a row above it that recovery |
+|               | already added is at or below its partition's `max_id`, and skipped                      |
+| re-embedded   | what the migration (one replica, `matcher.lease`) stored for a version above the        |
+|               | partition's `mseq`, under the migration's lock, which its own adds take too              |
+| deletions     | the store's deletion log after the index's position: a replica's retention or removal   |
+|               | leaves every replica's index; read after the new rows, so a row read just before its   |
+|               | deletion is removed again in the same poll                                              |
+| latency       | another replica's sighting is searchable here within `interval_s` (1 s by default) of  |
+|               | its commit; one's own, when its batch is counted accepted, as without replicas         |
+
+    tail = StoreTail(store, index, migration.lock)
+    tail.poll()            # what the store holds beyond the index, added; deletions applied
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from crossview.matcher.index import Index
+from crossview.matcher.store import Store
+
+
+class StoreTail:
+    def __init__(self, store: Store, index: Index, migrating: threading.Lock):
+        self.store, self.index, self._migrating = store, index, migrating
+        self.upto = index.recovered_upto  # every sighting up to this id is in the index
+        self.added = 0  # sightings added since start (own and the other replicas')
+        self._lock = threading.Lock()  # one poll at a time: the pipeline's and the timer's
+
+    def poll(self) -> int:
+        """Add what the store holds beyond the index, apply deletions logged since; how many sightings were added."""
+        with self._lock:
+            top = self.store.next_id() - 1  # first: every id up to it is committed (see the module docstring)
+            added = sum(self._sightings(model, top) for model in self.store.models()) if top > self.upto else 0
+            self.upto = max(self.upto, top)
+            with self._migrating:
+                for model in list(self.index.partitions):
+                    self._reembedded(model)
+            self._deletions()
+            self.added += added
+            return added
+
+    def _sightings(self, model: str, top: int) -> int:
+        held = self.index.partitions.get(model)
+        n = 0
+        for ids, vecs in self.store.vectors(model, after_id=max(self.upto, held.max_id if held else 0), upto_id=top):
+            self.index.add(model, ids, vecs)
+            n += len(ids)
+        return n
+
+    def _reembedded(self, model: str) -> None:
+        p = self.index.partitions[model]
+        for ids, vecs, seq in self.store.reembedded_vectors(model, after_seq=p.mseq):
+            self.index.add(model, ids, vecs, seq)
+
+    def _deletions(self) -> None:
+        rows = self.store.deletions_after(self.index.del_pos)
+        if not rows:
+            return
+        by_model: dict[str, list[int]] = {}
+        for _, i, model in rows:
+            by_model.setdefault(model, []).append(i)
+        held = {}
+        for model, ids in by_model.items():
+            if (p := self.index.partitions.get(model)) is not None:
+                ids = np.asarray(ids, np.int64)
+                held[model] = ids[p.holds(ids)].tolist()
+        self.index.remove(held, rows[-1][0])

@@ -1,0 +1,160 @@
+"""Two matcher replicas on one PostgreSQL (FAISS each, following the store), fed by two edges, one replica `kill -9`ed.
+
+| test                                   | what is checked                                                       |
+|----------------------------------------|-----------------------------------------------------------------------|
+| replica killed mid-ingest, restarted   | every sighting stored exactly once (count, distinct (node, seq), each seq |
+|                                        | the edge spooled), every one acknowledged, one track id per edge track |
+|                                        | though its sightings reached both replicas; both answer a query alike, |
+|                                        | with tracks each of them ingested only in part                        |
+| the lease                              | one holder at a time, taken over once the holder's expired            |
+
+Real processes (`crossview matcher` twice), real edges' publishers (spool, DEALER connected to both replicas), the
+session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import yaml
+from helpers import CrossviewProcess, free_port, make_sighting, unit_vectors, wait_until
+
+from crossview.edge.publisher import Publisher
+from crossview.kernel.config import PublisherConfig, StoreConfig
+from crossview.matcher.lease import Lease
+
+TOKEN = "test-token-0123456789abcdef"
+NODES = ("edge-a", "edge-b")
+PER_TRACK = 20  # sightings of each edge track
+DIM = 32
+
+
+class Replica:
+    """A `crossview matcher` process on the shared database, on ports it keeps across a restart."""
+
+    def __init__(self, tmp, name: str, store: dict):
+        self.tmp, self.name, self.port, self.http = tmp, name, free_port(), free_port()
+        self.config = tmp / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "data_dir": str(tmp / name), "store": store,
+            "ingest": {"endpoint": f"tcp://127.0.0.1:{self.port}", "security": {"mode": "plain"}, "batch_wait_ms": 2},
+            "http": {"token": TOKEN, "port": self.http}, "metrics": {"log_interval_s": 1},
+        }))
+        self.endpoint, self.url, self.proc = f"tcp://127.0.0.1:{self.port}", f"http://127.0.0.1:{self.http}", None
+
+    def start(self) -> Replica:
+        self.proc = CrossviewProcess(self.tmp / f"{self.name}.log", "matcher", "--config", str(self.config))
+        wait_until(self._healthy, 60, f"{self.name} serving")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc.p.poll() is None, self.proc.text()[-3000:]
+        try:
+            return urllib.request.urlopen(f"{self.url}/api/v1/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(f"{self.url}{path}", None if body is None else json.dumps(body).encode(),
+                                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    def stats(self) -> dict:
+        return self._call("/api/v1/stats")
+
+    def query(self, sighting_id: int) -> list[tuple[str, int, int, float]]:
+        """(camera, track id, best matching sighting, its score) of every matching track, as this replica answers."""
+        out = self._call("/api/v1/query", {"sighting_id": sighting_id, "top_k": 50})
+        return sorted((camera, t["track_id"], t["best"]["id"], round(t["score"], 5)) for camera, tracks in out["cameras"].items()
+                      for t in tracks)
+
+
+def walk(rng, people: np.ndarray, node: str, track: int, t0: float) -> list:
+    """One edge track: a person's vector with noise, PER_TRACK frames 0.2 s apart."""
+    vecs = people[track % len(people)] + 0.15 * unit_vectors(rng, PER_TRACK, DIM)
+    return [make_sighting(v / np.linalg.norm(v), node=node, camera=f"cam-{node}", ts=t0 + f * 0.2, frame=f, track=track,
+                          thumbnail=None) for f, v in enumerate(vecs)]
+
+
+def send(pubs: dict[str, Publisher], sent: dict[str, list[int]], tracks: range, rng, people, t0: float,
+         pace_s: float = 0.004, during=None) -> None:
+    """Both edges' tracks, interleaved, paced like cameras; `during()` once half is sent."""
+    batches = {node: [s for k in tracks for s in walk(rng, people, node, k, t0 + k)] for node in pubs}
+    total = sum(map(len, batches.values()))
+    for n, pair in enumerate(zip(*batches.values())):
+        for node, s in zip(pubs, pair):
+            sent[node].append(pubs[node].send(s))
+        if during is not None and 2 * len(pubs) * (n + 1) >= total:
+            during()
+            during = None
+        time.sleep(pace_s)
+
+
+def stored(store: dict) -> list[tuple[str, int, int, int]]:
+    import psycopg
+
+    with psycopg.connect(StoreConfig(**store).conninfo()) as db:
+        return db.execute("SELECT node, seq, track, track_id FROM sightings").fetchall()
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_killed_mid_ingest_loses_nothing_and_both_answer_alike(tmp_path, pg_server):
+    store = pg_server.store_section(pg_server.fresh_db())
+    one, two = Replica(tmp_path, "one", store).start(), Replica(tmp_path, "two", store).start()
+    rng, people, t0 = np.random.default_rng(7), unit_vectors(np.random.default_rng(1), 6, DIM), time.time() - 600
+    pubs = {node: Publisher(PublisherConfig(endpoint=[one.endpoint, two.endpoint], security={"mode": "plain"}, hwm=64,
+                                            spool_dir=tmp_path / f"spool-{node}")) for node in NODES}
+    sent: dict[str, list[int]] = {node: [] for node in NODES}
+    try:
+        wait_until(lambda: all(p.reachable for p in pubs.values()), 10, "edges connected")
+        send(pubs, sent, range(0, 12), rng, people, t0, during=one.proc.kill9)  # 480 sightings, the kill halfway
+        wait_until(lambda: all(p.spooled == 0 for p in pubs.values()), 30, "every sighting acknowledged by the survivor")
+        one.start()  # on the same port: the edges reconnect to it
+        wait_until(lambda: all(len(p.connected) == 2 for p in pubs.values()), 15, "edges connected to both again")
+        send(pubs, sent, range(12, 16), rng, people, t0)
+        wait_until(lambda: all(p.spooled == 0 for p in pubs.values()), 30, "every sighting acknowledged")
+        rows = stored(store)
+        for node in NODES:
+            seqs = [seq for n, seq, _, _ in rows if n == node]
+            assert len(seqs) == len(set(seqs)) == len(sent[node]) and sorted(seqs) == sorted(sent[node])
+            assert pubs[node].acknowledged == len(sent[node]) and pubs[node].dropped == 0
+        track_ids = {}
+        for node, _, track, track_id in rows:
+            track_ids.setdefault((node, track), set()).add(track_id)
+        assert all(len(ids) == 1 for ids in track_ids.values()), track_ids  # not split between the replicas
+        total = sum(map(len, sent.values()))
+        assert 0 < two.stats()["accepted"] < total and one.stats()["accepted"] > 0  # each stored a share
+        subject = min(track_id for node, _, track, track_id in rows if node == "edge-a" and track == 3)
+        wait_until(lambda: one.query(subject) == two.query(subject), 10, "both replicas to answer alike")
+        answer = one.query(subject)
+        assert {camera for camera, *_ in answer} == {"cam-edge-a", "cam-edge-b"}
+        same_person = {track_id for (node, track), ids in track_ids.items() for track_id in ids if track % 6 == 3}
+        assert same_person - {subject} <= {track_id for _, track_id, *_ in answer}  # the query's own track is left out
+    finally:
+        for p in pubs.values():
+            p.close(drain_s=0)
+        for r in (one, two):
+            r.proc.stop()
+
+
+def test_a_lease_has_one_holder_and_passes_on_when_it_runs_out(pg_server):
+    store = StoreConfig(**pg_server.store_section(pg_server.fresh_db()))
+    first, second = Lease("job", store, ttl_s=0.6, holder="first"), Lease("job", store, ttl_s=0.6, holder="second")
+    try:
+        assert first.held() and not second.held()
+        time.sleep(0.25)
+        assert first.held() and not second.held()  # renewed: a third of the ttl had passed
+        time.sleep(0.3)
+        assert not second.held()  # renewed 0.3 s ago: still the first's
+        wait_until(second.held, 5, "the other to take the lease once the first stopped renewing it")
+        assert not first.held()  # its next renewal finds the lease taken
+        second.release()
+        wait_until(first.held, 2, "a released lease taken at the next try")
+    finally:
+        first.release()
+        second.release()
