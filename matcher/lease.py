@@ -3,7 +3,7 @@
 | what          | how                                                                                     |
 |---------------|-----------------------------------------------------------------------------------------|
 | row           | `leases (name, holder, expires)` in the `lease` schema of the store's PostgreSQL database |
-|               | (`matcher.sqldb`); `holder` names a process: host, pid and a random part                |
+|               | (`matcher.sqldb`); `holder` names a matcher: host, pid and a random part                |
 | acquire/renew | one statement, atomic on the server: `INSERT ... ON CONFLICT (name) DO UPDATE ... WHERE` |
 |               | the row is ours or has expired, `RETURNING holder`: a row back means held for `ttl_s`    |
 | expiry        | the server's clock (`clock_timestamp()`), so the replicas' clocks need not agree; a      |
@@ -42,12 +42,12 @@ _NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 _TAKE = (f"INSERT INTO leases (name, holder, expires) VALUES (?, ?, {_NOW} + ?) ON CONFLICT (name) DO UPDATE SET "
          f"holder = excluded.holder, expires = excluded.expires WHERE leases.holder = excluded.holder "
          f"OR leases.expires < {_NOW} RETURNING holder")
-HOLDER = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # this process
 
 
 class Lease:
-    def __init__(self, name: str, store: StoreConfig | None, ttl_s: float = 10.0, holder: str = HOLDER):
-        self.name, self.ttl_s, self.holder = name, ttl_s, holder
+    def __init__(self, name: str, store: StoreConfig | None, ttl_s: float = 10.0, holder: str | None = None):
+        self.name, self.ttl_s = name, ttl_s
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"  # unique per matcher
         self._db = open_db("lease", None, store, MIGRATIONS) if store is not None and store.kind == "postgres" else None
         self._until = float("inf") if self._db is None else 0.0  # monotonic time our hold runs out, as we count it
         self._renewed = float("-inf")

@@ -7,6 +7,10 @@
 |                                        | though its sightings reached both replicas; both answer a query alike, |
 |                                        | with tracks each of them ingested only in part                        |
 | the lease                              | one holder at a time, taken over once the holder's expired            |
+| the edge's `publisher.endpoint`       | one string or a list of replicas; each checked, the key named         |
+| the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
+|                                        | other takes the lease and checks on from the shared cursor: one alert |
+|                                        | per track, every sighting checked                                     |
 
 Real processes (`crossview matcher` twice), real edges' publishers (spool, DEALER connected to both replicas), the
 session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API.
@@ -21,11 +25,13 @@ import urllib.request
 import numpy as np
 import pytest
 import yaml
-from helpers import CrossviewProcess, free_port, make_sighting, unit_vectors, wait_until
+from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_config, unit_vectors, wait_until
 
 from crossview.edge.publisher import Publisher
-from crossview.kernel.config import PublisherConfig, StoreConfig
+from crossview.kernel.config import ConfigError, PublisherConfig, StoreConfig, load_edge_config
 from crossview.matcher.lease import Lease
+from crossview.matcher.query import Subject
+from crossview.matcher.service import Matcher
 
 TOKEN = "test-token-0123456789abcdef"
 NODES = ("edge-a", "edge-b")
@@ -158,3 +164,50 @@ def test_a_lease_has_one_holder_and_passes_on_when_it_runs_out(pg_server):
     finally:
         first.release()
         second.release()
+
+
+def test_the_watchlist_checks_every_replicas_sightings_once_across_a_lease_handover(tmp_path, pg_server):
+    store = pg_server.store_section(pg_server.fresh_db())
+    rng = np.random.default_rng(3)
+    person = unit_vectors(rng, 1, DIM)[0]
+    first = Matcher(matcher_config(tmp_path / "first", store=store))
+    first.start()
+    second = None
+    try:
+        wait_until(first.leases["watchlist"].held, 5, "the first replica to take the watchlist lease")
+        second = Matcher(matcher_config(tmp_path / "second", store=store))
+        second.start()
+        assert not second.leases["watchlist"].held()
+        first.watchlist.add("visitor", Subject(person, "m1", {"by": "embedding"}), min_similarity=0.8)
+        with Pusher(second.ingest.endpoint) as p:  # the replica not holding the lease ingests it
+            p.send(walk(rng, person[None], "edge-a", 1, time.time() - 60))
+        wait_until(lambda: len(first.watchlist.alerts()) == 1, 10, "the lease holder to check the other's sightings")
+        assert (first.watchlist.alerted, second.watchlist.alerted) == (1, 0)  # raised by the holder alone
+        first.stop()  # releases the lease: the other takes it at its next try
+        with Pusher(second.ingest.endpoint) as p:
+            p.send(walk(rng, person[None], "edge-a", 2, time.time() - 30))
+        wait_until(lambda: len(second.watchlist.alerts()) == 2, 15, "the new holder to check from the shared cursor")
+        alerts = second.watchlist.alerts()
+        assert second.watchlist.alerted == 1
+        assert sorted(a.track for a in alerts) == [1, 2] and len({a.track_id for a in alerts}) == 2
+        assert second.watchlist._db.one("SELECT upto FROM checked")[0] == second.store.next_id() - 1  # all checked
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_the_edges_endpoint_is_one_matcher_or_a_list_of_replicas_each_checked(tmp_path):
+    raw = {"node_id": "n", "cameras": [{"id": "a", "source": "x.mp4"}], "publisher": {"security": {"mode": "plain"}}}
+    path = tmp_path / "edge.yaml"
+
+    def publisher(endpoint):
+        path.write_text(yaml.safe_dump({**raw, "publisher": {**raw["publisher"], "endpoint": endpoint}}))
+        return load_edge_config(path).publisher
+
+    assert publisher("tcp://m:5555").endpoints == ["tcp://m:5555"]
+    assert publisher(["tcp://m1:5555", "tcp://m2:5555"]).endpoints == ["tcp://m1:5555", "tcp://m2:5555"]
+    for bad, why in (([], "at least one endpoint"), (["tcp://m:1", "tcp://m:1"], "listed twice"),
+                     (["tcp://m:1", "m2:5555"], "'m2:5555': not a ZeroMQ endpoint")):
+        with pytest.raises(ConfigError, match=rf"publisher.endpoint: .*{why}"):
+            publisher(bad)
