@@ -275,6 +275,13 @@ def test_resume_goes_on_with_the_saved_memory_and_reclusters_only_at_the_next_it
     assert all(r["clusters"] >= 2 and 0 < r["eps"] < 1 and r["cannot_link_pairs"] > 0 for r in clusters)
     adapt = [r for r in records(run) if r["event"] == "epoch" and r["stage"] == "adapt"]
     assert all({"memory", "proxy_intra", "proxy_inter", "cooccur"} <= set(r) and np.isfinite(r["loss"]) for r in adapt)
+    # adapt.epoch_of "target" (TCAP's default): an epoch is one pass over the target's inliers, not over the larger
+    # source (193 crops), so a big labelled source does not multiply the passes over a small site.
+    crops = len(harvest_samples(tmp / "harvest").samples)
+    for c in clusters:
+        inliers = round(crops * (1 - c["outlier_share"]))
+        steps = -(-inliers // 16)  # P x K = 4 x 4
+        assert steps < -(-193 // 16) and all(r["images"] == 32 * steps for r in adapt if r["iteration"] == c["iteration"])
 
 
 def test_export_is_trunk_pool_neck_and_the_edge_embedder_matches_torch(resumed):

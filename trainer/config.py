@@ -208,6 +208,11 @@ class ScheduleConfig(_Strict):
 class AdaptConfig(ScheduleConfig):
     iterations: int = Field(7, ge=0, description="Algorithm 1 iterations at most")
     nmi_stop: float = Field(0.95, gt=0, le=1, description="stop when NMI of consecutive pseudo labels exceeds this")
+    epoch_of: Literal["larger", "target"] = Field(
+        "larger", description="an adaptation epoch is one pass over the larger of source and target (the papers' "
+        "Market/Duke sizes), or over the target alone, so a large labelled source does not multiply the passes over a "
+        "small site"
+    )
 
 
 class SamplerConfig(_Strict):

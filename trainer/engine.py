@@ -142,7 +142,8 @@ class Trainer:
         source = self._source_iter(draw.source)
         target = self._target_iter(draw.target, draw.target_weights, draw.target_classes)
         drawable = sum(s.pid >= 0 for s in draw.target) if draw.target_classes else len(draw.target)
-        steps = max(1, math.ceil(max(len(draw.source), drawable) / self._batch()))
+        per_epoch = drawable if self.cfg.adapt.epoch_of == "target" else max(len(draw.source), drawable)
+        steps = max(1, math.ceil(per_epoch / self._batch()))
 
         def batch() -> Batch:
             xs, ys = next(source)

@@ -55,7 +55,7 @@ class Tcap(Method):
         "model": {"attention": "none"},  # no DAAM split: the export's metadata records model.attention
         "optim": {"kind": "adam"},  # Cluster Contrast's: Adam 3.5e-4, weight decay 5e-4, re-cluster every few epochs
         "pretrain": {"epochs": 20, "lr": 3.5e-4, "milestones": [], "warmup_epochs": 2},
-        "adapt": {"iterations": 20, "epochs": 2, "lr": 3.5e-4, "milestones": [], "nmi_stop": 0.98},
+        "adapt": {"iterations": 20, "epochs": 2, "lr": 3.5e-4, "milestones": [], "nmi_stop": 0.98, "epoch_of": "target"},
     }
 
     def __init__(self, cfg):
