@@ -7,13 +7,13 @@
 |                                        | though its sightings reached both replicas; both answer a query alike, |
 |                                        | with tracks each of them ingested only in part                        |
 | the lease                              | one holder at a time, taken over once the holder's expired            |
-| the edge's `publisher.endpoint`       | one string or a list of replicas; each checked, the key named         |
+| the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
 | the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
 |                                        | other takes the lease and checks on from the shared cursor: one alert |
 |                                        | per track, every sighting checked                                     |
 
 Real processes (`crossview matcher` twice), real edges' publishers (spool, DEALER connected to both replicas), the
-session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API.
+session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handover test runs two `Matcher`s in process.
 """
 
 from __future__ import annotations
