@@ -12,6 +12,9 @@
 |                 | as the rows, like SQLite's `sqlite_sequence`: ids are never reused after a deletion, and a |
 |                 | reader never sees a position before its rows (a SEQUENCE is not transactional: `next_id()` |
 |                 | would count a batch still uncommitted, and out-of-order commits would break seq replay)  |
+| replicas        | `insert_new`: ids taken in the batch's transaction (the `sightings` position stays locked |
+|                 | until commit), so several matchers on one database commit in id order, and the batch's   |
+|                 | track ids continue what the store holds of its edge tracks                              |
 | (node, seq)     | UNIQUE: a resent sighting is stored once                                                 |
 | readers         | a `psycopg_pool` pool, `store.pool_max` connections; `read_only=True` sets              |
 |                 | `default_transaction_read_only` (safe beside a running service)                         |
