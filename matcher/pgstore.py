@@ -16,6 +16,8 @@
 |                 | until commit), so several matchers on one database commit in id order, and the batch's   |
 |                 | track ids continue what the store holds of its edge tracks                              |
 | (node, seq)     | UNIQUE: a resent sighting is stored once                                                 |
+| deletion log    | pruned to what the index snapshots include and every replica heard from in the last     |
+|                 | `REPLICA_SEEN_S` has applied (`replica_positions`, `report_position`)                    |
 | readers         | a `psycopg_pool` pool, `store.pool_max` connections; `read_only=True` sets              |
 |                 | `default_transaction_read_only` (safe beside a running service)                         |
 | deletions       | rows of sightings, vectors (every version), thumbnails deleted in one transaction, logged |
@@ -93,7 +95,11 @@ MIGRATIONS = [
     CREATE TABLE positions (name text PRIMARY KEY, value bigint NOT NULL);
     INSERT INTO positions VALUES ('sightings', 0), ('reembedded', 0), ('deletions', 0), ('pruned', 0);
     """,
+    # each replica's FAISS index: the deletion-log position it has applied, and when it said so (server clock)
+    "CREATE TABLE replica_positions (replica text PRIMARY KEY, del_pos bigint NOT NULL, seen double precision NOT NULL);",
 ]
+REPLICA_SEEN_S = 600.0  # a replica silent this long no longer holds the deletion log back (its restart rebuilds)
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"  # the server's clock: the replicas' need not agree
 _PURGED = ("sightings", "vectors", "thumbnails", "reembedded")  # what a deletion leaves dead tuples in
 _SIGHTING_TYPES = ("bigint", "text", "text", "double precision", "bigint", "bigint", "bigint", *["double precision"] * 5,
                    "text", "boolean", "bigint")  # COLUMNS and seq
@@ -297,15 +303,26 @@ class PgStore(SqlStore):
             return self._position(db, "deletions")
 
     def prune_deletions(self, upto_seq: int) -> None:
-        """Forget log entries every index snapshot already includes."""
+        """Forget log entries every index snapshot already includes, and every replica heard from within
+        `REPLICA_SEEN_S` has applied (`report_position`): its index follows the log (`matcher.tail`)."""
         if upto_seq <= self.pruned_upto():
             return
 
         def work(db: psycopg.Connection) -> None:
-            db.execute("DELETE FROM deletions WHERE seq <= %s", (int(upto_seq),))
-            db.execute("UPDATE positions SET value = %s WHERE name = 'pruned'", (int(upto_seq),))
+            (applied,) = db.execute(f"SELECT MIN(del_pos) FROM replica_positions WHERE seen > {_NOW} - %s",
+                                    (REPLICA_SEEN_S,)).fetchone()
+            upto = int(upto_seq if applied is None else min(upto_seq, applied))
+            if upto > self._position(db, "pruned"):
+                db.execute("DELETE FROM deletions WHERE seq <= %s", (upto,))
+                db.execute("UPDATE positions SET value = %s WHERE name = 'pruned'", (upto,))
 
         self._transaction(work)
+
+    def report_position(self, replica: str, del_pos: int) -> None:
+        """This replica's index has applied the deletion log up to `del_pos`: the log is kept for it until then."""
+        self._transaction(lambda db: db.execute(
+            f"INSERT INTO replica_positions VALUES (%s, %s, {_NOW}) ON CONFLICT (replica) DO UPDATE SET "
+            "del_pos = excluded.del_pos, seen = excluded.seen", (replica, int(del_pos))))
 
     def pruned_upto(self) -> int:
         """Deletion-log position forgotten up to: a snapshot older than this cannot be brought up to date."""

@@ -26,7 +26,7 @@
 |                | migration run on the replica holding their lease (`matcher.lease`); thread: every second, |
 |                | FAISS indexes what the others stored (`matcher.tail`, also after each own commit) and the |
 |                | lease holder checks the store's new sightings against the watchlist; the deletion log is |
-|                | pruned a snapshot interval late, so the other replicas' tails have read it              |
+|                | kept until every replica's tail has applied it (`PgStore.report_position`)              |
 
 At start the index loads its snapshots and replays the store, so what was accepted before a `kill -9` is
 searchable again. A deletion runs inside `ingest.quiet()`: every committed batch is indexed first and no
@@ -42,6 +42,7 @@ commit runs meanwhile, then it deletes from store and index, so the index never 
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -130,11 +131,13 @@ class Matcher:
         self.migration = Migration(cfg.migration, self.store, self.index, self.registry, lambda: self.edges.report()["edges"],
                                    self.ingest.quiet, max_age * 3600 if max_age else None, self._use_model,
                                    self.ingest.forget_model, self.leases["migration"].held)
-        self.tail = StoreTail(self.store, self.index, self.migration.lock) if self.shared and cfg.index.engine == "faiss" else None
+        self.tail = (StoreTail(self.store, self.index, self.migration.lock, f"{socket.gethostname()}:{Path(cfg.data_dir).resolve()}")
+                     if self.shared and cfg.index.engine == "faiss" else None)
         self.ingest.tail = self.tail
+        if self.tail is not None:
+            self.tail.report()  # before a peer's next prune: the log after this index's position is kept
         if self.shared:
             self.watchlist.start_checks(self.store)
-        self._prune_next = 0  # shared: the deletion-log position to prune at the next snapshot
         self.queries.migration = self.migration
         self._stop = threading.Event()
         self._stopped = False
@@ -154,6 +157,7 @@ class Matcher:
             try:
                 if self.tail is not None:
                     self.tail.poll()
+                    self.tail.report()
                 if self.leases["watchlist"].held():
                     self.watchlist.check_stored(self.store)
             except (sqlite3.Error, self.store.Error) as e:  # the next pass reads from where this one stopped
@@ -266,10 +270,9 @@ class Matcher:
         t0 = time.monotonic()
         try:
             written = self.index.save()
-            pos = self.index.snapshot_deletion_pos()
-            if self.shared:  # a snapshot interval late: the other replicas' indexes have applied it by then
-                pos, self._prune_next = self._prune_next, pos
-            self.store.prune_deletions(pos)
+            if self.tail is not None:  # the log is pruned no further than every replica's index has applied
+                self.tail.report()
+            self.store.prune_deletions(self.index.snapshot_deletion_pos())
         except (OSError, sqlite3.Error, self.store.Error) as e:
             log.error("index snapshot failed (the previous one stays): %s", e)
             return

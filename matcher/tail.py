@@ -17,11 +17,14 @@ holds every replica's sightings, so any replica gives the same answer.
 | deletions     | the store's deletion log after the index's position: a replica's retention or removal   |
 |               | leaves every replica's index; read after the new rows, so a row read just before its   |
 |               | deletion is removed again in the same poll                                              |
+| the log kept  | `report()`: the position applied goes to the store, which prunes no further than every  |
+|               | live replica's (`PgStore.prune_deletions`)                                              |
 | latency       | another replica's sighting is searchable here within `interval_s` (1 s by default) of  |
 |               | its commit; one's own, when its batch is counted accepted, as without replicas         |
 
-    tail = StoreTail(store, index, migration.lock)
+    tail = StoreTail(store, index, migration.lock, name="host-1:/var/matcher")
     tail.poll()            # what the store holds beyond the index, added; deletions applied
+    tail.report()          # the deletion-log position applied, so the log is kept for this replica until then
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from crossview.matcher.store import Store
 
 
 class StoreTail:
-    def __init__(self, store: Store, index: Index, migrating: threading.Lock):
+    def __init__(self, store: Store, index: Index, migrating: threading.Lock, name: str):
         self.store, self.index, self._migrating = store, index, migrating
+        self.name = name  # this replica in the store's `replica_positions`: the same across its restarts
         self.upto = index.recovered_upto  # every sighting up to this id is in the index
         self.added = 0  # sightings added since start (own and the other replicas')
         self._lock = threading.Lock()  # one poll at a time: the pipeline's and the timer's
@@ -53,6 +57,10 @@ class StoreTail:
             self._deletions()
             self.added += added
             return added
+
+    def report(self) -> None:
+        """Tell the store the deletion-log position this index has applied: it prunes the log no further."""
+        self.store.report_position(self.name, self.index.del_pos)
 
     def _sightings(self, model: str, top: int) -> int:
         held = self.index.partitions.get(model)

@@ -8,6 +8,7 @@
 |                                        | with tracks each of them ingested only in part                        |
 | the lease                              | one holder at a time, taken over once the holder's expired            |
 | the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
+| the deletion log                       | kept until every replica's index has applied it                       |
 | the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
 |                                        | other takes the lease and checks on from the shared cursor: one alert |
 |                                        | per track, every sighting checked                                     |
@@ -25,11 +26,12 @@ import urllib.request
 import numpy as np
 import pytest
 import yaml
-from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_config, unit_vectors, wait_until
+from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_config, store_insert, unit_vectors, wait_until
 
 from crossview.edge.publisher import Publisher
 from crossview.kernel.config import ConfigError, PublisherConfig, StoreConfig, load_edge_config
 from crossview.matcher.lease import Lease
+from crossview.matcher.pgstore import PgStore
 from crossview.matcher.query import Subject
 from crossview.matcher.service import Matcher
 
@@ -211,3 +213,19 @@ def test_the_edges_endpoint_is_one_matcher_or_a_list_of_replicas_each_checked(tm
                      (["tcp://m:1", "m2:5555"], "'m2:5555': not a ZeroMQ endpoint")):
         with pytest.raises(ConfigError, match=rf"publisher.endpoint: .*{why}"):
             publisher(bad)
+
+
+def test_the_deletion_log_is_kept_until_every_replica_has_applied_it(pg_server):
+    store = PgStore(StoreConfig(**pg_server.store_section(pg_server.fresh_db())))
+    try:
+        ids = store_insert(store, [make_sighting(v, frame=k) for k, v in enumerate(unit_vectors(np.random.default_rng(0), 4, DIM))])
+        _, pos = store.delete(ids[:2])
+        store.report_position("host:/a", pos)
+        store.report_position("host:/b", 0)  # its index has not applied the deletions yet
+        store.prune_deletions(pos)
+        assert store.pruned_upto() == 0 and [i for _, i, _ in store.deletions_after(0)] == ids[:2]
+        store.report_position("host:/b", pos)
+        store.prune_deletions(pos)
+        assert store.pruned_upto() == pos and store.deletions_after(0) == []
+    finally:
+        store.close()
