@@ -285,10 +285,11 @@ class Pipeline:
             batch, repeats = self._unseen(batch)
             if batch:
                 try:
-                    ids = self._insert(batch)
+                    batch, ids, more = self._insert(batch)
                 except (self.store.Error, OverflowError) as e:  # what the store raises for a row it cannot take; one row can refuse the whole transaction: find it, keep the others
                     log.warning("the store refused a batch of %d sightings (%s): committing them one by one", _size(batch), e)
-                    batch, ids = self._insert_each(batch)
+                    batch, ids, more = self._insert_each(batch)
+                repeats += more
             if batch:  # under the lock, for quiet()
                 self._committed.put((batch, ids, t0))
         self.receiver.ack(repeats + [s for rows in batch.values() for s in rows.sightings])  # committed: on disk
@@ -296,54 +297,39 @@ class Pipeline:
     def _unseen(self, batch: Batch) -> tuple[Batch, list[Sighting]]:
         """(the batch without resent sightings, the resent ones): a (node, seq) stored already or twice in the batch."""
         keys = [(s.node, s.seq) for rows in batch.values() for s in rows.sightings if s.seq is not None]
-        if not keys:
-            return batch, []
-        seen, repeats, fresh = self.store.stored(keys), [], {}
-        for model, rows in batch.items():
-            keep = []
-            for k, s in enumerate(rows.sightings):
-                key = (s.node, s.seq)
-                if s.seq is not None and key in seen:
-                    repeats.append(s)
-                else:
-                    keep.append(k)
-                    if s.seq is not None:
-                        seen.add(key)
-            if keep:
-                fresh[model] = rows if len(keep) == len(rows.sightings) else Rows([rows.sightings[k] for k in keep], rows.vecs[keep])
-        return fresh, repeats
+        return _without(batch, self.store.stored(keys)) if keys else (batch, [])
 
-    def _insert(self, batch: Batch) -> np.ndarray:
-        """Commit a batch in one transaction; its ids, consecutive in batch order (the store gives them: another
-        replica may write the same store)."""
-        sightings = [s for rows in batch.values() for s in rows.sightings]
-        seen: dict = {}
+    def _insert(self, batch: Batch) -> tuple[Batch, np.ndarray, list[Sighting]]:
+        """Commit a batch in one transaction: (what was stored, its ids in batch order, the sightings another
+        replica on the same store had stored meanwhile, skipped). The store gives the ids, consecutive."""
+        found: dict = {}
 
-        def assign(ids: list[int], ends: dict) -> list[int]:
-            track_ids, found = self.tracks.assign(sightings, ids, ends)
-            seen.update(found)
+        def assign(stored: list[Sighting], ids: list[int], ends: dict) -> list[int]:
+            track_ids, seen = self.tracks.assign(stored, ids, ends)
+            found.update(seen)
             return track_ids
 
-        first = self.store.insert_new(sightings, [v for rows in batch.values() for v in rows.vecs], assign)
-        self.tracks.remember(seen)  # only once committed: a rolled-back track id must not be continued
-        return np.arange(first, first + len(sightings), dtype=np.int64)
+        first, skipped = self.store.insert_new([s for rows in batch.values() for s in rows.sightings],
+                                               [v for rows in batch.values() for v in rows.vecs], assign)
+        self.tracks.remember(found)  # only once committed: a rolled-back track id must not be continued
+        batch, repeats = _without(batch, skipped) if skipped else (batch, [])
+        return batch, np.arange(first, first + _size(batch), dtype=np.int64), repeats
 
-    def _insert_each(self, batch: Batch) -> tuple[Batch, np.ndarray]:
-        """(what the store took of `batch`, committing it sighting by sighting, and their ids, in batch order)."""
-        kept, ids = {}, []
+    def _insert_each(self, batch: Batch) -> tuple[Batch, np.ndarray, list[Sighting]]:
+        """`_insert`, sighting by sighting: the ones the store refuses are left out (counted, logged)."""
+        stored, ids, repeats = [], [], []
         for model, rows in batch.items():
-            took = [k for k, s in enumerate(rows.sightings) if self._insert_one(model, s, rows.vecs[k:k + 1], ids)]
-            if took:
-                kept[model] = Rows([rows.sightings[k] for k in took], rows.vecs[took])
-        return kept, np.array(ids, dtype=np.int64)
-
-    def _insert_one(self, model: str, s: Sighting, vec: np.ndarray, ids: list[int]) -> bool:
-        try:
-            ids.extend(self._insert({model: Rows([s], vec)}).tolist())
-        except (self.store.Error, OverflowError) as e:
-            self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
-            return False
-        return True
+            for k, s in enumerate(rows.sightings):
+                try:
+                    one, one_id, again = self._insert({model: Rows([s], rows.vecs[k:k + 1])})
+                except (self.store.Error, OverflowError) as e:
+                    self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
+                    continue
+                if one:
+                    stored.append(one)
+                ids.append(one_id)
+                repeats += again
+        return _merged(stored) if stored else {}, np.concatenate(ids) if ids else np.zeros(0, np.int64), repeats
 
     # -- index ---------------------------------------------------------------------------------
 
@@ -375,6 +361,24 @@ class Pipeline:
                 self.on_indexed(model, model_ids, rows)
             except Exception:  # the sightings are stored and searchable; only the check is lost
                 log.exception("watchlist check of %d sightings failed", len(model_ids))
+
+
+def _without(batch: Batch, seen: set[tuple[str, int]]) -> tuple[Batch, list[Sighting]]:
+    """(the batch without sightings whose (node, seq) is in `seen` or repeats an earlier one in it, those left out)."""
+    seen, repeats, fresh = set(seen), [], {}
+    for model, rows in batch.items():
+        keep = []
+        for k, s in enumerate(rows.sightings):
+            key = (s.node, s.seq)
+            if s.seq is not None and key in seen:
+                repeats.append(s)
+            else:
+                keep.append(k)
+                if s.seq is not None:
+                    seen.add(key)
+        if keep:
+            fresh[model] = rows if len(keep) == len(rows.sightings) else Rows([rows.sightings[k] for k in keep], rows.vecs[keep])
+    return fresh, repeats
 
 
 def _by_model(batch: Batch, ids: np.ndarray) -> Iterator[tuple[str, np.ndarray, Rows]]:

@@ -13,8 +13,9 @@
 |                 | reader never sees a position before its rows (a SEQUENCE is not transactional: `next_id()` |
 |                 | would count a batch still uncommitted, and out-of-order commits would break seq replay)  |
 | replicas        | `insert_new`: ids taken in the batch's transaction (the `sightings` position stays locked |
-|                 | until commit), so several matchers on one database commit in id order, and the batch's   |
-|                 | track ids continue what the store holds of its edge tracks                              |
+|                 | until commit), so several matchers on one database commit in id order; under that lock a  |
+|                 | sighting another replica stored meanwhile is skipped, and the batch's track ids continue |
+|                 | what the store holds of its edge tracks                                                  |
 | (node, seq)     | UNIQUE: a resent sighting is stored once                                                 |
 | deletion log    | pruned to what the index snapshots include and every replica heard from in the last     |
 |                 | `REPLICA_SEEN_S` has applied (`replica_positions`, `report_position`)                    |
@@ -210,18 +211,24 @@ class PgStore(SqlStore):
         with self._read() as db:
             return self._position(db, "sightings") + 1
 
-    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray], assign: Assign) -> int:
-        """Store a batch under ids taken in its transaction; its first id. Replicas write one database: taking the
-        ids locks the `sightings` position until commit, so their batches commit one after another, in id order (a
-        reader that sees an id has every lower one committed: what `matcher.index`'s tail relies on), and the track
-        ids come from `assign(ids, ends)` with `ends` the latest stretch the store holds of each edge track in the
-        batch, so a track whose sightings reach two replicas keeps one track id."""
+    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray],
+                   assign: Assign) -> tuple[int, set[tuple[str, int]]]:
+        """Store a batch under ids taken in its transaction: (the first id, the (node, seq) skipped as stored already).
+        Replicas write one database: the transaction locks the `sightings` position first, until commit, so their
+        batches commit one after another, in id order (a reader that sees an id has every lower one committed: what
+        `matcher.index`'s tail relies on); under that lock, a sighting another replica stored since the caller
+        looked (both were sent it) is skipped, not refused; the track ids come from `assign(stored, ids, ends)` with
+        `ends` the latest stretch the store holds of each edge track, so a track whose sightings reach two replicas
+        keeps one track id."""
 
-        def work(db: psycopg.Connection) -> int:
-            first = self._take(db, "sightings", len(sightings))
-            ids = list(range(first, first + len(sightings)))
-            self._rows(db, ids, sightings, assign(ids, self._ends(db, sightings)), vecs)
-            return first
+        def work(db: psycopg.Connection) -> tuple[int, set[tuple[str, int]]]:
+            first = db.execute("SELECT value FROM positions WHERE name = 'sightings' FOR UPDATE").fetchone()[0] + 1
+            seen = self._stored(db, [(s.node, s.seq) for s in sightings if s.seq is not None])
+            keep = [k for k, s in enumerate(sightings) if s.seq is None or (s.node, s.seq) not in seen]
+            if keep:
+                kept, ids = [sightings[k] for k in keep], list(range(first, first + len(keep)))
+                self._rows(db, ids, kept, assign(kept, ids, self._ends(db, kept)), [vecs[k] for k in keep])
+            return first, seen
 
         return self._transaction(work)
 
@@ -257,9 +264,15 @@ class PgStore(SqlStore):
 
     def stored(self, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
         """Which of these (node, seq) are stored already."""
-        keys = list(keys)
-        rows = self._all("SELECT s.node, s.seq FROM unnest(%s::text[], %s::bigint[]) AS k (node, seq) "
-                         "JOIN sightings s ON s.node = k.node AND s.seq = k.seq", ([n for n, _ in keys], ints(s for _, s in keys)))
+        with self._read() as db:
+            return self._stored(db, list(keys))
+
+    @staticmethod
+    def _stored(db: psycopg.Connection, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        if not keys:
+            return set()
+        rows = db.execute("SELECT s.node, s.seq FROM unnest(%s::text[], %s::bigint[]) AS k (node, seq) "
+                          "JOIN sightings s ON s.node = k.node AND s.seq = k.seq", ([n for n, _ in keys], ints(s for _, s in keys)))
         return {(n, s) for n, s in rows}
 
     # -- lookups -------------------------------------------------------------------------------

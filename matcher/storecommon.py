@@ -27,8 +27,8 @@ import numpy as np
 from crossview.kernel.wire import MAX_INT, Sighting
 from crossview.matcher.results import SightingRecord
 
-# (the batch's ids, {edge track key: (track id, last ts)} the store knows) -> each sighting's track id
-Assign = Callable[[list[int], dict[tuple[str, str, int, str], tuple[int, float]]], list[int]]
+# (the sightings stored, their ids, {edge track key: (track id, last ts)} the store knows) -> each one's track id
+Assign = Callable[[list[Sighting], list[int], dict[tuple[str, str, int, str], tuple[int, float]]], list[int]]
 COLUMNS = "id, node, camera, ts, frame, track, track_id, x1, y1, x2, y2, score, model, has_thumb"
 VECTOR_CHUNK = 20000
 
@@ -117,13 +117,15 @@ class SqlStore:
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray], assign: Assign) -> int:
-        """Store a batch under the next ids, its track ids from `assign(ids, {})` (the caller's tracks are all there
-        are: one writer); the first id, the others following in batch order."""
+    def insert_new(self, sightings: Sequence[Sighting], vecs: Sequence[np.ndarray],
+                   assign: Assign) -> tuple[int, set[tuple[str, int]]]:
+        """Store a batch under the next ids, its track ids from `assign(sightings, ids, {})` (the caller's tracks are all
+        there are: one writer). (The first id, the others following in batch order; the (node, seq) skipped as stored
+        already: none here, the caller being the only writer, who checked.)"""
         first = self.next_id()
         ids = list(range(first, first + len(sightings)))
-        self.insert(ids, sightings, assign(ids, {}), vecs)
-        return first
+        self.insert(ids, sightings, assign(list(sightings), ids, {}), vecs)
+        return first, set()
 
     # -- lookups -------------------------------------------------------------------------------
 

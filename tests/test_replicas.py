@@ -8,6 +8,7 @@
 |                                        | with tracks each of them ingested only in part                        |
 | the lease                              | one holder at a time, taken over once the holder's expired            |
 | the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
+| a sighting both replicas were sent     | the second to commit skips it inside its transaction, ids consecutive |
 | the deletion log                       | kept until every replica's index has applied it                       |
 | the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
 |                                        | other takes the lease and checks on from the shared cursor: one alert |
@@ -19,6 +20,7 @@ session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handove
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.request
@@ -229,3 +231,19 @@ def test_the_deletion_log_is_kept_until_every_replica_has_applied_it(pg_server):
         assert store.pruned_upto() == pos and store.deletions_after(0) == []
     finally:
         store.close()
+
+
+def test_a_sighting_another_replica_stored_meanwhile_is_skipped_in_the_transaction_not_refused(pg_server):
+    cfg = StoreConfig(**pg_server.store_section(pg_server.fresh_db()))
+    one, two = PgStore(cfg), PgStore(cfg)
+    try:
+        vecs = list(unit_vectors(np.random.default_rng(0), 3, DIM))
+        a, b, c = (dataclasses.replace(make_sighting(v, frame=k, track=1, ts=1000.0 + k), seq=k + 1) for k, v in enumerate(vecs))
+        assert one.insert_new([a, b], vecs[:2], lambda stored, ids, ends: ids[:1] * len(ids)) == (1, set())
+        # `two` was sent b and c before `one` stored b: b is skipped, c takes the next id and continues b's track
+        first, skipped = two.insert_new([b, c], vecs[1:], lambda stored, ids, ends: [ends[("edge-1", "gate", 1, "m1")][0]] * len(ids))
+        assert (first, skipped) == (3, {("edge-1", 2)})
+        assert {r.id: (r.frame, r.track_id) for r in two.records([1, 2, 3]).values()} == {1: (0, 1), 2: (1, 1), 3: (2, 1)}
+    finally:
+        one.close()
+        two.close()

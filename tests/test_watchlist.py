@@ -181,8 +181,9 @@ def test_two_matchers_on_one_postgres_share_entries_alerts_the_webhook_queue_reg
         feed(one, walk(person, "gate", 1, 3, rng, T0))
         entry = one.watchlist.add("visitor", one.queries.track_subject("edge-1", "gate", 1))
         assert [e.id for e in other.watchlist.entries()] == [entry.id]
-        feed(other, walk(person, "hall", 4, 3, rng, T0 + 10))  # checked by the other against the entry one added
-        assert [(a.entry, a.track) for a in one.watchlist.alerts()] == [(entry.id, 4)]
+        feed(other, walk(person, "hall", 4, 3, rng, T0 + 10))  # checked against the entry one added, by the lease holder
+        wait_until(lambda: [(a.entry, a.track) for a in one.watchlist.alerts()] == [(entry.id, 4)], 5,
+                   "the watchlist lease holder to check the other's sightings (`matcher.lease`)")
         wait_until(lambda: len(receiver.requests) == 1, 20, "the alert delivered")
         time.sleep(1.5)  # both matchers' webhook threads have passed over the queue again meanwhile
         assert len(receiver.requests) == 1 and one.webhooks.pending == other.webhooks.pending == 0
