@@ -20,6 +20,9 @@
 |             | is moved to its collection, for readers outside the matcher (the matcher's queries name their version) |
 | drop        | `drop(model)`: the version's collection goes                                                  |
 | clients     | one pymilvus `MilvusClient` for a server or cluster (`uri`) and for Milvus Lite (`lite_file`)    |
+| replicas    | matchers on one store share the collections: a version another replica's ingest created is opened |
+|             | within a second (`open_stored`); Session consistency sees the others' inserts only once this client's |
+|             | own guarantee time passes them, so replicas that must answer alike at once use Strong or Bounded |
 
     index = MilvusIndex(cfg.index, store)                # cfg.index.engine == "milvus"
     index.recover()
@@ -139,6 +142,13 @@ class MilvusIndex(VectorIndex):
             if c is None:
                 c = self.partitions[model] = self._open(model, dim)
         return c
+
+    def open_stored(self) -> None:
+        """Open the collections of versions the store holds and this index has not met: another replica's ingest
+        made them (the service calls this every second with a shared store)."""
+        for model, dim in self.store.models().items():
+            if model not in self.partitions:
+                self._collection(model, dim)
 
     # -- changes ---------------------------------------------------------------------------------
 

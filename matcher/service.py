@@ -152,12 +152,15 @@ class Matcher:
             self.watchlist.check_stored(self.store)
 
     def _replicas_loop(self) -> None:
-        """What the other replicas stored: into this index (FAISS), and to the watchlist where the lease is held."""
+        """What the other replicas stored: into this index (FAISS; Milvus: their new versions' collections opened), and
+        to the watchlist where the lease is held."""
         while not self._stop.wait(_REPLICAS_INTERVAL_S):
             try:
                 if self.tail is not None:
                     self.tail.poll()
                     self.tail.report()
+                else:  # Milvus: the collections are shared; open those another replica created
+                    self.index.open_stored()
                 if self.leases["watchlist"].held():
                     self.watchlist.check_stored(self.store)
             except (sqlite3.Error, self.store.Error) as e:  # the next pass reads from where this one stopped

@@ -10,12 +10,14 @@
 | the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
 | a sighting both replicas were sent     | the second to commit skips it inside its transaction, ids consecutive |
 | the deletion log                       | kept until every replica's index has applied it                       |
+| two replicas on one Milvus (Lite)      | a version only the other ingested: the same answer from both          |
 | the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
 |                                        | other takes the lease and checks on from the shared cursor: one alert |
 |                                        | per track, every sighting checked                                     |
 
 Real processes (`crossview matcher` twice), real edges' publishers (spool, DEALER connected to both replicas), the
-session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handover test runs two `Matcher`s in process.
+session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handover and Milvus tests run two `Matcher`s in
+process.
 """
 
 from __future__ import annotations
@@ -247,3 +249,26 @@ def test_a_sighting_another_replica_stored_meanwhile_is_skipped_in_the_transacti
     finally:
         one.close()
         two.close()
+
+
+def test_two_replicas_on_one_milvus_answer_alike_with_a_version_only_the_other_ingested(tmp_path, pg_server):
+    pytest.importorskip("milvus_lite", reason="the milvus extra's Milvus Lite is not installed")
+    store = pg_server.store_section(pg_server.fresh_db())
+    index = {"engine": "milvus", "milvus": {"lite_file": str(tmp_path / "milvus.db"), "index_type": "FLAT",
+                                            "consistency": "Strong"}}
+    first = Matcher(matcher_config(tmp_path / "first", store=store, index=index))
+    first.start()
+    second = Matcher(matcher_config(tmp_path / "second", store=store, index=index))
+    second.start()  # before any sighting: the version's collection is made by the first's ingest
+    try:
+        rng = np.random.default_rng(5)
+        people = unit_vectors(rng, 3, DIM)
+        with Pusher(first.ingest.endpoint) as p:
+            p.send([s for k in range(6) for s in walk(rng, people, "edge-a", k, time.time() - 60)])
+        wait_until(lambda: first.ingest.accepted == 6 * PER_TRACK, 20, "the first replica to ingest")
+        wait_until(lambda: "m1" in second.index.partitions, 5, "the second replica to open the version's collection")
+        answers = [[(h.track_id, round(h.score, 5)) for h in m.queries.search_sighting(1).ranked()] for m in (first, second)]
+        assert answers[0] == answers[1] and len(answers[0]) == 5  # every other track, from either replica
+    finally:
+        first.stop()
+        second.stop()
