@@ -48,6 +48,7 @@ from crossview.matcher.storecommon import SqlStore
 
 log = logging.getLogger(__name__)
 _HITS_PER_SIGHTING = 8  # entries over the threshold reported per sighting at most
+_CHECK_IDS = 50_000  # sighting ids `check_stored` covers in one transaction at most: a backlog goes in steps
 MAX_NAME_LEN = 128
 
 SCHEMA = """
@@ -264,7 +265,7 @@ class Watchlist:
         self._refresh()
         with self._lock, self._db.transaction():
             (upto,) = self._db.one("SELECT upto FROM checked")
-            top = store.next_id() - 1
+            top = min(store.next_id() - 1, upto + _CHECK_IDS)
             new = []
             for model in list(self._parts):
                 for ids, vecs in store.vectors(model, after_id=upto, upto_id=top):
