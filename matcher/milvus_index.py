@@ -10,6 +10,11 @@
 | consistency | `index.milvus.consistency`; Session (the default): a search sees every insert this client made, so |
 |             | what ingest counted is findable; Strong sees other replicas' too, at one time tick (~200 ms) a search |
 | removal     | `delete` by ids, as the store commits deletions                                               |
+| writes      | `upsert` by id, so a row written twice (a restarting replica's recovery inserting what another's ingest |
+|             | just wrote) stays one row; plain `insert` on Milvus 2.3 servers, whose upsert puts a partition-key |
+|             | collection's rows in the wrong partition (milvus-io/milvus#30607, measured on 2.3.5: a camera filter |
+|             | then finds none). There a row written twice is held twice: searches and queries return it once, |
+|             | but `count(*)` counts both, so each recovery finds the count off and compares every id again |
 | durability  | Milvus's own (its log, then object storage). The matcher keeps no snapshot: `save()` writes nothing, |
 |             | and the deletion log may be pruned up to what was applied                                     |
 | recovery    | `recover()`: each version's collection count against the store's; where they differ (a matcher killed |
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +58,15 @@ TOPK_MAX = 16384  # Milvus answers at most this many hits a search: a bigger k g
 _INSERT_ROWS = 5000  # rows per insert: well below Milvus's message size limit for 4096-d vectors
 _ID_PAGE = 10000
 _NUM_PARTITIONS = 64  # partition-key buckets the cameras hash into
+
+
+def upserts_by_key(version: str) -> bool:
+    """Whether a server of `version` upserts into a partition-key collection correctly: Milvus Lite, or 2.4 and later
+    (the fix, milvus-io/milvus#30772, came after 2.3.5 and before 2.4.0)."""
+    if version.startswith("milvus_lite"):
+        return True
+    major_minor = re.match(r"v?(\d+)\.(\d+)", version)
+    return major_minor is not None and (int(major_minor[1]), int(major_minor[2])) >= (2, 4)
 
 
 def collection_name(prefix: str, model: str) -> str:
@@ -79,6 +94,7 @@ class MilvusIndex(VectorIndex):
         token = read_secret(self.mcfg.token_file, "index.milvus.token_file", "token") if self.mcfg.token_file else ""
         with self._reaching():
             self.client = MilvusClient(uri=self.mcfg.uri or str(self.mcfg.lite_file), token=token, timeout=self.mcfg.timeout_s)
+            self._write = self.client.upsert if upserts_by_key(self.client.get_server_version()) else self.client.insert
         self.partitions: dict[str, Collection] = {}
         self._lock = threading.Lock()  # creating a collection, and counting
 
@@ -158,7 +174,7 @@ class MilvusIndex(VectorIndex):
         self._insert(c, np.asarray(ids, np.int64), vecs)
 
     def _insert(self, c: Collection, ids: np.ndarray, vecs: np.ndarray) -> int:
-        """Insert rows whose sightings the store still holds (a deletion may have come between); returns how many."""
+        """Write rows whose sightings the store still holds (a deletion may have come between); returns how many."""
         n = 0
         for at in range(0, len(ids), _INSERT_ROWS):
             chunk = ids[at: at + _INSERT_ROWS].tolist()
@@ -166,7 +182,7 @@ class MilvusIndex(VectorIndex):
             rows = [{"id": i, "camera": records[i].camera, "vec": v}
                     for i, v in zip(chunk, vecs[at: at + _INSERT_ROWS].tolist()) if i in records]
             if rows:
-                self.client.insert(c.name, rows)
+                self._write(c.name, rows)
                 n += len(rows)
         with self._lock:
             c.size += n

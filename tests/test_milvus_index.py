@@ -32,7 +32,7 @@ from crossview.matcher.service import Matcher
 from crossview.matcher.store import Store
 
 pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
-from crossview.matcher.milvus_index import MilvusIndex, collection_name  # noqa: E402
+from crossview.matcher.milvus_index import MilvusIndex, collection_name, upserts_by_key  # noqa: E402
 
 CAMERAS = ("gate", "hall", "street")
 
@@ -113,6 +113,11 @@ def test_recovery_backfills_what_was_committed_but_never_inserted(tmp_path):
         store.close()
 
 
+def test_upserts_where_the_server_places_partition_key_rows_right():
+    assert [upserts_by_key(v) for v in ("milvus_lite-3.2.2", "v2.4.0", "v2.5.4", "2.10.1", "v2.3.5", "v2.3.20", "")] == [
+        True, True, True, True, False, False, False]
+
+
 def test_an_unreachable_milvus_is_a_clear_error(tmp_path):
     cfg = IndexConfig(engine="milvus", milvus={"uri": f"http://127.0.0.1:{free_port()}", "timeout_s": 2})
     store = Store(tmp_path / "sightings.db")
@@ -182,3 +187,25 @@ def test_the_matcher_on_a_milvus_server_restarts_and_backfills(milvus_server, tm
         assert (hit.camera, hit.track) == ("yard", 99)
     finally:
         m.stop()
+
+
+@pytest.mark.milvus_server
+def test_on_a_milvus_2_3_server_the_index_inserts_so_camera_filters_find_the_rows(milvus_server, tmp_path):
+    """Milvus 2.3's upsert misplaces partition-key rows (a camera filter finds none), so there the index inserts:
+    rows written twice are held twice, each returned once, counted twice."""
+    store = Store(tmp_path / "sightings.db")
+    index = MilvusIndex(IndexConfig(engine="milvus", milvus={"uri": milvus_server, "collection_prefix": "twice",
+                                                             "consistency": "Strong"}), store)
+    try:
+        assert index.client.get_server_version().startswith("v2.3.")
+        vecs = unit_vectors(np.random.default_rng(5), 30, 16)
+        ids = _stored(store, vecs)
+        index.add("m1", ids, vecs)
+        index.add("m1", ids[:20], vecs[:20])
+        name = collection_name("twice", "m1")
+        assert sorted(index._ids(name)) == sorted(ids.tolist()) and index._count(name) == 50
+        _, hall = index.search("m1", vecs[1], 100, cameras=["hall"])
+        assert sorted(hall) == sorted(ids[1::3])
+    finally:
+        index.close()
+        store.close()
