@@ -2,6 +2,7 @@
 
     python bench/matcher_bench.py [--sizes 100000 1000000] [--queries 1000] [--out docs/benchmarks.md] [--only ingest]
                                   [--sustained 200000]
+    python bench/matcher_bench.py --backend sqlite+faiss postgres+milvus [--sizes 100000] [--queries 300] [--out ...]
 
 | part     | what is measured                                                                            |
 |----------|---------------------------------------------------------------------------------------------|
@@ -29,6 +30,12 @@ embeddings of one person; queries are fresh noisy views of stored identities.
 Other processes' CPU use (/proc/stat minus this process and its sender) is recorded for each measurement.
 The results table is printed and replaces the "Matcher (bench/matcher_bench.py)" section of --out
 (with `--only ingest`: its ingest subsection only).
+
+With `--backend`: only ingest and queries, for each backend named, on the same sightings and queries, into a fresh
+store: SQLite + FAISS (the default config), or PostgreSQL (a throwaway server, `tests/pgserver.py`) + Milvus (the
+`milvus` package's standalone server, its default HNSW index and Session consistency). The FAISS-only parts (the
+nprobe sweep, the IndexFlatIP reference, index bytes, snapshot restart) and the sustained, memory and HTTP rows are
+not run; the table replaces the "Matcher backends" section of --out.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss  # noqa: E402
@@ -66,6 +75,8 @@ MODEL = "bench-256"
 NPROBES = (16, 32, 64, 128, 256)
 SECTION = "## Matcher (bench/matcher_bench.py)"
 INGEST_SECTION = "### Ingest over loopback ZeroMQ"
+BACKENDS_SECTION = "## Matcher backends (bench/matcher_bench.py --backend)"
+BACKENDS = ("sqlite+faiss", "postgres+milvus")
 SUSTAINED = 200_000  # sightings per sustained-ingest row: ~10 s at the 20,000/s target
 ACK_WINDOW = 2000  # sightings in flight unacknowledged: an edge's default `publisher.hwm`
 log = logging.getLogger("bench")
@@ -130,11 +141,12 @@ def _send_acknowledged(sock: zmq.Socket, messages: list[bytes], window: int) -> 
     return done, last - first
 
 
-def config(data_dir: Path, exact_max: int | None = None) -> MatcherConfig:
-    index = {"snapshot_interval_s": 3600, **({"exact_max": exact_max} if exact_max else {})}
+def config(data_dir: Path, exact_max: int | None = None, store: dict | None = None, index: dict | None = None) -> MatcherConfig:
+    """The bench's matcher config; `store` and `index` entries (another backend's) go over the defaults."""
+    index = {"snapshot_interval_s": 3600, **({"exact_max": exact_max} if exact_max else {}), **(index or {})}
     return parse_config({"data_dir": str(data_dir), "http": {"token": "bench-token-0123456789", "port": 0},
                          "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
-                         "index": index, "metrics": {"log_interval_s": 30}}, MatcherConfig)
+                         "index": index, "store": store or {}, "metrics": {"log_interval_s": 30}}, MatcherConfig)
 
 
 def ingest(m: Matcher, start: int, stop: int, thumb_bytes: int = 0, window: int = 0) -> dict:
@@ -185,13 +197,31 @@ def percentiles(seconds: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def query_bench(m: Matcher, n_queries: int) -> dict:
-    p = m.index.partition(MODEL)
+def _queries(m: Matcher, n_queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(stored ids, their vectors, queries, each query's exact top 10 ids in any order): the same for every backend."""
     ids, vecs = m.index.stored_vectors(MODEL)
+    order = np.argsort(ids)  # the store's order may differ between backends; the queries' exact answers may not
+    ids, vecs = ids[order], vecs[order]
     rng = np.random.default_rng(7)
     queries = noisy(rng, centers(len(ids) // PER_ID)[rng.integers(0, len(ids) // PER_ID, n_queries)])
     chunks = np.array_split(queries, max(1, n_queries // 20))
-    exact_ids = ids[np.concatenate([np.argpartition(-(q @ vecs.T), 10, axis=1)[:, :10] for q in chunks])]  # top 10, any order
+    exact_ids = ids[np.concatenate([np.argpartition(-(q @ vecs.T), 10, axis=1)[:, :10] for q in chunks])]
+    return ids, vecs, queries, exact_ids
+
+
+def _full_search(m: Matcher, queries: np.ndarray) -> tuple[float, float]:
+    """(p50, p99) ms of the whole `search_embedding`, one query at a time."""
+    seconds = []
+    for q in queries:
+        t0 = time.perf_counter()
+        m.queries.search_embedding(q, MODEL, Filters(top_k=10))
+        seconds.append(time.perf_counter() - t0)
+    return percentiles(seconds)
+
+
+def query_bench(m: Matcher, n_queries: int) -> dict:
+    p = m.index.partition(MODEL)
+    ids, vecs, queries, exact_ids = _queries(m, n_queries)
     with OtherLoad() as other:
         index_ms, recall = _partition_search(m, queries, exact_ids)
     sweep = {}
@@ -202,11 +232,7 @@ def query_bench(m: Matcher, n_queries: int) -> dict:
             ivf.nprobe = nprobe
             sweep[nprobe] = _partition_search(m, queries, exact_ids)
         ivf.nprobe = configured
-    full_s = []
-    for q in queries:
-        t0 = time.perf_counter()
-        m.queries.search_embedding(q, MODEL, Filters(top_k=10))
-        full_s.append(time.perf_counter() - t0)
+    full = _full_search(m, queries)
     flat = faiss.IndexFlatIP(DIM)
     flat.add(vecs)
     flat_s = []
@@ -216,7 +242,7 @@ def query_bench(m: Matcher, n_queries: int) -> dict:
         flat_s.append(time.perf_counter() - t0)
     del flat, vecs
     return {"n": len(ids), "kind": p.kind, "nlist": faiss.extract_index_ivf(p.index).nlist if p.kind == "ivf" else None,
-            "index": index_ms, "full": percentiles(full_s), "flat": percentiles(flat_s), "recall": recall, "sweep": sweep,
+            "index": index_ms, "full": full, "flat": percentiles(flat_s), "recall": recall, "sweep": sweep,
             "other": other.cores,
             "index_bytes": faiss.serialize_index(p.index).nbytes}
 
@@ -336,6 +362,85 @@ def run(sizes: list[int], n_queries: int, workdir: Path, only_ingest: bool = Fal
     return results
 
 
+@contextmanager
+def backend_sections(backend: str, root: Path) -> Iterator[dict]:
+    """The `store` and `index` config sections of `backend`: none for SQLite + FAISS (the defaults); for
+    PostgreSQL + Milvus, a throwaway server of each (Milvus's under `root`), stopped after."""
+    if backend == "sqlite+faiss":
+        yield {}
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from milvus import MilvusServer
+    from pgserver import PgServer
+
+    pg_root = Path(tempfile.mkdtemp(prefix="matcher-bench-pg-"))  # not under a 0700 folder: the server's user must reach it
+    pg_root.chmod(0o755)
+    milvus = MilvusServer()
+    milvus.set_base_dir(str(root / "milvus"))
+    try:
+        with PgServer(pg_root / "pg") as pg:
+            milvus.start()
+            try:
+                yield {"store": pg.store_section(pg.fresh_db()),
+                       "index": {"engine": "milvus", "milvus": {"uri": f"http://127.0.0.1:{milvus.listen_port}"}}}
+            finally:
+                milvus.stop()
+    finally:
+        shutil.rmtree(pg_root, ignore_errors=True)
+
+
+def run_backends(backends: list[str], sizes: list[int], n_queries: int, workdir: Path) -> dict:
+    """Each backend in a fresh store, the same sightings from 0 to each size: ingest, then the same queries."""
+    results: dict = {"load_start": Path("/proc/loadavg").read_text().split()[:3], "rows": []}
+    for backend in backends:
+        with backend_sections(backend, workdir / backend) as sections:
+            m = Matcher(config(workdir / backend / "data", **sections))
+            m.start()
+            try:
+                done = 0
+                for size in sorted(sizes):
+                    log.info("%s: ingesting up to %d sightings", backend, size)
+                    row = {"backend": backend, "ingest": ingest(m, done, size)}
+                    done = size
+                    m.index.wait_rebuilds()
+                    ids, _, queries, exact_ids = _queries(m, n_queries)
+                    with OtherLoad() as other:
+                        row["index"], row["recall"] = _partition_search(m, queries, exact_ids)
+                        row["full"] = _full_search(m, queries)
+                    row |= {"n": len(ids), "kind": m.index.partition(MODEL).kind, "other": other.cores}
+                    results["rows"].append(row)
+                    log.info("%s at %d: %s", backend, size, row)
+            finally:
+                m.stop()
+    results["load_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    return results
+
+
+def backends_report(r: dict, command: str, minutes: float) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    from milvus import __version__ as milvus_version
+    lines = [BACKENDS_SECTION, "", f"`{command}`, {now}, {minutes:.0f} min.", "",
+             f"- {machine(*versions(), f'milvus (server package) {milvus_version}')}",
+             f"- Load average {' '.join(r['load_start'])} at the start, {' '.join(r['load_end'])} at the end (a shared "
+             "machine; \"other load\" is other processes' CPU in cores of the 2).",
+             "- Each backend ingests the same sightings into a fresh store over loopback ZeroMQ (sightings/s counted once "
+             "committed), then answers the same queries one at a time, k = 10; recall@10 against exact brute force on the "
+             "stored vectors. SQLite + FAISS: the default config; PostgreSQL + Milvus: a local PostgreSQL server "
+             "(`synchronous_commit` on) and the `milvus` package's standalone server on the same 2 cores, its default "
+             "HNSW index, Session consistency, queried right after the last insert (Milvus seals and indexes segments "
+             "in the background).", "",
+             "| backend | sightings | index | ingest sightings/s | matcher CPU µs per sighting | index search p50 / p99 ms "
+             "| `search_embedding` p50 / p99 ms | recall@10 vs exact | other load (cores) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        i = row["ingest"]
+        lines.append(f"| {row['backend']} | {row['n']:,} | {row['kind']} | **{i['rate']:,.0f}** | {i['cpu_us']:.0f} | "
+                     f"**{row['index'][0]:.2f} / {row['index'][1]:.2f}** | {row['full'][0]:.1f} / {row['full'][1]:.1f} | "
+                     f"**{row['recall']:.3f}** | {row['other']:.2f} |")
+    return "\n".join(lines + ["", "Matcher CPU is this process's only: PostgreSQL's and Milvus's own CPU is not in it "
+                               "(they run as other processes, so they count in \"other load\").", ""])
+
+
 def _ingest_row(run: str, span: str, thumb: str, i: dict) -> str:
     during = f"{i['rebuild_rate']:,.0f} ({i['rebuild_share']:.0%})" if i["rebuild_rate"] else "–"
     return (f"| {run} | {span} | {thumb} | **{i['rate']:,.0f}** | {i['seconds']:.1f} | {during} | {i['cpu_us']:.0f} | "
@@ -427,6 +532,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="markdown file whose Matcher section is replaced")
     ap.add_argument("--workdir", type=Path, default=None, help="data directory parent (default: a temporary one)")
     ap.add_argument("--sustained", type=int, default=SUSTAINED, help="sightings per sustained-ingest row (default: %(default)s)")
+    ap.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                    help="only ingest and queries, side by side on these backends (default: the full run on sqlite+faiss)")
     ap.add_argument("--only", choices=["ingest"], default=None,
                     help="ingest only (no queries, memory, restart); --out then replaces only the ingest subsection")
     args = ap.parse_args()
@@ -434,12 +541,17 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="matcher-bench-"))
     t0 = time.time()
     try:
-        results = run(args.sizes, args.queries, workdir, only_ingest=args.only == "ingest", n_sustained=args.sustained)
+        if args.backend:
+            results = run_backends(args.backend, args.sizes, args.queries, workdir)
+        else:
+            results = run(args.sizes, args.queries, workdir, only_ingest=args.only == "ingest", n_sustained=args.sustained)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    if args.only:
+    if args.backend:
+        text = backends_report(results, command, (time.time() - t0) / 60)
+    elif args.only:
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = "\n".join(ingest_report(results, f"`{command}`, {now}, {(time.time() - t0) / 60:.0f} min; {machine(*versions())}; load "
                                                  f"average {' '.join(results['load_start'])} at the start, "
@@ -448,7 +560,7 @@ def main() -> None:
         text = report(results, command, (time.time() - t0) / 60)
     print(text)
     if args.out:
-        write_section(args.out, INGEST_SECTION if args.only else SECTION, text)
+        write_section(args.out, BACKENDS_SECTION if args.backend else INGEST_SECTION if args.only else SECTION, text)
 
 
 if __name__ == "__main__":
