@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,10 +85,11 @@ def deployable(onnx_path: Path) -> tuple[str, int]:
 
 def report(frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s: float, version: str, dim: int) -> str:
     lines = [SECTION, "",
-             f"`python bench/adapt_vtest.py --out docs/results.md`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"`python bench/adapt_vtest.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{os.cpu_count()} CPU cores, no GPU, load average {os.getloadavg()[0]:.1f} at the end.", "",
-             f"- Edge node over `vtest.avi` at 5 fps with the HOG people detector: {sum(frames.values())} frames in "
-             f"{harvest_s:.0f} s, **{crops} crops harvested** (every 2nd frame of a track, at least 48 px high).",
+             (f"- Edge node over `vtest.avi` at 5 fps with the HOG people detector: {sum(frames.values())} frames in "
+              f"{harvest_s:.0f} s, **{crops} crops harvested** (every 2nd frame of a track, at least 48 px high)."
+              if frames else f"- The harvest of an earlier run reused (`--skip-harvest`): **{crops} crops**."),
              f"- Trainer: TCAP (`bench/adapt_tud.py`'s `tcap` settings), sources TUD-Campus + TUD-Stadtmitte "
              f"(labelled, 18 identities), target the harvested crops and their sidecars (no labels). {train_s:.0f} s "
              f"in all.",
