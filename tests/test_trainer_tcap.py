@@ -295,6 +295,7 @@ def test_shipped_configs_load_with_every_switch_on(name):
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "train" / name)
     t = cfg.tcap
     assert cfg.method == "tcap" and cfg.target.kind == "harvest" and cfg.optim.kind == "adam"
-    assert t.tracklets and t.split and t.cannot_link and t.eps == "profile" and t.pool == "gem" and t.neck
+    assert t.tracklets and t.split and t.cannot_link and t.eps == "tracklets" and t.pool == "gem" and t.neck
+    assert cfg.adapt.epoch_of == "target"  # TCAP's default, under the files' own adapt keys
     assert min(t.memory, t.proxy_intra, t.proxy_inter, t.cooccur) > 0
     assert cfg.model.backbone == ("resnet50" if name == "tcap-gpu.yaml" else "mobilenet_v2")
