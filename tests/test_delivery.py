@@ -234,7 +234,9 @@ def test_matcher_killed_five_times_during_ingest_loses_nothing_acknowledged(tmp_
         assert len(acked.now()) == pub.acknowledged == total and pub.dropped == 0
         assert_once(seqs, total)
         assert set(seqs) == acked.now()
-        assert matcher.text().count("matcher ingesting on") == 6  # five kills, six starts
+        # Five kills, six starts; ingest (and its acks) starts before the start-up line is logged, so wait for it.
+        wait_until(lambda: matcher.text().count("matcher ingesting on") >= 6, 30, "the sixth start's log line")
+        assert matcher.text().count("matcher ingesting on") == 6
     finally:
         stop.set()
         pub.close(drain_s=0)
