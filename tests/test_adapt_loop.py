@@ -85,8 +85,9 @@ def test_harvest_adapt_gate_promote_roll_out_migrate_and_find_a_person_from_befo
         progress = m.migration.progress()
         assert progress["model"] == new and progress["migrated"] >= last_before - progress["without_thumbnail"]
 
-        # The person of a sighting stored under the old model, searched after the switch with the new one.
-        result = m.queries.search_sighting(before.id, Filters(top_k=5))
+        # The person of a sighting stored under the old model, searched after the switch with the new one in the
+        # history before it (the edges go on adding new-model sightings of the same people, which may fill a top 5).
+        result = m.queries.search_sighting(before.id, Filters(top_k=5, until=before.ts))
         assert result.model == new and result.coverage is None  # migration done: the whole history covered
         hits = result.ranked()
         assert hits and any(s.id <= last_before for h in hits for s in h.sightings), "no earlier sighting found"
