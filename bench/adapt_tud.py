@@ -12,8 +12,13 @@ input size. Writes a markdown table (and the per-iteration history) to `--out`.
 With `--seeds` the variants run once per seed and the table gives mean ± std over the seeds, with the
 papers' own figures beside each row, in its own section:
 
-    python bench/adapt_tud.py --seeds 1 2 3 --variants daam arn arn-no-private arn-no-rec adfl-baseline adfl \
-        daam-adfl --out docs/results.md
+    python bench/adapt_tud.py --seeds 1 2 3 --variants arn arn-no-private arn-no-rec adfl-baseline adfl \
+        --out docs/results.md
+
+ADFL as the pre-training of DAAM and TCAP (each `*-adfl` starts from the `adfl` run of its seed), beside DAAM, in
+its own section:
+
+    python bench/adapt_tud.py --seeds 1 2 3 --variants adfl tcap-adfl daam daam-adfl --out docs/results.md
 
 TCAP and its ablations (`tcap*`) train on the edge node's harvest of TUD-Stadtmitte (made on first use), the other
 rows on its ground-truth crops; all are scored on the same ground-truth time split:
@@ -126,7 +131,9 @@ VARIANTS |= {
     "edaan-no-attention": ("EDAAN without attention (plain CycleGAN translation), quartet loss",
                            overlay(EDAAN, {"edaan": {"attention": False}})),
 }
-INIT_FROM = {"daam-adfl": "adfl"}  # variant → the variant whose trained trunk it starts from (run first)
+VARIANTS |= {"tcap-adfl": ("TCAP pre-trained by ADFL (its attn3-1sum trunk from the `adfl` run of the same seed)",
+                           overlay(TCAP, {"model": {"attn3": "1sum"}}))}
+INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl"}  # variant → the variant whose trunk it starts from (run first)
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
 PAPER = {
     "daam": "not in this issue's sources",
@@ -136,6 +143,7 @@ PAPER = {
     "adfl-baseline": "ADFL Table V baseline: M→D 30.8 / 48.9, D→M 29.1 / 59.4",
     "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
     "daam-adfl": "not in the papers",
+    "tcap-adfl": "not in the papers",
     **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
@@ -145,11 +153,15 @@ SEEDS_SECTION = "## ARN and ADFL beside DAAM, mean ± std over seeds (bench/adap
 # Runs with TCAP rows get their own section, so they never replace the ARN / ADFL table.
 TCAP_SECTION = "## TCAP and its ablations beside DAAM and DAAL, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 EDAAN_SECTION = "## EDAAN and its comparison rows, mean ± std over seeds (bench/adapt_tud.py --seeds)"
+# ADFL as the pre-training of the adapting methods, beside the same methods without it, in one run.
+PRETRAIN_SECTION = "## ADFL as the pre-training of DAAM and TCAP, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 
 
 def seeds_section(names) -> str:
     if any(name.startswith("edaan") for name in names):
         return EDAAN_SECTION
+    if any(name in INIT_FROM for name in names):
+        return PRETRAIN_SECTION
     return TCAP_SECTION if any(name.startswith("tcap") for name in names) else SEEDS_SECTION
 
 
@@ -322,7 +334,7 @@ def main() -> None:
             for name in args.variants:
                 results[name][seed] = run_variant(name, VARIANTS[name][1], base, seed, args.reuse)
         after = os.getloadavg()
-        imagenet = imagenet_baseline(base) if seeds_section(results) == TCAP_SECTION else None
+        imagenet = imagenet_baseline(base) if seeds_section(results) in (TCAP_SECTION, PRETRAIN_SECTION) else None
         section = seeds_section(results)
         text = seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command, imagenet)
     else:
