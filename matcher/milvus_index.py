@@ -10,6 +10,14 @@
 | consistency | `index.milvus.consistency`; Session (the default): a search sees every insert this client made, so |
 |             | what ingest counted is findable; Strong sees other replicas' too, at one time tick (~200 ms) a search |
 | removal     | `delete` by ids, as the store commits deletions                                               |
+| TTL         | `collection.ttl.seconds` = `retention.max_age_hours` (rounded up), set when a collection is made and |
+|             | brought in line when a matcher (not a read-only reader) opens one, "0" (Milvus: no expiry) once  |
+|             | retention has no max age; no retention, no property. A backstop: retention's deletes stay the   |
+|             | mechanism (they remove a sighting when it is past its age, from the store too). The TTL counts from |
+|             | the insert, so it ends a vector no sooner than its sighting's retention would (a re-embedded or |
+|             | recovered one later). Both servers here take the property; the 2.3.5 standalone expires rows at |
+|             | compaction of sealed segments (a 2 s TTL left a fresh row counted 4 s on), Milvus Lite 3.2.2 keeps |
+|             | the property but never expires                                                                 |
 | writes      | `upsert` by id, so a row written twice (a restarting replica's recovery inserting what another's ingest |
 |             | just wrote) stays one row; plain `insert` on Milvus 2.3 servers, whose upsert puts a partition-key |
 |             | collection's rows in the wrong partition (milvus-io/milvus#30607, measured on 2.3.5: a camera filter |
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -58,6 +67,7 @@ TOPK_MAX = 16384  # Milvus answers at most this many hits a search: a bigger k g
 _INSERT_ROWS = 5000  # rows per insert: well below Milvus's message size limit for 4096-d vectors
 _ID_PAGE = 10000
 _NUM_PARTITIONS = 64  # partition-key buckets the cameras hash into
+TTL_KEY = "collection.ttl.seconds"
 
 
 def upserts_by_key(version: str) -> bool:
@@ -86,11 +96,12 @@ class Collection:
 
 
 class MilvusIndex(VectorIndex):
-    def __init__(self, cfg: IndexConfig, store: Store, read_only: bool = False):
+    def __init__(self, cfg: IndexConfig, store: Store, read_only: bool = False, max_age_s: float | None = None):
         from pymilvus import MilvusClient  # the milvus extra
 
         super().__init__(cfg, store, read_only)
         self.mcfg = cfg.milvus
+        self.ttl_s = math.ceil(max_age_s) if max_age_s else None  # the collections' TTL: retention's max age
         token = read_secret(self.mcfg.token_file, "index.milvus.token_file", "token") if self.mcfg.token_file else ""
         with self._reaching():
             self.client = MilvusClient(uri=self.mcfg.uri or str(self.mcfg.lite_file), token=token, timeout=self.mcfg.timeout_s)
@@ -118,9 +129,12 @@ class MilvusIndex(VectorIndex):
                 return Collection(model, dim, name)
             self._create(name, model, dim)
         else:
-            have = next(f["params"]["dim"] for f in self.client.describe_collection(name)["fields"] if f["name"] == "vec")
+            described = self.client.describe_collection(name)
+            have = next(f["params"]["dim"] for f in described["fields"] if f["name"] == "vec")
             if int(have) != dim:
                 raise ValueError(f"Milvus collection {name} holds {have}-d vectors, model version {model!r} has {dim}-d")
+            if not self.read_only:
+                self._keep_ttl(name, described.get("properties") or {})
         self.client.load_collection(name)
         return Collection(model, dim, name, self._count(name))
 
@@ -134,8 +148,19 @@ class MilvusIndex(VectorIndex):
         params = self.client.prepare_index_params()
         params.add_index(field_name="vec", index_type=self.mcfg.index_type, metric_type="IP", params=self._build_params())
         self.client.create_collection(name, schema=schema, index_params=params, num_partitions=_NUM_PARTITIONS,
-                                      consistency_level=self.mcfg.consistency)
-        log.info("Milvus collection %s created for model version %s (%d-d, %s)", name, model, dim, self.mcfg.index_type)
+                                      consistency_level=self.mcfg.consistency,
+                                      properties={TTL_KEY: self.ttl_s} if self.ttl_s else None)
+        log.info("Milvus collection %s created for model version %s (%d-d, %s%s)", name, model, dim, self.mcfg.index_type,
+                 f", TTL {self.ttl_s} s" if self.ttl_s else "")
+
+    def _keep_ttl(self, name: str, properties: dict) -> None:
+        """Bring an existing collection's TTL in line with retention's max age (changed since it was made). Without one,
+        "0" rather than dropping the property: Milvus 2.3 cannot drop a property, and 0 means no expiry on every server."""
+        have, want = properties.get(TTL_KEY), str(self.ttl_s) if self.ttl_s else None
+        if have == want or (want is None and have in (None, "0")):
+            return
+        self.client.alter_collection_properties(name, {TTL_KEY: want or "0"})
+        log.info("Milvus collection %s: TTL %s s, was %s (retention.max_age_hours)", name, want or "none", have or "none")
 
     def _build_params(self) -> dict:
         if self.mcfg.index_type == "HNSW":

@@ -83,21 +83,23 @@ def open_store(data_dir: Path, cfg: StoreConfig, read_only: bool = False) -> Sto
     return PgStore(cfg, read_only)
 
 
-def open_index(data_dir: Path, cfg: IndexConfig, store: Store, read_only: bool = False) -> VectorIndex:
-    """The index `index.engine` names: FAISS partitions with snapshots in data_dir/index, or Milvus collections."""
+def open_index(data_dir: Path, cfg: IndexConfig, store: Store, read_only: bool = False,
+               max_age_s: float | None = None) -> VectorIndex:
+    """The index `index.engine` names: FAISS partitions with snapshots in data_dir/index, or Milvus collections (their
+    TTL retention's `max_age_s`)."""
     if cfg.engine == "faiss":
         return Index(cfg, store, Path(data_dir) / "index", read_only)
     from crossview.matcher.milvus_index import MilvusIndex  # pymilvus: the milvus extra
 
-    return MilvusIndex(cfg, store, read_only)
+    return MilvusIndex(cfg, store, read_only, max_age_s)
 
 
 def open_data(data_dir: Path, index_cfg: IndexConfig, query_cfg: QueryConfig, models: list[Path],
-              read_only: bool = False, store_cfg: StoreConfig | None = None) -> QueryEngine:
+              read_only: bool = False, store_cfg: StoreConfig | None = None, max_age_s: float | None = None) -> QueryEngine:
     """Store + recovered index + image embedders over `data_dir`; read-only beside a running service is fine."""
     store = open_store(data_dir, store_cfg or StoreConfig(), read_only)
     try:
-        index = open_index(data_dir, index_cfg, store, read_only)
+        index = open_index(data_dir, index_cfg, store, read_only, max_age_s)
         index.recover()
         return QueryEngine(store, index, load_embedders(models), query_cfg)
     except BaseException:
@@ -111,13 +113,14 @@ class Matcher:
     def __init__(self, cfg: MatcherConfig):
         self.cfg = cfg
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models, store_cfg=cfg.store)
+        max_age = cfg.retention.max_age_hours
+        self.queries = open_data(cfg.data_dir, cfg.index, cfg.query, cfg.models, store_cfg=cfg.store,
+                                 max_age_s=max_age * 3600 if max_age else None)
         self.store, self.index = self.queries.store, self.queries.index
         self.metrics = MatcherMetrics(self.stats)
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack", cfg.store)
         self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
         self.users, self.audit = Users(Path(cfg.data_dir), cfg.store), AuditLog(Path(cfg.data_dir), store=cfg.store)
-        max_age = cfg.retention.max_age_hours
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None, cfg.store)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of, cfg.store)
         self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist, cfg.store)

@@ -1,5 +1,6 @@
 """Shared fixtures: the shared data sets, the default embedder model (built once), tiny models, and the matcher's
-store backends (`store_section`: SQLite, or a fresh database on one PostgreSQL server per session, `pgserver.py`).
+store backends (`store_section`: SQLite, or a fresh database on one PostgreSQL server per session, `pgserver.py`), and
+the Milvus standalone server of the `milvus` package (`milvus_server`, once a session, for tests marked so).
 
 Shared data lives beside the repository (`/work/shared/data` next to `/work/main`, as CI clones it);
 tests that need it are skipped with the reason when it is absent.
@@ -11,6 +12,8 @@ from crossview.kernel.runtime import passive_threads
 
 passive_threads()  # before torch loads libgomp: what `crossview` itself does
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -100,9 +103,6 @@ def live_matcher(tmp_path_factory, default_model, tud_frames):
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""
-    import shutil
-    import tempfile
-
     from pgserver import PgServer
 
     root = Path(tempfile.mkdtemp(prefix="crossview-pg-"))  # not under pytest's 0700 folders: the server's user must reach it
@@ -111,6 +111,21 @@ def pg_server():
         with PgServer(root / "pg") as pg:
             yield pg
     finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def milvus_server():
+    """The Milvus standalone server the `milvus` package bundles (with its embedded etcd), in a temporary folder."""
+    milvus = pytest.importorskip("milvus", reason="the milvus extra is not installed")
+    root = tempfile.mkdtemp(prefix="crossview-milvus-")
+    server = milvus.MilvusServer()
+    server.set_base_dir(root)
+    try:
+        server.start()
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

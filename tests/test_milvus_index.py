@@ -9,9 +9,6 @@ restart that backfills.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
 from helpers import Pusher, free_port, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
@@ -32,7 +29,7 @@ from crossview.matcher.service import Matcher
 from crossview.matcher.store import Store
 
 pytest.importorskip("pymilvus", reason="the milvus extra is not installed")
-from crossview.matcher.milvus_index import MilvusIndex, collection_name, upserts_by_key  # noqa: E402
+from crossview.matcher.milvus_index import TTL_KEY, MilvusIndex, collection_name, upserts_by_key  # noqa: E402
 
 CAMERAS = ("gate", "hall", "street")
 
@@ -118,6 +115,47 @@ def test_upserts_where_the_server_places_partition_key_rows_right():
         True, True, True, True, False, False, False]
 
 
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def milvus_section(request, tmp_path) -> dict:
+    """An `index.milvus` section: Milvus Lite in tmp_path, or the standalone server (collections prefixed `ttl`)."""
+    if request.param == "lite":
+        return {"lite_file": str(tmp_path / "milvus.db")}
+    return {"uri": request.getfixturevalue("milvus_server"), "collection_prefix": "ttl"}
+
+
+def test_a_collection_carries_retentions_max_age_as_its_ttl_and_follows_it_when_changed(milvus_section, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    store = Store(data / "sightings.db")
+    _stored(store, unit_vectors(np.random.default_rng(0), 3, 8), "aged")
+    index_cfg = {"engine": "milvus", "milvus": milvus_section}
+
+    def ttl(index, model: str) -> str | None:
+        name = collection_name(milvus_section.get("collection_prefix", "crossview"), model)
+        return index.client.describe_collection(name).get("properties", {}).get(TTL_KEY)
+
+    def started(max_age_hours: float | None, model: str = "aged") -> str | None:
+        """The version's TTL once a matcher with this retention opened its collection."""
+        m = Matcher(matcher_config(data, index=index_cfg, retention={"max_age_hours": max_age_hours}))
+        try:
+            return ttl(m.index, model)
+        finally:
+            m.stop()
+
+    try:
+        assert started(1.5) == "5400"  # made with retention's max age
+        assert started(2) == "7200"  # retention changed: the next start follows
+        reader = MilvusIndex(IndexConfig(**index_cfg), store, read_only=True)
+        reader.recover()
+        assert ttl(reader, "aged") == "7200"  # a reader (`crossview query`) changes nothing
+        reader.close()
+        assert started(None) == "0"  # no max age any more: no expiry
+        _stored(store, unit_vectors(np.random.default_rng(1), 3, 8), "ageless")
+        assert started(None, "ageless") is None  # made without retention: no property
+    finally:
+        store.close()
+
+
 def test_an_unreachable_milvus_is_a_clear_error(tmp_path):
     cfg = IndexConfig(engine="milvus", milvus={"uri": f"http://127.0.0.1:{free_port()}", "timeout_s": 2})
     store = Store(tmp_path / "sightings.db")
@@ -141,21 +179,6 @@ def test_the_matcher_on_milvus_partitions_by_model(matcher):
     assert isinstance(matcher.index, MilvusIndex)
     assert {m: (p["size"], p["dim"], p["kind"]) for m, p in matcher.stats()["partitions"].items()} == {
         "m1": (360, 64, "milvus"), "m2": (90, 32, "milvus"), "m3": (360, 64, "milvus")}
-
-
-@pytest.fixture(scope="session")
-def milvus_server():
-    """The Milvus standalone server the `milvus` package bundles (with its embedded etcd), in a temporary folder."""
-    milvus = pytest.importorskip("milvus", reason="the milvus extra is not installed")
-    root = tempfile.mkdtemp(prefix="crossview-milvus-")
-    server = milvus.MilvusServer()
-    server.set_base_dir(root)
-    try:
-        server.start()
-        yield f"http://127.0.0.1:{server.listen_port}"
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.milvus_server
