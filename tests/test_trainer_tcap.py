@@ -30,12 +30,15 @@ from crossview.trainer.modeling.memory import (
 )
 from crossview.trainer.modeling.tcap import GeM
 from crossview.trainer.tracklets import (
+    best_cut,
     cooccurring,
     eps_from_profile,
     eps_from_tracklets,
     halves,
     otsu_threshold,
     pair_distances,
+    split_at_swaps,
+    swap_threshold,
     tracklet_labels,
     tracklets_of,
 )
@@ -68,14 +71,19 @@ def test_cooccurring_tracklets_never_share_a_label_even_when_they_look_alike():
     assert len(set(merged.labels)) == 1  # without the constraint all three are one person
 
 
-def test_a_tracklet_whose_appearance_jumps_is_split_where_the_tracker_swapped():
-    rng = np.random.default_rng(1)
-    people = _people(3, rng)
-    # Track 0 follows person 0 for 8 frames, then (a swap) person 1; tracks 1-4 are whole, of persons 0, 1, 2, 2.
+def _swapped_site(rng):
+    """Track 0 follows person 0 for 8 frames, then (a swap) person 1; tracks 1 and 2 (persons 0 and 1) walk together
+    later, as do tracks 3 and 4 (persons 2 and 3): two co-occurring pairs to learn what two people look like."""
+    people = _people(4, rng)
     feats = np.vstack([_track(people[0], 8, rng), _track(people[1], 8, rng)]
-                      + [_track(people[p], 12, rng) for p in (0, 1, 2, 2)])
+                      + [_track(people[p], 12, rng) for p in (0, 1, 2, 3)])
     tracks = np.r_[np.zeros(16), np.repeat([1, 2, 3, 4], 12)]
-    frames = np.r_[np.arange(16), np.tile(np.arange(100, 112), 4) + np.repeat([0, 20, 40, 60], 12)]
+    frames = np.r_[np.arange(16), np.tile(np.arange(100, 112), 4) + np.repeat([0, 0, 100, 100], 12)]
+    return feats, tracks, frames
+
+
+def test_a_tracklet_whose_appearance_jumps_is_split_where_the_tracker_swapped():
+    feats, tracks, frames = _swapped_site(np.random.default_rng(1))
     tl = tracklet_labels(feats, np.zeros(len(feats)), tracks, frames, k1=3, k2=1)
     assert tl.n_splits == 1 and tl.n_segments == 6
     assert len(set(tl.segments[:8])) == 1 and tl.segments[7] != tl.segments[8]  # cut exactly at the swap
@@ -83,6 +91,29 @@ def test_a_tracklet_whose_appearance_jumps_is_split_where_the_tracker_swapped():
     assert tl.labels[0] != tl.labels[8]
     whole = tracklet_labels(feats, np.zeros(len(feats)), tracks, frames, k1=3, k2=1, split=False)
     assert whole.n_splits == 0 and len(set(whole.segments[:16])) == 1
+
+
+def test_the_swap_threshold_is_learnt_between_whole_tracklets_and_cooccurring_pairs_joined():
+    feats, tracks, frames = _swapped_site(np.random.default_rng(3))
+    feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    tls = tracklets_of(np.zeros(len(feats)), tracks, frames)
+    pairs = cooccurring(np.zeros(len(feats)), frames, tls)
+    assert pairs.tolist() == [[1, 2], [3, 4]]
+    threshold = swap_threshold(feats, tls, pairs, 4)
+    clean = [best_cut(feats[t], 4)[0] for t in tls[1:]]
+    swapped, at = best_cut(feats[tls[0]], 4)
+    assert max(clean) < threshold < swapped and at == 8
+    # Nothing co-occurs: nothing says what two people look like, so nothing is cut.
+    alone = np.r_[np.arange(16), np.arange(100, 148)]
+    assert swap_threshold(feats, tracklets_of(np.zeros(len(feats)), tracks, alone), np.zeros((0, 2), int), 4) is None
+    segments, cuts = split_at_swaps(feats, tls, np.zeros((0, 2), int), 4)
+    assert cuts == 0 and len(segments) == len(tls)
+
+
+def test_a_street_of_alike_people_keeps_every_clean_tracklet_whole():
+    feats, who, frames = _street(np.random.default_rng(5))
+    tl = tracklet_labels(feats, np.zeros(len(feats)), who, frames, k1=4, k2=2)
+    assert tl.n_splits == 0
 
 
 def test_eps_from_the_knn_profile_recovers_tight_clusters():

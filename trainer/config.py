@@ -124,10 +124,8 @@ class TcapConfig(_Strict):
     """The tracklet- and camera-aware method (`trainer.methods.tcap`): every switch is one ablation."""
 
     tracklets: bool = Field(True, description="cluster tracklets (the tracker's (camera, track)); off: every crop alone")
-    split: bool = Field(True, description="cut tracklets where their appearance jumps (tracker swaps)")
-    split_window: int = Field(3, ge=1, description="crops averaged each side of a candidate cut")
-    split_z: float = Field(4.0, gt=0, description="a jump is above median + z robust std of the target's cut distances")
-    split_min: float = Field(0.2, ge=0, le=2, description="... and above this cosine distance")
+    split: bool = Field(True, description="cut tracklets where their appearance changes by more than the site's "
+                        "co-occurring pairs laid end to end show a swap does (tracker swaps); pieces of at least min_crops")
     cannot_link: bool = Field(True, description="never cluster two tracklets that co-occur (one camera, overlapping frames)")
     eps: Literal["tracklets", "profile", "percentile"] = Field(
         "tracklets", description="DBSCAN eps: the distance that best separates two halves of one tracklet from "

@@ -3,7 +3,7 @@
 | step                  | how                                                                              |
 |-----------------------|----------------------------------------------------------------------------------|
 | tracklets             | `tracklets_of(cams, tracks, frames)`: crops of one (camera, track), in frame order; a crop without a track is its own |
-| tracker swaps         | `split_at_jumps`: cut a tracklet where the mean embedding of the `window` crops before and after a point differ by a robust outlier of the target's own profile (median + z·MAD, at least `min_distance`) |
+| tracker swaps         | `split_at_swaps`: cut a tracklet where the mean embeddings before and after a point differ most (binary segmentation), while they differ by more than the site's own `swap_threshold`: Youden's J between its tracklets' best cuts and co-occurring pairs laid end to end (a swap made on purpose) |
 | co-occurrence         | `cooccurring(segments)`: pairs of segments of one camera whose frame spans overlap: two people |
 | distance              | `trainer.kreciprocal.jaccard_distance` of the segments' mean embeddings; co-occurring pairs set to 1 |
 | radius                | `eps_from_profile`: Otsu's threshold on every segment's k-NN Jaccard distances (absent = 1): the valley between "same person" and "someone else"; or `eps_from_tracklets` (`eps_by_halves`): segments cut into `halves`, the radius that best tells two halves of one tracklet (one person) from co-occurring ones (two people) |
@@ -54,37 +54,59 @@ def tracklets_of(cams: np.ndarray, tracks: np.ndarray, frames: np.ndarray) -> li
     return groups + [np.array([i]) for i in np.flatnonzero(tracks < 0)]
 
 
-def jump_distances(features: np.ndarray, window: int) -> np.ndarray:
-    """Cosine distance between the mean embedding of the `window` crops before each cut point and those after; (n-1,)."""
+def cut_distances(features: np.ndarray, min_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cuts, distances): for each cut c with at least `min_side` crops either side, the cosine distance between the
+    mean embedding of the crops before c and that of the crops from c on (a swap shows as one person, then another)."""
     x = np.asarray(features, np.float64)
     n = len(x)
+    cuts = np.arange(min_side, n - min_side + 1)
     csum = np.vstack([np.zeros((1, x.shape[1])), np.cumsum(x, 0)])
-    cut = np.arange(1, n)
-    lo, hi = np.maximum(cut - window, 0), np.minimum(cut + window, n)
-    before = l2_normalise((csum[cut] - csum[lo]).astype(np.float32))
-    after = l2_normalise((csum[hi] - csum[cut]).astype(np.float32))
-    return 1.0 - np.einsum("ij,ij->i", before, after)
+    before = l2_normalise(csum[cuts].astype(np.float32))
+    after = l2_normalise((csum[n] - csum[cuts]).astype(np.float32))
+    return cuts, 1.0 - np.einsum("ij,ij->i", before, after)
 
 
-def split_at_jumps(features: np.ndarray, tracklets: list[np.ndarray], window: int = 3, z: float = 4.0,
-                   min_distance: float = 0.2) -> tuple[list[np.ndarray], int]:
-    """(segments, cuts): each tracklet cut where its appearance jumps, the tracker having swapped two people.
+def best_cut(features: np.ndarray, min_side: int) -> tuple[float, int | None]:
+    """The cut whose two sides differ most, and that distance; (0, None) when too short for two sides."""
+    cuts, d = cut_distances(features, min_side)
+    if not len(cuts):
+        return 0.0, None
+    i = int(np.argmax(d))
+    return float(d[i]), int(cuts[i])
 
-    A cut point is a jump when its `jump_distances` value is a robust outlier of every cut point of the target
-    (above median + z·1.4826·MAD, and above `min_distance` so a target of smooth tracklets keeps them whole) and
-    the largest within `window` of it, so one swap is cut once, not at each neighbouring point."""
-    dists = [jump_distances(features[t], window) for t in tracklets]
-    pooled = np.concatenate(dists) if dists else np.zeros(0)
-    if len(pooled) == 0:
+
+def swap_threshold(features: np.ndarray, tracklets: list[np.ndarray], pairs: np.ndarray, min_side: int,
+                   max_pairs: int = 2000) -> float | None:
+    """The site's own line between one person and a swap: the best-cut distance that best tells the site's tracklets
+    (nearly all one person) from co-occurring pairs laid end to end (two people, as a swap joins them), by Youden's J.
+    Both sides go through the same `best_cut`, so its bias (the largest of many cuts) is the same on each. None
+    without both kinds (no pair co-occurs, or no tracklet is long enough)."""
+    whole = [best_cut(features[t], min_side)[0] for t in tracklets if len(t) >= 2 * min_side]
+    pairs = [(i, j) for i, j in pairs if len(tracklets[i]) >= min_side and len(tracklets[j]) >= min_side]
+    if len(pairs) > max_pairs:  # a crowded site: a fixed sample bounds the cost
+        pairs = [pairs[k] for k in np.random.default_rng(0).choice(len(pairs), max_pairs, replace=False)]
+    joined = [best_cut(features[np.r_[tracklets[i], tracklets[j]]], min_side)[0] for i, j in pairs]
+    return youden_threshold(np.array(whole), np.array(joined)) if whole and joined else None
+
+
+def split_at_swaps(features: np.ndarray, tracklets: list[np.ndarray], pairs: np.ndarray,
+                   min_side: int) -> tuple[list[np.ndarray], int]:
+    """(segments, cuts): each tracklet cut at its `best_cut` while the two sides differ by more than `swap_threshold`
+    (binary segmentation: each side is tried again), no piece shorter than `min_side`. `pairs` are the co-occurring
+    tracklets the threshold is learnt from; without them nothing is cut."""
+    threshold = swap_threshold(features, tracklets, pairs, min_side)
+    if threshold is None:
+        log.info("tracker swaps: no co-occurring tracklets to learn a threshold from; no tracklet is cut")
         return tracklets, 0
-    median = np.median(pooled)
-    threshold = max(min_distance, median + z * 1.4826 * np.median(np.abs(pooled - median)))
-    segments, cuts = [], 0
-    for t, d in zip(tracklets, dists):
-        peaks = [i for i in np.flatnonzero(d > threshold) if d[i] == d[max(0, i - window):i + window + 1].max()]
-        segments += np.split(t, np.asarray(peaks, np.int64) + 1)
-        cuts += len(peaks)
-    return segments, cuts
+    segments, todo = [], list(reversed(tracklets))
+    while todo:
+        t = todo.pop()
+        distance, cut = best_cut(features[t], min_side)
+        if cut is None or distance <= threshold:
+            segments.append(t)
+        else:
+            todo += [t[cut:], t[:cut]]  # the earlier side first: segments stay in tracklet and frame order
+    return segments, len(segments) - len(tracklets)
 
 
 def cooccurring(cams: np.ndarray, frames: np.ndarray, segments: list[np.ndarray]) -> np.ndarray:
@@ -158,16 +180,22 @@ def pair_distances(dist: sparse.csr_matrix, pairs: np.ndarray) -> np.ndarray:
 
 def eps_from_tracklets(dist: sparse.csr_matrix, same: np.ndarray, different: np.ndarray) -> float | None:
     """DBSCAN's radius from the site's own labels: the distance that best tells the two halves of one tracklet (one
-    person) from co-occurring tracklets (two people), by Youden's J (the share of `same` pairs within it minus the
-    share of `different` pairs within it, largest), midway to the next distance seen. None without pairs of both
-    kinds: the caller falls back to the k-NN profile."""
+    person) from co-occurring tracklets (two people), by `youden_threshold`. None without pairs of both kinds: the
+    caller falls back to the k-NN profile."""
     if not len(same) or not len(different):
         return None
-    pos, neg = pair_distances(dist, same), pair_distances(dist, different)
-    cuts = np.unique(np.concatenate([pos, neg]))
-    j = (pos[None, :] <= cuts[:, None]).mean(1) - (neg[None, :] <= cuts[:, None]).mean(1)
+    return youden_threshold(pair_distances(dist, same), pair_distances(dist, different), ceiling=1.0)
+
+
+def youden_threshold(within: np.ndarray, across: np.ndarray, ceiling: float | None = None) -> float:
+    """The distance that best separates `within` (one person) from `across` (two people) by Youden's J, the share of
+    `within` at or below it minus the share of `across`, largest; midway to the next distance seen (to `ceiling`, or
+    just above, past the last)."""
+    cuts = np.unique(np.concatenate([within, across]))
+    j = (within[None, :] <= cuts[:, None]).mean(1) - (across[None, :] <= cuts[:, None]).mean(1)
     best = int(np.argmax(j))
-    return float((cuts[best] + (cuts[best + 1] if best + 1 < len(cuts) else 1.0)) / 2)
+    nxt = cuts[best + 1] if best + 1 < len(cuts) else (ceiling if ceiling is not None else cuts[best])
+    return float((cuts[best] + nxt) / 2)
 
 
 def separate_cannot_links(labels: np.ndarray, dist: sparse.csr_matrix, eps: float, conflicts: np.ndarray) -> np.ndarray:
@@ -215,8 +243,8 @@ def _renumber(labels: np.ndarray) -> np.ndarray:
 
 
 def tracklet_labels(features: np.ndarray, cams: np.ndarray, tracks: np.ndarray, frames: np.ndarray, *,
-                    k1: int = 20, k2: int = 6, min_crops: int = 4, split: bool = True, window: int = 3,
-                    z: float = 4.0, min_jump: float = 0.2, cannot_link: bool = True, eps_k: int = 5,
+                    k1: int = 20, k2: int = 6, min_crops: int = 4, split: bool = True, cannot_link: bool = True,
+                    eps_k: int = 5,
                     eps_by_halves: bool = False,
                     eps_rule: Callable[[sparse.csr_matrix], float] | None = None) -> TrackletLabels:
     """Cluster the target's crops by tracklet segment (see the module table); `eps_rule(distance)` gives the radius,
@@ -228,7 +256,7 @@ def tracklet_labels(features: np.ndarray, cams: np.ndarray, tracks: np.ndarray, 
     cams, frames = np.asarray(cams, np.int64), np.asarray(frames, np.int64)
     segments, cuts = tracklets_of(cams, tracks, frames), 0
     if split:
-        segments, cuts = split_at_jumps(features, segments, window, z, min_jump)
+        segments, cuts = split_at_swaps(features, segments, cooccurring(cams, frames, segments), min_crops)
     siblings = np.zeros((0, 2), np.int64)
     if eps_by_halves:
         segments, siblings = halves(segments, min_crops)

@@ -132,9 +132,8 @@ class Tcap(Method):
         frames = np.array([s.frame for s in target])
         rule = (lambda d: eps_from_percentile(d, c.p)) if t.eps == "percentile" else None
         labels = tracklet_labels(features, cams, tracks, frames, k1=c.k1, k2=c.k2, min_crops=t.min_crops,
-                                 split=t.split, window=t.split_window, z=t.split_z, min_jump=t.split_min,
-                                 cannot_link=t.cannot_link, eps_k=t.eps_k, eps_by_halves=t.eps == "tracklets",
-                                 eps_rule=rule)
+                                 split=t.split, cannot_link=t.cannot_link, eps_k=t.eps_k,
+                                 eps_by_halves=t.eps == "tracklets", eps_rule=rule)
         return labels, memory_init(features, cams, labels)
 
     def _set_memory(self, memory: dict[str, np.ndarray], device: torch.device) -> None:
