@@ -512,7 +512,8 @@ class Index(VectorIndex):
             log.info("partition %s: built exact from %d stored vectors", model, added)
             return p
         # What was added just now was read from the store as it is now, so its deletions are already reflected.
-        gone = np.array([i for seq, i, m in deletions if seq > p.saved["del_pos"] and m == model], np.int64)
+        gone = np.array([i for seq, i, m in deletions if seq > p.saved["del_pos"] and m == model and i > 0],  # not drops
+                        np.int64)
         gone = gone[p.holds(gone)]
         if len(gone):
             p.remove(gone)

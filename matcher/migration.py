@@ -21,7 +21,8 @@ it, so a query made after the switch still finds the people seen before it.
 |           | deletion looks for its vectors                                                             |
 | replicas  | the thread works while `held()` (the service's lease, `matcher.lease`): one replica migrates, |
 |           | resuming from the store where another stopped; the others index its vectors from the store |
-|           | (`matcher.tail`) but keep their replaced partitions until restarted                       |
+|           | (`matcher.tail`), and drop a replaced partition as it does: it logs the drop in the store's |
+|           | deletion log (`log_drop`), which their tails follow (Milvus: the collection is shared)     |
 
     migration = Migration(cfg.migration, store, index, registry, edges=lambda: edges.report()["edges"],
                           quiet=pipeline.quiet, max_age_s=3600 * 24)
@@ -229,6 +230,7 @@ class Migration:
         with self.quiet():  # no batch of it half indexed
             self.index.drop(model)
             upto = self.store.next_id() - 1
+            self.store.log_drop(model, upto)  # the other replicas' indexes drop it at their next poll (`matcher.tail`)
         deleted, after = 0, 0
         while after is not None:
             if self._stop.is_set():

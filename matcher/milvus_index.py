@@ -33,9 +33,10 @@
 |             | is moved to its collection, for readers outside the matcher (the matcher's queries name their version) |
 | drop        | `drop(model)`: the version's collection goes                                                  |
 | clients     | one pymilvus `MilvusClient` for a server or cluster (`uri`) and for Milvus Lite (`lite_file`)    |
-| replicas    | matchers on one store share the collections: a version another replica's ingest created is opened |
-|             | within a second (`open_stored`); Session consistency sees the others' inserts only once this client's |
-|             | own guarantee time passes them, so replicas that must answer alike at once use Strong or Bounded |
+| replicas    | matchers on one store share the collections: a version another replica's ingest created is opened, |
+|             | and one the migrating replica dropped is forgotten, within a second (`open_stored`, which never |
+|             | makes one); Session consistency sees the others' inserts only once this client's own guarantee |
+|             | time passes them, so replicas that must answer alike at once use Strong or Bounded           |
 
     index = MilvusIndex(cfg.index, store)                # cfg.index.engine == "milvus"
     index.recover()
@@ -185,10 +186,18 @@ class MilvusIndex(VectorIndex):
         return c
 
     def open_stored(self) -> None:
-        """Open the collections of versions the store holds and this index has not met: another replica's ingest
-        made them (the service calls this every second with a shared store)."""
+        """Follow the collections other replicas made or dropped (the service calls this every second with a shared
+        store): open those of versions the store holds that this index has not met (made by another's ingest), and
+        forget those that are gone (dropped by the migrating replica). A missing one is never made here: the store
+        lists a dropped version until its vectors are deleted, and its collection must not come back meanwhile."""
+        held = set(self.client.list_collections())
+        for model, c in list(self.partitions.items()):
+            if c.name not in held:
+                with self._lock:
+                    self.partitions.pop(model, None)
+                log.info("Milvus collection %s of model version %s dropped by another replica", c.name, model)
         for model, dim in self.store.models().items():
-            if model not in self.partitions:
+            if model not in self.partitions and collection_name(self.mcfg.collection_prefix, model) in held:
                 self._collection(model, dim)
 
     # -- changes ---------------------------------------------------------------------------------

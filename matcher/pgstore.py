@@ -300,16 +300,20 @@ class PgStore(SqlStore):
             found += db.execute("SELECT id, model FROM reembedded WHERE id = ANY(%s)", (present,)).fetchall()
             for table in _PURGED:
                 db.execute(f"DELETE FROM {table} WHERE id = ANY(%s)", (present,))
-            if found:
-                first = self._take(db, "deletions", len(found))
-                db.execute("INSERT INTO deletions (seq, id, model) SELECT %s + n - 1, id, model "
-                           "FROM unnest(%s::bigint[], %s::text[]) WITH ORDINALITY AS d (id, model, n)",
-                           (first, [i for i, _ in found], [m for _, m in found]))
-            return by_model(found), self._position(db, "deletions")
+            return by_model(found), self._log_deletions(db, found)
 
         result = self._transaction(work)
         self._purge = True
         return result
+
+    def _log_deletions(self, db: psycopg.Connection, found: list[tuple[int, str]]) -> int:
+        """Append (id, model) entries to the deletion log; its position after them."""
+        if found:
+            first = self._take(db, "deletions", len(found))
+            db.execute("INSERT INTO deletions (seq, id, model) SELECT %s + n - 1, id, model "
+                       "FROM unnest(%s::bigint[], %s::text[]) WITH ORDINALITY AS d (id, model, n)",
+                       (first, [i for i, _ in found], [m for _, m in found]))
+        return self._position(db, "deletions")
 
     def last_deletion(self) -> int:
         with self._read() as db:

@@ -24,8 +24,10 @@
 |                | edges' last heartbeats (`matcher.edges`)                                                 |
 | replicas       | `store.kind: postgres`, any number of matchers on the database: the watchlist check and the |
 |                | migration run on the replica holding their lease (`matcher.lease`); thread: every second, |
-|                | FAISS indexes what the others stored (`matcher.tail`, also after each own commit) and the |
-|                | lease holder checks the store's new sightings against the watchlist; the deletion log is |
+|                | FAISS indexes what the others stored and drops the partitions the migration dropped     |
+|                | (`matcher.tail`, also after each own commit; Milvus: the collections another replica made |
+|                | or dropped are opened or forgotten, `open_stored`) and the lease holder checks the store's |
+|                | new sightings against the watchlist; the deletion log is                                 |
 |                | kept until every replica's tail has applied it (`PgStore.report_position`)              |
 
 At start the index loads its snapshots and replays the store, so what was accepted before a `kill -9` is
@@ -134,8 +136,8 @@ class Matcher:
         self.migration = Migration(cfg.migration, self.store, self.index, self.registry, lambda: self.edges.report()["edges"],
                                    self.ingest.quiet, max_age * 3600 if max_age else None, self._use_model,
                                    self.ingest.forget_model, self.leases["migration"].held)
-        self.tail = (StoreTail(self.store, self.index, self.migration.lock, f"{socket.gethostname()}:{Path(cfg.data_dir).resolve()}")
-                     if self.shared and cfg.index.engine == "faiss" else None)
+        self.tail = (StoreTail(self.store, self.index, self.migration.lock, f"{socket.gethostname()}:{Path(cfg.data_dir).resolve()}",
+                               self.ingest.forget_model) if self.shared and cfg.index.engine == "faiss" else None)
         self.ingest.tail = self.tail
         if self.tail is not None:
             self.tail.report()  # before a peer's next prune: the log after this index's position is kept
@@ -162,7 +164,7 @@ class Matcher:
                 if self.tail is not None:
                     self.tail.poll()
                     self.tail.report()
-                else:  # Milvus: the collections are shared; open those another replica created
+                else:  # Milvus: the collections are shared; follow those another replica created or dropped
                     self.index.open_stored()
                 if self.leases["watchlist"].held():
                     self.watchlist.check_stored(self.store)

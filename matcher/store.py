@@ -19,7 +19,8 @@
 |                       | `to_migrate` (newest first), `migration_counts`; `drop_vectors` when a version's partition goes |
 | deletions             | `delete(ids)` removes rows, embeddings of every version and thumbnails (`secure_delete`: their |
 |                       | bytes are overwritten in the file; the next `checkpoint()` truncates the WAL, which held copies) |
-|                       | and appends (seq, id, model) to the `deletions` log, one entry per version that held the id |
+|                       | and appends (seq, id, model) to the `deletions` log, one entry per version that held the id; |
+|                       | `log_drop(model, upto)` appends (seq, -upto, model): the version's partition went (`matcher.tail`) |
 | retention             | `older_than(ts)`, `over_quota(n)`: ids to delete                             |
 | readers               | pooled connections, one per concurrent reader; `read_only=True` opens the file `mode=ro` |
 |                       | (safe beside a running service)                                             |
@@ -273,12 +274,16 @@ class Store(SqlStore):
                                 (present,)).fetchall()
             for table in ("sightings", "vectors", "thumbnails", "reembedded"):
                 db.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))", (present,))
-            db.executemany("INSERT INTO deletions (id, model) VALUES (?, ?)", found)
-            return by_model(found), self._last_deletion(db)
+            return by_model(found), self._log_deletions(db, found)
 
         result = self._transaction(work)
         self._purge = True
         return result
+
+    def _log_deletions(self, db: sqlite3.Connection, found: list[tuple[int, str]]) -> int:
+        """Append (id, model) entries to the deletion log; its position after them."""
+        db.executemany("INSERT INTO deletions (id, model) VALUES (?, ?)", found)
+        return self._last_deletion(db)
 
     @staticmethod
     def _last_deletion(db: sqlite3.Connection) -> int:

@@ -10,7 +10,8 @@
 | `oldest_over(...)`        | `over_quota`'s walk over the cameras above their quota                       |
 | `migrate_window(...)`     | `to_migrate`'s pass window: newest first below (ts, id), or an id range      |
 | `SqlStore`                | the methods whose SQL both engines run as written: lookups, retention queries, |
-|                           | the migration's selections, dropping a version's vectors; `insert_new` for one writer |
+|                           | the migration's selections, dropping a version's vectors and logging the drop; |
+|                           | `insert_new` for one writer                                                  |
 
 `matcher.store.Store` (SQLite) and `matcher.pgstore.PgStore` (PostgreSQL) have the same public methods and
 semantics. `SqlStore`'s SQL is written with SQLite's placeholders (`?`, `:name`); a backend's `_sql()` turns them
@@ -231,8 +232,17 @@ class SqlStore:
     # -- retention -----------------------------------------------------------------------------
 
     def deletions_after(self, seq: int) -> list[tuple[int, int, str]]:
-        """(seq, sighting id, model) logged after position `seq`."""
+        """(seq, sighting id, model) logged after position `seq`; an id of -n is `log_drop`'s."""
         return self._all("SELECT seq, id, model FROM deletions WHERE seq > ? ORDER BY seq", (int(seq),))
+
+    def _log_deletions(self, db, found: list[tuple[int, str]]) -> int:
+        raise NotImplementedError
+
+    def log_drop(self, model: str, upto: int) -> int:
+        """Log that `model`'s partition went with what it held of the sightings up to id `upto`: (seq, -upto, model), an
+        entry told from a deletion by its id (ids are positive), so the other replicas' indexes drop it too
+        (`matcher.tail`). Returns the log position."""
+        return self._transaction(lambda db: self._log_deletions(db, [(-int(upto), model)]))
 
     def older_than(self, ts: float, limit: int) -> list[int]:
         return [r[0] for r in self._all("SELECT id FROM sightings WHERE ts < ? ORDER BY ts LIMIT ?", (ts, int(limit)))]

@@ -10,14 +10,19 @@
 | the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
 | a sighting both replicas were sent     | the second to commit skips it inside its transaction, ids consecutive |
 | the deletion log                       | kept until every replica's index has applied it                       |
-| two replicas on one Milvus (Lite)      | a version only the other ingested: the same answer from both          |
+| two replicas on one Milvus (Lite)      | a version only the other ingested: the same answer from both; one it  |
+|                                        | dropped: forgotten within a second, and not made again                |
+| a replaced version dropped             | the migrating replica re-embeds and drops the old partition; the other |
+|                                        | drops it too within a poll, and both answer the new version alike     |
+| a drop in the deletion log             | the other replica's tail drops the partition at the logged drop, while |
+|                                        | the store still holds the vectors, and keeps what was sent after it   |
 | the watchlist across a lease handover  | the holder checks what the other replica ingested; after it stops, the |
 |                                        | other takes the lease and checks on from the shared cursor: one alert |
 |                                        | per track, every sighting checked                                     |
 
 Real processes (`crossview matcher` twice), real edges' publishers (spool, DEALER connected to both replicas), the
-session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handover and Milvus tests run two `Matcher`s in
-process.
+session's PostgreSQL server (`pgserver.py`), the replicas' HTTP API; the handover, Milvus and drop tests run two
+`Matcher`s in process (the drop's migration with tiny real ONNX models re-embedding real JPEG thumbnails).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import time
 import urllib.request
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -251,8 +257,9 @@ def test_a_sighting_another_replica_stored_meanwhile_is_skipped_in_the_transacti
         two.close()
 
 
-def test_two_replicas_on_one_milvus_answer_alike_with_a_version_only_the_other_ingested(tmp_path, pg_server):
+def test_two_replicas_on_one_milvus_answer_alike_and_follow_each_others_collections(tmp_path, pg_server):
     pytest.importorskip("milvus_lite", reason="the milvus extra's Milvus Lite is not installed")
+    from crossview.matcher.milvus_index import collection_name
     store = pg_server.store_section(pg_server.fresh_db())
     index = {"engine": "milvus", "milvus": {"lite_file": str(tmp_path / "milvus.db"), "index_type": "FLAT",
                                             "consistency": "Strong"}}
@@ -269,6 +276,79 @@ def test_two_replicas_on_one_milvus_answer_alike_with_a_version_only_the_other_i
         wait_until(lambda: "m1" in second.index.partitions, 5, "the second replica to open the version's collection")
         answers = [[(h.track_id, round(h.score, 5)) for h in m.queries.search_sighting(1).ranked()] for m in (first, second)]
         assert answers[0] == answers[1] and len(answers[0]) == 5  # every other track, from either replica
+        first.index.drop("m1")  # as the migration drops a replaced version, which the store lists until its vectors go
+        wait_until(lambda: "m1" not in second.index.partitions, 5, "the other replica to forget the dropped collection")
+        first.index.open_stored()
+        assert "m1" not in first.index.partitions and collection_name("crossview", "m1") not in first.index.client.list_collections()
+    finally:
+        first.stop()
+        second.stop()
+
+
+def thumbnailed(rng, n: int, model: str, t0: float) -> list:
+    """n sightings of `model` (8-d), each its own track, with a JPEG of noise that a new version can re-embed."""
+    return [make_sighting(v, ts=t0 + k, frame=k, track=k, model=model,
+                          thumbnail=cv2.imencode(".jpg", rng.integers(0, 255, (32, 16, 3), np.uint8))[1].tobytes())
+            for k, v in enumerate(unit_vectors(rng, n, 8))]
+
+
+def answers(m: Matcher, sighting_id: int) -> list[tuple[int, float]]:
+    return [(h.track_id, round(h.score, 5)) for h in m.queries.search_sighting(sighting_id).ranked()]
+
+
+def test_a_version_the_migrating_replica_drops_goes_from_the_others_index_too(tmp_path, pg_server, make_tiny_model):
+    store = pg_server.store_section(pg_server.fresh_db())
+    files = {v: tmp_path / f"{v}.onnx" for v in ("tiny-1", "tiny-2")}
+    for seed, (version, path) in enumerate(files.items()):
+        make_tiny_model(path, version, seed=seed)
+    first = Matcher(matcher_config(tmp_path / "first", store=store, migration={"poll_s": 0.2}))
+    first.registry.promote(first.registry.register(files["tiny-1"]).version)
+    first.start()
+    second = None
+    try:
+        wait_until(first.leases["migration"].held, 5, "the first replica to take the migration lease")
+        second = Matcher(matcher_config(tmp_path / "second", store=store, migration={"poll_s": 0.2}))
+        second.start()
+        with Pusher(second.ingest.endpoint) as p:  # the replica not migrating ingests them
+            p.send(thumbnailed(np.random.default_rng(4), 40, "tiny-1", time.time() - 60))
+        wait_until(lambda: all(m.index.stats().get("tiny-1", {}).get("size") == 40 for m in (first, second)), 10,
+                   "both replicas to index the old version")
+        first.registry.promote(first.registry.register(files["tiny-2"]).version)  # no edge reports tiny-1: it goes
+        wait_until(lambda: "tiny-1" not in first.index.partitions, 30, "the migrating replica to drop the old version")
+        wait_until(lambda: "tiny-1" not in second.index.partitions, 3, "the other replica to drop it too, within a poll")
+        assert second.index.stats()["tiny-2"]["size"] == 40 and not second.migration.migrated  # re-embedded by the first
+        assert answers(first, 1) == answers(second, 1) and len(answers(first, 1)) == 10  # top_k
+        for m in (first, second):
+            with pytest.raises(LookupError, match="no sightings of embedding model version 'tiny-1'"):
+                m.index.search("tiny-1", np.ones(8, np.float32), 5)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_a_drop_in_the_deletion_log_reaches_the_other_replica_before_the_vectors_are_gone(tmp_path, pg_server):
+    store = pg_server.store_section(pg_server.fresh_db())
+    first = Matcher(matcher_config(tmp_path / "first", store=store, migration={"enabled": False}))
+    first.start()
+    second = Matcher(matcher_config(tmp_path / "second", store=store))  # not started: its tail is polled here
+    rng = np.random.default_rng(6)
+    try:
+        with Pusher(first.ingest.endpoint) as p:
+            p.send(thumbnailed(rng, 30, "m1", time.time() - 60))
+            wait_until(lambda: first.ingest.accepted == 30, 10, "the first replica to ingest")
+            second.tail.poll()
+            assert second.index.stats()["m1"]["size"] == 30
+            with first.ingest.quiet():  # the migration's drop: the partition, then the entry in the log
+                first.index.drop("m1")
+                first.store.log_drop("m1", first.store.next_id() - 1)
+            p.send(thumbnailed(rng, 5, "m1", time.time() - 30))  # an edge sending the dropped version still
+            wait_until(lambda: first.ingest.accepted == 35, 10, "the sightings sent after the drop")
+        second.tail.poll()  # reads the 5 new rows into the old partition, then the drop
+        assert "m1" in second.store.models() and second.store.count("m1", None, None, None, 100) == 35  # all still stored
+        assert first.index.stats()["m1"]["size"] == second.index.stats()["m1"]["size"] == 5
+        later = second.store.vector(31)
+        assert sorted(first.index.search("m1", later, 10)[1]) == sorted(second.index.search("m1", later, 10)[1]) == [31, 32, 33, 34, 35]
     finally:
         first.stop()
         second.stop()
