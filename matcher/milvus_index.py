@@ -36,7 +36,10 @@
 | replicas    | matchers on one store share the collections: a version another replica's ingest created is opened, |
 |             | and one the migrating replica dropped is forgotten, within a second (`open_stored`, which never |
 |             | makes one); Session consistency sees the others' inserts only once this client's own guarantee |
-|             | time passes them, so replicas that must answer alike at once use Strong or Bounded           |
+|             | time passes them, so replicas that must answer alike at once use Strong or Bounded. A         |
+|             | collection's `size` (stats, metrics) is Milvus's count when this replica opened it plus its own |
+|             | adds and removals, so replicas show different sizes (measured, `tests/test_replicas.py`'s kill |
+|             | test: 560 and 530 for one collection of 560); searches are not affected                      |
 
     index = MilvusIndex(cfg.index, store)                # cfg.index.engine == "milvus"
     index.recover()

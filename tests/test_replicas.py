@@ -1,11 +1,13 @@
-"""Two matcher replicas on one PostgreSQL (FAISS each, following the store), fed by two edges, one replica `kill -9`ed.
+"""Two matcher replicas on one PostgreSQL (FAISS each, following the store, or one Milvus), fed by two edges, one
+replica `kill -9`ed.
 
 | test                                   | what is checked                                                       |
 |----------------------------------------|-----------------------------------------------------------------------|
 | replica killed mid-ingest, restarted   | every sighting stored exactly once (count, distinct (node, seq), each seq |
 |                                        | the edge spooled), every one acknowledged, one track id per edge track |
 |                                        | though its sightings reached both replicas; both answer a query alike, |
-|                                        | with tracks each of them ingested only in part                        |
+|                                        | with tracks each of them ingested only in part. With FAISS, and with  |
+|                                        | the Milvus standalone server (`milvus_server`, Strong consistency)    |
 | the lease                              | one holder at a time, taken over once the holder's expired            |
 | the edge's `publisher.endpoint`        | one string or a list of replicas; each checked, the key named         |
 | a sighting both replicas were sent     | the second to commit skips it inside its transaction, ids consecutive |
@@ -54,11 +56,11 @@ DIM = 32
 class Replica:
     """A `crossview matcher` process on the shared database, on ports it keeps across a restart."""
 
-    def __init__(self, tmp, name: str, store: dict):
+    def __init__(self, tmp, name: str, store: dict, index: dict):
         self.tmp, self.name, self.port, self.http = tmp, name, free_port(), free_port()
         self.config = tmp / f"{name}.yaml"
         self.config.write_text(yaml.safe_dump({
-            "data_dir": str(tmp / name), "store": store,
+            "data_dir": str(tmp / name), "store": store, "index": index,
             "ingest": {"endpoint": f"tcp://127.0.0.1:{self.port}", "security": {"mode": "plain"}, "batch_wait_ms": 2},
             "http": {"token": TOKEN, "port": self.http}, "metrics": {"log_interval_s": 1},
         }))
@@ -120,10 +122,20 @@ def stored(store: dict) -> list[tuple[str, int, int, int]]:
         return db.execute("SELECT node, seq, track, track_id FROM sightings").fetchall()
 
 
+@pytest.fixture(params=["faiss", pytest.param("milvus", marks=pytest.mark.milvus_server)])
+def index_section(request) -> dict:
+    """The replicas' `index` section: a FAISS index each, or one Milvus standalone server for both (Strong: a search
+    sees the other replica's inserts too, so both answer alike at once)."""
+    if request.param == "faiss":
+        return {}
+    return {"engine": "milvus", "milvus": {"uri": request.getfixturevalue("milvus_server"), "collection_prefix": "killed",
+                                           "consistency": "Strong"}}
+
+
 @pytest.mark.timeout(120)
-def test_a_replica_killed_mid_ingest_loses_nothing_and_both_answer_alike(tmp_path, pg_server):
+def test_a_replica_killed_mid_ingest_loses_nothing_and_both_answer_alike(tmp_path, pg_server, index_section):
     store = pg_server.store_section(pg_server.fresh_db())
-    one, two = Replica(tmp_path, "one", store).start(), Replica(tmp_path, "two", store).start()
+    one, two = (Replica(tmp_path, name, store, index_section).start() for name in ("one", "two"))
     rng, people, t0 = np.random.default_rng(7), unit_vectors(np.random.default_rng(1), 6, DIM), time.time() - 600
     pubs = {node: Publisher(PublisherConfig(endpoint=[one.endpoint, two.endpoint], security={"mode": "plain"}, hwm=64,
                                             spool_dir=tmp_path / f"spool-{node}")) for node in NODES}
@@ -147,6 +159,7 @@ def test_a_replica_killed_mid_ingest_loses_nothing_and_both_answer_alike(tmp_pat
         assert all(len(ids) == 1 for ids in track_ids.values()), track_ids  # not split between the replicas
         total = sum(map(len, sent.values()))
         assert 0 < two.stats()["accepted"] < total and one.stats()["accepted"] > 0  # each stored a share
+        assert two.stats()["partitions"]["m1"]["kind"] == ("milvus" if index_section else "flat")
         subject = min(track_id for node, _, track, track_id in rows if node == "edge-a" and track == 3)
         wait_until(lambda: one.query(subject) == two.query(subject), 10, "both replicas to answer alike")
         answer = one.query(subject)
