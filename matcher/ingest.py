@@ -85,6 +85,11 @@ def _size(batch: Batch) -> int:
     return sum(len(rows.sightings) for rows in batch.values())
 
 
+def _sightings(batch: Batch) -> list[Sighting]:
+    """A batch's sightings in batch order (model by model): the order of its ids."""
+    return [s for rows in batch.values() for s in rows.sightings]
+
+
 def _merged(batches: list[Batch]) -> Batch:
     """Several batches as one, still one `Rows` per model version."""
     if len(batches) == 1:
@@ -186,7 +191,7 @@ class Pipeline:
         while not self._stop.is_set():
             sightings = self.receiver.receive_batch(0.1, self.cfg.batch_max)  # short, so stop() is noticed
             batch = self._checked(sightings)
-            kept = {id(s) for rows in batch.values() for s in rows.sightings}
+            kept = {id(s) for s in _sightings(batch)}
             self.receiver.ack([s for s in sightings if id(s) not in kept], refused=True)  # never to be stored
             if batch:
                 self._received.put(batch)
@@ -292,11 +297,11 @@ class Pipeline:
                 repeats += more
             if batch:  # under the lock, for quiet()
                 self._committed.put((batch, ids, t0))
-        self.receiver.ack(repeats + [s for rows in batch.values() for s in rows.sightings])  # committed: on disk
+        self.receiver.ack(repeats + _sightings(batch))  # committed: on disk
 
     def _unseen(self, batch: Batch) -> tuple[Batch, list[Sighting]]:
         """(the batch without resent sightings, the resent ones): a (node, seq) stored already or twice in the batch."""
-        keys = [(s.node, s.seq) for rows in batch.values() for s in rows.sightings if s.seq is not None]
+        keys = [(s.node, s.seq) for s in _sightings(batch) if s.seq is not None]
         return _without(batch, self.store.stored(keys)) if keys else (batch, [])
 
     def _insert(self, batch: Batch) -> tuple[Batch, np.ndarray, list[Sighting]]:
@@ -309,8 +314,7 @@ class Pipeline:
             found.update(seen)
             return track_ids
 
-        first, skipped = self.store.insert_new([s for rows in batch.values() for s in rows.sightings],
-                                               [v for rows in batch.values() for v in rows.vecs], assign)
+        first, skipped = self.store.insert_new(_sightings(batch), [v for rows in batch.values() for v in rows.vecs], assign)
         self.tracks.remember(found)  # only once committed: a rolled-back track id must not be continued
         batch, repeats = _without(batch, skipped) if skipped else (batch, [])
         return batch, np.arange(first, first + _size(batch), dtype=np.int64), repeats
@@ -354,7 +358,7 @@ class Pipeline:
                 self.index.add(model, model_ids, rows.vecs)
         # On disk, so accepted; counted once searchable too, so a count seen means findable.
         self.accepted += len(ids)
-        self.accepted_by_camera.update(s.camera for rows in batch.values() for s in rows.sightings)
+        self.accepted_by_camera.update(s.camera for s in _sightings(batch))
         self.metrics.batch_seconds.observe(time.perf_counter() - t0)
         for model, model_ids, rows in parts if self.on_indexed else ():
             try:

@@ -33,15 +33,14 @@ import threading
 import time
 
 from crossview.kernel.config import StoreConfig
-from crossview.matcher.sqldb import open_db
+from crossview.matcher.sqldb import PG_NOW, open_db
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = ["CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL)"]
-_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
-_TAKE = (f"INSERT INTO leases (name, holder, expires) VALUES (?, ?, {_NOW} + ?) ON CONFLICT (name) DO UPDATE SET "
+_TAKE = (f"INSERT INTO leases (name, holder, expires) VALUES (?, ?, {PG_NOW} + ?) ON CONFLICT (name) DO UPDATE SET "
          f"holder = excluded.holder, expires = excluded.expires WHERE leases.holder = excluded.holder "
-         f"OR leases.expires < {_NOW} RETURNING holder")
+         f"OR leases.expires < {PG_NOW} RETURNING holder")
 
 
 class Lease:

@@ -55,7 +55,7 @@ from psycopg_pool import ConnectionPool
 
 from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import Sighting
-from crossview.matcher.sqldb import Db, connect_pg, migrate, pg_options, pg_sql, schema_version
+from crossview.matcher.sqldb import PG_NOW, Db, connect_pg, migrate, pg_options, pg_sql, schema_version
 from crossview.matcher.storecommon import COLUMNS, Assign, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,6 @@ MIGRATIONS = [
     "CREATE TABLE replica_positions (replica text PRIMARY KEY, del_pos bigint NOT NULL, seen double precision NOT NULL);",
 ]
 REPLICA_SEEN_S = 600.0  # a replica silent this long no longer holds the deletion log back (its restart rebuilds)
-_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"  # the server's clock: the replicas' need not agree
 _PURGED = ("sightings", "vectors", "thumbnails", "reembedded")  # what a deletion leaves dead tuples in
 _SIGHTING_TYPES = ("bigint", "text", "text", "double precision", "bigint", "bigint", "bigint", *["double precision"] * 5,
                    "text", "boolean", "bigint")  # COLUMNS and seq
@@ -144,8 +143,6 @@ class PgStore(SqlStore):
             raise
         self._write_lock = threading.Lock()
         self._purge = False  # a deletion since the last VACUUM
-
-    # -- schema --------------------------------------------------------------------------------
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -326,7 +323,7 @@ class PgStore(SqlStore):
             return
 
         def work(db: psycopg.Connection) -> None:
-            (applied,) = db.execute(f"SELECT MIN(del_pos) FROM replica_positions WHERE seen > {_NOW} - %s",
+            (applied,) = db.execute(f"SELECT MIN(del_pos) FROM replica_positions WHERE seen > {PG_NOW} - %s",
                                     (REPLICA_SEEN_S,)).fetchone()
             upto = int(upto_seq if applied is None else min(upto_seq, applied))
             if upto > self._position(db, "pruned"):
@@ -338,7 +335,7 @@ class PgStore(SqlStore):
     def report_position(self, replica: str, del_pos: int) -> None:
         """This replica's index has applied the deletion log up to `del_pos`: the log is kept for it until then."""
         self._transaction(lambda db: db.execute(
-            f"INSERT INTO replica_positions VALUES (%s, %s, {_NOW}) ON CONFLICT (replica) DO UPDATE SET "
+            f"INSERT INTO replica_positions VALUES (%s, %s, {PG_NOW}) ON CONFLICT (replica) DO UPDATE SET "
             "del_pos = excluded.del_pos, seen = excluded.seen", (replica, int(del_pos))))
 
     def pruned_upto(self) -> int:

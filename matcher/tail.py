@@ -43,6 +43,7 @@ import numpy as np
 
 from crossview.matcher.index import Index
 from crossview.matcher.store import Store
+from crossview.matcher.storecommon import by_model
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,12 @@ class StoreTail:
 
     def _sightings(self, model: str, top: int) -> int:
         held = self.index.partitions.get(model)
+        return self._add_stored(model, max(self.upto, held.max_id if held else 0), top)
+
+    def _add_stored(self, model: str, after_id: int, upto_id: int) -> int:
+        """Index the store's sightings of `model` with after_id < id <= upto_id; how many."""
         n = 0
-        for ids, vecs in self.store.vectors(model, after_id=max(self.upto, held.max_id if held else 0), upto_id=top):
+        for ids, vecs in self.store.vectors(model, after_id=after_id, upto_id=upto_id):
             self.index.add(model, ids, vecs)
             n += len(ids)
         return n
@@ -95,11 +100,7 @@ class StoreTail:
         """Drop a version's partition, then index again what the store holds of it above sighting id `upto`."""
         if not self.index.drop(model):
             return
-        again = 0
-        if upto < self.upto:
-            for ids, vecs in self.store.vectors(model, after_id=upto, upto_id=self.upto):
-                self.index.add(model, ids, vecs)
-                again += len(ids)
+        again = self._add_stored(model, upto, self.upto) if upto < self.upto else 0
         if not again:
             self.on_dropped(model)
         log.info("partition %s dropped, its version dropped from the store (%d sightings of it sent since kept)", model, again)
@@ -116,11 +117,8 @@ class StoreTail:
                 self._remove(run)
 
     def _remove(self, rows: list[tuple[int, int, str]]) -> None:
-        by_model: dict[str, list[int]] = {}
-        for _, i, model in rows:
-            by_model.setdefault(model, []).append(i)
         held = {}
-        for model, ids in by_model.items():
+        for model, ids in by_model([(i, model) for _, i, model in rows]).items():
             if (p := self.index.partitions.get(model)) is not None:
                 ids = np.asarray(ids, np.int64)
                 held[model] = ids[p.holds(ids)].tolist()

@@ -215,9 +215,8 @@ class Watchlist:
 
     def _entries(self, where: str, args: tuple) -> list[Entry]:
         with self._lock:
-            rows = self._db.all("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created "
-                                f"FROM entries {where}", args)
-        return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7]) for r in rows]
+            rows = self._db.all(f"SELECT {_ENTRY_COLUMNS} FROM entries {where}", args)
+        return [_entry(r) for r in rows]
 
     def _rebuild(self) -> None:
         with self._lock:
@@ -233,9 +232,8 @@ class Watchlist:
         """The per-model indexes from the table: entries change rarely, so a rebuild (milliseconds) is simplest."""
         by_model: dict[str, list[tuple[Entry, bytes]]] = {}
         self._seen = self._db.one(_SEEN)
-        for r in self._db.all("SELECT id, name, model, min_probability, min_similarity, cameras, origin, created, vec "
-                                  "FROM entries ORDER BY id"):
-            e = Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7])
+        for r in self._db.all(f"SELECT {_ENTRY_COLUMNS}, vec FROM entries ORDER BY id"):
+            e = _entry(r)
             by_model.setdefault(e.model, []).append((e, r[8]))
         self._parts = {model: _Partition([e for e, _ in rows], np.frombuffer(b"".join(v for _, v in rows), np.float32)
                                          .reshape(len(rows), -1))
@@ -346,4 +344,10 @@ class Watchlist:
 
 
 _SEEN = "SELECT COUNT(*), MAX(id) FROM entries"
+_ENTRY_COLUMNS = "id, name, model, min_probability, min_similarity, cameras, origin, created"
+
+
+def _entry(r: Sequence) -> Entry:
+    """An `Entry` from a row that starts with `_ENTRY_COLUMNS`."""
+    return Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7])
 _ALERT_COLUMNS = "id, entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, created"
