@@ -1,7 +1,8 @@
 """The matcher's vectors in Milvus (`index.engine: milvus`): Milvus Lite for behaviour, one test on the real server.
 
 The index on its own: a collection per model version, search, camera filters, removal, and recovery that backfills
-from the store what a killed matcher committed but never inserted. Then the matcher's query tests of
+from the store what a killed matcher committed but never inserted; retention's max age as each collection's TTL (on
+Milvus Lite and on the server). Then the matcher's query tests of
 `test_matcher_query` (imported, so they run here on this module's `matcher`: the same assertions over Milvus Lite).
 Last, the standalone server of the `milvus` package (a session fixture, ~10 s to start): ingest, a query, and a
 restart that backfills.
