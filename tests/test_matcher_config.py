@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_matcher_config_loads():
     cfg = load_matcher_config(REPO / "configs" / "matcher.yaml")
     assert cfg.data_dir == REPO / "var" / "matcher"
-    assert cfg.models == [REPO / "models" / "mobilenetv2-imagenet.onnx"] and cfg.models[0].is_file()
+    # Where `crossview build-embedder` writes by default (run from the checkout), which `make demo` does first.
+    assert cfg.models == [REPO / "models" / "mobilenetv2-imagenet.onnx"]
     assert (cfg.index.nprobe, cfg.index.threads, cfg.query.track_gap_s) == (64, 1, 60)
 
 
