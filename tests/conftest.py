@@ -100,6 +100,18 @@ def live_matcher(tmp_path_factory, default_model, tud_frames):
         yield live
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def served_matcher(request, live_matcher, tmp_path_factory, default_model, tud_frames):
+    """The session's live matcher (SQLite), then the same on PostgreSQL: the API and web page suites run on both."""
+    if request.param == "sqlite":
+        yield live_matcher
+        return
+    from live_matcher import LiveMatcher
+
+    with LiveMatcher(tmp_path_factory.mktemp("matcher-pg"), default_model, tud_frames, backend_section(request)) as live:
+        yield live
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""

@@ -3,8 +3,8 @@ ZeroMQ (`live_matcher.py`), uvicorn on 127.0.0.1, plain `urllib` as the client.
 
 Checks what a client relies on: the token gate, answers that find people on the other camera with
 thumbnails that load, image uploads (and the 400 a broken one gets), errors that say what is wrong,
-the OpenAPI schema, localhost binding, and `crossview query --url`. On both store backends: the session's
-SQLite `live_matcher`, and one on PostgreSQL.
+the OpenAPI schema, localhost binding, and `crossview query --url`. On both store backends (`served_matcher`:
+the session's SQLite matcher, then one on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -18,24 +18,12 @@ import urllib.request
 import cv2
 import numpy as np
 import pytest
-from live_matcher import TOKEN, LiveMatcher, person_crop
-from pgserver import BACKENDS, backend_section
+from live_matcher import TOKEN, person_crop
 
 from crossview.cli import main
 from crossview.kernel.config import HttpConfig, MatcherConfig, parse_config
 from crossview.matcher.api import serve
 from crossview.matcher.client import encode_multipart
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def live_matcher(request, live_matcher, tmp_path_factory, default_model, tud_frames):
-    """The session's live matcher (SQLite), then the same on PostgreSQL."""
-    if request.param == "sqlite":
-        yield live_matcher
-        return
-    with LiveMatcher(tmp_path_factory.mktemp("matcher-pg"), default_model, tud_frames, backend_section(request)) as live:
-        yield live
-
 
 PROTECTED = [
     ("GET", "/api/v1/stats"), ("GET", "/api/v1/cameras"), ("GET", "/api/v1/sightings"), ("GET", "/api/v1/sightings/1"),
@@ -88,82 +76,82 @@ def hits(result: dict) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
-def test_every_api_path_needs_the_token(live_matcher, method, path):
+def test_every_api_path_needs_the_token(served_matcher, method, path):
     for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": f"Basic {TOKEN}"}):
-        status, hdrs, raw = call(live_matcher, method, path, {} if method == "POST" else None, headers=headers)
+        status, hdrs, raw = call(served_matcher, method, path, {} if method == "POST" else None, headers=headers)
         assert status == 401, (headers, raw)
         assert "token" in detail(raw) and hdrs["www-authenticate"] == "Bearer"
     # No token in the query string: it would end up in logs and browser history.
-    status, _, _ = call(live_matcher, method, f"{path}?token={TOKEN}", {} if method == "POST" else None, headers={})
+    status, _, _ = call(served_matcher, method, f"{path}?token={TOKEN}", {} if method == "POST" else None, headers={})
     assert status == 401
 
 
-def test_health_page_and_schema_need_no_token(live_matcher):
-    status, _, raw = call(live_matcher, "GET", "/api/v1/health", headers={})
+def test_health_page_and_schema_need_no_token(served_matcher):
+    status, _, raw = call(served_matcher, "GET", "/api/v1/health", headers={})
     assert (status, json.loads(raw)) == (200, {"status": "ok"})
-    status, hdrs, raw = call(live_matcher, "GET", "/", headers={})
+    status, hdrs, raw = call(served_matcher, "GET", "/", headers={})
     assert status == 200 and hdrs["content-type"].startswith("text/html") and b"/static/app.js" in raw
     assert "default-src 'self'" in hdrs["content-security-policy"]  # the page may load nothing from elsewhere
     for asset in ("/static/app.js", "/static/style.css"):
-        assert call(live_matcher, "GET", asset, headers={})[0] == 200
+        assert call(served_matcher, "GET", asset, headers={})[0] == 200
 
 
-def test_binds_localhost_by_default_and_refuses_to_start_without_a_token(live_matcher, tmp_path):
+def test_binds_localhost_by_default_and_refuses_to_start_without_a_token(served_matcher, tmp_path):
     assert HttpConfig(token=TOKEN).host == "127.0.0.1"
-    assert live_matcher.server.host == "127.0.0.1"
+    assert served_matcher.server.host == "127.0.0.1"
     with pytest.raises(ValueError, match="exactly one of token and token_file"):
         parse_config({"ingest": {"security": {"mode": "plain"}}, "http": {}}, MatcherConfig)
     missing, short = tmp_path / "missing-token", tmp_path / "short-token"
     short.write_text("abc\n")
     for token_file, why in ((missing, "cannot read the token"), (short, "at least 16 characters")):
         with pytest.raises(ValueError, match=why) as err:
-            serve(live_matcher.matcher, HttpConfig(token_file=token_file, port=0))
+            serve(served_matcher.matcher, HttpConfig(token_file=token_file, port=0))
         assert str(token_file) in str(err.value)
 
 
-def test_busy_port_is_a_clear_error(live_matcher):
-    with pytest.raises(OSError, match=f"http.port: 127.0.0.1:{live_matcher.server.port} is already in use"):
-        serve(live_matcher.matcher, HttpConfig(token=TOKEN, port=live_matcher.server.port))
+def test_busy_port_is_a_clear_error(served_matcher):
+    with pytest.raises(OSError, match=f"http.port: 127.0.0.1:{served_matcher.server.port} is already in use"):
+        serve(served_matcher.matcher, HttpConfig(token=TOKEN, port=served_matcher.server.port))
 
 
 # ---- browsing -----------------------------------------------------------------------------------
 
 
-def test_cameras_stats_and_recent_sightings(live_matcher):
-    cameras = {c["camera"]: c for c in ok_json(live_matcher, "GET", "/api/v1/cameras")}
-    n_gate = sum(s.camera == "gate" for s in live_matcher.sightings)
+def test_cameras_stats_and_recent_sightings(served_matcher):
+    cameras = {c["camera"]: c for c in ok_json(served_matcher, "GET", "/api/v1/cameras")}
+    n_gate = sum(s.camera == "gate" for s in served_matcher.sightings)
     assert set(cameras) == {"gate", "hall"} and cameras["gate"]["sightings"] == n_gate
     assert cameras["gate"]["node"] == "edge-1" and cameras["gate"]["last_ts"] < cameras["hall"]["first_ts"]
 
-    stats = ok_json(live_matcher, "GET", "/api/v1/stats")
-    assert stats["accepted"] == len(live_matcher.sightings)
-    assert stats["partitions"][live_matcher.model]["dim"] == live_matcher.embedder.dim
+    stats = ok_json(served_matcher, "GET", "/api/v1/stats")
+    assert stats["accepted"] == len(served_matcher.sightings)
+    assert stats["partitions"][served_matcher.model]["dim"] == served_matcher.embedder.dim
 
-    recent = ok_json(live_matcher, "GET", "/api/v1/sightings?camera=hall&limit=5")
+    recent = ok_json(served_matcher, "GET", "/api/v1/sightings?camera=hall&limit=5")
     assert len(recent) == 5 and {r["camera"] for r in recent} == {"hall"}
     assert [r["ts"] for r in recent] == sorted((r["ts"] for r in recent), reverse=True)
-    one = ok_json(live_matcher, "GET", f"/api/v1/sightings/{recent[0]['id']}")
+    one = ok_json(served_matcher, "GET", f"/api/v1/sightings/{recent[0]['id']}")
     assert one == recent[0] and one["thumbnail_url"] == f"/api/v1/sightings/{one['id']}/thumbnail"
-    assert one["score"] == pytest.approx(sent(live_matcher, one).score) and "det_score" not in one  # named as on the wire
-    assert call(live_matcher, "GET", "/api/v1/sightings?limit=0")[0] == 422
+    assert one["score"] == pytest.approx(sent(served_matcher, one).score) and "det_score" not in one  # named as on the wire
+    assert call(served_matcher, "GET", "/api/v1/sightings?limit=0")[0] == 422
 
 
-def test_unknown_sighting_is_404_naming_it(live_matcher):
+def test_unknown_sighting_is_404_naming_it(served_matcher):
     for path in ("/api/v1/sightings/999999", "/api/v1/sightings/999999/thumbnail"):
-        status, _, raw = call(live_matcher, "GET", path)
+        status, _, raw = call(served_matcher, "GET", path)
         assert status == 404 and "999999" in detail(raw)
-    status, _, raw = call(live_matcher, "POST", "/api/v1/query", {"sighting_id": 999999})
+    status, _, raw = call(served_matcher, "POST", "/api/v1/query", {"sighting_id": 999999})
     assert status == 404 and "sighting 999999 not found" in detail(raw)
 
 
 # ---- queries ------------------------------------------------------------------------------------
 
 
-def test_query_by_sighting_finds_the_person_on_the_other_camera(live_matcher):
+def test_query_by_sighting_finds_the_person_on_the_other_camera(served_matcher):
     # Person 3 walks through gate (frames 1-30) and hall (36-63).
-    subject = next(r for r in ok_json(live_matcher, "GET", "/api/v1/sightings?camera=gate&limit=100") if r["track"] == 3)
-    result = ok_json(live_matcher, "POST", "/api/v1/query", {"sighting_id": subject["id"], "top_k": 20})
-    assert result["query"]["by"] == "sighting" and result["model"] == live_matcher.model
+    subject = next(r for r in ok_json(served_matcher, "GET", "/api/v1/sightings?camera=gate&limit=100") if r["track"] == 3)
+    result = ok_json(served_matcher, "POST", "/api/v1/query", {"sighting_id": subject["id"], "top_k": 20})
+    assert result["query"]["by"] == "sighting" and result["model"] == served_matcher.model
 
     found = hits(result)
     assert {camera for camera, _ in found} == {"gate", "hall"}
@@ -178,27 +166,27 @@ def test_query_by_sighting_finds_the_person_on_the_other_camera(live_matcher):
     # Every thumbnail the page would show loads, and is exactly what the edge sent.
     for _, hit in found:
         for s in hit["sightings"]:
-            status, hdrs, jpeg = call(live_matcher, "GET", s["thumbnail_url"])
+            status, hdrs, jpeg = call(served_matcher, "GET", s["thumbnail_url"])
             assert status == 200 and hdrs["content-type"] == "image/jpeg"
-            assert jpeg == sent(live_matcher, s).thumbnail
+            assert jpeg == sent(served_matcher, s).thumbnail
             assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR) is not None
 
 
-def test_query_by_track_and_by_embedding_with_filters(live_matcher):
-    by_track = ok_json(live_matcher, "POST", "/api/v1/query", {"track": {"node": "edge-2", "camera": "hall", "track": 3},
+def test_query_by_track_and_by_embedding_with_filters(served_matcher):
+    by_track = ok_json(served_matcher, "POST", "/api/v1/query", {"track": {"node": "edge-2", "camera": "hall", "track": 3},
                                                                "cameras": ["gate"], "top_k": 2})
     assert by_track["query"]["by"] == "track" and list(by_track["cameras"]) == ["gate"]
     assert len(hits(by_track)) == 2
 
-    vec = next(s for s in live_matcher.sightings if s.camera == "hall" and s.track == 5).embedding
-    since = min(s.ts for s in live_matcher.sightings if s.camera == "hall")
-    body = {"embedding": vec.tolist(), "model": live_matcher.model, "since": since, "top_k": 50}
-    by_vec = ok_json(live_matcher, "POST", "/api/v1/query", body)
+    vec = next(s for s in served_matcher.sightings if s.camera == "hall" and s.track == 5).embedding
+    since = min(s.ts for s in served_matcher.sightings if s.camera == "hall")
+    body = {"embedding": vec.tolist(), "model": served_matcher.model, "since": since, "top_k": 50}
+    by_vec = ok_json(served_matcher, "POST", "/api/v1/query", body)
     assert list(by_vec["cameras"]) == ["hall"], "since keeps gate out: it was earlier"
     best = max((h for _, h in hits(by_vec)), key=lambda h: h["score"])
     assert best["track"] == 5 and best["score"] == pytest.approx(1.0, abs=1e-4)  # its own vector
 
-    none = ok_json(live_matcher, "POST", "/api/v1/query", {**body, "min_score": 0.9999, "cameras": ["gate"]})
+    none = ok_json(served_matcher, "POST", "/api/v1/query", {**body, "min_score": 0.9999, "cameras": ["gate"]})
     assert none["cameras"] == {}
 
 
@@ -213,27 +201,27 @@ def test_query_by_track_and_by_embedding_with_filters(live_matcher):
     ({"sighting_id": 1, "top_k": 0}, 422, "greater than or equal to 1"),
     ({"track": {"node": "edge-9", "camera": "gate", "track": 1}}, 404, "no track edge-9:gate:1"),
 ])
-def test_bad_queries_say_what_is_wrong(live_matcher, body, status, message):
-    got, _, raw = call(live_matcher, "POST", "/api/v1/query", body)
+def test_bad_queries_say_what_is_wrong(served_matcher, body, status, message):
+    got, _, raw = call(served_matcher, "POST", "/api/v1/query", body)
     assert got == status, raw
     assert message in raw.decode()
 
 
-def test_query_by_uploaded_crop(live_matcher, tud_frames):
+def test_query_by_uploaded_crop(served_matcher, tud_frames):
     # Frame 33 was never sent: the crop is new to the matcher, like a photo someone hands in.
     crop = person_crop(tud_frames, 33, 3)
     for ext in (".jpg", ".png"):
-        status, raw = upload(live_matcher, cv2.imencode(ext, crop)[1].tobytes(), f"person{ext}", top_k=5, cameras=["gate", "hall"])
+        status, raw = upload(served_matcher, cv2.imencode(ext, crop)[1].tobytes(), f"person{ext}", top_k=5, cameras=["gate", "hall"])
         assert status == 200, raw
         result = json.loads(raw)
         assert result["query"]["by"] == "image" and result["query"]["width"] == crop.shape[1]
         assert {c for c, _ in hits(result)} == {"gate", "hall"} and len(hits(result)) == 5
 
-    status, raw = upload(live_matcher, cv2.imencode(".jpg", crop)[1].tobytes(), cameras=["hall"], top_k=3)
+    status, raw = upload(served_matcher, cv2.imencode(".jpg", crop)[1].tobytes(), cameras=["hall"], top_k=3)
     assert status == 200 and list(json.loads(raw)["cameras"]) == ["hall"]
 
 
-def test_broken_uploads_get_400_naming_the_problem(live_matcher, tud_frames):
+def test_broken_uploads_get_400_naming_the_problem(served_matcher, tud_frames):
     jpeg = cv2.imencode(".jpg", tud_frames[0][100:300, 100:200])[1].tobytes()
     cases = [
         (b"", "is empty"),
@@ -243,22 +231,22 @@ def test_broken_uploads_get_400_naming_the_problem(live_matcher, tud_frames):
         (b"\x89PNG\r\n\x1a\n" + bytes(100), "corrupt PNG"),
     ]
     for data, message in cases:
-        status, raw = upload(live_matcher, data, "evidence.jpg")
+        status, raw = upload(served_matcher, data, "evidence.jpg")
         assert status == 400, (message, raw)
         assert message in detail(raw) and "evidence.jpg" in detail(raw)
-    status, raw = upload(live_matcher, jpeg, model="no-such-model")
+    status, raw = upload(served_matcher, jpeg, model="no-such-model")
     assert status == 400 and "no embedding model loaded for version 'no-such-model'" in detail(raw)
-    status, raw = upload(live_matcher, jpeg, top_k=0)
+    status, raw = upload(served_matcher, jpeg, top_k=0)
     assert status == 422 and "top_k" in raw.decode()
 
 
 # ---- schema and CLI -----------------------------------------------------------------------------
 
 
-def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
+def test_openapi_schema_is_valid_and_lists_the_endpoints(served_matcher):
     from openapi_spec_validator import validate
 
-    status, _, raw = call(live_matcher, "GET", "/openapi.json", headers={})
+    status, _, raw = call(served_matcher, "GET", "/openapi.json", headers={})
     assert status == 200
     spec = json.loads(raw)
     validate(spec)
@@ -288,7 +276,7 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(live_matcher):
     assert {"embedding", "model", "sighting_id", "track", "since", "until", "cameras", "min_score", "top_k"} <= set(query)
     hit = spec["components"]["schemas"]["TrackHitOut"]["properties"]
     assert {"score", "first_ts", "last_ts", "best", "sightings"} <= set(hit)
-    assert call(live_matcher, "GET", "/docs", headers={})[0] == 200
+    assert call(served_matcher, "GET", "/docs", headers={})[0] == 200
 
 
 def test_the_client_needs_neither_faiss_nor_numpy():
@@ -297,11 +285,11 @@ def test_the_client_needs_neither_faiss_nor_numpy():
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
-def test_cli_query_over_http(live_matcher, tud_frames, tmp_path, capsys, caplog):
+def test_cli_query_over_http(served_matcher, tud_frames, tmp_path, capsys, caplog):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    subject = next(s for s in ok_json(live_matcher, "GET", "/api/v1/sightings?camera=hall&limit=100") if s["track"] == 4)
-    base = ["query", "--url", live_matcher.url, "--token-file", str(token_file)]
+    subject = next(s for s in ok_json(served_matcher, "GET", "/api/v1/sightings?camera=hall&limit=100") if s["track"] == 4)
+    base = ["query", "--url", served_matcher.url, "--token-file", str(token_file)]
 
     assert main([*base, "--sighting", str(subject["id"]), "--camera", "gate", "--top-k", "3"]) == 0
     table = capsys.readouterr().out
@@ -313,7 +301,7 @@ def test_cli_query_over_http(live_matcher, tud_frames, tmp_path, capsys, caplog)
 
     crop = tmp_path / "crop.png"
     cv2.imwrite(str(crop), person_crop(tud_frames, 33, 4))
-    assert main([*base, "--image", str(crop), "--model", live_matcher.model, "--json"]) == 0
+    assert main([*base, "--image", str(crop), "--model", served_matcher.model, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["query"]["by"] == "image"
 
     assert main([*base, "--sighting", "999999"]) == 1

@@ -1,8 +1,8 @@
 """The matcher's web page in a real headless browser: Debian's chromium driven by Playwright.
 
-Against the same live matcher as the API tests (`live_matcher.py`): enter the token, pick a camera and
-a sighting, and see one timeline row per camera with every thumbnail loaded; search by an uploaded
-crop; narrow by the camera filter. The browser may reach nothing but the matcher, and the token never
+Against the same live matchers as the API tests (`served_matcher`: SQLite, then PostgreSQL): enter the
+token, pick a camera and a sighting, and see one timeline row per camera with every thumbnail loaded;
+search by an uploaded crop; narrow by the camera filter. The browser may reach nothing but the matcher, and the token never
 appears in a URL. Skipped only when chromium is not installed (`make browser` installs it).
 """
 
@@ -66,13 +66,13 @@ class Visit:
 
 
 @pytest.fixture
-def visit(browser, live_matcher):
-    v = Visit(browser, live_matcher)
+def visit(browser, served_matcher):
+    v = Visit(browser, served_matcher)
     yield v
     v.ctx.close()
 
 
-def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tmp_path):
+def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, served_matcher, tmp_path):
     page = visit.page
     visit.login("wrong-token-0123456789")
     page.wait_for_selector("#login-error:has-text('not accepted')")
@@ -87,7 +87,7 @@ def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tm
     visit.wait_thumbs("#grid img.thumb")
 
     # Person 3 seen in hall: the timeline should show gate (earlier) above hall.
-    subject = next(r for r in live_matcher.matcher.store.recent("hall", 100) if r.track == 3)
+    subject = next(r for r in served_matcher.matcher.store.recent("hall", 100) if r.track == 3)
     page.click(f".pick[data-id='{subject.id}']")
     page.wait_for_selector("#results .row")
     visit.wait_thumbs("#timeline img.thumb")
@@ -122,7 +122,7 @@ def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, live_matcher, tm
     assert page.locator("#timeline img.thumb").first.get_attribute("src").startswith("blob:")
 
 
-def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_frames, tmp_path):
+def test_search_by_uploaded_crop_and_filter_cameras(visit, served_matcher, tud_frames, tmp_path):
     page = visit.page
     visit.login()
     page.wait_for_selector(".camera[data-camera='gate']")
@@ -130,7 +130,7 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_fra
     crop = tmp_path / "person.jpg"
     cv2.imwrite(str(crop), person_crop(tud_frames, 33, 3))
     page.set_input_files("#crop", str(crop))
-    assert page.locator("#model").input_value() == live_matcher.model
+    assert page.locator("#model").input_value() == served_matcher.model
     page.click("#upload-form button")
     page.wait_for_selector("#results .row")
     visit.wait_thumbs("#timeline img.thumb")
@@ -164,7 +164,7 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, live_matcher, tud_fra
     assert not visit.foreign()
 
 
-def test_the_status_panel_shows_edges_and_cameras_and_updates_live(visit, live_matcher):
+def test_the_status_panel_shows_edges_and_cameras_and_updates_live(visit, served_matcher):
     """Heartbeats of a panel-only edge (the API tests do not read edges): its cameras' states and a change of one
     of them, shown without a reload."""
     from helpers import Pusher
@@ -173,10 +173,10 @@ def test_the_status_panel_shows_edges_and_cameras_and_updates_live(visit, live_m
 
     def beat(lobby: str) -> bytes:
         cams = (CameraStatus("gate", "streaming", 1.2, 5.0, 200), CameraStatus("lobby", lobby, 0.0, 5.0, 40, error="no frame for 10 s"))
-        return encode_heartbeat(Heartbeat("edge-panel", time.time(), 1.0, live_matcher.model, 3, 1.0, 0, cams))
+        return encode_heartbeat(Heartbeat("edge-panel", time.time(), 1.0, served_matcher.model, 3, 1.0, 0, cams))
 
     page = visit.page
-    with Pusher(live_matcher.matcher.ingest.endpoint) as pusher:
+    with Pusher(served_matcher.matcher.ingest.endpoint) as pusher:
         pusher.send_raw(beat("reconnecting"))
         visit.login()
         page.wait_for_selector(".edge[data-node='edge-panel']")
