@@ -1,8 +1,9 @@
-"""TUD-Stadtmitte as a site would harvest it, for the calibration and int8 benchmarks.
+"""TUD-Stadtmitte (or TUD-Campus) as a site would harvest it, for the calibration, int8, adaptation and swap-cut
+benchmarks.
 
 | function       | what                                                                                   |
 |----------------|----------------------------------------------------------------------------------------|
-| `edge_harvest` | the edge node (HOG + tracker, harvesting on) over `TUD-Stadtmitte.mp4`: crops + sidecars |
+| `edge_harvest` | the edge node (HOG + tracker, harvesting on) over a sequence's video (TUD-Stadtmitte by default): crops + sidecars |
 | `gt_harvest`   | the sequence's ground-truth boxes in the same format (`trainer.data.mot_harvest`), with ids |
 | `labelled_edge_harvest` | the edge harvest with each crop's track replaced by the ground-truth identity it overlaps: the tracker made perfect, for the labels' ceiling |
 """
@@ -22,8 +23,8 @@ SEQ = REPO.parent / "shared" / "data" / "TUD-Stadtmitte"
 log = logging.getLogger("bench")
 
 
-def edge_harvest(work: Path, model: Path) -> Path:
-    """Run the edge node over every frame of the sequence with harvesting on; the harvest folder (reused if there)."""
+def edge_harvest(work: Path, model: Path, seq: Path = SEQ) -> Path:
+    """Run the edge node over every frame of `seq` with harvesting on; the harvest folder (reused if there)."""
     from crossview.edge.node import EdgeNode
     from crossview.kernel.config import load_edge_config
 
@@ -32,7 +33,7 @@ def edge_harvest(work: Path, model: Path) -> Path:
         return out
     cfg = {
         "node_id": "site-edge",
-        "cameras": [{"id": "stadtmitte", "source": str(SEQ / "TUD-Stadtmitte.mp4"), "fps": 25}],
+        "cameras": [{"id": seq.name.removeprefix("TUD-").lower(), "source": str(seq / f"{seq.name}.mp4"), "fps": 25}],
         "detector": {"kind": "hog", "hog": {"upscale": 1.0}},  # street-level people are large enough
         "embedder": {"model": str(model)},
         "publisher": {"endpoint": "tcp://127.0.0.1:5598", "security": {"mode": "plain"}},  # no matcher: spooled
@@ -53,14 +54,14 @@ def gt_harvest(work: Path) -> tuple[Path, dict[Path, int]]:
     return out, mot_harvest(SEQ, work / "cache", out)
 
 
-def edge_identities(crops: list[Path], min_iou: float) -> dict[Path, int]:
+def edge_identities(crops: list[Path], min_iou: float, seq: Path = SEQ) -> dict[Path, int]:
     """Each edge crop's gt identity: the gt box of its frame it overlaps most, by IoU >= `min_iou` (others are left
     out; HOG's boxes are looser than MOT's)."""
     from crossview.kernel.harvest import read_sidecar
     from crossview.trainer.data.mot import read_gt
 
     by_frame: dict[int, list] = {}
-    for b in read_gt(SEQ / "gt" / "gt.txt"):
+    for b in read_gt(seq / "gt" / "gt.txt"):
         by_frame.setdefault(b.frame, []).append(b)
     ids = {}
     for crop in crops:
