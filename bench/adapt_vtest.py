@@ -1,11 +1,16 @@
 """The full site loop on real footage: the edge node harvests person crops from vtest.avi, the trainer adapts
-(TCAP) from the labelled TUD sequences onto them, and the exported model loads on the edge again.
+(TCAP, or another method) from the labelled TUD sequences onto them, and the exported model loads on the edge again.
 
 vtest.avi has no labels, so the report is what the loop itself can tell: crops harvested, the target's
 pseudo labels per iteration (tracklet segments, swap cuts, co-occurring pairs, the learnt radius, clusters,
 outliers, cluster sizes, NMI between consecutive pseudo labels), and the time of each stage.
 
     python bench/adapt_vtest.py --out docs/results.md      # appends/replaces its section; ~20 min on 2 cores
+    python bench/adapt_vtest.py --skip-harvest --variant arn --out docs/results.md   # ARN's row, its own section
+
+`--variant` takes any `bench/adapt_tud.py` variant that starts from ImageNet weights (TCAP's `tcap` by default, `daam`,
+`daal`, `arn`, `edaan`, ...), its settings laid over the same base; methods without pseudo labels report no
+clustering.
 """
 
 from __future__ import annotations
@@ -52,25 +57,26 @@ def harvest() -> tuple[dict, float]:
     return {cid: s.frames for cid, s in stats.items()}, time.perf_counter() - t0
 
 
-def train() -> tuple[Path, list[dict], float]:
-    """TCAP as the TUD rows run it (`adapt_tud.TCAP`), sources TUD-Campus + TUD-Stadtmitte, onto the harvest. PKU-Reid
-    stays out: beside it TCAP's adaptation fell below direct transfer on TUD (docs/results.md)."""
-    from adapt_tud import TCAP
+def train(variant: str) -> tuple[Path, list[dict], float]:
+    """`variant` as the TUD rows run it (`adapt_tud.VARIANTS`), sources TUD-Campus + TUD-Stadtmitte, onto the harvest.
+    PKU-Reid stays out: beside it TCAP's adaptation fell below direct transfer on TUD (docs/results.md)."""
+    from adapt_tud import VARIANTS
 
     from crossview.trainer.config import load_train_config, overlay
     from crossview.trainer.engine import Trainer
 
     base = yaml.safe_load((REPO / "bench" / "train" / "tud-daam.yaml").read_text())
-    cfg = overlay(base, TCAP)
-    cfg.update(name="site-tcap", output_dir=str(WORK / "run"), cache_dir=str(REPO / "runs" / "cache"),
+    cfg = overlay(base, VARIANTS[variant][1])
+    cfg.update(name=f"site-{variant}", output_dir=str(WORK / variant), cache_dir=str(REPO / "runs" / "cache"),
                target={"kind": "harvest", "root": str(WORK / "harvest")})
     cfg["source"] = {**cfg["source"], "root": str(SHARED)}  # both TUD sequences: 18 identities
-    (WORK / "run" / "metrics.jsonl").unlink(missing_ok=True)
+    (WORK / variant / "metrics.jsonl").unlink(missing_ok=True)
+    (WORK / variant / "last.pt").unlink(missing_ok=True)
     path = WORK / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
     onnx_path = Trainer(load_train_config(path)).run()
-    recs = [json.loads(line) for line in (WORK / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (WORK / variant / "metrics.jsonl").read_text().splitlines()]
     return onnx_path, recs, time.perf_counter() - t0
 
 
@@ -83,38 +89,69 @@ def deployable(onnx_path: Path) -> tuple[str, int]:
     return emb.version, emb.embed(crops).shape[1]
 
 
-def report(frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s: float, version: str, dim: int) -> str:
-    lines = [SECTION, "",
+def section(variant: str) -> str:
+    return SECTION if variant == "tcap" else (f"## Site loop with `{variant}`: vtest.avi harvested crops as the target "
+                                              f"(bench/adapt_vtest.py --variant {variant})")
+
+
+TCAP_COLUMNS = ("segments", "splits", "cannot_link_pairs", "eps")  # TCAP's tracklet records, beside every method's
+
+
+def cluster_table(recs: list[dict]) -> list[str]:
+    """The target's pseudo labels before each iteration; TCAP's tracklet columns where its records carry them."""
+    clusters = [r for r in recs if r["event"] == "cluster"]
+    if not clusters:
+        return ["No pseudo labels: this method adapts without clustering the target."]
+    tcap = all(k in clusters[0] for k in TCAP_COLUMNS)
+    head = ["iteration", *(("segments", "swap cuts", "cannot-link pairs", "eps") if tcap else ()), "clusters", "outliers",
+            "cluster size min / median / max", "NMI vs previous", "seconds"]
+    lines = [("Pseudo labels before each iteration (segments: tracklets after the swap cuts, in halves; cannot-link: "
+              "pairs of segments seen in one frame; eps: the radius learnt from them):" if tcap else
+              "Pseudo labels before each iteration:"), "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in clusters:
+        sizes = f"{r['size_min']} / {r['size_median']:.0f} / {r['size_max']}" if "size_min" in r else "-"
+        cells = [r["iteration"], *(r[k] for k in TCAP_COLUMNS if tcap), r["clusters"],
+                 f"{100 * r['outlier_share']:.1f}%", sizes, r.get("nmi", "-"), r.get("seconds", "-")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return lines
+
+
+def report(variant: str, frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s: float, version: str,
+           dim: int) -> str:
+    from adapt_tud import VARIANTS
+
+    lines = [section(variant), "",
              f"`python bench/adapt_vtest.py {' '.join(sys.argv[1:])}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"{os.cpu_count()} CPU cores, no GPU, load average {os.getloadavg()[0]:.1f} at the end.", "",
              (f"- Edge node over `vtest.avi` at 5 fps with the HOG people detector: {sum(frames.values())} frames in "
               f"{harvest_s:.0f} s, **{crops} crops harvested** (every 2nd frame of a track, at least 48 px high)."
               if frames else f"- The harvest of an earlier run reused (`--skip-harvest`): **{crops} crops**."),
-             f"- Trainer: TCAP (`bench/adapt_tud.py`'s `tcap` settings), sources TUD-Campus + TUD-Stadtmitte "
-             f"(labelled, 18 identities), target the harvested crops and their sidecars (no labels). {train_s:.0f} s "
-             f"in all.",
+             f"- Trainer: {VARIANTS[variant][0]} (`bench/adapt_tud.py`'s `{variant}` settings), sources TUD-Campus + "
+             f"TUD-Stadtmitte (labelled, 18 identities), target the harvested crops and their sidecars (no labels). "
+             f"{train_s:.0f} s in all.",
              f"- Exported `{version}`, loaded by the edge embedder: {dim}-d embeddings of harvested crops.", "",
-             "Pseudo labels before each iteration (segments: tracklets after the swap cuts, in halves; cannot-link: "
-             "pairs of segments seen in one frame; eps: the radius learnt from them):", "",
-             "| iteration | segments | swap cuts | cannot-link pairs | eps | clusters | outliers | cluster size min / "
-             "median / max | NMI vs previous | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in (r for r in recs if r["event"] == "cluster"):
-        lines.append(f"| {r['iteration']} | {r['segments']} | {r['splits']} | {r['cannot_link_pairs']} | {r['eps']} | "
-                     f"{r['clusters']} | {100 * r['outlier_share']:.1f}% | {r['size_min']} / {r['size_median']:.0f} / "
-                     f"{r['size_max']} | {r.get('nmi', '-')} | {r['seconds']} |")
+             *cluster_table(recs)]
     epochs = [r for r in recs if r["event"] == "epoch" and r["stage"] == "adapt"]
     if epochs:
         last = epochs[-1]
-        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k.startswith(("source_", "memory", "proxy_", "cooccur")))
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k not in EPOCH_FIELDS and isinstance(v, float))
         lines += ["", f"Last adaptation epoch: loss {last['loss']:.3f} ({terms}), {last['images_per_s']} images/s."]
     return "\n".join(lines) + "\n"
+
+
+EPOCH_FIELDS = {"time", "loss", "lr", "images", "images_per_s", "seconds"}  # an epoch record's bookkeeping, not a loss term
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="markdown file whose section is replaced (default: print only)")
     ap.add_argument("--skip-harvest", action="store_true", help="reuse runs/bench/vtest/harvest")
+    ap.add_argument("--variant", default="tcap", help="a bench/adapt_tud.py variant that starts from ImageNet weights")
     args = ap.parse_args()
+    from adapt_tud import INIT_FROM, VARIANTS
+
+    if args.variant not in VARIANTS or args.variant in INIT_FROM:
+        ap.error(f"--variant {args.variant}: not one of adapt_tud's variants that start from ImageNet weights")
     from crossview.kernel.runtime import offline_env, passive_threads, setup_logging
 
     offline_env()
@@ -122,10 +159,10 @@ def main() -> None:
     setup_logging()
     frames, harvest_s = ({}, 0.0) if args.skip_harvest else harvest()
     crops = len(list((WORK / "harvest").rglob("*.jpg")))
-    onnx_path, recs, train_s = train()
-    text = report(frames, harvest_s, crops, recs, train_s, *deployable(onnx_path))
+    onnx_path, recs, train_s = train(args.variant)
+    text = report(args.variant, frames, harvest_s, crops, recs, train_s, *deployable(onnx_path))
     if args.out:
-        write_section(args.out, SECTION, text)
+        write_section(args.out, section(args.variant), text)
     print(text)
 
 
