@@ -1,6 +1,7 @@
-"""Shared fixtures: the shared data sets, the default embedder model (built once), tiny models, and the matcher's
-store backends (`store_section`: SQLite, or a fresh database on one PostgreSQL server per session, `pgserver.py`), and
-the Milvus standalone server of the `milvus` package (`milvus_server`, once a session, for tests marked so).
+"""Shared fixtures: the shared data sets, the default embedder model (built once), tiny models, the matcher's
+store backends (`store_section`: SQLite, or a fresh database on one PostgreSQL server per session, `pgserver.py`), the
+Milvus standalone server of the `milvus` package (`milvus_server`, once a session, for tests marked so), and the
+deployments the matcher's behaviour suites run on (`deployment`: SQLite + FAISS, or PostgreSQL + that Milvus).
 
 Shared data lives beside the repository (`/work/shared/data` next to `/work/main`, as CI clones it);
 tests that need it are skipped with the reason when it is absent.
@@ -20,7 +21,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pgserver import BACKENDS, backend_section
+from pgserver import BACKENDS, DEPLOYMENTS, backend_section, deployment_sections
 from torch import nn
 
 from crossview.kernel.modelmeta import ModelMeta
@@ -100,15 +101,16 @@ def live_matcher(tmp_path_factory, default_model, tud_frames):
         yield live
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
 def served_matcher(request, live_matcher, tmp_path_factory, default_model, tud_frames):
-    """The session's live matcher (SQLite), then the same on PostgreSQL: the API and web page suites run on both."""
-    if request.param == "sqlite":
+    """The session's live matcher (SQLite + FAISS), then the same on PostgreSQL + Milvus: the API and web page suites
+    run on both."""
+    if request.param == "sqlite+faiss":
         yield live_matcher
         return
     from live_matcher import LiveMatcher
 
-    with LiveMatcher(tmp_path_factory.mktemp("matcher-pg"), default_model, tud_frames, backend_section(request)) as live:
+    with LiveMatcher(tmp_path_factory.mktemp("matcher-pg"), default_model, tud_frames, deployment_sections(request)) as live:
         yield live
 
 
@@ -145,6 +147,12 @@ def milvus_server():
 def store_section(request) -> dict:
     """Per backend, a `store` section for one test (PostgreSQL: an empty database of its own)."""
     return backend_section(request)
+
+
+@pytest.fixture(params=DEPLOYMENTS)
+def deployment(request) -> dict:
+    """Per deployment, the `store` and `index` sections for one test's matcher: `matcher_config(dir, **deployment)`."""
+    return deployment_sections(request)
 
 
 @pytest.fixture

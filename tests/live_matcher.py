@@ -7,7 +7,8 @@
 |                | id is their track id, so persons 2-5 walk from gate to hall                            |
 | transport      | encoded with `crossview.kernel.wire` and sent through a real ZeroMQ DEALER socket (`Pusher`) |
 | service        | `Matcher` on a temporary data dir, ingest on a free port, `serve()` on 127.0.0.1:0    |
-| store          | SQLite in the data dir, or the `store` section given (PostgreSQL: `pgserver.py`)      |
+| store, index   | SQLite and FAISS in the data dir, or the `store` and `index` sections given          |
+|                | (PostgreSQL and Milvus: `pgserver.deployment_sections`)                              |
 
     >>> with LiveMatcher(tmp_path, model_path, tud_frames) as live:
     ...     requests to live.url with header live.auth
@@ -72,10 +73,10 @@ def tud_sightings(embedder: Embedder, frames: list[np.ndarray], t0: float) -> li
 
 
 class LiveMatcher:
-    def __init__(self, data_dir: Path, model: Path, tud_frames: list[np.ndarray], store: dict | None = None):
+    def __init__(self, data_dir: Path, model: Path, tud_frames: list[np.ndarray], sections: dict | None = None):
         self.cfg = parse_config({
+            **(sections or {}),
             "data_dir": str(data_dir),
-            "store": store or {},
             "ingest": {"endpoint": "tcp://127.0.0.1:*", "security": {"mode": "plain"}},
             "http": {"port": 0, "token": TOKEN},
             "models": [str(model)],

@@ -6,7 +6,9 @@
 | user        | run as root (CI), the server runs as the `postgres` system user (`runuser`), which owns |
 |             | the data folder; as anyone else, as that user                                           |
 | auth        | scram-sha-256 over TCP on 127.0.0.1 only, the password in a file: `store.password_file` |
-| backends    | `BACKENDS`, `backend_section(request)`: a fixture's `store` section per backend param |
+| backends    | `BACKENDS`, `backend_section(request)`: a fixture's `store` section per store backend param  |
+| deployments | `DEPLOYMENTS`, `deployment_sections(request)`: the `store` and `index` sections per param:    |
+|             | sqlite+faiss (one machine, the default) or postgres+milvus (production's pairing)          |
 | databases   | `fresh_db()`: a new, empty database each call, for one test's store                     |
 | inspection  | `connect(db)`, `dead_tuples(db, table)`: deleted row versions VACUUM has not pruned yet  |
 
@@ -27,6 +29,8 @@ from helpers import free_port
 
 PASSWORD = "test-pg-password-0123456789"
 BACKENDS = ["sqlite", "postgres"]  # the matcher's store backends, for fixture params
+# What the matcher's behaviour suites run on: one machine's defaults, and the production pairing of issue 15.
+DEPLOYMENTS = ["sqlite+faiss", pytest.param("postgres+milvus", marks=pytest.mark.milvus_server)]
 
 
 def backend_section(request) -> dict:
@@ -36,6 +40,18 @@ def backend_section(request) -> dict:
         return {}
     pg = request.getfixturevalue("pg_server")
     return pg.store_section(pg.fresh_db())
+
+
+def deployment_sections(request) -> dict:
+    """The matcher config's `store` and `index` sections for the deployment `request.param` names: {} and {} (SQLite
+    and FAISS in data_dir, the defaults), or a fresh database on the session's PostgreSQL (`pg_server`) and
+    collections of its own on the session's Milvus standalone server (`milvus_server`), prefixed with the database's
+    name; Session consistency, the default, is what a single matcher needs."""
+    if request.param == "sqlite+faiss":
+        return {"store": {}, "index": {}}
+    pg, uri = request.getfixturevalue("pg_server"), request.getfixturevalue("milvus_server")
+    db = pg.fresh_db()
+    return {"store": pg.store_section(db), "index": {"engine": "milvus", "milvus": {"uri": uri, "collection_prefix": db}}}
 
 
 def pg_bin() -> Path | None:

@@ -3,8 +3,8 @@ ZeroMQ (`live_matcher.py`), uvicorn on 127.0.0.1, plain `urllib` as the client.
 
 Checks what a client relies on: the token gate, answers that find people on the other camera with
 thumbnails that load, image uploads (and the 400 a broken one gets), errors that say what is wrong,
-the OpenAPI schema, localhost binding, and `crossview query --url`. On both store backends (`served_matcher`:
-the session's SQLite matcher, then one on PostgreSQL).
+the OpenAPI schema, localhost binding, and `crossview query --url`. On both deployments (`served_matcher`:
+the session's SQLite + FAISS matcher, then one on PostgreSQL + Milvus).
 """
 
 from __future__ import annotations

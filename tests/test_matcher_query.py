@@ -1,8 +1,8 @@
-"""Matcher ingest and queries on synthetic people, through a real ZeroMQ socket, FAISS and SQLite.
+"""Matcher ingest and queries on synthetic people, through a real ZeroMQ socket.
 
 Twenty people walk past three cameras (one edge track per person and camera); model version m2
 (32-d) holds other people, and m3 holds exact copies of m1's vectors on a camera of its own, to show
-that versions are never compared. Every test runs on both store backends (SQLite and PostgreSQL).
+that versions are never compared. The tests run on both deployments (SQLite + FAISS, PostgreSQL + Milvus).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import TINY_JPEG, PersonWorld, Pusher, make_sighting, matcher_config, person_world, unit_vectors, wait_until
-from pgserver import BACKENDS, backend_section
+from pgserver import DEPLOYMENTS, deployment_sections
 
 from crossview.kernel.config import QueryConfig
 from crossview.matcher.query import Filters, QueryEngine
@@ -41,9 +41,9 @@ def started(m: Matcher, world: PersonWorld) -> Matcher:
     return m
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
 def matcher(request, tmp_path_factory, world):
-    m = started(Matcher(matcher_config(tmp_path_factory.mktemp("matcher"), store=backend_section(request))), world)
+    m = started(Matcher(matcher_config(tmp_path_factory.mktemp("matcher"), **deployment_sections(request))), world)
     yield m
     m.stop()
 
@@ -52,8 +52,9 @@ def test_everything_sent_is_accepted_and_partitioned_by_model(matcher, world):
     s = matcher.stats()
     assert s["accepted"] == 2 * 360 + 5 * 3 * 6 and s["rejected"] == {}
     assert s["cameras"] == {"gate": 120, "hall": 120, "street": 120, "mirror": 360, "lobby": 30, "yard": 30, "dock": 30}
+    kind = {"faiss": "flat", "milvus": "milvus"}[matcher.cfg.index.engine]
     assert {m: (p["size"], p["dim"], p["kind"]) for m, p in s["partitions"].items()} == {
-        "m1": (360, 64, "flat"), "m2": (90, 32, "flat"), "m3": (360, 64, "flat")}
+        "m1": (360, 64, kind), "m2": (90, 32, kind), "m3": (360, 64, kind)}
 
 
 def test_a_track_finds_the_same_person_on_the_other_cameras(matcher, world):
@@ -169,12 +170,13 @@ def test_lookups_for_a_picker(matcher, world):
 
 
 def _where(matcher, tmp_path) -> list[str]:
-    """`crossview query`'s arguments for the matcher's data: its data dir, or a config naming its PostgreSQL store."""
+    """`crossview query`'s arguments for the matcher's data: its data dir, or a config naming its PostgreSQL store and
+    Milvus collections."""
     if matcher.cfg.store.kind == "sqlite":
         return ["--data-dir", str(matcher.cfg.data_dir)]
     config = tmp_path / "matcher.yaml"
     config.write_text(yaml.safe_dump({**matcher.cfg.model_dump(mode="json", include={"data_dir", "ingest", "http"}),
-                                      "store": matcher.cfg.store.model_dump(mode="json", exclude_none=True)}))
+                                      **matcher.cfg.model_dump(mode="json", include={"store", "index"}, exclude_none=True)}))
     return ["--config", str(config)]
 
 
@@ -210,8 +212,8 @@ def test_wrong_dimension_and_zero_embeddings_are_counted_and_dropped(tmp_path, c
         m.stop()
 
 
-def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path, store_section):
-    m = Matcher(matcher_config(tmp_path, store=store_section, query={"track_gap_s": 30}))
+def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path, deployment):
+    m = Matcher(matcher_config(tmp_path, **deployment, query={"track_gap_s": 30}))
     m.start()
     try:
         v = unit_vectors(np.random.default_rng(1), 2, 64)
@@ -230,8 +232,8 @@ def test_an_edge_track_id_reused_after_a_gap_is_a_new_track(tmp_path, store_sect
         m.stop()
 
 
-def test_a_track_continues_across_a_matcher_restart(tmp_path, store_section):
-    cfg = matcher_config(tmp_path, store=store_section, query={"track_gap_s": 30})
+def test_a_track_continues_across_a_matcher_restart(tmp_path, deployment):
+    cfg = matcher_config(tmp_path, **deployment, query={"track_gap_s": 30})
     v = unit_vectors(np.random.default_rng(2), 1, 64)[0]
     for times in ([1000, 1001], [1010, 1100]):  # 9 s after the restart, then a 90 s gap
         m = Matcher(cfg)

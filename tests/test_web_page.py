@@ -1,6 +1,6 @@
 """The matcher's web page in a real headless browser: Debian's chromium driven by Playwright.
 
-Against the same live matchers as the API tests (`served_matcher`: SQLite, then PostgreSQL): enter the
+Against the same live matchers as the API tests (`served_matcher`: SQLite + FAISS, then PostgreSQL + Milvus): enter the
 token, pick a camera and a sighting, and see one timeline row per camera with every thumbnail loaded;
 search by an uploaded crop; narrow by the camera filter. The browser may reach nothing but the matcher, and the token never
 appears in a URL. Skipped only when chromium is not installed (`make browser` installs it).
