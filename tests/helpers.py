@@ -13,6 +13,7 @@
 | `store_insert(store, sightings)` | sightings straight into a matcher store, each its own track: their ids |
 | `wait_until(cond, s)`  | poll until `cond()` holds, or fail saying what was awaited                |
 | `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
+| `held_ids(index, model)` | the ids the matcher's index holds for a version: FAISS's, or its Milvus collection's |
 | `free_port()`          | a TCP port of 127.0.0.1 nobody listens on now                              |
 | `CrossviewProcess(log, *args)` | a real `crossview ...` subprocess logging to a file: `text()`, `kill9()`, `stop()` |
 
@@ -321,6 +322,13 @@ def index_ids(index: faiss.Index) -> set[int]:
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
     return {int(i) for n in range(ivf.nlist) for i in faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n))}
+
+
+def held_ids(index, model: str) -> set[int]:
+    """The ids a matcher's index (`matcher.index`) holds for `model`, whichever engine: read from Milvus itself, not
+    from what the index counted."""
+    part = index.partition(model)
+    return set(index._ids(part.name)) if part.kind == "milvus" else index_ids(part.index)
 
 
 def wait_for(pred, timeout: float) -> bool:

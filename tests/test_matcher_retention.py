@@ -1,6 +1,6 @@
 """Retention: sightings past the maximum age or a camera's quota leave index, store and file, thumbnails too.
 
-On both store backends. SQLite: the deleted thumbnails' bytes are gone from the files (secure_delete, WAL truncated).
+On both deployments (SQLite + FAISS, PostgreSQL + Milvus). SQLite: the deleted thumbnails' bytes are gone from the files (secure_delete, WAL truncated).
 PostgreSQL: the rows are gone and VACUUM has pruned their dead row versions; it does not zero the bytes (see
 `matcher.pgstore`), so the file check is SQLite's only.
 """
@@ -11,7 +11,7 @@ import sqlite3
 import time
 
 import numpy as np
-from helpers import Pusher, index_ids, make_sighting, matcher_config, unit_vectors, wait_until
+from helpers import Pusher, held_ids, make_sighting, matcher_config, unit_vectors, wait_until
 
 from crossview.matcher.query import Filters
 from crossview.matcher.service import Matcher
@@ -22,7 +22,7 @@ def _marker(i: int) -> bytes:
     return b"\xff\xd8\xff\xe0" + f"PERSONAL-DATA-{i:04d}".encode() * 8
 
 
-def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path, store_section, request):
+def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path, deployment, request):
     now = time.time()
     vecs = unit_vectors(np.random.default_rng(2), 140, 64)
     old = [make_sighting(vecs[i], camera="gate", ts=now - 7200 + i, frame=i, track=900 + i // 10, thumbnail=_marker(i))
@@ -30,8 +30,8 @@ def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path, store_sec
     fresh_gate = [make_sighting(vecs[30 + i], camera="gate", ts=now - 60 + i, frame=i, track=i // 10) for i in range(20)]
     busy_hall = [make_sighting(vecs[50 + i], camera="hall", ts=now - 600 + i, frame=i, track=i // 10, thumbnail=_marker(50 + i))
                  for i in range(80)]  # fresh, but 30 over the camera's quota
-    cfg = matcher_config(tmp_path, store=store_section, retention={"max_age_hours": 1, "max_per_camera": 50,
-                                                                  "check_interval_s": 0.1})
+    cfg = matcher_config(tmp_path, **deployment, retention={"max_age_hours": 1, "max_per_camera": 50,
+                                                            "check_interval_s": 0.1})
     m = Matcher(cfg)
     m.start()
     with Pusher(m.ingest.endpoint) as push:
@@ -44,7 +44,7 @@ def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path, store_sec
     kept = {r.id: r for r in m.store.recent(limit=1000)}
     assert sorted(r.ts for r in kept.values() if r.camera == "hall") == [s.ts for s in busy_hall[30:]]  # the newest 50
     assert sorted(r.ts for r in kept.values() if r.camera == "gate") == [s.ts for s in fresh_gate]
-    assert index_ids(m.index.partition("m1").index) == set(kept)
+    assert held_ids(m.index, "m1") == set(kept)
     gone = set(range(1, 131)) - set(kept)
     assert len(gone) == 60 and all(m.store.record(i) is None and m.store.thumbnail(i) is None for i in gone)
     for s in old[:3] + busy_hall[:3]:  # their own embeddings no longer find them
@@ -55,10 +55,10 @@ def test_age_and_per_camera_limits_are_enforced_continuously(tmp_path, store_sec
         push.send([make_sighting(vecs[130 + i], camera="hall", ts=now + i, frame=100 + i, track=50) for i in range(10)])
     wait_until(lambda: m.ingest.accepted == 140, 10, "ten more")
     wait_until(lambda: m.store.cameras()[1]["sightings"] == 50 and m.index.partition("m1").size == 70, 10, "hall back to 50")
-    if store_section:
-        _vacuumed(request.getfixturevalue("pg_server"), store_section["dbname"], sorted(gone))
+    if deployment["store"]:
+        _vacuumed(request.getfixturevalue("pg_server"), deployment["store"]["dbname"], sorted(gone))
     m.stop()
-    if not store_section:
+    if not deployment["store"]:
         _wiped_from_files(tmp_path, gone)
 
 
