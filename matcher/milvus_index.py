@@ -9,6 +9,9 @@
 | cameras     | `search(..., cameras=)` filters on the partition key, so only those cameras' partitions are searched |
 | consistency | `index.milvus.consistency`; Session (the default): a search sees every insert this client made, so |
 |             | what ingest counted is findable; Strong sees other replicas' too, at one time tick (~200 ms) a search |
+|             | Counting a collection (opening it, recovery) is Strong whatever the setting: pymilvus keeps Session's |
+|             | write times per process, so a restarted matcher's Session count is an eventual one, which missed the |
+|             | killed one's last writes (`tests/test_matcher_durability.py`'s kill test: a size off after recovery) |
 | removal     | `delete` by ids, as the store commits deletions                                               |
 | TTL         | `collection.ttl.seconds` = `retention.max_age_hours` (rounded up), set when a collection is made and |
 |             | brought in line when a matcher (not a read-only reader) opens one, "0" (Milvus: no expiry) once  |
@@ -179,7 +182,8 @@ class MilvusIndex(VectorIndex):
         return {"metric_type": "IP"}
 
     def _count(self, name: str) -> int:
-        return int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+        rows = self.client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        return int(rows[0]["count(*)"])
 
     def _collection(self, model: str, dim: int) -> Collection:
         with self._lock:
