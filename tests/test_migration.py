@@ -9,7 +9,8 @@ version `site-2` is a real other model: the same backbone at a 192x96 input, so 
 | across the switch   | promote: every thumbnailed sighting gets a `site-2` vector under its id; during the run |
 |                     | queries carry their coverage; a deletion leaves no vector; a person seen before the switch |
 |                     | is found by a `site-2` query; the old partition goes only once no edge reports it     |
-| kill -9             | a `crossview matcher` killed mid-migration resumes where it stopped, without duplicates |
+| kill -9             | a `crossview matcher` killed mid-migration resumes where it stopped, without duplicates, |
+|                     | on both deployments (SQLite + FAISS, PostgreSQL + Milvus)                            |
 | page                | the progress line while it runs, and a search's note of how far back it covers       |
 | older store         | a store from before re-embedding opens read-only as it is, and gains its table when writable |
 """
@@ -25,7 +26,17 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from helpers import CrossviewProcess, Pusher, index_ids, make_sighting, matcher_config, store_insert, unit_vectors, wait_until
+from helpers import (
+    CrossviewProcess,
+    Pusher,
+    held_ids,
+    index_ids,
+    make_sighting,
+    matcher_config,
+    store_insert,
+    unit_vectors,
+    wait_until,
+)
 from live_matcher import person_crop, thumbnail, tud_sightings
 
 from crossview.kernel.embedder import Embedder
@@ -64,10 +75,11 @@ def heartbeat(node: str, model: str) -> bytes:
     return encode_heartbeat(Heartbeat(node, time.time(), 0.5, model, 0, 0.0, 0, (cam,)))
 
 
-def started(tmp_path, default_model, history, store: dict | None = None, **migration) -> Matcher:
-    """A matcher whose production version is the old one, holding `history` (in the `store` section's backend)."""
+def started(tmp_path, default_model, history, sections: dict | None = None, **migration) -> Matcher:
+    """A matcher whose production version is the old one, holding `history` (in the `store` and `index` of `sections`,
+    SQLite and FAISS without)."""
     m = Matcher(matcher_config(tmp_path / "matcher", migration={"poll_s": 0.2, "batch": 8, **migration},
-                               http={"port": 0, "token": TOKEN}, store=store or {}))
+                               http={"port": 0, "token": TOKEN}, **(sections or {})))
     m.registry.promote(m.registry.register(default_model).version)
     m.start()
     with Pusher(m.ingest.endpoint) as push:
@@ -78,7 +90,7 @@ def started(tmp_path, default_model, history, store: dict | None = None, **migra
 
 def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_once_no_edge_runs_it(
         tmp_path, default_model, new_model, history, tud_frames, store_section):
-    m = started(tmp_path, default_model, history, store_section, enabled=False)  # steps driven here, to look between two batches
+    m = started(tmp_path, default_model, history, {"store": store_section}, enabled=False)  # steps driven here, to look between two batches
     old = history[0].model
     server = serve(m, m.cfg.http)
     try:
@@ -172,15 +184,15 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
 
 
 def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplicates(tmp_path, default_model, new_model,
-                                                                                   history, store_section):
-    m = started(tmp_path, default_model, history, store_section, enabled=False)
+                                                                                   history, deployment):
+    m = started(tmp_path, default_model, history, deployment, enabled=False)
     m.stop()
     m.registry.register(new_model)
     m.registry.promote(NEW)
     total = sum(s.thumbnail is not None for s in history)
     cfg = m.cfg.model_dump(mode="json")
     cfg["migration"] = {"batch": 1, "log_every_pct": 5}  # one thumbnail a commit: slow enough to be killed part way
-    cfg["index"] = {"snapshot_interval_s": 0.2}
+    cfg["index"]["snapshot_interval_s"] = 0.2
     (tmp_path / "matcher.yaml").write_text(yaml.safe_dump(cfg))
     proc = CrossviewProcess(tmp_path / "matcher.log", "matcher", "--config", str(tmp_path / "matcher.yaml"))
     try:
@@ -193,12 +205,11 @@ def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplica
     try:
         before = m.store.migration_counts(NEW, 0)["reembedded"]
         assert 0 < before < total, "killed part way"
-        assert len(index_ids(m.index.partition(NEW).index)) == m.index.partition(NEW).index.ntotal == before
+        assert len(held_ids(m.index, NEW)) == m.index.partition(NEW).size == before
         m.start()
         wait_until(lambda: (m.migration.progress() or {}).get("state") == "done", 60, "the migration resumed and done")
         assert m.migration.progress()["migrated"] == total
-        index = m.index.partition(NEW).index
-        assert index.ntotal == total and len(index_ids(index)) == total, "no sighting re-embedded twice"
+        assert len(held_ids(m.index, NEW)) == m.index.partition(NEW).size == total, "no sighting re-embedded twice"
     finally:
         m.stop()
     text = proc.text()
