@@ -130,6 +130,7 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, served_matcher, tud_f
     crop = tmp_path / "person.jpg"
     cv2.imwrite(str(crop), person_crop(tud_frames, 33, 3))
     page.set_input_files("#crop", str(crop))
+    page.wait_for_function("document.querySelector('#model').value !== ''")  # the model list loads after the cameras
     assert page.locator("#model").input_value() == served_matcher.model
     page.click("#upload-form button")
     page.wait_for_selector("#results .row")
