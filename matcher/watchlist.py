@@ -350,4 +350,6 @@ _ENTRY_COLUMNS = "id, name, model, min_probability, min_similarity, cameras, ori
 def _entry(r: Sequence) -> Entry:
     """An `Entry` from a row that starts with `_ENTRY_COLUMNS`."""
     return Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else None, json.loads(r[6]), r[7])
+
+
 _ALERT_COLUMNS = "id, entry, name, sighting, node, camera, track, track_id, ts, similarity, probability, created"
