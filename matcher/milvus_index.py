@@ -142,6 +142,11 @@ class MilvusIndex(VectorIndex):
                 raise ValueError(f"Milvus collection {name} holds {have}-d vectors, model version {model!r} has {dim}-d")
             if not self.read_only:
                 self._keep_ttl(name, described.get("properties") or {})
+            if not self.client.list_indexes(name):  # made by a matcher killed before it could index it
+                if self.read_only:
+                    return Collection(model, dim, name)
+                self.client.create_index(name, self._index_params())
+                log.warning("Milvus collection %s had no index (its maker was stopped mid-creation): indexed now", name)
         self.client.load_collection(name)
         return Collection(model, dim, name, self._count(name))
 
@@ -152,9 +157,7 @@ class MilvusIndex(VectorIndex):
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("camera", DataType.VARCHAR, max_length=4 * MAX_ID_LEN, is_partition_key=True)  # UTF-8 bytes
         schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
-        params = self.client.prepare_index_params()
-        params.add_index(field_name="vec", index_type=self.mcfg.index_type, metric_type="IP", params=self._build_params())
-        self.client.create_collection(name, schema=schema, index_params=params, num_partitions=_NUM_PARTITIONS,
+        self.client.create_collection(name, schema=schema, index_params=self._index_params(), num_partitions=_NUM_PARTITIONS,
                                       consistency_level=self.mcfg.consistency,
                                       properties={TTL_KEY: self.ttl_s} if self.ttl_s else None)
         log.info("Milvus collection %s created for model version %s (%d-d, %s%s)", name, model, dim, self.mcfg.index_type,
@@ -168,6 +171,11 @@ class MilvusIndex(VectorIndex):
             return
         self.client.alter_collection_properties(name, {TTL_KEY: want or "0"})
         log.info("Milvus collection %s: TTL %s s, was %s (retention.max_age_hours)", name, want or "none", have or "none")
+
+    def _index_params(self):
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="vec", index_type=self.mcfg.index_type, metric_type="IP", params=self._build_params())
+        return params
 
     def _build_params(self) -> dict:
         if self.mcfg.index_type == "HNSW":

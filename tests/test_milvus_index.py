@@ -157,6 +157,41 @@ def test_a_collection_carries_retentions_max_age_as_its_ttl_and_follows_it_when_
         store.close()
 
 
+def test_a_collection_its_maker_was_killed_before_indexing_is_indexed_at_the_next_start(milvus_section, tmp_path):
+    """Creating a collection with its index is create, then index, then load: a kill between them leaves a collection
+    Milvus refuses to load."""
+    from pymilvus import DataType, MilvusClient
+
+    store = Store(tmp_path / "sightings.db")
+    vecs = unit_vectors(np.random.default_rng(4), 12, 8)
+    ids = _stored(store, vecs, "torn")
+    cfg = IndexConfig(engine="milvus", milvus={**milvus_section, "collection_prefix": "torn"})
+    first = MilvusIndex(cfg, store)
+    name = collection_name("torn", "torn")
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    schema.add_field("camera", DataType.VARCHAR, max_length=64, is_partition_key=True)
+    schema.add_field("vec", DataType.FLOAT_VECTOR, dim=8)
+    first.client.create_collection(name, schema=schema)  # what the killed one got as far as
+    assert not first.client.list_indexes(name)
+    first.close()
+    reader = MilvusIndex(cfg, store, read_only=True)
+    try:
+        reader.recover()  # a reader (`crossview query`) neither indexes nor fails
+        assert not reader.client.list_indexes(name)
+    finally:
+        reader.close()
+    again = MilvusIndex(cfg, store)
+    try:
+        again.recover()
+        assert again.client.list_indexes(name) and again.stats()["torn"]["size"] == 12
+        assert again.search("torn", vecs[5], 1)[1][0] == ids[5]
+    finally:
+        again.drop("torn")
+        again.close()
+        store.close()
+
+
 def test_an_unreachable_milvus_is_a_clear_error(tmp_path):
     cfg = IndexConfig(engine="milvus", milvus={"uri": f"http://127.0.0.1:{free_port()}", "timeout_s": 2})
     store = Store(tmp_path / "sightings.db")
