@@ -139,6 +139,11 @@ VARIANTS |= {"tcap-adfl": ("TCAP pre-trained by ADFL (its attn3-1sum trunk from 
 # DAAM, DAAL and DAAM from ADFL on the same edge harvest as TCAP (the crops' sidecars unused): the issues' protocol.
 VARIANTS |= {f"{name}-site": (f"{VARIANTS[name][0]}, on the edge harvest", overlay(VARIANTS[name][1], SITE_TARGET))
              for name in ("daam", "daal", "daam-adfl")}
+# BatchNorm per domain (`adapt.domain_bn`), with TUD-Campus alone and with PKU-Reid beside it.
+DSBN = {"adapt": {"domain_bn": True}}
+VARIANTS |= {"tcap-dsbn": ("TCAP, BatchNorm per domain (source and target rows normalised apart, the site's running "
+                           "statistics)", overlay(TCAP, DSBN)),
+             "tcap-pku-dsbn": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain", overlay(overlay(TCAP, PKU), DSBN))}
 # variant → the variant whose trunk it starts from (run first)
 INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl"}
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
@@ -152,7 +157,8 @@ PAPER = {
     **{name: "not in the papers" for name in ("daam-adfl", "tcap-adfl", "daam-adfl-site")},
     "daam-site": "not in this issue's sources",
     "daal-site": "not in this issue's sources",
-    **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", *TCAP_ABLATIONS)},
+    **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", "tcap-dsbn", "tcap-pku-dsbn",
+                                              *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
     "edaan-no-attention": "EDAAN Table V (w/o attention): M→D 26.8 / 48.5, D→M 23.7 / 55.4",
@@ -165,10 +171,16 @@ EDAAN_SECTION = "## EDAAN and its comparison rows, mean ± std over seeds (bench
 PRETRAIN_SECTION = ("## On the edge harvest: TCAP, DAAM, DAAL, and ADFL as pre-training, mean ± std over seeds "
                     "(bench/adapt_tud.py --seeds)")
 
+# The second source, and BatchNorm per domain, beside TCAP alone.
+DSBN_SECTION = ("## Two sources and BatchNorm per domain: TCAP on the edge harvest, mean ± std over seeds "
+                "(bench/adapt_tud.py --seeds)")
+
 
 def seeds_section(names) -> str:
     if any(name.startswith("edaan") for name in names):
         return EDAAN_SECTION
+    if any("pku" in name or "dsbn" in name for name in names):
+        return DSBN_SECTION
     if any(name in INIT_FROM or name.endswith("-site") for name in names):
         return PRETRAIN_SECTION
     return TCAP_SECTION if any(name.startswith("tcap") for name in names) else SEEDS_SECTION
@@ -343,7 +355,7 @@ def main() -> None:
             for name in args.variants:
                 results[name][seed] = run_variant(name, VARIANTS[name][1], base, seed, args.reuse)
         after = os.getloadavg()
-        imagenet = imagenet_baseline(base) if seeds_section(results) in (TCAP_SECTION, PRETRAIN_SECTION) else None
+        imagenet = imagenet_baseline(base) if seeds_section(results) in (TCAP_SECTION, PRETRAIN_SECTION, DSBN_SECTION) else None
         section = seeds_section(results)
         text = seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command, imagenet)
     else:

@@ -283,12 +283,13 @@ def test_a_harvest_gives_every_crop_its_track(site):
 @pytest.fixture(scope="module")
 def resumed(site):
     """Pre-train 1 epoch, then 2 iterations of 2 epochs on the harvest, scored on the footage's ground truth
-    (`target.evaluate_on`); killed after iteration 1's first epoch and resumed."""
+    (`target.evaluate_on`), BatchNorm per domain (`adapt.domain_bn`); killed after iteration 1's first epoch and
+    resumed."""
     campus = {"kind": "mot", "root": str(shared_data("TUD-Campus")), "frame_step": 3}  # the harvest's own crop cache
     path = tiny_config(site, "tcap", target={"kind": "harvest", "root": str(site / "harvest"), "evaluate_on": campus},
                        clustering={"k1": 6, "k2": 2}, tcap={"min_crops": 2},
                        pretrain={"epochs": 1, "lr": 3.5e-4, "warmup_epochs": 0},
-                       adapt={"iterations": 2, "epochs": 2, "lr": 3.5e-4, "nmi_stop": 1.0})
+                       adapt={"iterations": 2, "epochs": 2, "lr": 3.5e-4, "nmi_stop": 1.0, "domain_bn": True})
     crash_after(path, "adapt", 1)
     saved = checkpoint.load(site / "run" / "last.pt").method
     restored = Trainer(load_train_config(path), resume=True).method
@@ -302,13 +303,15 @@ def test_resume_goes_on_with_the_saved_memory_and_reclusters_only_at_the_next_it
     assert epochs(run) == [("pretrain", 0, 1), ("adapt", 1, 1), ("adapt", 1, 2), ("adapt", 2, 1), ("adapt", 2, 2)]
     clusters = [r for r in records(run) if r["event"] == "cluster"]
     assert [r["iteration"] for r in clusters] == [1, 2]  # the resumed epoch kept iteration 1's labels
+    crops = len(harvest_samples(tmp / "harvest").samples)
+    adabn = [r for r in records(run) if r["event"] == "adabn"]  # before each target step, over every target crop
+    assert [(r["iteration"], r["images"]) for r in adabn] == [(1, crops), (2, crops)]
     assert [r["label"] for r in records(run) if r["event"] == "eval"] == ["direct transfer", "iteration 1", "iteration 2"]
     assert all(r["clusters"] >= 2 and 0 < r["eps"] < 1 and r["cannot_link_pairs"] > 0 for r in clusters)
     adapt = [r for r in records(run) if r["event"] == "epoch" and r["stage"] == "adapt"]
     assert all({"memory", "proxy_intra", "proxy_inter", "cooccur"} <= set(r) and np.isfinite(r["loss"]) for r in adapt)
     # adapt.epoch_of "target" (TCAP's default): an epoch is one pass over the target's inliers, not over the larger
     # source (193 crops), so a big labelled source does not multiply the passes over a small site.
-    crops = len(harvest_samples(tmp / "harvest").samples)
     for c in clusters:
         inliers = round(crops * (1 - c["outlier_share"]))
         steps = -(-inliers // 16)  # P x K = 4 x 4

@@ -211,6 +211,11 @@ class AdaptConfig(ScheduleConfig):
         "Market/Duke sizes), or over the target alone, so a large labelled source does not multiply the passes over a "
         "small site"
     )
+    domain_bn: bool = Field(
+        False, description="BatchNorm normalises source and target rows apart, only the target's move its running "
+        "statistics, and those are re-estimated on the target before each target step (DSBN / AdaBN): the export "
+        "normalises by the site's statistics, not a mixture with the source's"
+    )
 
 
 class SamplerConfig(_Strict):

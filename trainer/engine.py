@@ -46,6 +46,7 @@ from crossview.trainer.data.samples import with_labels
 from crossview.trainer.data.transforms import build_transforms
 from crossview.trainer.evaluation import evaluate_features
 from crossview.trainer.methods import METHODS
+from crossview.trainer.modeling.domain_bn import domains_split, reestimate, use_domain_bn
 from crossview.trainer.modeling.losses import Batch, optimise
 
 log = logging.getLogger("crossview.trainer")
@@ -66,6 +67,9 @@ class Trainer:
     """One training run: the shared loop around `cfg.method`; to the method it is the `Run` (data, extract, share, log)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
+        if cfg.adapt.domain_bn and METHODS[cfg.method].train_step is not None:
+            raise ValueError(f"adapt.domain_bn: method {cfg.method!r} optimises its batches itself; its rows are not "
+                             "source then target")
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.rank, self.world = _init_distributed()
@@ -76,6 +80,8 @@ class Trainer:
         self.method = METHODS[cfg.method](cfg)
         self.method.check(self.data)
         self.model = self.method.build(self.data.num_source_ids).to(self.device)
+        if cfg.adapt.domain_bn:
+            log.info("adapt.domain_bn: %d BatchNorm layers normalise source and target apart", use_domain_bn(self.model))
         self.state = State()
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume_ckpt = self._load_checkpoint() if resume else None
@@ -91,6 +97,8 @@ class Trainer:
         while self.state.stage == "adapt" and (self.state.iteration < cfg.adapt.iterations or self.state.epoch):
             if self.state.epoch == 0:
                 self.state.iteration += 1
+                if cfg.adapt.domain_bn:
+                    self._adabn()
                 if self.method.target_step(self, self.model):
                     break
             self._stage(cfg.adapt, self._adapt_epoch)
@@ -163,7 +171,8 @@ class Trainer:
             if own_step is not None:
                 loss, terms = own_step(net, b, optimizer, scaler, self.amp, where=desc)
             else:
-                loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
+                with domains_split(net, b.n_source):
+                    loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
             images += b.images.shape[0]
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -189,6 +198,17 @@ class Trainer:
                 f = self.model(images.to(self.device, non_blocking=True))
             out.append(F.normalize(f.float(), dim=1).cpu())
         return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def _adabn(self) -> None:
+        """The BatchNorms' running statistics re-estimated on the target (`adapt.domain_bn`): the source's, from
+        pre-training, until the first adaptation epoch; every rank sees the same images in the same order."""
+        t0 = time.perf_counter()
+        loader = make_eval_loader(self.data.target, build_transforms(self._size), self.cfg.eval_batch_size,
+                                  self.cfg.workers)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            seen = reestimate(self.model, (images.to(self.device, non_blocking=True) for images, *_ in loader))
+        self.log("adabn", images=seen, seconds=round(time.perf_counter() - t0, 2))
 
     def _evaluate(self, label: str) -> None:
         if self.rank != 0 or self.data.query is None:
