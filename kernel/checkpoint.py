@@ -2,8 +2,9 @@
 
 | what       | how                                                                                   |
 |------------|---------------------------------------------------------------------------------------|
-| format     | `Checkpoint`: the run's config, network weights, loop state, the method's own state, optimizer / scheduler / AMP scaler |
-| version    | `VERSION` 2 is stored with every file; files from before the version key are v1, read as v2 |
+| format     | `Checkpoint`: the run's config, network weights, loop state, the method's own state, optimizer / scheduler / AMP scaler, and the mean teacher's weights (`adapt.ema`) |
+| version    | `VERSION` 3 is stored with every file; v2 files (no teacher) read as v3; files from before the version key are v1 |
+| deploy     | `deployed()`: the weights to export or start from: the mean teacher's where there is one, else the network's |
 | write      | `save(ckpt, path)`: temp file beside it + `os.replace`, so a kill mid-write leaves the previous one whole |
 | read       | `load(path)` → `Checkpoint`; FileNotFoundError, or ValueError naming the file for junk or another version |
 
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-VERSION = 2
+VERSION = 3
 
 
 @dataclass
@@ -33,6 +34,11 @@ class Checkpoint:
     optimizer: dict | None = None
     scheduler: dict | None = None
     scaler: dict | None = None
+    ema: dict | None = None  # the mean teacher's state dict (`adapt.ema`), once adapting; None without one
+
+    def deployed(self) -> dict:
+        """The network weights to export, or to start another run from."""
+        return self.ema if self.ema is not None else self.model
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> None:
@@ -60,8 +66,8 @@ def load(path: str | Path) -> Checkpoint:
     version = raw.pop("version", 1)
     if version == 1:  # v1 had no version key and kept the method's state (the pseudo labels) as "labels"
         raw["method"] = raw.pop("labels", None)
-    elif version != VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version!r}; this crossview reads versions 1 and {VERSION}")
+    elif version not in (2, VERSION):  # v2 is v3 without the teacher
+        raise ValueError(f"{path}: checkpoint format version {version!r}; this crossview reads versions 1 to {VERSION}")
     try:
         return Checkpoint(**raw)
     except TypeError as e:

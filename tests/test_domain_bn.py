@@ -1,5 +1,6 @@
-"""Batch statistics per domain (`adapt.domain_bn`, `trainer.modeling.domain_bn`): on known tensors, and the switch's
-config check. The real TCAP run with it on (resume, export parity) is in `test_trainer_tcap`."""
+"""Batch statistics per domain (`adapt.domain_bn`, `trainer.modeling.domain_bn`) and the mean teacher (`adapt.ema`):
+on known tensors, and the switch's config check. The real TCAP run with both on (resume, export parity) is in
+`test_trainer_tcap`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from trainer_runs import tiny_config
 
 from crossview.trainer.config import load_train_config
-from crossview.trainer.engine import Trainer
+from crossview.trainer.engine import Trainer, ema_update
 from crossview.trainer.modeling.domain_bn import domains_split, reestimate, use_domain_bn
 
 
@@ -82,3 +83,18 @@ def test_a_method_that_optimises_its_own_batches_refuses_the_switch(tmp_path):
     path = tiny_config(tmp_path, "edaan", adapt={"domain_bn": True})
     with pytest.raises(ValueError, match=r"adapt.domain_bn: method 'edaan' optimises its batches itself"):
         Trainer(load_train_config(path))
+
+
+def test_the_mean_teacher_moves_by_one_minus_its_momentum_and_takes_the_students_statistics():
+    student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    teacher = copy.deepcopy(student)
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    student.train()(torch.randn(6, 3))  # moves the student's running statistics
+    ema_update(teacher, student, 0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s)
+    assert torch.equal(teacher[1].running_mean, student[1].running_mean)
+    assert int(teacher[1].num_batches_tracked) == 1

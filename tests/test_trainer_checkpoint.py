@@ -37,6 +37,17 @@ def test_a_v1_file_without_version_reads_its_labels_as_the_method_state(tmp_path
     assert checkpoint.load(tmp_path / "v1.pt").method == {"centers": [[1.0]]}
 
 
+def test_a_v2_file_has_no_teacher_and_deploys_the_networks_weights(tmp_path):
+    v2 = {"version": 2, "config": {}, "num_source_ids": 2, "model": {"w": torch.ones(2)}, "state": {}}
+    torch.save(v2, tmp_path / "v2.pt")
+    back = checkpoint.load(tmp_path / "v2.pt")
+    assert back.ema is None and torch.equal(back.deployed()["w"], torch.ones(2))
+    with_teacher = _ckpt()
+    with_teacher.ema = {"w": torch.zeros(4)}
+    checkpoint.save(with_teacher, tmp_path / "v3.pt")
+    assert torch.equal(checkpoint.load(tmp_path / "v3.pt").deployed()["w"], torch.zeros(4))
+
+
 def test_junk_another_version_and_missing_files_are_named(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save([1, 2], tmp_path / "list.pt")
@@ -45,7 +56,7 @@ def test_junk_another_version_and_missing_files_are_named(tmp_path):
     for name in ("junk", "list", "partial"):
         with pytest.raises(ValueError, match=rf"{name}.pt: not a crossview training checkpoint"):
             checkpoint.load(tmp_path / f"{name}.pt")
-    with pytest.raises(ValueError, match="future.pt: checkpoint format version 7; this crossview reads versions 1 and 2"):
+    with pytest.raises(ValueError, match="future.pt: checkpoint format version 7; this crossview reads versions 1 to 3"):
         checkpoint.load(tmp_path / "future.pt")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         checkpoint.load(tmp_path / "nope.pt")

@@ -283,17 +283,21 @@ def test_a_harvest_gives_every_crop_its_track(site):
 @pytest.fixture(scope="module")
 def resumed(site):
     """Pre-train 1 epoch, then 2 iterations of 2 epochs on the harvest, scored on the footage's ground truth
-    (`target.evaluate_on`), BatchNorm per domain (`adapt.domain_bn`); killed after iteration 1's first epoch and
-    resumed."""
+    (`target.evaluate_on`), BatchNorm per domain (`adapt.domain_bn`) and a mean teacher (`adapt.ema`); killed after
+    iteration 1's first epoch and resumed."""
     campus = {"kind": "mot", "root": str(shared_data("TUD-Campus")), "frame_step": 3}  # the harvest's own crop cache
     path = tiny_config(site, "tcap", target={"kind": "harvest", "root": str(site / "harvest"), "evaluate_on": campus},
                        clustering={"k1": 6, "k2": 2}, tcap={"min_crops": 2},
                        pretrain={"epochs": 1, "lr": 3.5e-4, "warmup_epochs": 0},
-                       adapt={"iterations": 2, "epochs": 2, "lr": 3.5e-4, "nmi_stop": 1.0, "domain_bn": True})
+                       adapt={"iterations": 2, "epochs": 2, "lr": 3.5e-4, "nmi_stop": 1.0, "domain_bn": True,
+                              "ema": 0.9})
     crash_after(path, "adapt", 1)
-    saved = checkpoint.load(site / "run" / "last.pt").method
-    restored = Trainer(load_train_config(path), resume=True).method
-    assert all(np.array_equal(restored.memory[k].numpy(), v) for k, v in saved["memory"].items())
+    saved = checkpoint.load(site / "run" / "last.pt")
+    restored = Trainer(load_train_config(path), resume=True)
+    assert all(np.array_equal(restored.method.memory[k].numpy(), v) for k, v in saved.method["memory"].items())
+    teacher = restored.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in saved.ema.items())  # the teacher resumes as it was
+    assert not all(torch.equal(saved.model[k], v) for k, v in saved.ema.items())  # and is not the student
     return site, path, resume(path)
 
 

@@ -78,7 +78,7 @@ def export_parity(onnx_path: Path, ckpt_path: Path, crops_dir: Path, n: int = 8)
     method = METHODS[cfg.method](cfg)
     net = method.build(ckpt.num_source_ids, pretrained="none")
     method.load_state_dict(ckpt.method, net)
-    net.load_state_dict(ckpt.model)
+    net.load_state_dict(ckpt.deployed())  # what the export wrote: the mean teacher where the run kept one
     crops = [cv2.imread(str(p)) for p in sorted(crops_dir.rglob("*.jpg"))[:n]]
     assert len(crops) == n
     edge = Embedder(onnx_path)

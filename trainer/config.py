@@ -211,6 +211,11 @@ class AdaptConfig(ScheduleConfig):
         "Market/Duke sizes), or over the target alone, so a large labelled source does not multiply the passes over a "
         "small site"
     )
+    ema: float = Field(
+        0.0, ge=0, lt=1, description="0: off. Else the momentum of a mean teacher (MMT's mean net): an exponential "
+        "moving average of the network's weights after every adaptation step, which clusters the target, is scored "
+        "and is exported, so one noisy iteration does not become the deployed model"
+    )
     domain_bn: bool = Field(
         False, description="BatchNorm normalises source and target rows apart, only the target's move its running "
         "statistics, and those are re-estimated on the target before each target step (DSBN / AdaBN): the export "

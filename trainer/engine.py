@@ -20,6 +20,7 @@ for the edge nodes.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -82,6 +83,7 @@ class Trainer:
         self.model = self.method.build(self.data.num_source_ids).to(self.device)
         if cfg.adapt.domain_bn:
             log.info("adapt.domain_bn: %d BatchNorm layers normalise source and target apart", use_domain_bn(self.model))
+        self.teacher: nn.Module | None = None  # the mean teacher (`adapt.ema`), made when adaptation starts
         self.state = State()
         self.out.mkdir(parents=True, exist_ok=True)
         self._resume_ckpt = self._load_checkpoint() if resume else None
@@ -94,6 +96,8 @@ class Trainer:
             self._stage(cfg.pretrain, self._pretrain_epoch)
             self._evaluate("direct transfer")
             self.state.stage, self.state.epoch = "adapt", 0
+        if cfg.adapt.ema and self.teacher is None:  # adaptation starts (or resumes from a checkpoint without one)
+            self.teacher = _frozen_copy(self.model)
         while self.state.stage == "adapt" and (self.state.iteration < cfg.adapt.iterations or self.state.epoch):
             if self.state.epoch == 0:
                 self.state.iteration += 1
@@ -173,6 +177,8 @@ class Trainer:
             else:
                 with domains_split(net, b.n_source):
                     loss, terms = train_step(net, self.method.losses, b, optimizer, scaler, self.amp, where=desc)
+            if self.teacher is not None:
+                ema_update(self.teacher, self.model, self.cfg.adapt.ema)
             images += b.images.shape[0]
             for k, v in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -189,13 +195,15 @@ class Trainer:
     # ------------------------------------------------------------- features
     @torch.no_grad()
     def extract(self, samples) -> np.ndarray:
-        """L2-normalised embeddings of `samples` (DAAM / DAAL: f_sh), in order: the space clusters and distances live in."""
-        self.model.eval()
+        """L2-normalised embeddings of `samples` (DAAM / DAAL: f_sh), in order: the space clusters and distances live in.
+        From the deployed network: the mean teacher where there is one."""
+        net = self._deployed
+        net.eval()
         loader = make_eval_loader(samples, build_transforms(self._size), self.cfg.eval_batch_size, self.cfg.workers)
         out = []
         for images, *_ in tqdm(loader, desc="features", disable=self.rank != 0, leave=False):
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                f = self.model(images.to(self.device, non_blocking=True))
+                f = net(images.to(self.device, non_blocking=True))
             out.append(F.normalize(f.float(), dim=1).cpu())
         return torch.cat(out).numpy()
 
@@ -206,8 +214,10 @@ class Trainer:
         t0 = time.perf_counter()
         loader = make_eval_loader(self.data.target, build_transforms(self._size), self.cfg.eval_batch_size,
                                   self.cfg.workers)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-            seen = reestimate(self.model, (images.to(self.device, non_blocking=True) for images, *_ in loader))
+        # Both: the teacher takes the student's statistics only at its next step.
+        for net in [n for n in (self.model, self.teacher) if n is not None]:
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                seen = reestimate(net, (images.to(self.device, non_blocking=True) for images, *_ in loader))
         self.log("adabn", images=seen, seconds=round(time.perf_counter() - t0, 2))
 
     def _evaluate(self, label: str) -> None:
@@ -276,6 +286,7 @@ class Trainer:
             model=self.model.state_dict(), state=asdict(self.state), method=self.method.state_dict(),
             optimizer=optimizer.state_dict() if optimizer else None,
             scheduler=scheduler.state_dict() if scheduler else None, scaler=scaler.state_dict() if scaler else None,
+            ema=self.teacher.state_dict() if self.teacher is not None else None,
         )
         checkpoint.save(ckpt, self.out / CHECKPOINT)  # atomic: a kill mid-write leaves the previous one whole
 
@@ -288,6 +299,9 @@ class Trainer:
         self.state = State(**ckpt.state)
         self.method.load_state_dict(ckpt.method, self.model)
         self.model.load_state_dict(ckpt.model)
+        if ckpt.ema is not None and self.cfg.adapt.ema:
+            self.teacher = _frozen_copy(self.model)
+            self.teacher.load_state_dict(ckpt.ema)
         log.info("resumed %s at %s iteration %d after epoch %d", path, self.state.stage, self.state.iteration,
                  self.state.epoch)
         return ckpt if ckpt.optimizer is not None and self.state.epoch > 0 else None
@@ -302,10 +316,15 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         log.info("%s %s", event, " ".join(f"{k}={v}" for k, v in fields.items()))
 
+    @property
+    def _deployed(self) -> nn.Module:
+        """The network that is scored, clusters the target and is exported: the mean teacher once there is one."""
+        return self.teacher if self.teacher is not None else self.model
+
     def _export(self) -> Path:
         from crossview.trainer.export import export_trained
 
-        return export_trained(self.model, self.cfg, self.state.history, self.out / f"{self.cfg.name}.onnx")
+        return export_trained(self._deployed, self.cfg, self.state.history, self.out / f"{self.cfg.name}.onnx")
 
 
 def train_step(net: nn.Module, losses: Callable, batch: Batch, optimizer: torch.optim.Optimizer,
@@ -317,6 +336,22 @@ def train_step(net: nn.Module, losses: Callable, batch: Batch, optimizer: torch.
         loss, terms = losses(net(batch.images), batch)
     optimise(loss, optimizer, scaler, where)
     return float(loss.detach()), terms
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """The mean teacher after one of the student's steps: its weights `momentum` of its own plus the rest of the
+    student's (MMT's mean net); buffers (BatchNorm's running statistics) are the student's, since it never trains."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.lerp_(s, 1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
 
 
 def pk_plan(samples, p: int, k: int, by_class: bool = True) -> tuple[list, int, int]:

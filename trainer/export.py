@@ -198,5 +198,5 @@ def export_checkpoint(path: str | Path, out: Path | None = None) -> Path:
     method = METHODS[cfg.method](cfg)
     net = method.build(ckpt.num_source_ids, pretrained="none")
     method.load_state_dict(ckpt.method, net)
-    net.load_state_dict(ckpt.model)
+    net.load_state_dict(ckpt.deployed())  # the mean teacher, where the run kept one (`adapt.ema`)
     return export_trained(net, cfg, ckpt.state["history"], out or path.with_name(f"{cfg.name}.onnx"))

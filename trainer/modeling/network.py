@@ -153,7 +153,7 @@ class ReidNet(nn.Module):
 def load_trunk(trunk: nn.Module, path: str | Path) -> None:
     """The `trunk.*` weights of a training checkpoint (any method's, e.g. ADFL's) into `trunk`; ValueError naming the
     file when its trunk is not this one (another backbone, or `attn3` set differently)."""
-    weights = {k[len("trunk."):]: v for k, v in checkpoint.load(path).model.items() if k.startswith("trunk.")}
+    weights = {k[len("trunk."):]: v for k, v in checkpoint.load(path).deployed().items() if k.startswith("trunk.")}
     try:
         trunk.load_state_dict(weights)
     except RuntimeError as e:
