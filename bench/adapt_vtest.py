@@ -57,9 +57,9 @@ def harvest() -> tuple[dict, float]:
     return {cid: s.frames for cid, s in stats.items()}, time.perf_counter() - t0
 
 
-def train(variant: str) -> tuple[Path, list[dict], float]:
-    """`variant` as the TUD rows run it (`adapt_tud.VARIANTS`), sources TUD-Campus + TUD-Stadtmitte, onto the harvest.
-    PKU-Reid stays out: beside it TCAP's adaptation fell below direct transfer on TUD (docs/results.md)."""
+def train(variant: str) -> tuple[Path, list[dict], float, str]:
+    """`variant` as the TUD rows run it (`adapt_tud.VARIANTS`), sources TUD-Campus + TUD-Stadtmitte (+ whatever the
+    variant's `source.also` adds: PKU-Reid for `*-pku*`), onto the harvest; returns the sources in words too."""
     from adapt_tud import VARIANTS
 
     from crossview.trainer.config import load_train_config, overlay
@@ -75,9 +75,12 @@ def train(variant: str) -> tuple[Path, list[dict], float]:
     path = WORK / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()
-    onnx_path = Trainer(load_train_config(path)).run()
+    trainer = Trainer(load_train_config(path))
+    names = ["TUD-Campus", "TUD-Stadtmitte", *(Path(a["root"]).name for a in cfg["source"].get("also", []))]
+    sources = f"{' + '.join(names)} (labelled, {trainer.data.num_source_ids} identities)"
+    onnx_path = trainer.run()
     recs = [json.loads(line) for line in (WORK / variant / "metrics.jsonl").read_text().splitlines()]
-    return onnx_path, recs, time.perf_counter() - t0
+    return onnx_path, recs, time.perf_counter() - t0, sources
 
 
 def deployable(onnx_path: Path) -> tuple[str, int]:
@@ -116,8 +119,8 @@ def cluster_table(recs: list[dict]) -> list[str]:
     return lines
 
 
-def report(variant: str, frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s: float, version: str,
-           dim: int) -> str:
+def report(variant: str, frames: dict, harvest_s: float, crops: int, recs: list[dict], train_s: float, sources: str,
+           version: str, dim: int) -> str:
     from adapt_tud import VARIANTS
 
     lines = [section(variant), "",
@@ -126,8 +129,8 @@ def report(variant: str, frames: dict, harvest_s: float, crops: int, recs: list[
              (f"- Edge node over `vtest.avi` at 5 fps with the HOG people detector: {sum(frames.values())} frames in "
               f"{harvest_s:.0f} s, **{crops} crops harvested** (every 2nd frame of a track, at least 48 px high)."
               if frames else f"- The harvest of an earlier run reused (`--skip-harvest`): **{crops} crops**."),
-             f"- Trainer: {VARIANTS[variant][0]} (`bench/adapt_tud.py`'s `{variant}` settings), sources TUD-Campus + "
-             f"TUD-Stadtmitte (labelled, 18 identities), target the harvested crops and their sidecars (no labels). "
+             f"- Trainer: {VARIANTS[variant][0]} (`bench/adapt_tud.py`'s `{variant}` settings), sources {sources}, "
+             f"target the harvested crops and their sidecars (no labels). "
              f"{train_s:.0f} s in all.",
              f"- Exported `{version}`, loaded by the edge embedder: {dim}-d embeddings of harvested crops.", "",
              *cluster_table(recs)]
@@ -159,8 +162,8 @@ def main() -> None:
     setup_logging()
     frames, harvest_s = ({}, 0.0) if args.skip_harvest else harvest()
     crops = len(list((WORK / "harvest").rglob("*.jpg")))
-    onnx_path, recs, train_s = train(args.variant)
-    text = report(args.variant, frames, harvest_s, crops, recs, train_s, *deployable(onnx_path))
+    onnx_path, recs, train_s, sources = train(args.variant)
+    text = report(args.variant, frames, harvest_s, crops, recs, train_s, sources, *deployable(onnx_path))
     if args.out:
         write_section(args.out, section(args.variant), text)
     print(text)
