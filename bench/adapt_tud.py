@@ -147,6 +147,9 @@ VARIANTS |= {"tcap-dsbn": ("TCAP, BatchNorm per domain (source and target rows n
 # A mean teacher (`adapt.ema`) over that: momentum 0.98 averages about one iteration's steps (~50) on this harvest.
 VARIANTS |= {"tcap-pku-dsbn-ema": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain, mean teacher 0.98",
                                    overlay(VARIANTS["tcap-pku-dsbn"][1], {"adapt": {"ema": 0.98}}))}
+# DAAM and DAAL on the same harvest from the issue's two sources, the rows TCAP's are to be ahead of.
+VARIANTS |= {f"{name}-pku-site": (f"{VARIANTS[name][0]}, sources TUD-Campus + PKU-Reid, on the edge harvest",
+                                  overlay(VARIANTS[f"{name}-site"][1], PKU)) for name in ("daam", "daal")}
 # variant → the variant whose trunk it starts from (run first)
 INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl"}
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
@@ -159,7 +162,7 @@ PAPER = {
     "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
     **{name: "not in the papers" for name in ("daam-adfl", "tcap-adfl", "daam-adfl-site")},
     "daam-site": "not in this issue's sources",
-    "daal-site": "not in this issue's sources",
+    **{name: "not in this issue's sources" for name in ("daal-site", "daam-pku-site", "daal-pku-site")},
     **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", "tcap-dsbn", "tcap-pku-dsbn",
                                               "tcap-pku-dsbn-ema", *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
@@ -177,13 +180,18 @@ PRETRAIN_SECTION = ("## On the edge harvest: TCAP, DAAM, DAAL, and ADFL as pre-t
 # The second source, and BatchNorm per domain, beside TCAP alone.
 DSBN_SECTION = ("## Two sources and BatchNorm per domain: TCAP on the edge harvest, mean ± std over seeds "
                 "(bench/adapt_tud.py --seeds)")
+# The same two sources for the papers' methods and for TCAP's mean teacher.
+PKU_SECTION = ("## From TUD-Campus + PKU-Reid on the edge harvest: DAAM, DAAL and TCAP's mean teacher, mean ± std "
+               "over seeds (bench/adapt_tud.py --seeds)")
 
 
 def seeds_section(names) -> str:
     if any(name.startswith("edaan") for name in names):
         return EDAAN_SECTION
-    if any("pku" in name or "dsbn" in name for name in names):
+    if any(name in ("tcap-pku", "tcap-dsbn", "tcap-pku-dsbn") for name in names):
         return DSBN_SECTION
+    if any("pku" in name for name in names):
+        return PKU_SECTION
     if any(name in INIT_FROM or name.endswith("-site") for name in names):
         return PRETRAIN_SECTION
     return TCAP_SECTION if any(name.startswith("tcap") for name in names) else SEEDS_SECTION
@@ -358,8 +366,8 @@ def main() -> None:
             for name in args.variants:
                 results[name][seed] = run_variant(name, VARIANTS[name][1], base, seed, args.reuse)
         after = os.getloadavg()
-        imagenet = imagenet_baseline(base) if seeds_section(results) in (TCAP_SECTION, PRETRAIN_SECTION, DSBN_SECTION) else None
         section = seeds_section(results)
+        imagenet = None if section in (SEEDS_SECTION, EDAAN_SECTION) else imagenet_baseline(base)
         text = seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command, imagenet)
     else:
         imagenet = imagenet_baseline(base)
