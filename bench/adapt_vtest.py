@@ -10,8 +10,8 @@ outliers, cluster sizes, NMI between consecutive pseudo labels), and the time of
     python bench/adapt_vtest.py --skip-harvest --variant arn --out docs/results.md   # ARN's row, its own section
 
 `--variant` takes any `bench/adapt_tud.py` variant that starts from ImageNet weights (`tcap-pku-dsbn` by
-default, `tcap`, `daam`, `daal`, `arn`, `edaan`, ...), its settings laid over the same base; methods without pseudo labels report no
-clustering.
+default, `tcap`, `daam`, `daal`, `arn`, `edaan`, ...), its settings laid over the same base; methods without
+pseudo labels report no clustering.
 """
 
 from __future__ import annotations
