@@ -209,6 +209,9 @@ class CurveConfig(_Strict):
     secret_key: Path | None = Field(None, description="this side's secret key file (crossview keys)")
     server_key: Path | None = Field(None, description="edge only: the matcher's public key file")
     allowed_clients: Path | None = Field(None, description="matcher only: folder of allowed edge public key files")
+    bind_nodes: bool = Field(True, description="matcher only: take a node's sightings and heartbeats only over a "
+                                               "connection made with the key in `<node>.key`, so one edge's key cannot "
+                                               "write as another edge")
 
     def require(self, **keys: str) -> None:
         """In curve mode, the key settings named (with what each is) must be set."""

@@ -95,6 +95,7 @@ class _AllowList:
         self.cut_off = 0  # messages dropped: their connection's key was removed from the folder since
         self._files: dict[str, tuple[tuple[int, int], bytes | None]] = {}  # name -> ((mtime, size), key or None)
         self._keys: frozenset[bytes] = frozenset()
+        self._names: dict[bytes, frozenset[str]] = {}  # key -> the names of the files holding it (`<node>.key`)
         self._read_at = float("-inf")
         self._lock = threading.Lock()
 
@@ -114,10 +115,21 @@ class _AllowList:
                 continue
             stamp, old = (st.st_mtime_ns, st.st_size), self._files.get(path.name)
             files[path.name] = old if old and old[0] == stamp else (stamp, _public_key(path))
-        keys = frozenset(key for _, key in files.values() if key)
+        names: dict[bytes, set[str]] = {}
+        for name, (_, key) in files.items():
+            if key:
+                names.setdefault(key, set()).add(name.removesuffix(".key"))
+        keys = frozenset(names)
         if keys != self._keys or not self._files:
             log.info("CURVE allow-list: %d edge key(s) in %s", len(keys), self.folder)
         self._files, self._keys, self._read_at = files, keys, time.monotonic()
+        self._names = {key: frozenset(n) for key, n in names.items()}
+
+    def names(self, user_id: str) -> frozenset[str]:
+        """The node ids a connection that authenticated as `user_id` (its Z85 key) may write as."""
+        self.keys()  # re-read if due
+        with self._lock:
+            return self._names.get(user_id.encode(), frozenset())
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the authenticator thread at each connection attempt. It must never raise: an exception
@@ -147,8 +159,8 @@ class ServerGuard:
     """The ZAP authenticator thread and allow-list of one server socket; `denied` counts refused connections,
     `cut_off` the messages dropped because their connection's key was removed."""
 
-    def __init__(self, auth: ThreadAuthenticator, allow: _AllowList):
-        self._auth, self._allow = auth, allow
+    def __init__(self, auth: ThreadAuthenticator, allow: _AllowList, bind_nodes: bool):
+        self._auth, self._allow, self._bind_nodes = auth, allow, bind_nodes
 
     @property
     def denied(self) -> int:
@@ -163,6 +175,17 @@ class ServerGuard:
         as the frame's User-Id, which the authenticator set to the Z85 key). Removing a key cuts off an open
         connection this way within `_REREAD_S`: ZeroMQ cannot close one connection of a bound socket."""
         return self._allow.allows(frame.get("User-Id"))
+
+    def binding(self, frame: zmq.Frame, node: str) -> str | None:
+        """None when this message's connection may write as `node`; otherwise why not (safe to log: the node id
+        is escaped by the wire decoder, the key file names are the operator's)."""
+        if not self._bind_nodes:
+            return None
+        names = self._allow.names(frame.get("User-Id"))
+        if node in names:
+            return None
+        return (f"node {node} over a connection made with the key of {', '.join(sorted(f'{n}.key' for n in names))}: "
+                f"an edge's public key file must be named <node id>.key (or set security.bind_nodes: false)")
 
     def stop(self) -> None:
         self._auth.stop()
@@ -183,4 +206,4 @@ def secure_server(sock: zmq.Socket, cfg: CurveConfig) -> ServerGuard | None:
     auth.start()
     auth.configure_curve_callback(domain="*", credentials_provider=allow)
     sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
-    return ServerGuard(auth, allow)
+    return ServerGuard(auth, allow, cfg.bind_nodes)

@@ -112,6 +112,7 @@ class Reason:
     ZERO_EMBEDDING = "zero_embedding"
     UNKNOWN_MODEL = "unknown_model"  # a new model version past the matcher's limit
     STORE_REFUSED = "store_refused"
+    NODE_KEY = "node_key"  # a node id its connection's CURVE key is not filed under (`<node>.key`)
 
 
 REASONS = frozenset(code for name, code in vars(Reason).items() if name.isupper())

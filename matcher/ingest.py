@@ -461,6 +461,8 @@ class Receiver:
             msgs = [m for m in msgs if self.guard.allows(m[-1])]
         valid, refused = [], {}
         for (peer, frame), s in zip(msgs, decode_many([m[1].buffer for m in msgs])):
+            if self.guard and not isinstance(s, WireError) and (why := self.guard.binding(frame, s.node)):
+                s = WireError(Reason.NODE_KEY, why, getattr(s, "seq", None))
             if isinstance(s, WireError):
                 self._reject(frame, s)
                 if s.seq is not None:  # readable that far: the edge is told, or it would resend it forever

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import wait_until
 
 from crossview.edge.publisher import Publisher
 from crossview.kernel.config import CurveConfig, PublisherConfig
@@ -61,6 +62,32 @@ def test_allowed_edge_gets_through_and_unknown_edge_gets_nothing(keys):
         for p in (good, bad, plain):
             p.close()
         rx.close()
+
+
+def test_an_edge_key_cannot_write_as_another_node(keys):
+    """edge-2 is on the allow-list too, but edge-1's key may write only as edge-1: sightings naming edge-2 over its
+    connection are refused (told to the edge, counted, logged), its own go through; bind_nodes: false lets them."""
+    folder, allowed = keys
+    shutil.copy(folder / "edge-2.key", allowed)
+    for bind in (True, False):
+        rx = Receiver("tcp://127.0.0.1:*", CurveConfig(secret_key=folder / "matcher.key_secret", allowed_clients=allowed,
+                                                       bind_nodes=bind))
+        one = edge(rx.endpoint, keys, "edge-1")
+        try:
+            for _ in range(5):
+                one.send(sighting("edge-2"))
+                one.send(sighting("edge-1"))
+            got = [s.node for s in rx.iter(timeout=2.0)]
+            if bind:
+                assert got == ["edge-1"] * 5
+                assert rx.rejected["node_key"] == 5
+                wait_until(lambda: one.refused_sightings == 5, 10, "the refusals told to the edge")
+            else:
+                assert sorted(got) == ["edge-1"] * 5 + ["edge-2"] * 5 and not rx.rejected
+        finally:
+            one.close(drain_s=0)
+            rx.close()
+            shutil.rmtree(folder.parent / "spool")
 
 
 def test_an_edge_added_to_the_allow_list_needs_no_restart(keys):
