@@ -624,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex_.add_argument("--out", type=Path, help="file to write (default: standard output)")
     au.set_defaults(run=_audit)
 
-    t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (DAAM/DAAL)")
-    t.add_argument("--config", type=Path, default=Path("configs/train/daam.yaml"), help="(default: %(default)s)")
+    t = verb("train", help="domain-adapt a re-ID model from a labelled source to the site (TCAP, DAAM, DAAL, "
+                                "ARN, ADFL, EDAAN: the config's method)")
+    t.add_argument("--config", type=Path, default=Path("configs/train/tcap.yaml"), help="(default: %(default)s)")
     t.add_argument("--resume", action="store_true", help="continue from <output_dir>/last.pt")
     t.set_defaults(run=_train)
 
@@ -635,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad.set_defaults(run=_adapt)
 
     ex = verb("export", help="export a training checkpoint's domain-shared path to ONNX for the edges")
-    ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/daam/last.pt")
+    ex.add_argument("checkpoint", type=Path, help="e.g. runs/train/tcap/last.pt")
     ex.add_argument("--out", type=Path, help="ONNX file (default: <name>.onnx beside the checkpoint)")
     ex.add_argument("--int8", action="store_true", help="also write <out>-int8.onnx, statically quantised (needs --calib-harvest)")
     _quantize_options(ex, required=False)
