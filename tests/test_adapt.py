@@ -20,6 +20,7 @@ from crossview.cli import main
 from crossview.kernel.harvest import sidecar_path
 from crossview.matcher.api import serve
 from crossview.matcher.service import Matcher
+from crossview.trainer.config import overlay
 from crossview.trainer.data.mot_harvest import mot_harvest
 
 TOKEN = "test-token-0123456789"
@@ -57,7 +58,7 @@ def site(tmp_path_factory):
     m.stop()
 
 
-def job_config(site, name: str, baseline, **over):
+def job_config(site, name: str, baseline, train_over: dict | None = None, **over):
     m, url, tmp, _ = site
     train = {
         "method": "daam", "name": "site", "cache_dir": str(tmp / "cache"), "device": "cpu", "workers": 0,
@@ -68,7 +69,7 @@ def job_config(site, name: str, baseline, **over):
         "clustering": {"method": "kmeans", "k": 8}, "sampler": {"p": 4, "k": 4},
         "pretrain": {"epochs": 1, "lr": 0.01}, "adapt": {"iterations": 1, "epochs": 1, "lr": 0.005},
     }
-    (tmp / f"{name}-train.yaml").write_text(yaml.safe_dump(train))
+    (tmp / f"{name}-train.yaml").write_text(yaml.safe_dump(overlay(train, train_over or {})))
     job = {"matcher": {"url": url, "token_file": str(tmp / "token")}, "train": f"{name}-train.yaml",
            "state_dir": str(tmp / name), "baseline_model": str(baseline), "min_tracklets": 5,
            "gate": {"holdout": 0.4}, **over}
@@ -112,3 +113,22 @@ def test_a_run_collects_gates_registers_and_promotes_and_a_second_start_does_not
     assert run_job(load_adapt_config(path), "r3").status == "too-little-harvest"
     assert not (tmp / "passes" / "runs" / "r3" / "plan.json").exists()  # a later start looks again, up to its time
 
+
+
+def test_the_shipped_method_tcap_adapts_through_the_job_from_the_collected_tracklets(site, make_tiny_model):
+    """configs/adapt.yaml trains TCAP: the harvest the job collects through the API must keep the sidecars TCAP
+    clusters by (tracklets, co-occurring pairs), and the candidate is gated and registered like any other."""
+    m, _, tmp, _ = site
+    weak = tmp / "weak-tcap.onnx"
+    make_tiny_model(weak, "weak-2", dim=1)
+    tcap = {"method": "tcap", "model": {"attention": "none"}, "optim": {"kind": "adam"},
+            "clustering": {"method": "dbscan"}, "pretrain": {"lr": 3.5e-4}, "adapt": {"lr": 3.5e-4}}
+    path = job_config(site, "tcap", weak, tcap, gate={"holdout": 0.4, "source": False}, promote="never")
+    outcome = run_job(load_adapt_config(path), "t1")
+    assert outcome.status in ("passed", "refused"), outcome.message
+    records = [json.loads(line) for line in (tmp / "tcap" / "runs" / "t1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    clusters = [r for r in records if r["event"] == "cluster"]
+    assert clusters and clusters[0]["segments"] > 1 and clusters[0]["cannot_link_pairs"] > 0
+    report = json.loads((tmp / "tcap" / "runs" / "t1" / "gate.json").read_text())
+    assert report["candidate"]["model"] == outcome.version and report["candidate"]["site_queries"] > 0
+    assert m.registry.get(outcome.version) is not None
