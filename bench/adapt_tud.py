@@ -147,9 +147,11 @@ VARIANTS |= {"tcap-dsbn": ("TCAP, BatchNorm per domain (source and target rows n
 # A mean teacher (`adapt.ema`) over that: momentum 0.98 averages about one iteration's steps (~50) on this harvest.
 VARIANTS |= {"tcap-pku-dsbn-ema": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain, mean teacher 0.98",
                                    overlay(VARIANTS["tcap-pku-dsbn"][1], {"adapt": {"ema": 0.98}}))}
-# DAAM and DAAL on the same harvest from the issue's two sources, the rows TCAP's are to be ahead of.
+# Every method on the issues' protocol: sources TUD-Campus + PKU-Reid, target the edge harvest of TUD-Stadtmitte.
+PROTOCOL = ("daam", "daal", "adfl-baseline", "adfl", "arn", "arn-no-private", "arn-no-rec", "edaan", "edaan-triplet",
+            "edaan-no-attention")
 VARIANTS |= {f"{name}-pku-site": (f"{VARIANTS[name][0]}, sources TUD-Campus + PKU-Reid, on the edge harvest",
-                                  overlay(VARIANTS[f"{name}-site"][1], PKU)) for name in ("daam", "daal")}
+                                  overlay(overlay(VARIANTS[name][1], SITE_TARGET), PKU)) for name in PROTOCOL}
 # variant → the variant whose trunk it starts from (run first)
 INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl"}
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
@@ -162,13 +164,14 @@ PAPER = {
     "adfl": "ADFL Table V (AF3-cat-1024-attn3-1sum): M→D 37.4 / 56.8, D→M 36.3 / 67.2",
     **{name: "not in the papers" for name in ("daam-adfl", "tcap-adfl", "daam-adfl-site")},
     "daam-site": "not in this issue's sources",
-    **{name: "not in this issue's sources" for name in ("daal-site", "daam-pku-site", "daal-pku-site")},
+    "daal-site": "not in this issue's sources",
     **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", "tcap-dsbn", "tcap-pku-dsbn",
                                               "tcap-pku-dsbn-ema", *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
     "edaan-no-attention": "EDAAN Table V (w/o attention): M→D 26.8 / 48.5, D→M 23.7 / 55.4",
 }
+PAPER |= {f"{name}-pku-site": PAPER.get(name, PAPER["daam"]) for name in PROTOCOL}
 SEEDS_SECTION = "## ARN and ADFL beside DAAM, mean ± std over seeds (bench/adapt_tud.py --seeds)"
 # Runs with TCAP rows get their own section, so they never replace the ARN / ADFL table.
 TCAP_SECTION = "## TCAP and its ablations beside DAAM and DAAL, mean ± std over seeds (bench/adapt_tud.py --seeds)"
@@ -183,6 +186,8 @@ DSBN_SECTION = ("## Two sources and BatchNorm per domain: TCAP on the edge harve
 # The same two sources for the papers' methods and for TCAP's mean teacher.
 PKU_SECTION = ("## From TUD-Campus + PKU-Reid on the edge harvest: DAAM, DAAL and TCAP's mean teacher, mean ± std "
                "over seeds (bench/adapt_tud.py --seeds)")
+PKU_SEEDS_SECTION = ("## ARN and ADFL from TUD-Campus + PKU-Reid on the edge harvest, mean ± std over seeds "
+                     "(bench/adapt_tud.py --seeds)")
 
 
 def seeds_section(names) -> str:
@@ -190,6 +195,8 @@ def seeds_section(names) -> str:
         return EDAAN_SECTION
     if any(name in ("tcap-pku", "tcap-dsbn", "tcap-pku-dsbn") for name in names):
         return DSBN_SECTION
+    if any(name.startswith(("arn", "adfl")) and "pku" in name for name in names):
+        return PKU_SEEDS_SECTION
     if any("pku" in name for name in names):
         return PKU_SECTION
     if any(name in INIT_FROM or name.endswith("-site") for name in names):
