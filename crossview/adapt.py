@@ -65,7 +65,7 @@ class JobGateConfig(_Strict):
 class AdaptJobConfig(_Strict):
     matcher: JobMatcherConfig
     train: Path = Field(description="a train config (configs/train/*.yaml): method, source, schedule; the job sets "
-                                    "its target, output_dir and name")
+                                    "its target (which the file may leave out), output_dir and name")
     state_dir: Path = Field(Path("runs/adapt"), description="runs, checkpoints and the job's state")
     period: str = Field("%G-W%V", min_length=1, description="strftime of the run id: one run per period")
     window_s: float | None = Field(None, gt=0, description="harvest of the last window_s; default: since the last run")
@@ -201,14 +201,15 @@ class Job:
         return path, entry
 
     def _train_config(self, train_harvest: Path, production: dict | None) -> TrainConfig:
-        base = load_train_config(self.cfg.train)
+        target = {"kind": "harvest", "root": train_harvest, "evaluate": False}
+        base = load_train_config(self.cfg.train, defaults={"target": target})  # a file without one is fine: set here
         start = self._checkpoint_of(production)
         model = {**base.model.model_dump(), **({"init_from": start} if start else {})}
         log.info("4/7 adapt: method %s from %s", base.method,
                  f"the production model's checkpoint {start}" if start else f"model.pretrained {base.model.pretrained}")
         return TrainConfig.model_validate({
             **base.model_dump(), "name": f"{base.name}-{self.run_id}", "output_dir": self.dir / "train", "model": model,
-            "target": {"kind": "harvest", "root": train_harvest, "evaluate": False}})
+            "target": target})
 
     def _checkpoint_of(self, production: dict | None) -> Path | None:
         path = self.cfg.state_dir / "checkpoints" / f"{production['version']}.pt" if production else None

@@ -606,8 +606,10 @@ EDGE_PATH_KEYS = [
 ]
 
 
-def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...]] | None = None) -> C:
-    """Read a YAML file into `model`; relative paths under `path_keys` are taken from the file's folder."""
+def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...]] | None = None,
+                defaults: dict | None = None) -> C:
+    """Read a YAML file into `model`; relative paths under `path_keys` are taken from the file's folder, and a
+    top-level key of `defaults` is taken where the file has none."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
@@ -623,6 +625,7 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
                 src = cam["source"]
                 if "://" not in src and not src.startswith("usb:") and not Path(src).is_absolute():
                     cam["source"] = os.path.normpath(path.resolve().parent / src)
+        raw = {**(defaults or {}), **raw}
     return parse_config(raw, model, path)
 
 

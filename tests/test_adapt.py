@@ -117,13 +117,16 @@ def test_a_run_collects_gates_registers_and_promotes_and_a_second_start_does_not
 
 def test_the_shipped_method_tcap_adapts_through_the_job_from_the_collected_tracklets(site, make_tiny_model):
     """configs/adapt.yaml trains TCAP: the harvest the job collects through the API must keep the sidecars TCAP
-    clusters by (tracklets, co-occurring pairs), and the candidate is gated and registered like any other."""
+    clusters by (tracklets, co-occurring pairs), and the candidate is gated and registered like any other. Its
+    train config has no `target:` (the job sets it)."""
     m, _, tmp, _ = site
     weak = tmp / "weak-tcap.onnx"
     make_tiny_model(weak, "weak-2", dim=1)
     tcap = {"method": "tcap", "model": {"attention": "none"}, "optim": {"kind": "adam"},
             "clustering": {"method": "dbscan"}, "pretrain": {"lr": 3.5e-4}, "adapt": {"lr": 3.5e-4}}
     path = job_config(site, "tcap", weak, tcap, gate={"holdout": 0.4, "source": False}, promote="never")
+    train = tmp / "tcap-train.yaml"
+    train.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(train.read_text()).items() if k != "target"}))
     outcome = run_job(load_adapt_config(path), "t1")
     assert outcome.status in ("passed", "refused"), outcome.message
     records = [json.loads(line) for line in (tmp / "tcap" / "runs" / "t1" / "train" / "metrics.jsonl").read_text().splitlines()]

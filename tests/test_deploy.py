@@ -136,7 +136,8 @@ def validate(verb: str, file: Path, mounts: dict[str, bool], where: str, files: 
         return {file: (verb, cfg)}
     train = files.get(str(cfg.train))
     assert train is not None, f"{where}: train {cfg.train} is not a config mounted into the job"
-    train_cfg = load_train_config(train)
+    # as the job reads it: the target, which the file may leave out, is each run's harvest under state_dir
+    train_cfg = load_train_config(train, defaults={"target": {"kind": "harvest", "root": cfg.state_dir / "runs"}})
     check_paths_reachable("train", train_cfg, mounts, f"{where} ({cfg.train})")
     assert under(train_cfg.cache_dir, cfg.state_dir), f"{where}: {cfg.train}: cache_dir outside state_dir {cfg.state_dir}"
     return {file: (verb, cfg), train: ("train", train_cfg)}

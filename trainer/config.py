@@ -294,8 +294,8 @@ TRAIN_PATH_KEYS = [("output_dir",), ("cache_dir",), ("source", "root"), ("source
                    ("target", "root"), ("target", "evaluate_on", "root"), ("model", "init_from")]
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    return load_config(path, TrainConfig, TRAIN_PATH_KEYS)
+def load_train_config(path: str | Path, defaults: dict | None = None) -> TrainConfig:
+    return load_config(path, TrainConfig, TRAIN_PATH_KEYS, defaults)
 
 
 __all__ = ["ConfigError", "TrainConfig", "load_train_config", "overlay"]
