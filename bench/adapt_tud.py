@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from docsection import machine, write_section
+from docsection import machine, read_section, write_section
 from site_harvest import SEQ, edge_harvest, labelled_edge_harvest
 
 from crossview.trainer.config import overlay
@@ -350,6 +351,32 @@ def seeds_report(base: dict, results: dict[str, dict[int, list[dict]]], load: tu
     return "\n".join(lines) + "\n"
 
 
+ROW_NAME = re.compile(r"^\| .*\(`([\w.-]+)`\) \|")
+KEPT_HEAD = "Rows from earlier runs of the script, kept when a later run wrote this section:"
+KEPT_LINE = re.compile(r"^- ((?:`[\w.-]+`(?:, )?)+): (.+)$")
+
+
+def keep_earlier_rows(old: str, new: str) -> str:
+    """`new` (a seeds section) with the rows of `old` (the section it replaces) for variants it did not run, each
+    with the run line it came from: rows accumulate over runs that each train a few variants (the runs themselves
+    live in runs/, which a fresh checkout lacks, so --reuse cannot bring them back)."""
+    ran = {m[1] for line in new.splitlines() if (m := ROW_NAME.match(line))}
+    old_lines = old.splitlines()
+    run_line = next((line for line in old_lines if line.startswith("`python bench/adapt_tud.py")), "")
+    origin = {name: m[2] for line in old_lines if (m := KEPT_LINE.match(line)) for name in re.findall(r"`([\w.-]+)`", m[1])}
+    kept = [(m[1], line) for line in old_lines if (m := ROW_NAME.match(line)) and m[1] not in ran]
+    if not kept:
+        return new
+    lines = new.rstrip("\n").splitlines()
+    end = max(i for i, line in enumerate(lines) if line.startswith("|")) + 1
+    lines[end:end] = [line for _, line in kept]
+    by_origin: dict[str, list[str]] = {}
+    for name, _ in kept:
+        by_origin.setdefault(origin.get(name, run_line), []).append(name)
+    lines += ["", KEPT_HEAD, "", *(f"- {', '.join(f'`{n}`' for n in names)}: {run}" for run, names in by_origin.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -376,6 +403,8 @@ def main() -> None:
         section = seeds_section(results)
         imagenet = None if section in (SEEDS_SECTION, EDAAN_SECTION) else imagenet_baseline(base)
         text = seeds_report(base, results, (f"{before[0]:.1f}", f"{after[0]:.1f}"), command, imagenet)
+        if args.out and (old := read_section(args.out, section)):
+            text = keep_earlier_rows(old, text)
     else:
         imagenet = imagenet_baseline(base)
         results = {name: run_variant(name, VARIANTS[name][1], base) for name in args.variants}

@@ -3,6 +3,7 @@
 | function        | what                                                                                  |
 |-----------------|---------------------------------------------------------------------------------------|
 | `write_section` | each benchmark owns one section of a markdown file and rewrites only that section     |
+| `read_section`  | that section as it stands, for a benchmark that keeps part of it                      |
 | `machine`       | the machine line: CPUs, RAM, Python and the library versions the figures depend on    |
 """
 
@@ -14,11 +15,21 @@ import re
 from pathlib import Path
 
 
+def _section(heading: str) -> re.Pattern:
+    """From `heading` up to the next heading of its level or above."""
+    level = len(heading) - len(heading.lstrip("#"))
+    return re.compile(rf"^{re.escape(heading)}.*?\n.*?(?=^#{{1,{level}}} |\Z)", re.S | re.M)
+
+
+def read_section(out: Path, heading: str) -> str | None:
+    found = _section(heading).search(out.read_text()) if out.is_file() else None
+    return found[0] if found else None
+
+
 def write_section(out: Path, heading: str, text: str) -> None:
     """Replace the part of `out` from `heading` up to the next heading of its level or above, or append `text`."""
     old = out.read_text() if out.is_file() else "# Benchmarks\n"
-    level = len(heading) - len(heading.lstrip("#"))
-    pattern = re.compile(rf"^{re.escape(heading)}.*?\n.*?(?=^#{{1,{level}}} |\Z)", re.S | re.M)
+    pattern = _section(heading)
     body = text.rstrip("\n") + "\n\n"
     new = pattern.sub(lambda _: body, old, 1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
     out.parent.mkdir(parents=True, exist_ok=True)
