@@ -6,6 +6,7 @@
 | edge (client) socket    | `secure_client(sock, cfg)`: encrypts, authenticates to the matcher's public key |
 | matcher (server) socket | `secure_server(sock, cfg)`: encrypts; only edge public keys found in `allowed_clients` get through (re-read when the folder changes, so an edge is added without a restart); files that are no key are skipped and logged |
 | removing an edge        | `guard.allows(frame)`: false once the key its connection logged in with left the folder (checked at most 1 s late) |
+| a key is one node       | `guard.binding(frame, node)`: why a message naming `node` may not come over this connection: its key's file is not `<node>.key` (`bind_nodes`) |
 | plain TCP               | only with `mode: plain` in the config                                 |
 
     $ crossview keys --out keys --name matcher      # on the matcher
