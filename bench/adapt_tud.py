@@ -28,6 +28,12 @@ rows on its ground-truth crops; all are scored on the same ground-truth time spl
         tcap-no-cannot-link tcap-eps-profile tcap-eps-percentile tcap-avg tcap-no-neck tcap-no-memory tcap-no-proxies tcap-no-cooccur \
         --out docs/results.md
 
+The issues' protocol (`*-pku-site`: sources TUD-Campus + PKU-Reid, target the edge harvest) for ARN and ADFL, with
+ADFL as the pre-training of DAAM and of TCAP (list `adfl-pku-site` before the runs that start from it):
+
+    python bench/adapt_tud.py --seeds 1 2 3 --variants adfl-baseline-pku-site adfl-pku-site daam-adfl-pku-site \
+        tcap-pku-dsbn-adfl arn-pku-site arn-no-private-pku-site arn-no-rec-pku-site --out docs/results.md
+
 EDAAN and its comparison rows run from their own file, `bench/train/tud-edaan.yaml` (CPU-sized generators and
 schedule), in their own seeds section:
 
@@ -86,7 +92,7 @@ VARIANTS |= {
     "adfl-baseline": ("ADFL's baseline, direct transfer: GMP, BN neck, softmax + triplet, no attention",
                       overlay(ADFL, {"model": {"attn3": "none"}})),
     "adfl": ("ADFL direct transfer: AF3-cat-256-attn3-1sum, GMP, BN neck, softmax + triplet", ADFL),
-    "daam-adfl": ("DAAM pre-trained by ADFL (its attn3-1sum trunk from the `adfl` run of the same seed)",
+    "daam-adfl": ("DAAM pre-trained by ADFL (its attn3-1sum trunk from the ADFL run of the same seed and sources)",
                   {"model": {"attn3": "1sum"}}),
 }
 # TCAP trains on TUD-Stadtmitte as a site harvests it (the edge node's HOG + tracker crops and sidecars, made by
@@ -158,11 +164,16 @@ VARIANTS |= {"tcap-pku-dsbn-256": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNo
                                    overlay(VARIANTS["tcap-pku-dsbn"][1], {"input": {"height": 256, "width": 128}}))}
 # Every method on the issues' protocol: sources TUD-Campus + PKU-Reid, target the edge harvest of TUD-Stadtmitte.
 PROTOCOL = ("daam", "daal", "adfl-baseline", "adfl", "arn", "arn-no-private", "arn-no-rec", "edaan", "edaan-triplet",
-            "edaan-no-attention")
+            "edaan-no-attention", "daam-adfl")
 VARIANTS |= {f"{name}-pku-site": (f"{VARIANTS[name][0]}, sources TUD-Campus + PKU-Reid, on the edge harvest",
                                   overlay(overlay(VARIANTS[name][1], SITE_TARGET), PKU)) for name in PROTOCOL}
+# ADFL as the pre-training of the shipped method on the same protocol.
+VARIANTS |= {"tcap-pku-dsbn-adfl": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain, pre-trained by ADFL "
+                                    "(its attn3-1sum trunk from the ADFL run of the same seed and sources)",
+                                    overlay(VARIANTS["tcap-pku-dsbn"][1], {"model": {"attn3": "1sum"}}))}
 # variant → the variant whose trunk it starts from (run first)
-INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl"}
+INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl",
+             "daam-adfl-pku-site": "adfl-pku-site", "tcap-pku-dsbn-adfl": "adfl-pku-site"}
 # The papers' own figures (mAP / rank-1, %), Market-1501 <-> DukeMTMC-reID, for beside our rows.
 PAPER = {
     "daam": "not in this issue's sources",
@@ -176,6 +187,7 @@ PAPER = {
     "daal-site": "not in this issue's sources",
     **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", "tcap-dsbn", "tcap-pku-dsbn",
                                               "tcap-pku-dsbn-ema", "tcap-pku-dsbn-ema-all", "tcap-pku-dsbn-256",
+                                              "tcap-pku-dsbn-adfl",
                                               *TCAP_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
