@@ -23,8 +23,10 @@ SEQ = REPO.parent / "shared" / "data" / "TUD-Stadtmitte"
 log = logging.getLogger("bench")
 
 
-def edge_harvest(work: Path, model: Path, seq: Path = SEQ) -> Path:
-    """Run the edge node over every frame of `seq` with harvesting on; the harvest folder (reused if there)."""
+def edge_harvest(work: Path, model: Path, seq: Path = SEQ, tracker: dict | None = None, every_k: int = 2,
+                 fps: float = 25) -> Path:
+    """Run the edge node over `seq` at `fps` (25: every frame) with harvesting on (every `every_k`-th crop of a
+    track, the `tracker` section's settings); the harvest folder (reused if there)."""
     from crossview.edge.node import EdgeNode
     from crossview.kernel.config import load_edge_config
 
@@ -33,12 +35,14 @@ def edge_harvest(work: Path, model: Path, seq: Path = SEQ) -> Path:
         return out
     cfg = {
         "node_id": "site-edge",
-        "cameras": [{"id": seq.name.removeprefix("TUD-").lower(), "source": str(seq / f"{seq.name}.mp4"), "fps": 25}],
+        "cameras": [{"id": seq.name.removeprefix("TUD-").lower(), "source": str(seq / f"{seq.name}.mp4"), "fps": fps}],
         "detector": {"kind": "hog", "hog": {"upscale": 1.0}},  # street-level people are large enough
         "embedder": {"model": str(model)},
         "publisher": {"endpoint": "tcp://127.0.0.1:5598", "security": {"mode": "plain"}},  # no matcher: spooled
-        "harvest": {"enabled": True, "dir": str(out), "every_k": 2, "min_height": 48, "min_score": 0.0},
+        "harvest": {"enabled": True, "dir": str(out), "every_k": every_k, "min_height": 48, "min_score": 0.0},
+        "tracker": tracker or {},
     }
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "edge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ class Detections:
     xyxy: np.ndarray  # (N, 4) float32 pixel corners
     confidence: np.ndarray  # (N,) float32
     tracker_id: np.ndarray = field(default_factory=_empty_ids)  # (N,) int64 once tracked, else empty
+    embedding: np.ndarray | None = None  # (N, D) re-ID vectors once embedded
 
     def __post_init__(self) -> None:
         self.xyxy = np.asarray(self.xyxy, dtype=np.float32).reshape(-1, 4)
@@ -32,6 +33,8 @@ class Detections:
             raise ValueError(f"{len(self.xyxy)} boxes but {len(self.confidence)} confidences")
         if len(self.tracker_id) not in (0, len(self.xyxy)):
             raise ValueError(f"{len(self.xyxy)} boxes but {len(self.tracker_id)} tracker ids")
+        if self.embedding is not None and len(self.embedding) != len(self.xyxy):
+            raise ValueError(f"{len(self.xyxy)} boxes but {len(self.embedding)} embeddings")
 
     @classmethod
     def empty(cls) -> "Detections":
@@ -42,7 +45,8 @@ class Detections:
 
     def __getitem__(self, index) -> "Detections":
         ids = self.tracker_id[index] if len(self.tracker_id) else self.tracker_id
-        return Detections(self.xyxy[index], self.confidence[index], ids)
+        emb = None if self.embedding is None else self.embedding[index]
+        return Detections(self.xyxy[index], self.confidence[index], ids, emb)
 
     @property
     def height(self) -> np.ndarray:
@@ -53,5 +57,5 @@ class Detections:
         xyxy = self.xyxy.copy()
         xyxy[:, [0, 2]] = xyxy[:, [0, 2]].clip(0, width)
         xyxy[:, [1, 3]] = xyxy[:, [1, 3]].clip(0, height)
-        d = Detections(xyxy, self.confidence, self.tracker_id)
+        d = Detections(xyxy, self.confidence, self.tracker_id, self.embedding)
         return d[(xyxy[:, 2] - xyxy[:, 0] >= 1) & (xyxy[:, 3] - xyxy[:, 1] >= 1)]

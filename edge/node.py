@@ -170,6 +170,7 @@ class EdgeNode:
                         # Embeddings of two model versions do not mix: tracks start their means afresh.
                         for cam in self.cameras.values():
                             cam.gallery.tracks.clear()
+                            cam.tracker.forget_appearance()
                 elif all(cam.done for cam in self.cameras.values()):
                     break
                 else:
@@ -244,13 +245,16 @@ class EdgeNode:
             return Detections.empty()
         return dets[dets.height >= self.cfg.detector.min_box_height]
 
-    def _detect_and_track(self, cam: Camera, frame: Frame) -> Detections:
+    def _detect_timed(self, cam: Camera, frame: Frame) -> tuple[Detections, float]:
         plan = self._look(cam, frame)  # timed apart: the detector's seconds are its own
         t0 = time.perf_counter()
         dets = self._detect(cam, frame, plan)
-        t1 = time.perf_counter()
+        return dets, time.perf_counter() - t0
+
+    def _track(self, cam: Camera, frame: Frame, dets: Detections, detector_s: float) -> Detections:
+        t0 = time.perf_counter()
         tracked = cam.tracker.update(dets, frame.image)
-        detector_s, tracker_s = t1 - t0, time.perf_counter() - t1
+        tracker_s = time.perf_counter() - t0
         self.metrics.frame_done(cam.cfg.id, len(tracked), detector_s, tracker_s)
         cam.gallery.expire(frame.ts)
         cam.stats.detector_seconds += detector_s
@@ -260,22 +264,35 @@ class EdgeNode:
         cam.last_index = frame.index
         return tracked
 
-    def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
-        items, crops = [], []
-        for cam, frame in batch:
-            tracked = self._detect_and_track(cam, frame)
-            for box, score, tid in zip(tracked.xyxy, tracked.confidence, tracked.tracker_id):
-                crop = _crop(frame.image, box)
-                if crop.size:
-                    items.append((cam, frame, box, float(score), int(tid)))
-                    crops.append(crop)
-        if not crops:
-            return
+    def _embedded(self, frames: list[Frame], found: list[Detections]) -> list[Detections]:
+        """Every box of every frame, embedded in one batch; boxes with no pixels in their frame are dropped."""
+        kept, crops = [], []
+        for frame, dets in zip(frames, found):
+            cut = [_crop(frame.image, box) for box in dets.xyxy]
+            kept.append(dets[np.array([c.size > 0 for c in cut], bool)] if len(dets) else dets)
+            crops += [c for c in cut if c.size]
         t0 = time.perf_counter()
         embeddings = self.embedder.embed(crops)
-        self.metrics.emb_s.observe(time.perf_counter() - t0)
-        for (cam, frame, box, score, tid), crop, emb in zip(items, crops, embeddings):
-            self._emit(cam, frame, box, score, tid, crop, emb)
+        if crops:
+            self.metrics.emb_s.observe(time.perf_counter() - t0)
+        at = np.cumsum([0] + [len(d) for d in kept])
+        return [Detections(d.xyxy, d.confidence, d.tracker_id, embeddings[a:b]) for d, a, b in zip(kept, at, at[1:])]
+
+    def _process(self, batch: list[tuple[Camera, Frame]]) -> None:
+        """Detect in every frame; track, then embed the tracked boxes, or with `tracker.appearance` embed every box
+        first so that the tracker can match by it (one embedding batch either way)."""
+        frames = [frame for _, frame in batch]
+        looked = [self._detect_timed(cam, frame) for cam, frame in batch]
+        found = [dets for dets, _ in looked]
+        appearance = self.cfg.tracker.appearance
+        if appearance:
+            found = self._embedded(frames, found)
+        tracked = [self._track(cam, frame, dets, s) for (cam, frame), dets, (_, s) in zip(batch, found, looked)]
+        if not appearance:
+            tracked = self._embedded(frames, tracked)
+        for (cam, frame), dets in zip(batch, tracked):
+            for box, score, tid, emb in zip(dets.xyxy, dets.confidence, dets.tracker_id, dets.embedding):
+                self._emit(cam, frame, box, float(score), int(tid), _crop(frame.image, box), emb)
 
     def _emit(self, cam: Camera, frame: Frame, box, score: float, tid: int, crop: np.ndarray, emb: np.ndarray) -> None:
         height = float(box[3] - box[1])

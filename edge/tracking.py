@@ -2,7 +2,7 @@
 
 | what           | how                                                                    |
 |----------------|------------------------------------------------------------------------|
-| `Tracker`      | ultralytics' ByteTrack or BoT-SORT on our `Detections`; sets `tracker_id` |
+| `Tracker`      | ultralytics' ByteTrack or BoT-SORT (boxes, or boxes + re-ID) on our `Detections`; sets `tracker_id` |
 | `TrackGallery` | per track: quality-weighted mean embedding, sighting count, last seen   |
 
     tracker = Tracker(TrackerConfig())
@@ -60,18 +60,31 @@ class Tracker:
         args = IterableSimpleNamespace(
             tracker_type=cfg.kind, track_high_thresh=cfg.track_high_thresh, track_low_thresh=cfg.track_low_thresh,
             new_track_thresh=cfg.new_track_thresh, track_buffer=cfg.track_buffer, match_thresh=cfg.match_thresh,
-            fuse_score=True, gmc_method="none", proximity_thresh=0.5, appearance_thresh=0.8, with_reid=False, model="auto",
+            fuse_score=True, gmc_method="none", proximity_thresh=cfg.proximity_thresh,
+            # ultralytics gates on half the cosine distance: (1 - cos) / 2 <= 1 - appearance_thresh
+            appearance_thresh=(1 + cfg.appearance_thresh) / 2, with_reid=cfg.appearance, model="auto",
         )
         self._impl = BOTSORT(args) if cfg.kind == "botsort" else BYTETracker(args)
+        self.appearance = cfg.appearance
 
     def update(self, dets: Detections, frame: np.ndarray) -> Detections:
-        """The detections that belong to a confirmed track, with `tracker_id` set."""
-        out = self._impl.update(_UltralyticsBoxes(dets.xyxy, dets.confidence), frame)
+        """The detections that belong to a confirmed track, with `tracker_id` set; with `appearance`, `dets` carry
+        their embeddings ("auto": ultralytics takes them as given, one per box) and so do the tracked ones."""
+        feats = dets.embedding if self.appearance else None
+        out = self._impl.update(_UltralyticsBoxes(dets.xyxy, dets.confidence), frame, feats=feats)
         if len(out) == 0:
-            return Detections.empty()
+            return dets[:0]  # keeps the embedding column (empty) when the boxes came with one
         idx = out[:, 7].astype(np.int64)
         # The tracker's smoothed box is steadier than the raw one; the score stays the detector's.
-        return Detections(out[:, :4], dets.confidence[idx], out[:, 4].astype(np.int64))
+        return Detections(out[:, :4], dets.confidence[idx], out[:, 4].astype(np.int64),
+                          None if dets.embedding is None else dets.embedding[idx])
+
+    def forget_appearance(self) -> None:
+        """Drop every track's appearance (they match by boxes until seen again): a new model's vectors do not
+        compare with the old one's, and may not even have its length."""
+        if self.appearance:
+            for s in (*self._impl.tracked_stracks, *self._impl.lost_stracks):
+                s.smooth_feat = s.curr_feat = None
 
     def live_boxes(self) -> np.ndarray:
         """(N, 4) boxes of the tracks being followed and of those lost only a few frames ago, where the Kalman

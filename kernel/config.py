@@ -170,6 +170,15 @@ class TrackerConfig(_Strict):
     new_track_thresh: float = Field(0.25, ge=0, le=1)
     match_thresh: float = Field(0.8, ge=0, le=1)
     track_buffer: int = Field(30, ge=1, description="frames a lost track is kept")
+    appearance: bool = Field(False, description="botsort: associate by the re-ID embedding too, where boxes overlap")
+    appearance_thresh: float = Field(0.6, ge=0, le=1, description="the least cosine similarity an appearance match needs")
+    proximity_thresh: float = Field(0.5, ge=0, le=1, description="the least IoU at which appearance may decide")
+
+    @model_validator(mode="after")
+    def _appearance_needs_botsort(self):
+        if self.appearance and self.kind != "botsort":
+            raise ValueError("appearance: true needs kind: botsort (ByteTrack matches boxes only)")
+        return self
 
 
 class _MatcherLink(_Strict):
