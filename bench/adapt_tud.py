@@ -34,6 +34,11 @@ ADFL as the pre-training of DAAM and of TCAP (list `adfl-pku-site` before the ru
     python bench/adapt_tud.py --seeds 1 2 3 --variants adfl-baseline-pku-site adfl-pku-site daam-adfl-pku-site \
         tcap-pku-dsbn-adfl arn-pku-site arn-no-private-pku-site arn-no-rec-pku-site --out docs/results.md
 
+The shipped method's ablations on that protocol (`tcap-pku-dsbn-<ablation>`: each `tcap-<ablation>` above laid over
+`tcap-pku-dsbn`), in their own section; one variant a run keeps each run short, and the rows accumulate:
+
+    python bench/adapt_tud.py --seeds 1 2 3 --variants tcap-pku-dsbn-no-memory --out docs/results.md
+
 EDAAN and its comparison rows run from their own file, `bench/train/tud-edaan.yaml` (CPU-sized generators and
 schedule), in their own seeds section:
 
@@ -171,6 +176,11 @@ VARIANTS |= {f"{name}-pku-site": (f"{VARIANTS[name][0]}, sources TUD-Campus + PK
 VARIANTS |= {"tcap-pku-dsbn-adfl": ("TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain, pre-trained by ADFL "
                                     "(its attn3-1sum trunk from the ADFL run of the same seed and sources)",
                                     overlay(VARIANTS["tcap-pku-dsbn"][1], {"model": {"attn3": "1sum"}}))}
+# The shipped method's ablations on the issues' protocol: tcap-pku-dsbn with one part switched off each.
+SHIPPED_ABLATIONS = {f"tcap-pku-dsbn-{name.removeprefix('tcap-')}": (
+    f"TCAP, sources TUD-Campus + PKU-Reid, BatchNorm per domain, {what}",
+    overlay(VARIANTS["tcap-pku-dsbn"][1], {"tcap": change})) for name, (what, change) in TCAP_ABLATIONS.items()}
+VARIANTS |= SHIPPED_ABLATIONS
 # variant → the variant whose trunk it starts from (run first)
 INIT_FROM = {"daam-adfl": "adfl", "tcap-adfl": "adfl", "daam-adfl-site": "adfl",
              "daam-adfl-pku-site": "adfl-pku-site", "tcap-pku-dsbn-adfl": "adfl-pku-site"}
@@ -188,7 +198,7 @@ PAPER = {
     **{name: "not in the papers" for name in ("tcap", "tcap-pku", "daam-pku", "tcap-labelled", "tcap-dsbn", "tcap-pku-dsbn",
                                               "tcap-pku-dsbn-ema", "tcap-pku-dsbn-ema-all", "tcap-pku-dsbn-256",
                                               "tcap-pku-dsbn-adfl",
-                                              *TCAP_ABLATIONS)},
+                                              *TCAP_ABLATIONS, *SHIPPED_ABLATIONS)},
     "edaan": "EDAAN Table I (quartet): M→D 39.6 / 57.8, D→M 35.4 / 64.5",
     "edaan-triplet": "EDAAN Table I (triplet): M→D 33.5 / 55.2, D→M 32.7 / 62.3",
     "edaan-no-attention": "EDAAN Table V (w/o attention): M→D 26.8 / 48.5, D→M 23.7 / 55.4",
@@ -210,11 +220,15 @@ PKU_SECTION = ("## From TUD-Campus + PKU-Reid on the edge harvest: DAAM, DAAL an
                "over seeds (bench/adapt_tud.py --seeds)")
 PKU_SEEDS_SECTION = ("## ARN and ADFL from TUD-Campus + PKU-Reid on the edge harvest, mean ± std over seeds "
                      "(bench/adapt_tud.py --seeds)")
+ABLATION_SECTION = ("## TCAP's ablations from TUD-Campus + PKU-Reid on the edge harvest, mean ± std over seeds "
+                    "(bench/adapt_tud.py --seeds)")
 
 
 def seeds_section(names) -> str:
     if any(name.startswith("edaan") for name in names):
         return EDAAN_SECTION
+    if any(name in SHIPPED_ABLATIONS for name in names):
+        return ABLATION_SECTION
     if any(name in ("tcap-pku", "tcap-dsbn", "tcap-pku-dsbn") for name in names):
         return DSBN_SECTION
     if any(name.startswith(("arn", "adfl")) and "pku" in name for name in names):

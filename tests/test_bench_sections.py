@@ -50,3 +50,15 @@ def test_a_run_of_every_variant_again_keeps_nothing():
     first = section("--variants a", {"a": "50.0 ± 2.0"})
     again = section("--variants a", {"a": "52.0 ± 2.0"})
     assert keep_earlier_rows(first, again) == again
+
+
+def test_the_shipped_methods_ablations_change_one_part_of_it_and_have_their_own_section():
+    from adapt_tud import ABLATION_SECTION, SHIPPED_ABLATIONS, TCAP_ABLATIONS, VARIANTS, seeds_section
+
+    shipped = VARIANTS["tcap-pku-dsbn"][1]
+    assert len(SHIPPED_ABLATIONS) == len(TCAP_ABLATIONS)
+    for name, (_, cfg) in SHIPPED_ABLATIONS.items():
+        change = TCAP_ABLATIONS[name.replace("tcap-pku-dsbn-", "tcap-")][1]
+        assert cfg == {**shipped, "tcap": change}  # the sources, BatchNorm per domain and schedule kept
+        assert seeds_section([name]) == ABLATION_SECTION
+    assert seeds_section(["tcap-pku-dsbn"]) != ABLATION_SECTION
