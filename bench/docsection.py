@@ -5,6 +5,8 @@
 | `write_section` | each benchmark owns one section of a markdown file and rewrites only that section     |
 | `read_section`  | that section as it stands, for a benchmark that keeps part of it                      |
 | `machine`       | the machine line: CPUs, RAM, Python and the library versions the figures depend on    |
+| `table_head`    | a section's first lines: heading, the command that made it, when and where, the table's head |
+| `publish`       | print a section, and write it into a markdown file when one is given                  |
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 
@@ -42,3 +46,18 @@ def machine(*versions: str) -> str:
     mem = int(re.search(r"^MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)[1]) / 2**20
     return ", ".join((f"{len(os.sched_getaffinity(0))} CPUs ({cpu[1] if cpu else platform.processor()}), {mem:.1f} GiB RAM; "
                       f"Python {platform.python_version()}", *versions))
+
+
+def table_head(heading: str, columns: list[str], note: str = "") -> list[str]:
+    """The heading, the command line that ran (this script and its arguments), when and on what, then the head of
+    a table with `columns`."""
+    run = f"`python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`".replace(" `", "`")
+    return [heading, "", f"{run}, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}.{note and ' ' + note}",
+            "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def publish(out: Path | None, heading: str, lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    if out:
+        write_section(out, heading, text)
+    print(text)

@@ -15,13 +15,11 @@ Scores, before and after the cuts:
 from __future__ import annotations
 
 import argparse
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
 import numpy as np
-from docsection import machine, write_section
+from docsection import publish, table_head
 from site_harvest import REPO, edge_harvest, edge_identities
 
 from crossview.trainer.kreciprocal import l2_normalise
@@ -93,10 +91,8 @@ def main() -> None:
     passive_threads()
     data = {seq: harvest(seq) for seq in args.sequences}
     models = args.models or [WORK / args.sequences[0] / "mobilenetv2-imagenet.onnx"]
-    lines = [SECTION, "", f"`python bench/swap_cuts.py {' '.join(sys.argv[1:])}`, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}.", "",
-             "| features | sequence | crops (matched) | tracklets | co-occurring pairs | threshold | cuts | purity "
-             "before → after | mixed segments before → after |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = table_head(SECTION, ["features", "sequence", "crops (matched)", "tracklets", "co-occurring pairs",
+                                 "threshold", "cuts", "purity before → after", "mixed segments before → after"])
     for model in models:
         for seq, (crops, tracks, frames, gt) in data.items():
             r = score(embed(model, crops), tracks, frames, gt)
@@ -104,10 +100,7 @@ def main() -> None:
             lines.append(f"| `{model.name}` | {seq} | {len(crops)} ({int((gt >= 0).sum())}) | {r['tracklets']} | "
                          f"{r['pairs']} | {threshold} | {r['cuts']} | {r['purity'][0]:.3f} → {r['purity'][1]:.3f} | "
                          f"{r['mixed'][0]} → {r['mixed'][1]} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        write_section(args.out, SECTION, text)
-    print(text)
+    publish(args.out, SECTION, lines)
 
 
 if __name__ == "__main__":

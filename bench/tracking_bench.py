@@ -17,13 +17,11 @@ each `--fps` (25: every frame; 5: the edge's default camera rate) and keeps ever
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from docsection import machine, write_section
+from docsection import publish, table_head
 from site_harvest import REPO, edge_harvest, edge_identities
 from swap_cuts import MIN_IOU, mixed, purity
 
@@ -97,18 +95,14 @@ def main() -> None:
         if not model.is_file():
             WORK.mkdir(parents=True, exist_ok=True)
             build_default_embedder(model)
-    lines = [SECTION, "", f"`python bench/tracking_bench.py {' '.join(sys.argv[1:])}`, "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}. Embedder `{model.name}`; HOG at upscale 1.0.",
-             "", "| sequence | fps | tracker | boxes (matched) | tracks | ID switches | purity | mixed tracks | tracks per person "
-             "| node seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = table_head(SECTION, ["sequence", "fps", "tracker", "boxes (matched)", "tracks", "ID switches", "purity",
+                                 "mixed tracks", "tracks per person", "node seconds"],
+                       f"Embedder `{model.name}`; HOG at upscale 1.0.")
     for seq in args.sequences:
         for fps in args.fps:
             for name in args.trackers:
                 lines.append(row(seq, fps, name, model))
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        write_section(args.out, SECTION, text)
-    print(text)
+    publish(args.out, SECTION, lines)
 
 
 if __name__ == "__main__":
