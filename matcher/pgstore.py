@@ -4,6 +4,9 @@
 |-----------------|-----------------------------------------------------------------------------------------|
 | durability      | one transaction per batch on the writer connection, `synchronous_commit=on`: committed (WAL |
 |                 | flushed) before `insert` returns, so before the edge is acknowledged                  |
+| reconnect       | a writer connection the server dropped (restart, failover) fails its transaction (not    |
+|                 | acknowledged: the edge resends) and the next transaction opens a new one; the readers' pool |
+|                 | checks a connection before lending it                                                    |
 | ingest          | binary COPY of the batch's sightings, vectors and thumbnails (no text escaping of bytes) |
 | schema          | versioned (`matcher.sqldb.migrate`): `schema_version` holds the last step of `MIGRATIONS` |
 |                 | applied (module `store`); each step runs in its own transaction under an advisory lock, |
@@ -55,7 +58,7 @@ from psycopg_pool import ConnectionPool
 
 from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import Sighting
-from crossview.matcher.sqldb import PG_NOW, Db, connect_pg, migrate, pg_options, pg_sql, schema_version
+from crossview.matcher.sqldb import PG_NOW, Db, connect_pg, migrate, pg_connect, pg_options, pg_sql, schema_version
 from crossview.matcher.storecommon import COLUMNS, Assign, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,7 @@ class PgStore(SqlStore):
     _NODES = "string_agg(DISTINCT node, ',' ORDER BY node)"
 
     def __init__(self, cfg: StoreConfig, read_only: bool = False):
-        self.shown, self.read_only = cfg.shown, read_only
+        self.shown, self.read_only, self._cfg = cfg.shown, read_only, cfg
         self._writer = self._pool = None
         try:
             first = connect_pg(cfg, read_only)  # a wrong address or password fails here
@@ -133,8 +136,10 @@ class PgStore(SqlStore):
             else:
                 self._writer = first
                 migrate(schema, [{"postgres": step} for step in MIGRATIONS])
+            # Each connection checked as it is lent: one the server dropped is replaced, not handed to a query.
             self._pool = ConnectionPool(cfg.conninfo(), min_size=1, max_size=cfg.pool_max, open=True, name="pgstore",
-                                        kwargs={"autocommit": True, "options": pg_options(read_only)})
+                                        kwargs={"autocommit": True, "options": pg_options(read_only)},
+                                        check=ConnectionPool.check_connection)
         except psycopg.Error as e:
             self.close()
             raise ConnectionError(f"store: {self.shown}: {str(e).strip() or type(e).__name__}") from None
@@ -188,8 +193,11 @@ class PgStore(SqlStore):
     def _transaction(self, work) -> object:
         if self.read_only:
             raise PermissionError(f"{self.shown}: store opened read-only")
-        with self._write_lock, self._writer.transaction():
-            return work(self._writer)
+        with self._write_lock:
+            if self._writer.broken:  # its last use failed with the link: a new one (ConnectionError if still down)
+                self._writer = pg_connect(self._cfg)
+            with self._writer.transaction():
+                return work(self._writer)
 
     @staticmethod
     def _position(db: psycopg.Connection, name: str) -> int:

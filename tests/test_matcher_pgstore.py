@@ -129,3 +129,20 @@ def test_a_matcher_config_with_a_postgres_store_opens_it(tmp_path, section):
         assert type(m.store) is PgStore and not (tmp_path / "sightings.db").exists()
     finally:
         m.stop()
+
+
+def test_the_writer_and_the_readers_recover_from_a_dropped_connection(section, pg_server):
+    """A server restart or failover drops every connection: the transaction on the dead one fails (the ingest
+    pipeline does not acknowledge it, so the edge resends), the next one commits on a new connection, and reads go
+    on from the pool."""
+    store = PgStore(StoreConfig(**section))
+    vecs = unit_vectors(np.random.default_rng(0), 3, 8)
+    first = store_insert(store, [make_sighting(vecs[0], frame=0)])
+    with pg_server.connect(section["dbname"]) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> "
+                      "pg_backend_pid()", (section["dbname"],))
+    with pytest.raises(store.Error):
+        store_insert(store, [make_sighting(vecs[1], frame=1)])
+    second = store_insert(store, [make_sighting(vecs[2], frame=2)])
+    assert sorted(store.records(first + second)) == first + second
+    store.close()
