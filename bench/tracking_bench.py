@@ -89,7 +89,7 @@ def main() -> None:
 
     offline_env()
     passive_threads()
-    model = args.model
+    model = args.model and args.model.resolve()  # the edge config lies elsewhere: relative paths resolve there
     if model is None:
         model = WORK / "mobilenetv2-imagenet.onnx"
         if not model.is_file():
