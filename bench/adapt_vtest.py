@@ -6,11 +6,11 @@ vtest.avi has no labels, so the report is what the loop itself can tell: crops h
 pseudo labels per iteration (tracklet segments, swap cuts, co-occurring pairs, the learnt radius, clusters,
 outliers, cluster sizes, NMI between consecutive pseudo labels), and the time of each stage.
 
-    python bench/adapt_vtest.py --out docs/results.md      # appends/replaces its section; ~20 min on 2 cores
+    python bench/adapt_vtest.py --out docs/results.md      # appends/replaces its section; ~40 min on 2 cores
     python bench/adapt_vtest.py --skip-harvest --variant arn --out docs/results.md   # ARN's row, its own section
 
 `--variant` takes any `bench/adapt_tud.py` variant that starts from ImageNet weights (`tcap-pku-dsbn` by
-default, `tcap`, `daam`, `daal`, `arn`, `edaan`, ...), its settings laid over the same base; methods without
+default, `tcap-pku-dsbn` at 128x64, `tcap`, `daam`, `daal`, `arn`, `edaan`, ...), its settings laid over the same base; methods without
 pseudo labels report no clustering.
 """
 
@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 WORK = REPO / "runs" / "bench" / "vtest"
 SECTION = "## Site loop: vtest.avi harvested crops as the target (bench/adapt_vtest.py)"
-# The best 3-seed mean on TUD from the issue's sources (docs/results.md, "Two sources and BatchNorm per domain").
-DEFAULT = "tcap-pku-dsbn"
+# The best 3-seed mean on TUD from the issue's sources (docs/results.md): TCAP from TUD-Campus + PKU-Reid with
+# BatchNorm per domain, at the 256x128 input the edge's default embedder runs at.
+DEFAULT = "tcap-pku-dsbn-256"
 
 
 def harvest() -> tuple[dict, float]:
