@@ -482,6 +482,9 @@ class AuditConfig(_Strict):
                                                          "retention, apart from the sightings')")
 
 
+CONNECT_TIMEOUT_S = 10  # PostgreSQL: a store's connection attempt gives up after this, unless its dsn says otherwise
+
+
 class StoreConfig(_Strict):
     """Where the matcher keeps its sightings (`matcher.store` / `matcher.pgstore`) and its other databases (registry,
     watchlist, webhooks, harvest index, users, audit log, edges' heartbeats: `matcher.sqldb`): files in data_dir, or
@@ -512,10 +515,12 @@ class StoreConfig(_Strict):
 
     def conninfo(self) -> str:
         """The libpq connection string, with the password read from password_file: for connecting, never for logs."""
-        from psycopg.conninfo import make_conninfo  # the postgres extra
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo  # the postgres extra
 
         password = read_secret(self.password_file, "store.password_file", "password") if self.password_file else None
         parts = {"host": self.host, "port": self.port, "dbname": self.dbname, "user": self.user, "password": password}
+        if "connect_timeout" not in conninfo_to_dict(self.dsn or ""):
+            parts["connect_timeout"] = CONNECT_TIMEOUT_S  # libpq's default waits minutes for a host that is gone
         return make_conninfo(self.dsn or "", **{k: v for k, v in parts.items() if v is not None})
 
     @property

@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 PLAIN = CurveConfig(mode="plain")
 _LOG_EVERY_S = 10.0  # one log line per rejection reason at most this often
 _QUEUED_BATCHES = 4  # batches waiting between two steps; beyond, ZeroMQ buffers
+_STORE_DOWN_PAUSE_S = 1.0  # after a batch the store could not take at all: one try a second while it is down
 _MAX_PEERS = 4096  # nodes whose connection is remembered for acknowledgements
 # ZeroMQ cuts the connection of a sender over this, losing what it sent after: so well above the schema's limit,
 # for a slightly oversized message to be counted and logged as one, with the connection kept.
@@ -254,6 +255,9 @@ class Pipeline:
                 batch = _merged(batches)
                 try:
                     self._commit(batch)
+                except (ConnectionError, self.store.Error) as e:  # the store is down: not acknowledged, so resent
+                    log.warning("%d sightings not stored, the edges will resend them: %s", _size(batch), e)
+                    time.sleep(_STORE_DOWN_PAUSE_S)
                 except Exception:  # a bug must not end ingest: log it, go on with the next batch
                     log.exception("%d sightings lost: ingest batch failed", _size(batch))
         self._committed.put(None)

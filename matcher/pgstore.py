@@ -5,8 +5,9 @@
 | durability      | one transaction per batch on the writer connection, `synchronous_commit=on`: committed (WAL |
 |                 | flushed) before `insert` returns, so before the edge is acknowledged                  |
 | reconnect       | a writer connection the server dropped (restart, failover) fails its transaction (not    |
-|                 | acknowledged: the edge resends) and the next transaction opens a new one; the readers' pool |
-|                 | checks a connection before lending it                                                    |
+|                 | acknowledged: the edge resends) and the next transaction opens a new one, or raises      |
+|                 | `ConnectionError` while the server is down; the readers' pool checks a connection before |
+|                 | lending it                                                                               |
 | ingest          | binary COPY of the batch's sightings, vectors and thumbnails (no text escaping of bytes) |
 | schema          | versioned (`matcher.sqldb.migrate`): `schema_version` holds the last step of `MIGRATIONS` |
 |                 | applied (module `store`); each step runs in its own transaction under an advisory lock, |
@@ -58,7 +59,7 @@ from psycopg_pool import ConnectionPool
 
 from crossview.kernel.config import StoreConfig
 from crossview.kernel.wire import Sighting
-from crossview.matcher.sqldb import PG_NOW, Db, connect_pg, migrate, pg_connect, pg_options, pg_sql, schema_version
+from crossview.matcher.sqldb import PG_NOW, Db, connect_pg, migrate, pg_options, pg_sql, schema_version
 from crossview.matcher.storecommon import COLUMNS, Assign, SqlStore, by_model, chunks, ints
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,8 @@ class PgStore(SqlStore):
         if self.read_only:
             raise PermissionError(f"{self.shown}: store opened read-only")
         with self._write_lock:
-            if self._writer.broken:  # its last use failed with the link: a new one (ConnectionError if still down)
-                self._writer = pg_connect(self._cfg)
+            if self._writer.broken:  # its last use failed with the link: a new one, or ConnectionError while down
+                self._writer = connect_pg(self._cfg)
             with self._writer.transaction():
                 return work(self._writer)
 

@@ -300,7 +300,10 @@ class Matcher:
 
     def _status_loop(self) -> None:
         while not self._stop.wait(self.cfg.metrics.log_interval_s):
-            self._log_status()
+            try:
+                self._log_status()
+            except (sqlite3.Error, self.store.Error) as e:  # a database away: the next interval tries again
+                log.error("status not logged: %s", e)
             self._save_edges()
             self._advance_canary()
             self._prune_audit()
@@ -319,10 +322,13 @@ class Matcher:
             log.error("model registry: canary not checked: %s", e)
 
     def _save_edges(self) -> None:
-        try:
-            self.edges.save()
-        except OSError as e:  # the list in memory is whole; only a restart would start it empty
-            log.error("cannot save the edges' status to %s: %s", self.edges.path, e)
+        for last in (False, True):  # a database connection dropped since the last save is replaced at the second try
+            try:
+                self.edges.save()
+                return
+            except (OSError, sqlite3.Error, self.store.Error) as e:  # the list in memory is whole; only a restart
+                if last:                                              # would start it empty
+                    log.error("cannot save the edges' status to %s: %s", self.edges.path or self.store.shown, e)
 
     def _log_status(self) -> None:
         s = self.stats()

@@ -214,8 +214,7 @@ def migrate(db: Db, steps: Sequence[Step]) -> None:
         log.info("%s %s: schema step %d applied", db.module, db.shown, step)
 
 
-def pg_connect(cfg: StoreConfig, read_only: bool = False, schema: str | None = None):
-    """`connect_pg` raising psycopg's own error: for a reconnect, which the caller handles as any failed statement."""
+def _pg_connect(cfg: StoreConfig, read_only: bool, schema: str | None):
     import psycopg  # the postgres extra
 
     return psycopg.connect(cfg.conninfo(), autocommit=True, options=pg_options(read_only, schema))
@@ -226,7 +225,7 @@ def connect_pg(cfg: StoreConfig, read_only: bool = False, schema: str | None = N
     import psycopg  # the postgres extra
 
     try:
-        return pg_connect(cfg, read_only, schema)
+        return _pg_connect(cfg, read_only, schema)
     except psycopg.Error as e:
         raise ConnectionError(f"store: {cfg.shown}: {str(e).strip() or type(e).__name__}") from None
 
@@ -237,7 +236,7 @@ def open_db(module: str, path: Path, cfg: StoreConfig | None, steps: Sequence[St
     migrated. Read-only, it is None where the module has no tables yet (no file, no schema_version row)."""
     if cfg is not None and cfg.kind == "postgres":
         db = Db(connect_pg(cfg, read_only, module), "postgres", module, cfg.shown, schema=module,
-                reconnect=functools.partial(pg_connect, cfg, read_only, module))  # a failure there: a psycopg.Error
+                reconnect=functools.partial(_pg_connect, cfg, read_only, module))  # a failure there: a psycopg.Error
     elif read_only:
         if not path.exists():
             return None

@@ -15,6 +15,7 @@ passive_threads()  # before torch loads libgomp: what `crossview` itself does
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -114,9 +115,8 @@ def served_matcher(request, live_matcher, tmp_path_factory, default_model, tud_f
         yield live
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""
+@contextmanager
+def _pg_in_temp():
     from pgserver import PgServer
 
     root = Path(tempfile.mkdtemp(prefix="crossview-pg-"))  # not under pytest's 0700 folders: the server's user must reach it
@@ -126,6 +126,20 @@ def pg_server():
             yield pg
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session (`pgserver.PgServer`), started when a test first asks for it."""
+    with _pg_in_temp() as pg:
+        yield pg
+
+
+@pytest.fixture
+def own_pg_server():
+    """A PostgreSQL server of the test's own, for a test that stops it."""
+    with _pg_in_temp() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

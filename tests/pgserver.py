@@ -84,6 +84,10 @@ class PgServer:
             shutil.chown(self.password_file, self.user)
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, f"--pwfile={self.password_file}",
                   "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync")
+        return self.resume()
+
+    def resume(self) -> "PgServer":
+        """Start the server on its existing data folder (after `stop()`), on the same port."""
         # Sockets in the temporary folder, TCP on 127.0.0.1 only; WAL flushed at every commit, as in production.
         opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", opts, "-w", "start")

@@ -8,6 +8,8 @@
 | read-only              | reads beside the writer, refuses writes, and an empty database is no store        |
 | wrong password         | a `ConnectionError` naming the server, never the password                          |
 | concurrent readers     | queries from several threads at once, each on a pooled connection                  |
+| dropped connections    | the writer and the pool reconnect; ingest rides out a server restart: what arrived |
+|                        | while it was down is not acknowledged, and stored once resent                       |
 
 The behaviour both backends share is tested on both: store, retention, queries, durability, delivery, migration
 and the HTTP API (the `store_section` fixture).
@@ -19,7 +21,7 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import make_sighting, matcher_config, store_insert, unit_vectors
+from helpers import Pusher, make_sighting, matcher_config, person_world, store_insert, unit_vectors, wait_until
 
 from crossview.kernel.config import ConfigError, StoreConfig, load_matcher_config
 from crossview.matcher.pgstore import MIGRATIONS, PgStore
@@ -146,3 +148,42 @@ def test_the_writer_and_the_readers_recover_from_a_dropped_connection(section, p
     second = store_insert(store, [make_sighting(vecs[2], frame=2)])
     assert sorted(store.records(first + second)) == first + second
     store.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no matcher thread may die of it
+def test_ingest_rides_out_a_server_restart_and_stores_what_the_edges_resend(tmp_path, caplog, own_pg_server):
+    """The server stops under a running matcher. What arrives meanwhile is neither stored nor acknowledged, the
+    matcher and every thread of it keep running, and once the server is back the edges' resends are stored: no
+    restart of the matcher, nothing lost."""
+    from crossview.matcher.service import Matcher
+
+    world = person_world(persons=4)
+    before, during = world.sightings[:20], world.sightings[20:40]
+    m = Matcher(matcher_config(tmp_path, store=own_pg_server.store_section("postgres")))
+    m.start()
+    try:
+        with Pusher(m.ingest.endpoint) as push:
+            push.send(before)
+            wait_until(lambda: m.ingest.accepted == 20, 20, "the first 20 sightings accepted")
+            own_pg_server.stop()
+            push.send(during)
+            wait_until(lambda: "20 sightings not stored, the edges will resend them" in caplog.text, 30,
+                       "the batch refused while the server is down")
+            assert m.ingest.accepted == 20
+            own_pg_server.resume()
+            push.send(during)  # as the edges' publishers do with what was not acknowledged
+            wait_until(lambda: m.ingest.accepted == 40, 30, "the resent sightings accepted")
+        assert m.store.next_id() == 41
+    finally:
+        m.stop()
+
+
+def test_a_connection_attempt_gives_up_in_seconds_unless_the_dsn_says_otherwise():
+    from psycopg.conninfo import conninfo_to_dict
+
+    from crossview.kernel.config import CONNECT_TIMEOUT_S
+
+    given = StoreConfig(kind="postgres", dsn="host=db dbname=crossview connect_timeout=3").conninfo()
+    assert conninfo_to_dict(given)["connect_timeout"] == "3"
+    default = StoreConfig(kind="postgres", host="db", dbname="crossview").conninfo()
+    assert conninfo_to_dict(default)["connect_timeout"] == str(CONNECT_TIMEOUT_S)
