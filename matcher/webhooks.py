@@ -127,7 +127,11 @@ class Webhooks:
 
     def _run(self, hook: WebhookConfig, secret: bytes, wake: threading.Event) -> None:
         while not self._stop.is_set():
-            wait = self._pass(hook, secret)
+            try:
+                wait = self._pass(hook, secret)
+            except self._db.Error as e:  # the database away: what is due stays due, tried again in a second
+                log.error("webhook %s: deliveries not read, retried in 1 s: %s", hook.url, e)
+                wait = 1.0
             wake.wait(wait)
             wake.clear()
 

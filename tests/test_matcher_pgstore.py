@@ -159,7 +159,8 @@ def test_ingest_rides_out_a_server_restart_and_stores_what_the_edges_resend(tmp_
 
     world = person_world(persons=4)
     before, during = world.sightings[:20], world.sightings[20:40]
-    m = Matcher(matcher_config(tmp_path, store=own_pg_server.store_section("postgres")))
+    hook = {"url": "http://127.0.0.1:9/alerts", "secret": "s" * 16}  # its thread reads the database every second
+    m = Matcher(matcher_config(tmp_path, store=own_pg_server.store_section("postgres"), watchlist={"webhooks": [hook]}))
     m.start()
     try:
         with Pusher(m.ingest.endpoint) as push:
