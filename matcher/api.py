@@ -27,7 +27,8 @@ searches and sees; `admin` also changes the watchlist and the registry, reads th
 audit log (`matcher.audit`, `GET /api/v1/audit`) with its user. Fixed tokens are compared in constant
 time; there is no `?token=` form, so the token never lands in URLs, logs or browser history (the page
 fetches thumbnails with the header and shows them as blob URLs). Errors are `{"detail": "..."}`:
-401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`),
+401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`), 503 the
+store unavailable (a database error: a PostgreSQL server restarting, a SQLite disk error),
 413 a body over `http.max_json_bytes` / `max_upload_bytes` (`matcher.limits`); a malformed request, an id or
 track number out of range included, is FastAPI's 422 with one entry per field.
 
@@ -44,6 +45,7 @@ import logging
 import secrets
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -407,6 +409,12 @@ def _schema_bug(_: Request, exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
+def _store_down(_: Request, exc: Exception) -> JSONResponse:
+    log.error("HTTP API: the store failed: %s", exc)  # the reason stays in the log: it may name the server
+    return JSONResponse({"detail": "the store is unavailable (see the matcher's log): try again shortly"},
+                        status_code=503)
+
+
 def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
     """The API and page over `matcher`; every `/api/v1` path but health needs the token (`load_token(cfg)`)."""
     token = load_token(cfg)
@@ -417,6 +425,8 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
     app.add_exception_handler(LookupError, _error(404))
     app.add_exception_handler(ValueError, _error(400))
     app.add_exception_handler(pydantic.ValidationError, _schema_bug)
+    for error in {sqlite3.Error, matcher.store.Error, ConnectionError}:  # a database away, SQLite's or PostgreSQL's
+        app.add_exception_handler(error, _store_down)
 
     @app.get(f"{API_PREFIX}/health", summary="Liveness; needs no token")
     def health() -> HealthOut:

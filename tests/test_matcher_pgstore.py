@@ -8,8 +8,9 @@
 | read-only              | reads beside the writer, refuses writes, and an empty database is no store        |
 | wrong password         | a `ConnectionError` naming the server, never the password                          |
 | concurrent readers     | queries from several threads at once, each on a pooled connection                  |
-| dropped connections    | the writer and the pool reconnect; ingest rides out a server restart: what arrived |
-|                        | while it was down is not acknowledged, and stored once resent                       |
+| dropped connections    | the writer and the pool reconnect; the matcher rides out a server restart: what     |
+|                        | arrived while it was down is not acknowledged and is stored once resent, the API    |
+|                        | answers 503 meanwhile                                                              |
 
 The behaviour both backends share is tested on both: store, retention, queries, durability, delivery, migration
 and the HTTP API (the `store_section` fixture).
@@ -151,17 +152,25 @@ def test_the_writer_and_the_readers_recover_from_a_dropped_connection(section, p
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # no matcher thread may die of it
-def test_ingest_rides_out_a_server_restart_and_stores_what_the_edges_resend(tmp_path, caplog, own_pg_server):
-    """The server stops under a running matcher. What arrives meanwhile is neither stored nor acknowledged, the
-    matcher and every thread of it keep running, and once the server is back the edges' resends are stored: no
-    restart of the matcher, nothing lost."""
+def test_the_matcher_rides_out_a_server_restart_and_stores_what_the_edges_resend(tmp_path, caplog, own_pg_server):
+    """The server stops under a running matcher. What arrives meanwhile is neither stored nor acknowledged, the API
+    answers 503, the matcher and every thread of it keep running, and once the server is back the edges' resends are
+    stored: no restart of the matcher, nothing lost."""
+    import requests
+
+    from crossview.matcher.api import serve
     from crossview.matcher.service import Matcher
 
     world = person_world(persons=4)
     before, during = world.sightings[:20], world.sightings[20:40]
     hook = {"url": "http://127.0.0.1:9/alerts", "secret": "s" * 16}  # its thread reads the database every second
-    m = Matcher(matcher_config(tmp_path, store=own_pg_server.store_section("postgres"), watchlist={"webhooks": [hook]}))
+    cfg = matcher_config(tmp_path, store=own_pg_server.store_section("postgres"), watchlist={"webhooks": [hook]},
+                         http={"port": 0})
+    m = Matcher(cfg)
     m.start()
+    api = serve(m, cfg.http)
+    stats = lambda: requests.get(f"{api.url}api/v1/stats", headers={"Authorization": f"Bearer {cfg.http.token}"},  # noqa: E731
+                                 timeout=30)
     try:
         with Pusher(m.ingest.endpoint) as push:
             push.send(before)
@@ -171,11 +180,14 @@ def test_ingest_rides_out_a_server_restart_and_stores_what_the_edges_resend(tmp_
             wait_until(lambda: "20 sightings not stored, the edges will resend them" in caplog.text, 30,
                        "the batch refused while the server is down")
             assert m.ingest.accepted == 20
+            down = stats()
+            assert down.status_code == 503 and "store is unavailable" in down.json()["detail"]
             own_pg_server.resume()
             push.send(during)  # as the edges' publishers do with what was not acknowledged
             wait_until(lambda: m.ingest.accepted == 40, 30, "the resent sightings accepted")
-        assert m.store.next_id() == 41
+        assert m.store.next_id() == 41 and stats().json()["accepted"] == 40
     finally:
+        api.stop()
         m.stop()
 
 
