@@ -127,13 +127,16 @@ class HogDetector:
 
     def __call__(self, frame: np.ndarray) -> Detections:
         c = self.cfg
-        img = cv2.resize(frame, None, fx=c.upscale, fy=c.upscale) if c.upscale != 1 else frame
+        # The scan costs its pixels: a large frame is brought down to max_side first (its people are large too).
+        f = c.upscale * min(1.0, c.max_side / max(frame.shape[:2]))
+        img = cv2.resize(frame, None, fx=f, fy=f, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR) \
+            if f != 1 else frame
         rects, weights = self.hog.detectMultiScale(
             img, hitThreshold=c.hit_threshold, winStride=(c.win_stride, c.win_stride), padding=(8, 8), scale=c.scale
         )
         if len(rects) == 0:
             return Detections.empty()
-        rects = np.asarray(rects, np.float32) / c.upscale
+        rects = np.asarray(rects, np.float32) / f
         x, y, w, h = rects.T
         dx, dy = w * c.shrink, h * c.shrink / 2  # HOG's window pads more at the sides than top and bottom
         xyxy = np.stack([x + dx, y + dy, x + w - dx, y + h - dy], axis=1)

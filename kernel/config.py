@@ -143,6 +143,8 @@ class HogConfig(_Strict):
     win_stride: int = Field(8, ge=4, le=32)
     scale: float = Field(1.05, gt=1.0, le=1.5)
     shrink: float = Field(0.1, ge=0.0, lt=0.5, description="HOG boxes carry margins: trim this share per side")
+    max_side: int = Field(1920, ge=256, le=16384, description="a frame (or region) with a longer side is scanned "
+                          "downscaled to it before the upscale: a 4K camera costs what a 1080p one does")
 
 
 class DetectorConfig(_Strict):

@@ -59,6 +59,25 @@ def test_hog_finds_the_people_on_the_campus(vtest_frames):
     assert 3 <= np.median(counts) <= 12, counts
 
 
+def test_hog_scans_a_4k_frame_at_its_max_side_and_answers_in_the_frames_pixels(vtest_frames, monkeypatch):
+    """A frame 4x the footage's size (3072x2304) costs the scan of a 768-px-wide one: the same people, in the big
+    frame's coordinates."""
+    from crossview.kernel.config import HogConfig
+
+    small = vtest_frames[0]
+    big = cv2.resize(small, None, fx=4, fy=4, interpolation=cv2.INTER_LINEAR)
+    det = HogDetector(HogConfig(max_side=max(small.shape[:2])))
+    scanned = []
+    detect = det.hog.detectMultiScale
+    monkeypatch.setattr(det, "hog", type("Spy", (), {"detectMultiScale": lambda self, img, **kw: scanned.append(
+        img.shape) or detect(img, **kw)})())
+    at_small, at_big = det(small), det(big)
+    assert scanned[1][:2] == scanned[0][:2]  # the big frame was brought down to the small one's size before the scan
+    assert len(at_big) == len(at_small) >= 3
+    assert np.allclose(np.sort(at_big.xyxy, 0), 4 * np.sort(at_small.xyxy, 0), atol=16)
+    assert (at_big.xyxy[:, 2] <= big.shape[1]).all() and (at_big.xyxy[:, 3] <= big.shape[0]).all()
+
+
 def test_auto_falls_back_to_hog_and_says_so(tmp_path, caplog):
     det = build_detector(DetectorConfig(kind="auto", weights=tmp_path / "missing.onnx"))
     assert isinstance(det, HogDetector)
