@@ -12,6 +12,8 @@
 |                   | even once acknowledged and deleted; a new spool starts at the clock in µs, so a |
 |                   | wiped spool still numbers above what the matcher has seen                    |
 | bound             | `max_bytes`: beyond it the oldest rows are dropped, counted in `dropped`      |
+| unreadable file   | moved aside (`spool.db.unreadable-<time>`, logged) and a new spool started: the node |
+|                   | keeps delivering what it sees from then on                                    |
 | resend            | `after(seq, n)`: the oldest rows after `seq`, for a resend pass               |
 
     spool = Spool(Path("var/spool"), max_bytes=500 << 20)
@@ -53,10 +55,16 @@ class Spool:
         self.dropped = 0  # oldest rows dropped to stay within max_bytes
         self._closed_oldest: float | None | bool = False  # once closed: the oldest row's time then
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as e:  # its rows cannot be read back: kept for a look, the node spools afresh
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            for part in ("", "-wal", "-shm"):
+                if (f := self.path.with_name(self.path.name + part)).exists():
+                    f.rename(aside.with_name(aside.name + part))
+            log.error("spool %s is not a readable SQLite database (%s): moved to %s, spooling into a new one",
+                      self.path, e, aside.name)
+            self._db = self._open()
         if self._db.execute("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] == 0:
             self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (int(time.time() * 1e6),))
         self._next = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] + 1
@@ -65,6 +73,18 @@ class Spool:
         if self.count:
             log.info("spool %s: %d unacknowledged sightings from before (%.1f MB), resent first", self.path, self.count,
                      self.bytes / 1e6)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+            db.execute("SELECT COUNT(*) FROM spool").fetchone()
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def next_seq(self) -> int:
         """The sequence number the next `add` must use: the caller puts it into the message first."""

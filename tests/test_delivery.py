@@ -325,6 +325,22 @@ def test_the_spool_is_bounded_drops_its_oldest_and_numbers_on_across_reopening(t
     assert Spool(tmp_path / "wiped", max_bytes=100_000).next_seq() > first + 100  # a new spool starts at the clock
 
 
+def test_an_unreadable_spool_is_moved_aside_and_the_node_spools_afresh(tmp_path, caplog):
+    """Garbage where the spool was (a disk error, a bad copy): kept aside for a look, logged, and a new spool numbers
+    on from the clock, so the matcher never takes its sequence numbers for resends."""
+    old = Spool(tmp_path / "s", max_bytes=100_000)
+    before = old.next_seq()
+    old.close()
+    (tmp_path / "s" / "spool.db").write_bytes(b"\x00garbage" * 500)
+    spool = Spool(tmp_path / "s", max_bytes=100_000)
+    first = spool.next_seq()
+    spool.add(first, time.time(), b"sighting")
+    assert spool.count == 1 and first > before and spool.after(0, 10) == [(first, b"sighting")]
+    [aside] = (tmp_path / "s").glob("spool.db.unreadable-*")
+    assert aside.read_bytes().startswith(b"\x00garbage") and f"moved to {aside.name}" in caplog.text
+    spool.close()
+
+
 def test_the_spool_lies_beside_the_config_file_and_its_bound_is_checked(tmp_path):
     raw = {"node_id": "n", "cameras": [{"id": "a", "source": "x.mp4"}], "publisher": {"security": {"mode": "plain"}}}
     path = tmp_path / "edge.yaml"
