@@ -123,6 +123,7 @@ class Matcher:
         self.edges = Edges(Path(cfg.data_dir) / "edges.msgpack", cfg.store)
         self.registry = Registry(Path(cfg.data_dir), store=cfg.store)
         self.users, self.audit = Users(Path(cfg.data_dir), cfg.store), AuditLog(Path(cfg.data_dir), store=cfg.store)
+        self.users.check()
         self.harvest = HarvestStore(Path(cfg.data_dir), cfg.harvest, max_age * 3600 if max_age else None, cfg.store)
         self.watchlist = Watchlist(Path(cfg.data_dir) / "watchlist.db", cfg.watchlist, self.queries.calibration_of, cfg.store)
         self.webhooks = Webhooks(Path(cfg.data_dir) / "webhooks.db", cfg.watchlist, cfg.store)

@@ -230,6 +230,19 @@ def connect_pg(cfg: StoreConfig, read_only: bool = False, schema: str | None = N
         raise ConnectionError(f"store: {cfg.shown}: {str(e).strip() or type(e).__name__}") from None
 
 
+@contextmanager
+def sqlite_file(path: Path) -> Iterator[None]:
+    """Around opening `path`: a file that is not a SQLite database, or a damaged one, becomes a `ValueError` naming it
+    and what to do (nothing is moved or deleted: it may hold what was accepted)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if getattr(e, "sqlite_errorcode", None) not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            raise
+        raise ValueError(f"{path}: not a readable SQLite database ({e}): restore it from a backup, or move it aside "
+                         "to start it empty") from None
+
+
 def open_db(module: str, path: Path, cfg: StoreConfig | None, steps: Sequence[Step], read_only: bool = False,
             pragmas: Sequence[str] = ()) -> Db | None:
     """`module`'s database: SQLite at `path` (with these pragmas, unless read-only), or the `store` PostgreSQL database; its schema
@@ -244,13 +257,14 @@ def open_db(module: str, path: Path, cfg: StoreConfig | None, steps: Sequence[St
     else:
         db = Db(sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False), "sqlite", module, str(path))
     try:
-        for pragma in [] if read_only or db.postgres else pragmas:
-            db.run(pragma)
-        if not read_only:
-            migrate(db, steps)
-        elif db.postgres and schema_version(db) is None:
-            db.close()
-            return None
+        with sqlite_file(path):
+            for pragma in [] if read_only or db.postgres else pragmas:
+                db.run(pragma)
+            if not read_only:
+                migrate(db, steps)
+            elif db.postgres and schema_version(db) is None:
+                db.close()
+                return None
     except BaseException:
         db.close()
         raise

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from crossview.kernel.wire import Sighting
+from crossview.matcher.sqldb import sqlite_file
 from crossview.matcher.storecommon import COLUMNS, SqlStore, by_model, chunks, ints
 
 SCHEMA = """
@@ -110,15 +111,16 @@ class Store(SqlStore):
         self._write_lock = threading.Lock()
         self._checkpointer: sqlite3.Connection | None = None
         self._purge = False  # a deletion since the last WAL truncation: older WAL frames may still hold what it deleted
-        if not read_only:
-            self._writer = self._connect()
-            # Only a new file takes it. 16 KiB, not 4: a 4 KB thumbnail fits in a page instead of spilling into an
-            # overflow page, and a commit writes fewer WAL frames (bench: ingest with thumbnails ~1.8x faster).
-            self._writer.execute(f"PRAGMA page_size={_PAGE_SIZE}")
-            self._writer.execute("PRAGMA journal_mode=WAL")
-            self._writer.executescript(SCHEMA)
-            self._dedupe_key()
-        self._record_sql = self._record_columns()
+        with sqlite_file(self.path):
+            if not read_only:
+                self._writer = self._connect()
+                # Only a new file takes it. 16 KiB, not 4: a 4 KB thumbnail fits in a page instead of spilling into an
+                # overflow page, and a commit writes fewer WAL frames (bench: ingest with thumbnails ~1.8x faster).
+                self._writer.execute(f"PRAGMA page_size={_PAGE_SIZE}")
+                self._writer.execute("PRAGMA journal_mode=WAL")
+                self._writer.executescript(SCHEMA)
+                self._dedupe_key()
+            self._record_sql = self._record_columns()
 
     def _dedupe_key(self) -> None:
         """The UNIQUE (node, seq) index that keeps a resent sighting from being stored twice; a store from before

@@ -75,6 +75,11 @@ class Users:
                 self._db = open_db("users", self.path, self.store, MIGRATIONS)
             return self._db
 
+    def check(self) -> None:
+        """Open it now where there is one: a damaged file stops the matcher at its start, not at a request."""
+        if self._exists():
+            self._connect()
+
     def _exists(self) -> bool:
         return self._db is not None or (self.store is not None and self.store.kind == "postgres") or self.path.exists()
 

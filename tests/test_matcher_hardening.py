@@ -217,3 +217,18 @@ def test_new_model_versions_past_the_limit_are_refused(tmp_path):
         assert m.ingest.accepted == 13 and "mobilenet-2" in m.index.partitions
         assert m.index.save() == 4
     assert len(list((tmp_path / "index").glob("*.json"))) == 4
+
+
+@pytest.mark.parametrize("name", ["sightings.db", "watchlist.db", "users.db"])
+def test_an_unreadable_database_file_stops_the_matcher_naming_it_and_is_left_as_it_was(tmp_path, caplog, name):
+    """Garbage in one of the matcher's SQLite files: it may hold what was accepted, so nothing is moved or deleted;
+    the matcher stops with exit code 2 and a line naming the file and what to do, not a traceback."""
+    tmp_path.mkdir(exist_ok=True)
+    junk = b"\x00not sqlite" * 700
+    (tmp_path / name).write_bytes(junk)
+    cfg = tmp_path / "matcher.yaml"
+    cfg.write_text(f"data_dir: {tmp_path}\ningest: {{endpoint: 'tcp://127.0.0.1:*', security: {{mode: plain}}}}\n"
+                   "http: {token: test-token-0123456789, port: 0}\nmetrics: {port: 0}\n")
+    assert cli.main(["matcher", "--config", str(cfg)]) == 2
+    assert f"{tmp_path / name}: not a readable SQLite database" in caplog.text and "move it aside" in caplog.text
+    assert (tmp_path / name).read_bytes() == junk
