@@ -4,6 +4,7 @@
 |------------------------------------------|--------------------------------------------------------|
 | `GET /`                                  | the web page (`matcher/web/`); no token, it asks for one |
 | `GET /api/v1/health`                     | liveness; no token                                     |
+| `GET /api/v1/ready`                      | readiness: 503 while the store does not answer; no token |
 | `GET /api/v1/stats`, `/cameras`          | matcher totals; cameras with their counts              |
 | `GET /api/v1/edges`                      | edges and cameras online, stalled or offline, since when |
 | `GET /api/v1/sightings?camera=&limit=`   | newest sightings, for picking one                      |
@@ -430,6 +431,12 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
 
     @app.get(f"{API_PREFIX}/health", summary="Liveness; needs no token")
     def health() -> HealthOut:
+        return HealthOut()
+
+    @app.get(f"{API_PREFIX}/ready", summary="Readiness: the store answers (503 while it does not); needs no token",
+             responses={503: {"model": ErrorOut, "description": "the store is unavailable"}})
+    def ready() -> HealthOut:
+        matcher.store.next_id()  # a store error answers 503 (`_store_down`)
         return HealthOut()
 
     edge_token = read_secret(cfg.edge_token_file, "http.edge_token_file", "token") if cfg.edge_token_file else None

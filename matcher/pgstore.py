@@ -7,7 +7,7 @@
 | reconnect       | a writer connection the server dropped (restart, failover) fails its transaction (not    |
 |                 | acknowledged: the edge resends) and the next transaction opens a new one, or raises      |
 |                 | `ConnectionError` while the server is down; the readers' pool checks a connection before |
-|                 | lending it                                                                               |
+|                 | lending it, and a reader waits at most 5 s for one                                       |
 | ingest          | binary COPY of the batch's sightings, vectors and thumbnails (no text escaping of bytes) |
 | schema          | versioned (`matcher.sqldb.migrate`): `schema_version` holds the last step of `MIGRATIONS` |
 |                 | applied (module `store`); each step runs in its own transaction under an advisory lock, |
@@ -117,6 +117,9 @@ def _copy(db: psycopg.Connection, table: str, types: Sequence[str], rows: Iterab
             copy.write_row(row)
 
 
+_READ_WAIT_S = 5.0  # a reader waits this long for a pooled connection: queries take ms; a server down answers 503 fast
+
+
 class PgStore(SqlStore):
     """See the module docstring; the lookups, retention queries and migration selections are `SqlStore`'s."""
 
@@ -140,7 +143,7 @@ class PgStore(SqlStore):
             # Each connection checked as it is lent: one the server dropped is replaced, not handed to a query.
             self._pool = ConnectionPool(cfg.conninfo(), min_size=1, max_size=cfg.pool_max, open=True, name="pgstore",
                                         kwargs={"autocommit": True, "options": pg_options(read_only)},
-                                        check=ConnectionPool.check_connection)
+                                        check=ConnectionPool.check_connection, timeout=_READ_WAIT_S)
         except psycopg.Error as e:
             self.close()
             raise ConnectionError(f"store: {self.shown}: {str(e).strip() or type(e).__name__}") from None

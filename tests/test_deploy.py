@@ -709,8 +709,9 @@ def test_k8s_matcher_adapt_and_edges_shape():
     sts = docs[("StatefulSet", "crossview-matcher")]
     assert sts["spec"]["replicas"] == 1 and sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     c = sts["spec"]["template"]["spec"]["containers"][0]
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+    for probe in ("livenessProbe", "startupProbe"):
         assert c[probe]["httpGet"]["path"] == "/api/v1/health", probe
+    assert c["readinessProbe"]["httpGet"]["path"] == "/api/v1/ready"  # out of the Service while its store is down
     assert ("Service", "crossview-matcher") in docs
     cron = docs[("CronJob", "crossview-adapt")]["spec"]
     assert cron["concurrencyPolicy"] == "Forbid" and cron["startingDeadlineSeconds"] > 0

@@ -87,8 +87,9 @@ def test_every_api_path_needs_the_token(served_matcher, method, path):
 
 
 def test_health_page_and_schema_need_no_token(served_matcher):
-    status, _, raw = call(served_matcher, "GET", "/api/v1/health", headers={})
-    assert (status, json.loads(raw)) == (200, {"status": "ok"})
+    for probe in ("/api/v1/health", "/api/v1/ready"):
+        status, _, raw = call(served_matcher, "GET", probe, headers={})
+        assert (status, json.loads(raw)) == (200, {"status": "ok"})
     status, hdrs, raw = call(served_matcher, "GET", "/", headers={})
     assert status == 200 and hdrs["content-type"].startswith("text/html") and b"/static/app.js" in raw
     assert "default-src 'self'" in hdrs["content-security-policy"]  # the page may load nothing from elsewhere
@@ -251,7 +252,7 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(served_matcher):
     spec = json.loads(raw)
     validate(spec)
     ops = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
-    assert ops == {("/api/v1/health", "GET"), ("/api/v1/stats", "GET"), ("/api/v1/cameras", "GET"),
+    assert ops == {("/api/v1/health", "GET"), ("/api/v1/ready", "GET"), ("/api/v1/stats", "GET"), ("/api/v1/cameras", "GET"),
                    ("/api/v1/sightings", "GET"), ("/api/v1/sightings/{sighting_id}", "GET"),
                    ("/api/v1/sightings/{sighting_id}/thumbnail", "GET"), ("/api/v1/query", "POST"),
                    ("/api/v1/query/image", "POST"), ("/api/v1/edges", "GET"), ("/api/v1/watchlist", "GET"),
@@ -265,7 +266,7 @@ def test_openapi_schema_is_valid_and_lists_the_endpoints(served_matcher):
         "type": "http", "scheme": "bearer", "description": "the token from the matcher's `http.token` or `http.token_file`"}
     for path, method in ops:
         op = spec["paths"][path][method.lower()]
-        assert ("security" in op) == (path != "/api/v1/health"), path
+        assert ("security" in op) == (path not in ("/api/v1/health", "/api/v1/ready")), path
     thumb = spec["paths"]["/api/v1/sightings/{sighting_id}/thumbnail"]["get"]["responses"]
     assert "image/jpeg" in thumb["200"]["content"] and {"401", "404"} <= set(thumb)
     upload = spec["paths"]["/api/v1/query/image"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]

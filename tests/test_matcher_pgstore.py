@@ -182,10 +182,13 @@ def test_the_matcher_rides_out_a_server_restart_and_stores_what_the_edges_resend
             assert m.ingest.accepted == 20
             down = stats()
             assert down.status_code == 503 and "store is unavailable" in down.json()["detail"]
+            assert requests.get(f"{api.url}api/v1/ready", timeout=30).status_code == 503
+            assert requests.get(f"{api.url}api/v1/health", timeout=30).status_code == 200  # alive: no restart wanted
             own_pg_server.resume()
             push.send(during)  # as the edges' publishers do with what was not acknowledged
             wait_until(lambda: m.ingest.accepted == 40, 30, "the resent sightings accepted")
         assert m.store.next_id() == 41 and stats().json()["accepted"] == 40
+        assert requests.get(f"{api.url}api/v1/ready", timeout=30).status_code == 200
     finally:
         api.stop()
         m.stop()
