@@ -76,6 +76,7 @@ def test_pick_a_sighting_and_see_the_timeline_per_camera(visit, served_matcher, 
     page = visit.page
     visit.login("wrong-token-0123456789")
     page.wait_for_selector("#login-error:has-text('not accepted')")
+    page.wait_for_load_state("networkidle")  # the page's other requests with that token may answer after the first
     assert visit.errors and all(e.startswith("401 ") for e in visit.errors)
     visit.errors.clear()
 
