@@ -323,12 +323,13 @@ class Matcher:
             log.error("model registry: canary not checked: %s", e)
 
     def _save_edges(self) -> None:
-        for last in (False, True):  # a database connection dropped since the last save is replaced at the second try
+        # The list in memory is whole; only a restart would start it empty. A database connection dropped since the
+        # last save fails the first try and is replaced for the second (the save is an upsert: safe to repeat).
+        for attempt in (1, 2):
             try:
-                self.edges.save()
-                return
-            except (OSError, sqlite3.Error, self.store.Error) as e:  # the list in memory is whole; only a restart
-                if last:                                              # would start it empty
+                return self.edges.save()
+            except (OSError, sqlite3.Error, self.store.Error) as e:
+                if attempt == 2:
                     log.error("cannot save the edges' status to %s: %s", self.edges.path or self.store.shown, e)
 
     def _log_status(self) -> None:
