@@ -9,7 +9,9 @@
 |           |         | once: a `Batch` of `Rows`, each the model's sightings and their float32 unit vectors     |
 | commit    | commit  | group commit: queued batches (a lone sighting waits ≤ batch_wait_ms) into one store       |
 |           |         | transaction of ≤ batch_max: ids from the store (`insert_new`), track ids (`matcher.tracks`); |
-|           |         | a batch the store refuses is committed one by one, so only the refused sightings are lost |
+|           |         | a batch with a row the store refuses (`RowRefused`) is committed one by one: only the    |
+|           |         | refused sightings are lost, and they are acknowledged as refused; a store that cannot write |
+|           |         | now (down, locked, full) gets nothing acknowledged, so the edges resend                  |
 | index     | index   | each model's (ids, vectors) added to its partition, then counted as accepted; beside the  |
 |           |         | next commit, as SQLite and FAISS both run without the GIL. With replicas on one PostgreSQL |
 |           |         | and FAISS, `tail.poll()` instead: the store's new rows, every replica's (`matcher.tail`)  |
@@ -17,7 +19,7 @@
 | heartbeat | receive | an edge's state (`kernel.wire.Heartbeat`) goes to `on_heartbeat` (`matcher.edges`), no further |
 | ack       | receive | once a batch is committed, its `seq`s go back to the edges (ROUTER → DEALER, `kernel.wire`); |
 |           |         | a resent (node, seq) stored already is not stored again, only acknowledged again, as are   |
-|           |         | sightings the checks refuse for good                                                     |
+|           |         | sightings the checks or the store refuse for good, flagged as refused                    |
 
 Bounded queues between the threads push back on ZeroMQ, which buffers up to `rcvhwm` messages.
 Rejections are counted by reason (`wire.REASONS`, a fixed set) in `Rejections`; their details go to the log, one
@@ -290,18 +292,21 @@ class Pipeline:
 
     def _commit(self, batch: Batch) -> None:
         t0 = time.perf_counter()
+        refused: list[Sighting] = []
         with self._write:
             batch, repeats = self._unseen(batch)
             if batch:
                 try:
                     batch, ids, more = self._insert(batch)
-                except (self.store.Error, OverflowError) as e:  # what the store raises for a row it cannot take; one row can refuse the whole transaction: find it, keep the others
+                except self.store.RowRefused as e:  # one row can refuse the whole transaction: find it, keep the others
                     log.warning("the store refused a batch of %d sightings (%s): committing them one by one", _size(batch), e)
-                    batch, ids, more = self._insert_each(batch)
+                    batch, ids, more, refused = self._insert_each(batch)
                 repeats += more
             if batch:  # under the lock, for quiet()
                 self._committed.put((batch, ids, t0))
         self.receiver.ack(repeats + _sightings(batch))  # committed: on disk
+        if refused:
+            self.receiver.ack(refused, refused=True)  # the store will never take them: resending would not help
 
     def _unseen(self, batch: Batch) -> tuple[Batch, list[Sighting]]:
         """(the batch without resent sightings, the resent ones): a (node, seq) stored already or twice in the batch."""
@@ -323,21 +328,29 @@ class Pipeline:
         batch, repeats = _without(batch, skipped) if skipped else (batch, [])
         return batch, np.arange(first, first + _size(batch), dtype=np.int64), repeats
 
-    def _insert_each(self, batch: Batch) -> tuple[Batch, np.ndarray, list[Sighting]]:
-        """`_insert`, sighting by sighting: the ones the store refuses are left out (counted, logged)."""
-        stored, ids, repeats = [], [], []
-        for model, rows in batch.items():
-            for k, s in enumerate(rows.sightings):
-                try:
-                    one, one_id, again = self._insert({model: Rows([s], rows.vecs[k:k + 1])})
-                except (self.store.Error, OverflowError) as e:
-                    self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
-                    continue
-                if one:
-                    stored.append(one)
-                ids.append(one_id)
-                repeats += again
-        return _merged(stored) if stored else {}, np.concatenate(ids) if ids else np.zeros(0, np.int64), repeats
+    def _insert_each(self, batch: Batch) -> tuple[Batch, np.ndarray, list[Sighting], list[Sighting]]:
+        """`_insert`, sighting by sighting, and the sightings the store refused for good (counted, logged). If the
+        store stops taking writes part way, what it took is kept and the rest is left unacknowledged: resent."""
+        stored, ids, repeats, refused = [], [], [], []
+        pending = [(model, rows, k) for model, rows in batch.items() for k in range(len(rows.sightings))]
+        for n, (model, rows, k) in enumerate(pending):
+            s = rows.sightings[k]
+            try:
+                one, one_id, again = self._insert({model: Rows([s], rows.vecs[k:k + 1])})
+            except self.store.RowRefused as e:
+                self._reject(s, Reason.STORE_REFUSED, f"{type(e).__name__}: {ascii(str(e))}")
+                refused.append(s)
+                continue
+            except (ConnectionError, self.store.Error) as e:
+                log.warning("the store stopped taking writes after %d of %d sightings (%s): the edges will resend the "
+                            "other %d", n, len(pending), e, len(pending) - n)
+                break
+            if one:
+                stored.append(one)
+            ids.append(one_id)
+            repeats += again
+        return (_merged(stored) if stored else {}, np.concatenate(ids) if ids else np.zeros(0, np.int64), repeats,
+                refused)
 
     # -- index ---------------------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class PgStore(SqlStore):
     """See the module docstring; the lookups, retention queries and migration selections are `SqlStore`'s."""
 
     Error = psycopg.Error
+    RowRefused = (psycopg.IntegrityError, psycopg.DataError, OverflowError)
     _IN = "= ANY(?)"
     _NODES = "string_agg(DISTINCT node, ',' ORDER BY node)"
 

@@ -99,6 +99,9 @@ class Store(SqlStore):
     """See the module docstring; the lookups, retention queries and migration selections are `SqlStore`'s."""
 
     Error = sqlite3.Error  # what a failed store operation raises (PgStore's is psycopg's)
+    # what it raises for a row it will never take (a constraint, a value out of range), as opposed to a store that
+    # cannot write now (locked, disk full, server gone), after which the same row may be taken
+    RowRefused = (sqlite3.IntegrityError, sqlite3.DataError, OverflowError)
 
     def __init__(self, path: Path, read_only: bool = False):
         self.path = Path(path)

@@ -22,6 +22,7 @@ import re
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import pytest
 import yaml
 from helpers import CrossviewProcess, Pusher, free_port, make_sighting, matcher_config, unit_vectors, wait_until
 
+from crossview.edge import publisher as publisher_module
 from crossview.edge.publisher import Publisher
 from crossview.edge.spool import Spool
 from crossview.kernel.config import ConfigError, CurveConfig, PublisherConfig, StoreConfig, load_edge_config
@@ -375,6 +377,45 @@ def test_sightings_the_matcher_refuses_for_good_leave_the_spool_counted_apart(tm
         assert (pub.acknowledged, pub.refused_sightings, pub.refused, pub.spooled, pub.dropped) == (10, 2, 0, 0, 0)
         assert m.ingest.rejected == {"not_finite": 1, "dimension": 1} and m.ingest.accepted == 10
         assert "2 refused by the matcher" in pub.status()
+    finally:
+        pub.close(drain_s=0)
+        m.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_row_the_store_refuses_is_told_refused_and_one_it_cannot_write_now_is_resent(tmp_path, monkeypatch):
+    """Before: a row the store refused (a constraint) was never acknowledged, so the edge resent it every 10 s for
+    ever. Now it is acknowledged as refused; a store that cannot write now (here a trigger, as a
+    full disk would: a function that fails while `full` is set) gets nothing acknowledged, and every sighting is
+    stored once it can."""
+    monkeypatch.setattr(publisher_module, "ACK_TIMEOUT_S", 1.0)
+    m = Matcher(matcher_config(tmp_path / "matcher"))
+    m.start()
+    pub = Publisher(PublisherConfig(endpoint=m.ingest.endpoint, security=CurveConfig(mode="plain"),
+                                    spool_dir=tmp_path / "spool", drain_s=5))
+    vecs = unit_vectors(np.random.default_rng(4), 14, 16)
+    try:
+        with closing(sqlite3.connect(m.store.path, isolation_level=None)) as db:
+            db.execute("CREATE TRIGGER refuse BEFORE INSERT ON sightings WHEN NEW.camera = 'refused' "
+                       "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+            for k in range(10):
+                pub.send(make_sighting(vecs[k], node=NODE, camera="refused" if k in (3, 7) else "gate", frame=k,
+                                       thumbnail=None))
+            wait_until(lambda: pub.acknowledged + pub.refused_sightings == 10, 20, "10 sightings answered")
+            assert (pub.acknowledged, pub.refused_sightings, pub.spooled) == (8, 2, 0)
+            assert m.ingest.rejected == {"store_refused": 2} and m.ingest.accepted == 8
+            full = threading.Event()
+            full.set()
+            m.store._writer.create_function("disk_full", 0, lambda: 1 / (not full.is_set()))
+            db.execute("CREATE TRIGGER cannot_write_now AFTER INSERT ON sightings BEGIN SELECT disk_full(); END")
+            for k in range(10, 14):
+                pub.send(make_sighting(vecs[k], node=NODE, frame=k, thumbnail=None))
+            time.sleep(3)  # resent at least twice meanwhile
+            assert (pub.acknowledged, pub.refused_sightings, pub.spooled) == (8, 2, 4)
+            full.clear()
+        wait_until(lambda: pub.acknowledged == 12, 20, "the 4 stored once the store could write")
+        assert m.ingest.accepted == 12 and m.ingest.rejected == {"store_refused": 2}
+        assert sum(len(ids) for ids, _ in m.store.vectors("m1")) == 12
     finally:
         pub.close(drain_s=0)
         m.stop()
