@@ -57,9 +57,10 @@ def _records(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(output folder, exported ONNX) of one full run: pre-training and two Algorithm 1 iterations."""
+    """(output folder, exported ONNX) of one full run: pre-training and two Algorithm 1 iterations, the second at
+    half the first's lr."""
     tmp = tmp_path_factory.mktemp("daam")
-    return tmp / "run", Trainer(load_train_config(_config(tmp))).run()
+    return tmp / "run", Trainer(load_train_config(_config(tmp, adapt={"iteration_lr_decay": 0.5}))).run()
 
 
 def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(trained):
@@ -74,6 +75,7 @@ def test_full_loop_logs_checkpoints_and_exports_a_model_the_edge_loads(trained):
     assert all(0 < e["mAP"] <= 1 and e["valid_queries"] > 0 for e in evals)
     adapt = [r for r in recs if r["event"] == "epoch" and r["stage"] == "adapt"]
     assert {"reid_s", "reid_t", "ds", "dsp", "orth"} <= set(adapt[0])
+    assert [r["lr"] for r in adapt] == pytest.approx([0.005, 0.0025])  # adapt.iteration_lr_decay
     assert (run / "last.pt").is_file()
 
     meta = ModelMeta.from_props({p.key: p.value for p in onnx.load(onnx_path).metadata_props}, str(onnx_path))

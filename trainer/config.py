@@ -206,6 +206,10 @@ class ScheduleConfig(_Strict):
 class AdaptConfig(ScheduleConfig):
     iterations: int = Field(7, ge=0, description="Algorithm 1 iterations at most")
     nmi_stop: float = Field(0.95, gt=0, le=1, description="stop when NMI of consecutive pseudo labels exceeds this")
+    iteration_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="iteration i (from 1) trains at lr x this^(i-1): below 1, a later iteration moves "
+        "the model less, so one bad re-clustering late in the run costs less of what the earlier ones learnt"
+    )
     epoch_of: Literal["larger", "target"] = Field(
         "larger", description="an adaptation epoch is one pass over the larger of source and target (the papers' "
         "Market/Duke sizes), or over the target alone, so a large labelled source does not multiply the passes over a "

@@ -9,7 +9,7 @@
 | target batches            | PK by the method's classes (pseudo labels), or P·K distinct images when it has none (ARN: `AdaptSamples.target_classes`) |
 | optimiser                 | Nesterov SGD or Adam (`optim.kind`), backbone at `backbone_lr_mult`, frozen for `freeze_backbone_epochs` |
 | one step                  | `train_step`: forward under autocast, the method's losses, backward and SGD through the AMP scaler (bench/train_bench.py times it); a method with several objectives per batch (EDAAN: generators, then discriminators) brings its own `Method.train_step` |
-| lr schedule               | warm-up, steps at `milestones`, and a linear decay towards 0 over the last `decay_epochs` (CycleGAN's) |
+| lr schedule               | warm-up, steps at `milestones`, and a linear decay towards 0 over the last `decay_epochs` (CycleGAN's); adaptation iteration i at `iteration_lr_decay`^(i-1) |
 | every epoch               | the method's `begin_epoch` / `end_epoch` hooks, checkpoint (`last.pt`, format `crossview.kernel.checkpoint`), JSON-lines metrics, progress bar |
 | `resume=True`             | continues from `last.pt` at the next epoch, with the method's saved state (the same pseudo labels) |
 | devices                   | CUDA with AMP when available, CPU otherwise; several GPUs under torchrun (DDP, rank 0 runs the target step, evaluates and writes) |
@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from crossview.kernel import checkpoint
-from crossview.trainer.config import TrainConfig
+from crossview.trainer.config import AdaptConfig, TrainConfig
 from crossview.trainer.data.build import TrainData, load_train_data
 from crossview.trainer.data.loader import make_eval_loader, make_train_loader
 from crossview.trainer.data.samples import with_labels
@@ -117,8 +117,9 @@ class Trainer:
     def _stage(self, sched, epoch_fn) -> None:
         """Run the epochs of one schedule from `state.epoch` on, checkpointing after each."""
         optimizer = self._optimizer(sched)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda e: _lr_factor(sched, e, backbone=True),
-                                                                  lambda e: _lr_factor(sched, e)])
+        scale = sched.iteration_lr_decay ** (self.state.iteration - 1) if isinstance(sched, AdaptConfig) else 1.0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda e: scale * _lr_factor(sched, e, backbone=True),
+                                                                  lambda e: scale * _lr_factor(sched, e)])
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         if self._resume_ckpt is not None:
             optimizer.load_state_dict(self._resume_ckpt.optimizer)
