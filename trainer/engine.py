@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from crossview.kernel import checkpoint
-from crossview.trainer.config import AdaptConfig, TrainConfig
+from crossview.trainer.config import TrainConfig
 from crossview.trainer.data.build import TrainData, load_train_data
 from crossview.trainer.data.loader import make_eval_loader, make_train_loader
 from crossview.trainer.data.samples import with_labels
@@ -105,7 +105,7 @@ class Trainer:
                     self._adabn()
                 if self.method.target_step(self, self.model):
                     break
-            self._stage(cfg.adapt, self._adapt_epoch)
+            self._stage(cfg.adapt, self._adapt_epoch, cfg.adapt.iteration_lr_decay ** (self.state.iteration - 1))
             self._evaluate(f"iteration {self.state.iteration}")
             self.state.epoch = 0
             self._save()
@@ -114,10 +114,9 @@ class Trainer:
         return self._export() if self.rank == 0 else None
 
     # ------------------------------------------------------------- stages
-    def _stage(self, sched, epoch_fn) -> None:
-        """Run the epochs of one schedule from `state.epoch` on, checkpointing after each."""
+    def _stage(self, sched, epoch_fn, scale: float = 1.0) -> None:
+        """Run the epochs of one schedule from `state.epoch` on, at `scale` x its lr, checkpointing after each."""
         optimizer = self._optimizer(sched)
-        scale = sched.iteration_lr_decay ** (self.state.iteration - 1) if isinstance(sched, AdaptConfig) else 1.0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda e: scale * _lr_factor(sched, e, backbone=True),
                                                                   lambda e: scale * _lr_factor(sched, e)])
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
