@@ -94,7 +94,7 @@ def _init(args: argparse.Namespace) -> int:
 
     written = init_site(args.site, args.edges.split(","), args.camera, args.matcher_host, args.port, args.http_port)
     models = (args.site / "models").resolve()
-    print(f"made site {args.site}: {', '.join(f'{name} {path}' for name, path in written.items())}")
+    print(f"wrote the site's setup in {args.site}: {', '.join(f'{name} {path}' for name, path in written.items())}")
     print("next, on this machine (or copy each folder to its machine):")
     print(f"  crossview build-embedder --out {models / 'mobilenetv2-imagenet.onnx'}")
     print(f"  crossview matcher --config {written['matcher']}")

@@ -1,10 +1,13 @@
 """Configuration is validated once at load; every error names the file and the key."""
 
+import re
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from crossview.kernel.config import ConfigError, load_edge_config, redact_url
+from crossview.kernel.config import ConfigError, EdgeConfig, MatcherConfig, load_edge_config, redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +22,32 @@ def test_shipped_configs_load():
     for name in ("edge.yaml", "demo.yaml"):
         cfg = load_edge_config(REPO / "configs" / name)
         assert cfg.cameras and all(Path(c.source).is_file() for c in cfg.cameras), name
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of `model` and of the sections inside it (lists and unions of sections too), dotted."""
+    out = []
+    for name, field in model.model_fields.items():
+        out.append(prefix + name)
+        types = [field.annotation, *typing.get_args(field.annotation)]
+        types += [arg for t in types for arg in typing.get_args(t)]
+        for t in {t for t in types if isinstance(t, type) and issubclass(t, BaseModel)}:
+            out += _keys(t, f"{prefix}{name}.")
+    return out
+
+
+# The CURVE section is one type for both ends: each file leaves out the other end's keys.
+OTHER_END = {"edge.yaml": {"publisher.security.allowed_clients", "publisher.security.bind_nodes"},
+             "matcher.yaml": {"ingest.security.server_key"}}
+
+
+@pytest.mark.parametrize("name, model", [("edge.yaml", EdgeConfig), ("matcher.yaml", MatcherConfig)])
+def test_the_shipped_config_documents_every_key(name, model):
+    """README: configs/edge.yaml and configs/matcher.yaml name every key, set or in a comment."""
+    text = (REPO / "configs" / name).read_text()
+    missing = [key for key in _keys(model) if key not in OTHER_END[name]
+               and not re.search(rf"(^|[\s{{,#`]){re.escape(key.rpartition('.')[2])}:", text, re.M)]
+    assert not missing, f"configs/{name} does not name {missing}"
 
 
 PLAIN = "publisher: {security: {mode: plain}}\n"
