@@ -5,6 +5,7 @@
 | `config`      | typed, validated configuration; `ConfigError` names the file and key    |
 | `wire`        | the edge → matcher message format (versioned MessagePack schema)        |
 | `harvest`     | the edge → trainer crop format: file names and versioned JSON sidecars  |
+| `images`      | what an image declares before it is decoded: its size, a JPEG's scans   |
 | `checkpoint`  | the training checkpoint format (versioned; written by training, read by export) |
 | `modelmeta`   | the `crossview.*` metadata keys an embedding model carries              |
 | `embedder`    | the ONNX re-ID embedding runtime (preprocessing + session + hot reload) |

@@ -24,14 +24,14 @@ Schema version 1 (a JSON object):
 | key      | type                     | meaning                                              |
 |----------|--------------------------|------------------------------------------------------|
 | `v`      | int                      | schema version (1); absent in sidecars written before it was added: read as 1 |
-| `node`   | str, 1..64 of `[A-Za-z0-9_.-]` | edge node id                                   |
-| `camera` | str, 1..64 of `[A-Za-z0-9_.-]` | camera id                                      |
-| `ts`     | number ≥ 0               | capture time, Unix seconds                           |
+| `node`   | str, 1..64 of `[A-Za-z0-9_.-]` | edge node id; not only dots (`.`, `..`: it names files) |
+| `camera` | str, 1..64 of `[A-Za-z0-9_.-]` | camera id; not only dots (it names a folder)   |
+| `ts`     | number in [0, MAX_TS]    | capture time, Unix seconds (MAX_TS, like every bound here: the wire's) |
 | `frame`  | int ≥ 0                  | frame index within the camera's source               |
 | `track`  | int ≥ 0                  | track id, unique per camera while the node runs      |
-| `box`    | [x1, y1, x2, y2] numbers | pixel box of the crop in the frame, 0.1 px           |
+| `box`    | [x1, y1, x2, y2] numbers | pixel box of the crop in the frame, 0.1 px, each within ±MAX_PIXELS |
 | `score`  | number in [0, 1]         | detector confidence, 4 decimals                      |
-| `model`  | str, 1..128              | embedding model version running when the crop was saved |
+| `model`  | str, 1..128, printable   | embedding model version running when the crop was saved |
 
 Readers accept every version in `SUPPORTED_VERSIONS` and ignore keys they do not know; a new version
 adds an upgrade step rather than changing what an old sidecar means.
@@ -40,20 +40,18 @@ adds an upgrade step rather than changing what an old sidecar means.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from crossview.kernel.wire import MAX_ID_LEN, MAX_INT
+from crossview.kernel.wire import MAX_ID_LEN, MAX_INT, MAX_MODEL_LEN, MAX_PIXELS, MAX_TS, id_problem
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 LEGACY_VERSION = 1  # what a sidecar without `v` is
 CROP_SUFFIX, SIDECAR_SUFFIX = ".jpg", ".json"
 MAX_SIDECAR_BYTES = 4096  # a v1 sidecar with the longest ids is under 1 KiB
-MAX_MODEL_LEN = 128
 _ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LEN}}}")  # the config's id pattern, at the wire's length limit
 _NAME = re.compile(r"(?P<head>[A-Za-z0-9_.-]+)_t(?P<track>\d{1,18})_f(?P<frame>\d{1,18})" + re.escape(CROP_SUFFIX))
 
@@ -79,7 +77,7 @@ class CropName(NamedTuple):
         path = Path(path)
         camera, m = path.parent.name, _NAME.fullmatch(path.name)
         node = m["head"].removesuffix(f"_{camera}") if m else ""
-        if not (m and _ID.fullmatch(camera) and len(node) < len(m["head"]) and _ID.fullmatch(node)):
+        if not (m and _is_id(camera) and len(node) < len(m["head"]) and _is_id(node)):
             raise HarvestError(f"{path}: not a harvested crop's name (<camera>/<node>_<camera>_t<track>_f<frame>{CROP_SUFFIX})")
         return cls(node, camera, int(m["track"]), int(m["frame"]))
 
@@ -114,8 +112,13 @@ def encode(s: Sidecar) -> bytes:
     }).encode()
 
 
-def _number(v: object) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)  # exact types: bool must not pass as a number
+def _is_id(v: object) -> bool:
+    """The config's id pattern and the wire's id check: printable, not `.` or `..` (ids name folders and files)."""
+    return type(v) is str and bool(_ID.fullmatch(v)) and not id_problem(v)
+
+
+def _number(v: object, bound: float) -> bool:
+    return type(v) in (int, float) and abs(v) <= bound  # exact types: bool must not pass as a number; NaN fails
 
 
 def _index(v: object) -> bool:
@@ -123,19 +126,20 @@ def _index(v: object) -> bool:
 
 
 def _box(v: object) -> bool:
-    return type(v) is list and len(v) == 4 and all(map(_number, v)) and v[0] <= v[2] and v[1] <= v[3]
+    return (type(v) is list and len(v) == 4 and all(_number(x, MAX_PIXELS) for x in v) and v[0] <= v[2]
+            and v[1] <= v[3])
 
 
-# key: (what it must be, test); every field is bounded, since another process wrote the file
+# key: (what it must be, test); every field is bounded, since another process wrote the file: as the wire bounds it
 _FIELDS = {
-    "node": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-]", lambda v: type(v) is str and _ID.fullmatch(v)),
-    "camera": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-]", lambda v: type(v) is str and _ID.fullmatch(v)),
-    "ts": ("a finite number >= 0", lambda v: _number(v) and v >= 0),
+    "node": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-], not only dots", _is_id),
+    "camera": (f"1..{MAX_ID_LEN} of [A-Za-z0-9_.-], not only dots", _is_id),
+    "ts": (f"a number in [0, {MAX_TS:g}]", lambda v: _number(v, MAX_TS) and v >= 0),
     "frame": (f"an integer in 0..{MAX_INT}", _index),
     "track": (f"an integer in 0..{MAX_INT}", _index),
-    "box": ("[x1, y1, x2, y2]: finite numbers, x1 <= x2, y1 <= y2", _box),
-    "score": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
-    "model": (f"a string of 1..{MAX_MODEL_LEN} characters", lambda v: type(v) is str and 0 < len(v) <= MAX_MODEL_LEN),
+    "box": (f"[x1, y1, x2, y2]: numbers within ±{MAX_PIXELS}, x1 <= x2, y1 <= y2", _box),
+    "score": ("a number in [0, 1]", lambda v: _number(v, 1) and v >= 0),
+    "model": (f"1..{MAX_MODEL_LEN} printable characters", lambda v: type(v) is str and not id_problem(v, MAX_MODEL_LEN)),
 }
 
 

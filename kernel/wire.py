@@ -30,7 +30,8 @@ Schema version 2 (a MessagePack map with short keys; version 1 is the same witho
 | `v`   | int                   | schema version (2; 1 is still decoded)                    |
 | `seq` | int in [0, 2^63-1]    | v2: the edge's sequence number, rising per node across restarts; the matcher stores |
 |       | (or absent)           | each (node, seq) once and acknowledges it. Absent (tools, v1): stored, never deduplicated |
-| `node`| str ≤ 64, printable   | edge node id (identifiers hold no control characters: they end up in logs) |
+| `node`| str ≤ 64, printable   | edge node id (identifiers hold no control characters: they end up in logs; |
+|       | not only dots         | nor are they `.` or `..`: they name folders, `id_problem`) |
 | `cam` | str ≤ 64, printable   | camera id                                                 |
 | `ts`  | float in [0, MAX_TS]  | capture time, Unix seconds (MAX_TS: the year 2200)        |
 | `frame`| int in [0, 2^63-1]   | frame index within the camera's source (SQLite's INTEGER range) |
@@ -39,8 +40,9 @@ Schema version 2 (a MessagePack map with short keys; version 1 is the same witho
 | `score`| float in [0, 1]      | detector confidence                                       |
 | `emb` | bytes                 | embedding, little-endian, L2-normalised                   |
 | `dt`  | "f4" or "f2"          | embedding element type (float32 / float16)                |
-| `model`| str ≤ 128, printable | embedding model version: vectors of different versions are never compared |
-| `thumb`| bytes or nil         | optional JPEG of the crop                                 |
+| `model`| str ≤ 128, printable | embedding model version: vectors of different versions are never compared (MAX_MODEL_LEN) |
+| `thumb`| bytes or nil         | optional JPEG of the crop: ≤ MAX_THUMBNAIL_PIXELS and `kernel.images.MAX_JPEG_SCANS` scans, |
+|       |                       | as its header declares (a model promotion decodes every stored one) |
 
 A heartbeat is a v2 map with `"hb": 1`, the node's state rather than a sighting, never spooled, never
 acknowledged (the next one replaces it), every field bounded like a sighting's:
@@ -78,14 +80,18 @@ from typing import NamedTuple
 import msgpack
 import numpy as np
 
+from crossview.kernel.images import JPEG_SOI, check_scans, jpeg_size
+
 SCHEMA_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a 4096-d float32 embedding plus a generous thumbnail
 MAX_EMBEDDING_DIM = 4096
 MAX_ID_LEN = 64
+MAX_MODEL_LEN = 128
 MAX_INT = 2**63 - 1  # SQLite's INTEGER range: a larger frame or track number would refuse its whole commit
 MAX_TS = 7.3e9  # the year 2200: later times are bit flips or broken clocks, and datetime cannot show 1e308
 MAX_PIXELS = 1 << 20  # a box coordinate's magnitude; boxes may reach past the frame's edge, not this far
+MAX_THUMBNAIL_PIXELS = 1 << 21  # 512 (publisher.thumbnail_height's most) x 4096: a 631-byte JPEG can declare 16000²
 MAX_ACK_RANGES = 4096
 MAX_CAMERAS = 256  # per heartbeat
 MAX_ERROR_LEN = 256
@@ -93,7 +99,6 @@ MAX_FPS = 1000.0
 CAMERA_STATES = ("connecting", "streaming", "reconnecting", "finished", "failed", "stopped")  # an edge source's states
 MAX_ACK_SEQS = 1 << 20
 _DTYPES = {"f4": np.dtype("<f4"), "f2": np.dtype("<f2")}
-_JPEG_MAGIC = b"\xff\xd8"
 
 
 class Reason:
@@ -106,7 +111,7 @@ class Reason:
     MISSING_FIELD = "missing_field"
     FIELD_TYPE = "field_type"
     FIELD_RANGE = "field_range"  # a value out of bounds, an empty or too long string, an empty box, a ragged embedding
-    IDENTIFIER = "identifier"  # a node, camera or model id holding control characters
+    IDENTIFIER = "identifier"  # a node, camera or model id holding control characters, or only dots
     NOT_FINITE = "not_finite"  # NaN or infinite values
     DIMENSION = "dimension"  # an embedding length other than its model version's
     ZERO_EMBEDDING = "zero_embedding"
@@ -281,12 +286,23 @@ def _get(m: dict, key: str, types: tuple[type, ...]):
     return value
 
 
+def id_problem(value: str, max_len: int = MAX_ID_LEN) -> str | None:
+    """What keeps `value` from being an identifier (a node, camera or model id), completing "field 'x' ...";
+    None when nothing does. Every id check (the wire, harvest sidecars, the HTTP API) uses this one."""
+    if not value or len(value) > max_len:
+        return f"must be 1..{max_len} characters"
+    if not value.isprintable():  # a newline in a node id would forge log lines; other controls garble terminals
+        return f"holds control characters: {ascii(value)}"
+    if not value.strip("."):  # `.` and `..` name folders: a harvested crop's camera folder would leave its root
+        return f"is only dots: {ascii(value)}"
+    return None
+
+
 def _ident(m: dict, key: str, max_len: int = MAX_ID_LEN) -> str:
     value = _get(m, key, (str,))
-    if not value or len(value) > max_len:
-        raise WireError(Reason.FIELD_RANGE, f"field '{key}' must be 1..{max_len} characters")
-    if not value.isprintable():  # a newline in a node id would forge log lines; other controls garble terminals
-        raise WireError(Reason.IDENTIFIER, f"field '{key}' holds control characters: {ascii(value)}")
+    if problem := id_problem(value, max_len):
+        code = Reason.FIELD_RANGE if not value or len(value) > max_len else Reason.IDENTIFIER
+        raise WireError(code, f"field '{key}' {problem}")
     return value
 
 
@@ -334,8 +350,17 @@ def _thumbnail(m: dict) -> bytes | None:
     thumb = m.get("thumb")
     if thumb is None:
         return None
-    if type(thumb) is not bytes or not thumb.startswith(_JPEG_MAGIC):
+    if type(thumb) is not bytes or not thumb.startswith(JPEG_SOI):
         raise WireError(Reason.FIELD_TYPE, "field 'thumb' is not a JPEG")
+    # A model promotion's gallery migration decodes it: bounded by its header, as uploads are. Without a frame
+    # header nothing decodes it to pixels.
+    width, height = jpeg_size(thumb) or (0, 0)
+    if width * height > MAX_THUMBNAIL_PIXELS:
+        raise WireError(Reason.FIELD_RANGE, f"field 'thumb' is a {width} x {height} JPEG: over {MAX_THUMBNAIL_PIXELS:,} pixels")
+    try:
+        check_scans(thumb)
+    except ValueError as e:
+        raise WireError(Reason.FIELD_RANGE, f"field 'thumb' is {e}") from None
     return thumb
 
 
@@ -374,7 +399,7 @@ def _heartbeat(m: dict) -> Heartbeat:
     if len(cams) > MAX_CAMERAS:
         raise WireError(Reason.FIELD_RANGE, f"field 'cams' holds {len(cams)} cameras, at most {MAX_CAMERAS}")
     return Heartbeat(_ident(m, "node"), _finite(m, "ts", 0.0, MAX_TS), _finite(m, "every", 0.1, 3600.0),
-                     _ident(m, "model", 128), _count(spool_m, "spooled"), _finite(spool_m, "age", 0.0, MAX_TS),
+                     _ident(m, "model", MAX_MODEL_LEN), _count(spool_m, "spooled"), _finite(spool_m, "age", 0.0, MAX_TS),
                      _count(spool_m, "dropped"), tuple(_camera_status(c) for c in cams))
 
 
@@ -395,7 +420,7 @@ def _parse(buf: bytes | memoryview) -> Sighting | Heartbeat:
     seq = _count(m, "seq") if schema >= 2 and "seq" in m else None
     try:
         return Sighting(_ident(m, "node"), _ident(m, "cam"), _finite(m, "ts", 0.0, MAX_TS), _count(m, "frame"),
-                        _count(m, "track"), _box(m), _finite(m, "score", 0.0, 1.0), _embedding(m), _ident(m, "model", 128),
+                        _count(m, "track"), _box(m), _finite(m, "score", 0.0, 1.0), _embedding(m), _ident(m, "model", MAX_MODEL_LEN),
                         _thumbnail(m), schema, seq)
     except WireError as e:
         e.seq = seq

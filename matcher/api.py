@@ -31,7 +31,7 @@ fetches thumbnails with the header and shows them as blob URLs). Errors are `{"d
 401 bad token, 404 unknown sighting/track/model (`LookupError`), 400 bad query or image (`ValueError`), 503 the
 store unavailable (a database error: a PostgreSQL server restarting, a SQLite disk error),
 413 a body over `http.max_json_bytes` / `max_upload_bytes` (`matcher.limits`); a malformed request, an id or
-track number out of range included, is FastAPI's 422 with one entry per field.
+track number out of range included, is a 422 with one entry per field (FastAPI's, without the input it held).
 
     server = serve(matcher, cfg.http)     # binds cfg.http.host (127.0.0.1 unless configured)
     server.url                            # 'http://127.0.0.1:8080/'
@@ -58,6 +58,7 @@ import pydantic
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -79,6 +80,7 @@ from crossview.matcher.schemas import (
     HarvestCropOut,
     HarvestUploadOut,
     HealthOut,
+    Ident,
     ImageQueryForm,
     ModelForm,
     ModelOut,
@@ -161,7 +163,8 @@ def _api_router(matcher: Matcher, require, max_pixels: int) -> APIRouter:
         return EdgesOut.model_validate(matcher.edges.report())
 
     @api.get("/sightings", summary="Newest sightings first, of one camera or all")
-    def recent(camera: str | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[SightingOut]:
+    def recent(camera: Annotated[Ident | None, Query()] = None,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[SightingOut]:
         return [SightingOut.model_validate(r) for r in store.recent(camera=camera, limit=limit)]
 
     @api.get("/sightings/{sighting_id}", summary="One sighting", responses=_NOT_FOUND)
@@ -403,6 +406,16 @@ def _error(status: int):
     return handler
 
 
+def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422 echoes each field's input, and NaN or a lone surrogate there cannot be serialised: the answer
+    # became a 400 naming no field. The client has its input; a field name (a JSON key) may hold a surrogate too.
+    def text(part):
+        return part if isinstance(part, int) else str(part).encode("utf-8", "backslashreplace").decode()
+
+    return JSONResponse({"detail": [{"type": e["type"], "loc": [text(p) for p in e["loc"]], "msg": text(e["msg"])}
+                                    for e in exc.errors()]}, status_code=422)
+
+
 def _schema_bug(_: Request, exc: Exception) -> JSONResponse:
     # pydantic's ValidationError is a ValueError, but here it means our answer broke our schema: not a 400.
     log.error("HTTP API answer does not fit its schema: %s", exc)
@@ -423,6 +436,7 @@ def create_app(matcher: Matcher, cfg: HttpConfig) -> FastAPI:
                   description="Where else was this person seen: sightings from the edge nodes, searched by appearance.")
     app.add_middleware(BodyLimit, max_json=cfg.max_json_bytes, max_upload=cfg.max_upload_bytes,
                        max_model=cfg.max_model_bytes, model_path=f"{API_PREFIX}/models")
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(LookupError, _error(404))
     app.add_exception_handler(ValueError, _error(400))
     app.add_exception_handler(pydantic.ValidationError, _schema_bug)

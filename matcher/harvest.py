@@ -44,7 +44,8 @@ from pathlib import Path
 
 from crossview.kernel.config import HarvestStoreConfig, StoreConfig
 from crossview.kernel.harvest import CropName, HarvestError, Sidecar, decode, encode
-from crossview.matcher.limits import decode_image, image_size
+from crossview.kernel.images import image_size
+from crossview.matcher.limits import decode_image
 from crossview.matcher.sqldb import open_db, pg_ddl
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@
 |-----------|---------|----------------------------------------------------------------------------------------|
 | receive   | receive | `Receiver`: whatever is queued (≤ batch_max), decoded as a batch against the wire schema; |
 |           |         | malformed or oversized messages are counted per reason, logged with the sender, dropped  |
-| check     | receive | the checks the schema cannot make (a model version keeps the dimension of its first      |
-|           |         | sighting; no zero embeddings; at most index.max_models versions), grouped by model version |
+| check     | receive | the checks the schema cannot make (no zero embeddings; a model version keeps the dimension |
+|           |         | of its first sighting passing that; at most index.max_models versions), grouped by model version |
 |           |         | once: a `Batch` of `Rows`, each the model's sightings and their float32 unit vectors     |
 | commit    | commit  | group commit: queued batches (a lone sighting waits ≤ batch_wait_ms) into one store       |
 |           |         | transaction of ≤ batch_max: ids from the store (`insert_new`), track ids (`matcher.tracks`); |
@@ -201,19 +201,27 @@ class Pipeline:
         self._received.put(None)
 
     def _checked(self, sightings: list[Sighting]) -> Batch:
-        """The sightings passing the checks the wire schema cannot make, by model version."""
-        by_model: dict[str, list[Sighting]] = {}
+        """The sightings passing the checks the wire schema cannot make, by model version. A new version's dimension
+        and its index.max_models slot are taken only by a sighting passing every check: zero embeddings are refused
+        first, so a refused one neither fixes the dimension nor uses up a slot."""
+        groups: dict[tuple[str, int], list[Sighting]] = {}
         for s in sightings:
-            if not self._admits(s.model):
-                self._reject(s, Reason.UNKNOWN_MODEL, f"new model version {s.model!r}: {self.index.cfg.max_models} "
-                             "versions hold sightings already (index.max_models)")
+            groups.setdefault((s.model, len(s.embedding)), []).append(s)
+        batch: Batch = {}
+        for (model, dim), group in groups.items():  # in order of first sighting: the first one fixes the dimension
+            if (rows := self._unit_rows(group)) is None:
                 continue
-            dim = self._dims.setdefault(s.model, len(s.embedding))
-            if len(s.embedding) == dim:
-                by_model.setdefault(s.model, []).append(s)
+            if not self._admits(model):
+                reason, detail = Reason.UNKNOWN_MODEL, (f"new model version {model!r}: {self.index.cfg.max_models} "
+                                                        "versions hold sightings already (index.max_models)")
+            elif (known := self._dims.setdefault(model, dim)) != dim:
+                reason, detail = Reason.DIMENSION, f"model version {model!r} has {known}-d embeddings, got {dim}"
             else:
-                self._reject(s, Reason.DIMENSION, f"model version {s.model!r} has {dim}-d embeddings, got {len(s.embedding)}")
-        return {model: rows for model, group in by_model.items() if (rows := self._unit_rows(group))}
+                batch[model] = rows
+                continue
+            for s in rows.sightings:
+                self._reject(s, reason, detail)
+        return batch
 
     def _admits(self, model: str) -> bool:
         """A version known already, or a new one while fewer than index.max_models hold sightings: each makes a

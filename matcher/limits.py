@@ -5,9 +5,10 @@ before anything is parsed or decoded.
 |--------------------|--------------------------------------------------------------------------------------|
 | request bodies     | `BodyLimit` (ASGI middleware): `Content-Length` checked up front, bytes counted as they |
 |                    | arrive (chunked uploads too); over `http.max_json_bytes` / `http.max_upload_bytes` (multipart) → 413 |
-| image dimensions   | `image_size(data)`: (kind, width, height) from a PNG's IHDR or a JPEG's SOF header, pure Python |
-| decoding           | `decode_image(data, name, max_pixels)`: refuses other formats, and more than `http.max_image_pixels` |
-|                    | (a 100 KB PNG can declare 30,000² pixels: 2.7 GB decoded) with a `ValueError` (400) naming the size |
+| image dimensions   | `image_size(data)` (`kernel.images`): (kind, width, height) from a PNG's IHDR or a JPEG's SOF header |
+| decoding           | `decode_image(data, name, max_pixels)`: refuses other formats, more than `http.max_image_pixels` |
+|                    | (a 100 KB PNG can declare 30,000² pixels: 2.7 GB decoded) and JPEGs of more than `MAX_JPEG_SCANS` |
+|                    | scans (10,000 take 13 s of CPU) with a `ValueError` (400) naming the size or the limit |
 
     app.add_middleware(BodyLimit, max_json=cfg.max_json_bytes, max_upload=cfg.max_upload_bytes)
     image_size(png_bytes)                   # ('PNG', 640, 480)
@@ -18,49 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import struct
 
 import cv2
 import numpy as np
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from crossview.kernel.images import check_scans, image_size
+
 _DRAIN_S = 10.0  # longest the rest of a refused body is read (and dropped), so its client gets to read the 413
-# JPEG start-of-frame markers (baseline, progressive, lossless, ...): C0-CF but DHT (C4), JPG (C8) and DAC (CC).
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_NO_LENGTH = frozenset(range(0xD0, 0xDA)) | {0x01}  # RSTn, SOI, EOI, TEM: markers without a length field
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            break
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in _NO_LENGTH:
-            pos += 2
-            continue
-        if marker in _SOF and pos + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
-        if marker == 0xDA:  # start of scan before any frame header
-            break
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    raise ValueError("a corrupt JPEG: it has no frame header (SOF)")
-
-
-def image_size(data: bytes) -> tuple[str, int, int]:
-    """(kind, width, height) as the image's header declares them; `ValueError` for anything but PNG and JPEG,
-    its message completing "upload 'x' is ..."."""
-    if data.startswith(PNG_SIGNATURE):
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise ValueError("a corrupt PNG: it has no header (IHDR)")
-        return ("PNG", *struct.unpack(">II", data[16:24]))
-    if data.startswith(b"\xff\xd8"):
-        return ("JPEG", *_jpeg_size(data))
-    raise ValueError(f"not a JPEG or PNG image (it starts with {data[:8]!r})")
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
@@ -69,6 +34,8 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         raise ValueError(f"upload {name!r} is empty")
     try:
         kind, width, height = image_size(data)
+        if kind == "JPEG":
+            check_scans(data)
     except ValueError as e:
         raise ValueError(f"upload {name!r} is {e}") from None
     if width * height > max_pixels:

@@ -40,12 +40,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from crossview.kernel.config import MigrationConfig
 from crossview.kernel.embedder import Embedder, ModelError
+from crossview.kernel.wire import MAX_THUMBNAIL_PIXELS
 from crossview.matcher.index import Index, lower_priority
+from crossview.matcher.limits import decode_image
 from crossview.matcher.registry import Registry
 from crossview.matcher.store import Store
 
@@ -166,10 +167,13 @@ class Migration:
     def _migrate(self, rows: list[tuple[int, float, bytes]]) -> None:
         ids, crops, oldest = [], [], None
         for i, ts, jpeg in rows:
-            crop = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+            try:  # bounded as the wire bounds thumbnails now: one stored before it did may declare any size
+                crop = decode_image(jpeg, f"thumbnail of sighting {i}", MAX_THUMBNAIL_PIXELS)
+            except ValueError as e:
+                crop = None
+                log.warning("gallery migration: %s: skipped", e)
             if crop is None or min(crop.shape[:2]) < 2:
                 self.unreadable += 1
-                log.warning("gallery migration: sighting %d's thumbnail is not a readable image: skipped", i)
                 continue
             ids.append(i)
             crops.append(crop)

@@ -13,6 +13,8 @@
 | filters     | read from the store and scored exactly instead: over-fetching would walk most of the index |
 | tracks      | sightings grouped by `track_id`; a track scores as its best sighting; the query's own track |
 |             | is left out                                                                                |
+| probability | the calibration's P of each track's score, then `results.exclusive`: tracks one camera saw  |
+|             | at once share one person's odds, and one seen beside the query's own track is someone else |
 | results     | `QueryResult.cameras` (see `matcher.results`): camera → `TrackHit`s by time, cameras by   |
 |             | their first hit; `ranked()` best first; `to_dict()` for JSON; `to_text()` for a terminal   |
 | errors      | `LookupError` for a missing sighting, track or model partition; `ValueError` for bad input or |
@@ -39,7 +41,7 @@ import numpy as np
 from crossview.kernel.calibration import Calibration
 from crossview.kernel.config import QueryConfig
 from crossview.matcher.index import VectorIndex
-from crossview.matcher.results import QueryResult, SightingRecord, TrackHit
+from crossview.matcher.results import QueryResult, SightingRecord, TrackHit, exclusive
 from crossview.matcher.store import Store
 
 if TYPE_CHECKING:
@@ -191,11 +193,14 @@ class QueryEngine:
         groups = {} if filters is None else self._candidates(self._ranker(vec, model, filters), filters, exclude_track)
         filters = filters or asked
         best = sorted(groups.values(), key=lambda g: -g[0][0])[: filters.top_k]
-        spans = self.store.track_spans(g[0][1].track_id for g in best)
+        spans = self.store.track_spans([g[0][1].track_id for g in best] + [exclude_track] * (exclude_track is not None))
         hits = [self._hit(g, spans) for g in best]
         if cal is not None:
             probabilities = cal.probability([h.score for h in hits]).tolist() if hits else []
-            hits = [replace(h, probability=p) for h, p in zip(hits, probabilities)]
+            own = spans.get(exclude_track)  # the query's own track: who it overlaps in its camera is someone else
+            hits = exclusive([replace(h, probability=p) for h, p in zip(hits, probabilities)],
+                             (query["node"], query["camera"], *own[:2]) if own else None)
+            hits = [h for h in hits if asked.min_probability is None or h.probability >= asked.min_probability]
         return QueryResult(model, {**query, "filters": asked.to_dict()}, _by_camera(hits), calibrated=cal is not None,
                            coverage=self.migration.coverage() if self.migration else None)
 

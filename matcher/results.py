@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 
 
@@ -77,6 +77,38 @@ class TrackHit:
                                             "first_ts", "last_ts", "n_sightings")}
         return {**d, "verdict": self.verdict, "best": self.best.to_dict(),
                 "sightings": [s.to_dict() for s in self.sightings]}
+
+
+def exclusive(hits: list[TrackHit], query_track: tuple[str, str, float, float] | None = None) -> list[TrackHit]:
+    """`hits` with probabilities that respect what one camera shows: two tracks it saw at overlapping times are
+    two people, so at most one of them is the person asked about; and a track that overlaps the query's own
+    (`query_track`: node, camera, first and last time) is not.
+
+    A calibrated p (fitted at prior 0.5) is a likelihood ratio LR = p / (1 - p). Over "neither", "this track" and
+    "one it overlaps", P = LR / (1 + LR + the LRs of the tracks it overlaps). A hit that overlaps none keeps p.
+
+    >>> r = SightingRecord(1, "e", "gate", 0.0, 0, 1, 1, (0.0, 0.0, 1.0, 1.0), 0.9, "m", False)
+    >>> a = TrackHit("e", "gate", 1, "m", 0.9, 0.0, 5.0, r, [r], probability=0.9)
+    >>> b = TrackHit("e", "gate", 2, "m", 0.9, 4.0, 9.0, r, [r], probability=0.9)
+    >>> [round(h.probability, 3) for h in exclusive([a, b])], exclusive([a])[0].probability
+    ([0.474, 0.474], 0.9)
+    """
+    odds = {id(h): h.probability / max(1 - h.probability, 1e-9) for h in hits if h.probability is not None}
+    out = []
+    for h in hits:
+        if h.probability is not None and query_track is not None and _overlaps(h, query_track):
+            h = replace(h, probability=0.0)
+        elif h.probability is not None:
+            lr, span = odds[id(h)], (h.node, h.camera, h.first_ts, h.last_ts)
+            others = sum(odds[id(g)] for g in hits if g is not h and id(g) in odds and _overlaps(g, span))
+            h = replace(h, probability=lr / (1 + lr + others)) if others else h
+        out.append(h)
+    return out
+
+
+def _overlaps(h: TrackHit, track: tuple[str, str, float, float]) -> bool:
+    node, camera, first, last = track
+    return (h.node, h.camera) == (node, camera) and h.first_ts <= last and first <= h.last_ts
 
 
 @dataclass(frozen=True)

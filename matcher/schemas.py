@@ -23,13 +23,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Json, computed_field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Json, computed_field, model_validator
 
-from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_ID_LEN, MAX_INT
+from crossview.kernel.wire import MAX_EMBEDDING_DIM, MAX_ID_LEN, MAX_INT, MAX_MODEL_LEN, MAX_TS, id_problem
 from crossview.matcher.query import Filters
 
 API_PREFIX = "/api/v1"
 MAX_ID = MAX_INT  # SQLite's INTEGER: a larger id or track number could never be stored, so it is a 422, not a 500
+
+
+def _ident(max_len: int) -> AfterValidator:
+    """The wire's id check: what the edges may send is what may be asked for, and it is logged and stored."""
+    def check(value: str) -> str:
+        if problem := id_problem(value, max_len):
+            raise ValueError(f"an id {problem}")
+        return value
+
+    return AfterValidator(check)
+
+
+Ident = Annotated[str, _ident(MAX_ID_LEN)]  # a node or camera id
+ModelId = Annotated[str, _ident(MAX_MODEL_LEN)]  # an embedding model version
+CameraIds = Annotated[list[Ident], Field(min_length=1, max_length=1000)]  # null, not [], means every camera
 
 
 class _Out(BaseModel):
@@ -175,9 +190,9 @@ class ErrorOut(BaseModel):
 class QueryFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    since: float | None = Field(None, description="only sightings at or after this Unix time")
-    until: float | None = Field(None, description="only sightings at or before this Unix time")
-    cameras: list[str] | None = Field(None, description="only these cameras; all when absent")
+    since: float | None = Field(None, ge=0, le=MAX_TS, description="only sightings at or after this Unix time")
+    until: float | None = Field(None, ge=0, le=MAX_TS, description="only sightings at or before this Unix time")
+    cameras: CameraIds | None = Field(None, description="only these cameras; all when absent")
     min_score: float = Field(0.0, ge=-1.0, le=1.0, description="cosine similarity threshold")
     top_k: int = Field(10, ge=1, le=1000, description="matching tracks wanted")
     min_probability: float | None = Field(None, gt=0, lt=1, description="P(same person) threshold; the model "
@@ -191,21 +206,21 @@ class QueryFilters(BaseModel):
 class ImageQueryForm(QueryFilters):
     model_config = ConfigDict(extra="ignore")  # the same form carries the image file
 
-    model: str = Field(description="embedding model version to search; the matcher needs its ONNX file")
+    model: ModelId = Field(description="embedding model version to search; the matcher needs its ONNX file")
 
 
 class TrackRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    node: str
-    camera: str
+    node: Ident
+    camera: Ident
     track: int = Field(ge=0, le=MAX_ID)
-    model: str | None = Field(None, description="needed only if the track was embedded by several models")
+    model: ModelId | None = Field(None, description="needed only if the track was embedded by several models")
 
 
 class QueryIn(QueryFilters):
     embedding: list[float] | None = Field(None, max_length=MAX_EMBEDDING_DIM, description="an embedding; needs `model`")
-    model: str | None = None
+    model: ModelId | None = None
     sighting_id: int | None = Field(None, ge=1, le=MAX_ID)
     track: TrackRef | None = None
 
@@ -224,8 +239,7 @@ class _Threshold(BaseModel):
     min_probability: float | None = Field(None, gt=0, lt=1, description="alert at or above this P(same person); "
                                                                         "calibrated models only")
     min_similarity: float | None = Field(None, ge=-1, le=1, description="alert at or above this cosine similarity")
-    cameras: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]] | None = Field(
-        None, max_length=1000, description="watch only these cameras; all when absent")
+    cameras: CameraIds | None = Field(None, description="watch only these cameras; all when absent")
 
 
 class WatchIn(_Threshold):
@@ -244,7 +258,7 @@ class WatchIn(_Threshold):
 class WatchImageForm(_Threshold):
     model_config = ConfigDict(extra="ignore")  # the same form carries the image file
 
-    model: str = Field(description="embedding model version; the matcher needs its ONNX file")
+    model: ModelId = Field(description="embedding model version; the matcher needs its ONNX file")
 
 
 class WatchEntryOut(BaseModel):

@@ -15,6 +15,7 @@
 | `index_ids(index)`     | the ids a FAISS index holds (IDMap2 or IVF), to compare with the store     |
 | `held_ids(index, model)` | the ids the matcher's index holds for a version: FAISS's, or its Milvus collection's |
 | `free_port()`          | a TCP port of 127.0.0.1 nobody listens on now                              |
+| `jpeg_declaring(crop, w, h)`, `jpeg_of_scans(n)` | hostile JPEGs: a forged frame size; thousands of scans that decode |
 | `CrossviewProcess(log, *args)` | a real `crossview ...` subprocess logging to a file: `text()`, `kill9()`, `stop()` |
 
     >>> world = person_world(persons=20)           # world.sightings, world.centers, world.track(p, "gate")
@@ -29,8 +30,10 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -212,6 +215,24 @@ def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0
 
 TINY_JPEG = cv2.imencode(".jpg", np.full((16, 8, 3), 128, np.uint8))[1].tobytes()
 T0 = 1_700_000_000.0
+
+
+def jpeg_declaring(crop: np.ndarray, width: int, height: int) -> bytes:
+    """A real JPEG of `crop` whose frame header (SOF0) is rewritten to declare width x height."""
+    data = bytearray(cv2.imencode(".jpg", crop)[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def jpeg_of_scans(n: int) -> bytes:
+    """A progressive 48 x 96 JPEG that decodes, its smallest scan repeated to `n` scans in all: each one more pass
+    over the whole image (libjpeg only warns), so thousands of them cost seconds of CPU for a few KB."""
+    image = np.random.default_rng(n).integers(0, 255, (96, 48, 3), np.uint8)
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    starts = [m.start() for m in re.finditer(b"\xff\xda", jpeg)]
+    scans = [jpeg[a:b] for a, b in zip(starts, [*starts[1:], len(jpeg) - 2])]
+    return jpeg[:-2] + min(scans, key=len) * (n - len(scans)) + b"\xff\xd9"
 
 
 def matcher_config(data_dir: Path, **sections) -> MatcherConfig:

@@ -71,11 +71,14 @@ def test_unknown_keys_are_ignored():
     ({"v": 2}, r"schema version 2 not supported"),
     ({"v": "1"}, r"schema version '1' not supported"),
     ({"v": True}, r"schema version True not supported"),
-    ({"node": None}, r"field 'node' must be 1..64 of \[A-Za-z0-9_.-\], got None"),
+    ({"node": None}, r"field 'node' must be 1..64 of \[A-Za-z0-9_.-\], not only dots, got None"),
     ({"node": "../etc"}, r"field 'node'"),
+    ({"node": "."}, r"field 'node' must be .*, not only dots, got '\.'"),
+    ({"camera": ".."}, r"field 'camera' must be .*, not only dots, got '\.\.'"),
     ({"camera": "c" * 65}, r"field 'camera'"),
     ({"camera": ""}, r"field 'camera'"),
-    ({"ts": "1.7e9"}, r"field 'ts' must be a finite number >= 0"),
+    ({"ts": "1.7e9"}, r"field 'ts' must be a number in \[0, 7\.3e\+09\]"),
+    ({"ts": 1e308}, r"field 'ts'"),  # the wire's bound: retention would never delete it
     ({"ts": float("nan")}, r"field 'ts'"),
     ({"ts": -1.0}, r"field 'ts'"),
     ({"frame": True}, r"field 'frame' must be an integer"),
@@ -85,11 +88,14 @@ def test_unknown_keys_are_ignored():
     ({"box": [1, 2, 3]}, r"field 'box' must be \[x1, y1, x2, y2\]"),
     ({"box": [5, 2, 3, 4]}, r"field 'box'"),
     ({"box": [1, 2, 3, float("inf")]}, r"field 'box'"),
+    ({"box": [-1e308, 2, 1e308, 4]}, r"field 'box' must be \[x1, y1, x2, y2\]: numbers within ±1048576"),
     ({"box": "1,2,3,4"}, r"field 'box'"),
     ({"score": 1.5}, r"field 'score' must be a number in \[0, 1\]"),
     ({"score": float("nan")}, r"field 'score'"),
-    ({"model": ""}, r"field 'model' must be a string of 1..128"),
+    ({"model": ""}, r"field 'model' must be 1..128 printable characters"),
     ({"model": "m" * 129}, r"field 'model'"),
+    ({"model": "m-1\nforged"}, r"field 'model' must be 1..128 printable characters"),
+    ({"model": "m-1\x1b[2K"}, r"field 'model'"),
     ({"score": None, "frame": None}, r"field 'frame'"),  # the first bad field, in schema order
 ])
 def test_bad_fields_are_refused_with_the_file_and_field_named(change, error, tmp_path):
@@ -139,6 +145,8 @@ def test_a_missing_or_oversized_sidecar_file_names_the_file(tmp_path):
     "gate/edge-1_gate_t-1_f2.jpg",
     "gate/edge-1_gate_t1_f1234567890123456789.jpg",  # past int64
     "gate/edge 1_gate_t1_f2.jpg",
+    "../edge-1_.._t1_f2.jpg",  # camera `..`: the crop would sit outside its root
+    "gate/.._gate_t1_f2.jpg",  # node `..`
 ])
 def test_bad_names_are_refused(path):
     with pytest.raises(HarvestError, match=rf"^{re.escape(path)}: not a harvested crop's name"):

@@ -15,6 +15,7 @@ retention; `download_harvest` writes the store back out in the layout the traine
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from helpers import CrossviewProcess, edge_config, free_port, matcher_config, wait_until
+from helpers import CrossviewProcess, edge_config, free_port, jpeg_of_scans, matcher_config, wait_until
 
 from crossview.edge.node import EdgeNode
 from crossview.edge.uploader import REFUSED_DIR, Uploader
@@ -212,6 +213,28 @@ def test_hostile_uploads_are_refused_crop_by_crop_and_the_rest_is_stored(site):
     assert jpeg.content == good[0][1] and jpeg.headers["cache-control"] == "no-store"
     assert requests.get(f"{url}/api/v1/harvest?limit=1001", headers=main, timeout=10).status_code == 422
     assert requests.get(f"{url}/api/v1/harvest/999", headers=main, timeout=10).status_code == 404
+
+
+def test_sidecars_are_bounded_as_the_wire_bounds_sightings_and_crops_by_their_scans(site, tmp_path):
+    """Before: camera `..` was stored as ../edge-1_.._t1_f2.jpg, outside crops/, and download_harvest failed on it for
+    ever; ts 1e308 was never deleted by retention; boxes of ±1e308 and models holding control characters were stored;
+    a crop of thousands of progressive scans passed, and took seconds of CPU to check."""
+    m, _ = site()
+
+    def changed(frame: int, **fields) -> bytes:
+        return json.dumps({**json.loads(encode(sidecar(frame))), **fields}).encode()
+
+    batch = [(changed(1, camera=".."), crop_jpeg(1)), (changed(2, node="."), crop_jpeg(2)),
+             (changed(3, camera="..", node=".."), crop_jpeg(3)), (changed(4, ts=1e308), crop_jpeg(4)),
+             (changed(5, box=[-1e308, 0, 1e308, 5]), crop_jpeg(5)), (changed(6, model="m-1\n\x1b[2K"), crop_jpeg(6)),
+             (encode(sidecar(7)), jpeg_of_scans(1000)), (encode(sidecar(8)), crop_jpeg(8))]
+    results = post(site.url, batch).json()["results"]
+    assert [r["status"] for r in results] == ["refused"] * 7 + ["stored"], results
+    for r, field in zip(results, ["camera", "node", "node", "ts", "box", "model"]):
+        assert f"field '{field}' must be" in r["reason"] and r["path"] is None, r
+    assert "is a JPEG of 1,000 scans; the limit is 100" in results[6]["reason"]
+    assert set((tmp_path / "matcher").rglob("*.jpg")) == {m.harvest.crops / "gate" / "edge-1_gate_t1_f8.jpg"}
+    assert MatcherClient(site.url, TOKEN).download_harvest(tmp_path / "dest")["downloaded"] == 1
 
 
 def test_the_edge_moves_what_the_matcher_refuses_aside_and_deletes_what_it_stored(site, tmp_path):

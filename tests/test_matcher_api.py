@@ -198,7 +198,7 @@ def test_query_by_track_and_by_embedding_with_filters(served_matcher):
     ({"embedding": [0.1, 0.2], "model": "mobilenetv2-imagenet-1"}, 400, "has 2 dimensions"),
     ({"embedding": [0.1, 0.2], "model": "no-such-model"}, 404, "no-such-model"),
     ({"sighting_id": 1, "since": 20, "until": 10}, 400, "since (20.0) is after until (10.0)"),
-    ({"sighting_id": 1, "cameras": []}, 400, "cameras must be a non-empty list"),
+    ({"sighting_id": 1, "cameras": []}, 422, '"loc":["body","cameras"],"msg":"List should have at least 1 item'),
     ({"sighting_id": 1, "top_k": 0}, 422, "greater than or equal to 1"),
     ({"track": {"node": "edge-9", "camera": "gate", "track": 1}}, 404, "no track edge-9:gate:1"),
 ])

@@ -9,6 +9,8 @@
 | log injection                           | control characters in ids are refused; the logged detail is escaped |
 | absurd times                            | the schema bounds `ts`; `crossview query` refuses absurd --since/--until and shows an old store's 1e308 |
 | model versions                          | past index.max_models a new version is refused; an expired one makes room |
+| refused sightings                       | take no model slot and fix no dimension                            |
+| thumbnails                              | bounded by what their header declares: pixels and scans           |
 """
 
 from __future__ import annotations
@@ -18,10 +20,22 @@ import sqlite3
 import time
 from contextlib import closing, contextmanager
 
+import cv2
 import msgpack
 import numpy as np
 import pytest
-from helpers import T0, Pusher, index_ids, make_sighting, matcher_config, store_insert, unit_vectors, wait_until
+from helpers import (
+    T0,
+    Pusher,
+    index_ids,
+    jpeg_declaring,
+    jpeg_of_scans,
+    make_sighting,
+    matcher_config,
+    store_insert,
+    unit_vectors,
+    wait_until,
+)
 from prometheus_client import generate_latest
 
 from crossview import cli
@@ -217,6 +231,39 @@ def test_new_model_versions_past_the_limit_are_refused(tmp_path):
         assert m.ingest.accepted == 13 and "mobilenet-2" in m.index.partitions
         assert m.index.save() == 4
     assert len(list((tmp_path / "index").glob("*.json"))) == 4
+
+
+def test_refused_sightings_take_no_model_slot_and_fix_no_dimension(tmp_path):
+    """Before: a zero 4-d embedding of a new version was refused, yet fixed the version's dimension at 4, so its genuine
+    64-d sightings were refused after it; 8 refused sightings under new names used up index.max_models."""
+    def zero(model: str) -> bytes:
+        return _with(emb=np.zeros(4, "<f4").tobytes(), model=model)
+
+    with running(tmp_path, index={"max_models": 3}) as (m, push):
+        _deliver(m, push, [zero("site-v2"), *(zero(f"junk-{k}") for k in range(8))])
+        assert m.ingest.rejected == {Reason.ZERO_EMBEDDING: 9} and m.ingest.accepted == 0
+        _deliver(m, push, _good(2, model="site-v2") + _good(2, model="m1") + [zero("site-v3"), *_good(1, model="site-v3")])
+        assert m.ingest.accepted == 5 and m.ingest.rejected == {Reason.ZERO_EMBEDDING: 10}
+        assert sorted(m.index.partitions) == ["m1", "site-v2", "site-v3"]
+        assert m.index.partition("site-v2").dim == 64
+
+
+def test_thumbnails_are_bounded_by_what_their_header_declares(tmp_path, caplog, monkeypatch):
+    """Before: only their first two bytes were checked. A 631-byte thumbnail declaring 16000 x 16000 pixels was stored
+    and a model promotion's gallery migration decoded it (peak memory 220 MB -> 1.7 GB); one of 10,000 scans took 13 s
+    of CPU to decode."""
+    huge = jpeg_declaring(np.zeros((16, 8, 3), np.uint8), 16000, 16000)
+    progressive = cv2.imencode(".jpg", np.zeros((512, 2048, 3), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    caplog.set_level(logging.WARNING, ingest.__name__)
+    monkeypatch.setattr(ingest, "_LOG_EVERY_S", 0.0)  # a line for each
+    with running(tmp_path) as (m, push):
+        _deliver(m, push, [_with(thumb=huge), _with(thumb=jpeg_of_scans(1000)), *_good(1, thumbnail=progressive)])
+        assert m.ingest.accepted == 1 and m.ingest.rejected == {Reason.FIELD_RANGE: 2}
+        [stored] = m.store.recent(None, 10)
+        assert m.store.thumbnail(stored.id) == progressive  # 512 x 2048 and ~10 scans: what an edge may send
+    lines = _ingest_lines(caplog)
+    assert any("field 'thumb' is a 16000 x 16000 JPEG: over 2,097,152 pixels" in line for line in lines)
+    assert any("field 'thumb' is a JPEG of 1,000 scans; the limit is 100" in line for line in lines)
 
 
 @pytest.mark.parametrize("name", ["sightings.db", "watchlist.db", "users.db"])

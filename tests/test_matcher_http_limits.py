@@ -1,6 +1,7 @@
 """What an independent test of the matcher's HTTP API broke (issue 9), against the real server of `live_matcher.py`:
 out-of-range ids (500 before), images declaring huge sizes and huge bodies (gigabytes of memory before),
-keep-alive latency (~42 ms a request before), and `crossview query --url` pointed at the wrong thing.
+JPEGs of thousands of scans (minutes of CPU before), NaN, unbounded or unprintable filters (200 or a 400 naming
+nothing before), keep-alive latency (~42 ms a request before), and `crossview query --url` pointed at the wrong thing.
 """
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ import statistics
 import struct
 import threading
 import time
+import urllib.parse
 import zlib
 
 import cv2
+import numpy as np
 import psutil
 import pytest
+from helpers import jpeg_declaring, jpeg_of_scans
 from live_matcher import person_crop
 from prometheus_client import start_http_server
 from test_matcher_api import call, detail, upload
 
 from crossview.cli import main
-from crossview.matcher.client import MatcherClient
+from crossview.matcher.client import MatcherClient, encode_multipart
 from crossview.matcher.limits import image_size
 
 TOO_BIG = 2**63  # one past SQLite's INTEGER
@@ -65,14 +69,6 @@ def png_declaring(width: int, height: int, rows: int | None = None) -> bytes:
             + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
-def jpeg_declaring(crop, width: int, height: int) -> bytes:
-    """A real JPEG of `crop` whose frame header (SOF0) is rewritten to declare width x height."""
-    data = bytearray(cv2.imencode(".jpg", crop)[1].tobytes())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
 class PeakRss:
     """The process's peak RSS growth over a block, sampled every 2 ms (the server runs in this process)."""
 
@@ -99,6 +95,10 @@ def test_image_sizes_are_read_from_headers(tud_frames):
     assert image_size(cv2.imencode(".png", crop)[1].tobytes()) == ("PNG", w, h)
     assert image_size(cv2.imencode(".jpg", crop)[1].tobytes()) == ("JPEG", w, h)
     assert image_size(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()) == ("JPEG", w, h)
+    # Bytes and a stuffed FF 00 before the frame header: libjpeg skips them to find it, so the parser must too.
+    forged = jpeg_declaring(crop, 16000, 16000)
+    sof = forged.index(b"\xff\xc0")
+    assert image_size(forged[:sof] + b"junk\xff\x00\x01" + forged[sof:]) == ("JPEG", 16000, 16000)
     assert image_size(png_declaring(30000, 20000, rows=0)) == ("PNG", 30000, 20000)
     with pytest.raises(ValueError, match="not a JPEG or PNG"):
         image_size(cv2.imencode(".bmp", crop)[1].tobytes())
@@ -119,6 +119,66 @@ def test_an_image_declaring_30000_squared_pixels_is_refused_unread(live_matcher,
     assert status == 400 and "20000 x 20000 JPEG" in detail(raw)
     status, raw = upload(live_matcher, cv2.imencode(".bmp", person_crop(tud_frames, 33, 4))[1].tobytes(), "crop.bmp")
     assert status == 400 and "not a JPEG or PNG" in detail(raw)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded(live_matcher, tud_frames):
+    """Before: each scan is a pass over the whole image, and nothing counted them: 10,000 scans took 13 s of CPU to
+    decode, an 8 MiB upload ~270,000 of them; by query, by watchlist entry and by harvested crop alike."""
+    hostile = jpeg_of_scans(10_000)
+    assert cv2.imdecode(np.frombuffer(hostile, np.uint8), cv2.IMREAD_COLOR) is not None  # a JPEG, only a slow one
+    t0 = time.monotonic()
+    status, raw = upload(live_matcher, hostile, "scans.jpg")
+    assert status == 400 and "'scans.jpg' is a JPEG of 10,000 scans; the limit is 100" in detail(raw), raw
+    body, content_type = encode_multipart({"model": live_matcher.model, "name": "x"},
+                                          {"image": ("scans.jpg", hostile, "image/jpeg")})
+    status, _, raw = call(live_matcher, "POST", "/api/v1/watchlist/image", body, content_type=content_type)
+    assert status == 400 and "10,000 scans; the limit is 100" in detail(raw), raw
+    assert time.monotonic() - t0 < 5
+    crop = person_crop(tud_frames, 33, 4)  # a real progressive JPEG (about 10 scans) is no such thing
+    status, raw = upload(live_matcher, cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes())
+    assert status == 200, raw
+
+
+# ---- filters ------------------------------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+def fields(raw: bytes) -> list[str]:
+    """The fields a 422 names, as `body.x.y` without the `body`."""
+    return [".".join(map(str, e["loc"][1:])) for e in json.loads(raw)["detail"]]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"sighting_id": 1, "since": NAN}, "since"),  # before: 200, no results, the filter echoed as null
+    ({"sighting_id": 1, "until": INF}, "until"),
+    ({"sighting_id": 1, "since": 1e308}, "since"),
+    ({"sighting_id": 1, "min_score": NAN}, "min_score"),  # before: 400 "Out of range float values are not JSON ..."
+    ({"sighting_id": 1, "min_probability": NAN}, "min_probability"),
+    ({"embedding": [0.1] * 4, "model": "\ud800"}, "model"),  # before: 400 "'utf-8' codec can't encode ..."
+    ({"track": {"node": "\ud800", "camera": "gate", "track": 1}}, "track.node"),
+    ({"sighting_id": 1, "cameras": ["gate", "\ud800"]}, "cameras.1"),
+    ({"sighting_id": 1, "cameras": ["gate", "a\nb"]}, "cameras.1"),
+    ({"sighting_id": 1, "cameras": [".."]}, "cameras.0"),
+    ({"sighting_id": 1, "cameras": []}, "cameras"),  # as the watchlist: null, not [], is every camera
+    ({"sighting_id": 1, "cameras": ["c"] * 1001}, "cameras"),  # before: 100,000 answered 200
+    ({"sighting_id": 1, "cameras": ["c" * 65]}, "cameras.0"),  # before: 500 KB answered 200
+])
+def test_filters_out_of_bounds_are_422_naming_the_field(live_matcher, body, field):
+    status, _, raw = call(live_matcher, "POST", "/api/v1/query", json.dumps(body).encode())  # NaN as JSON parsers take it
+    assert status == 422 and fields(raw) == [field], raw
+
+
+def test_image_query_filters_and_the_camera_of_recent_sightings_are_bounded_too(live_matcher, tud_frames):
+    jpeg = cv2.imencode(".jpg", person_crop(tud_frames, 33, 4))[1].tobytes()
+    for form, field in (({"since": "nan"}, "since"), ({"until": "inf"}, "until"), ({"min_score": "nan"}, "min_score"),
+                        ({"model": "m\x1b[2K"}, "model"), ({"cameras": "a\nb"}, "cameras.0")):
+        status, raw = upload(live_matcher, jpeg, **form)
+        assert status == 422 and fields(raw) == [field], (form, raw)
+    for camera in ("c" * 100_000, "a\nb", ".."):
+        status, _, raw = call(live_matcher, "GET", f"/api/v1/sightings?camera={urllib.parse.quote(camera)}")
+        assert status == 422 and fields(raw) == ["camera"], raw
+    assert call(live_matcher, "GET", "/api/v1/sightings?camera=gate")[0] == 200
 
 
 def test_a_large_json_body_is_refused_before_it_is_parsed(live_matcher):

@@ -31,6 +31,8 @@ from helpers import (
     Pusher,
     held_ids,
     index_ids,
+    jpeg_declaring,
+    jpeg_of_scans,
     make_sighting,
     matcher_config,
     store_insert,
@@ -181,6 +183,30 @@ def test_after_a_promotion_queries_span_the_switch_and_the_old_partition_goes_on
         server.stop()
         m.stop()
     assert not list((tmp_path / "matcher" / "index").glob(f"{old}*")), "the old partition's snapshot went with it"
+
+
+def test_a_hostile_thumbnail_stored_before_the_wire_bounded_them_is_skipped_undecoded(tmp_path, default_model,
+                                                                                       new_model, history, caplog):
+    """A store written before thumbnails were bounded may hold a small JPEG declaring 16000 x 16000 (1.7 GB of BGR
+    to decode) or one of thousands of scans: the migration refuses both from their headers and goes on."""
+    m = started(tmp_path, default_model, history, enabled=False)
+    try:
+        bomb, slow = sorted(r.id for r in m.store.recent(limit=1000) if r.has_thumbnail)[:2]
+        crop = np.full((96, 48, 3), 128, np.uint8)
+        with sqlite3.connect(m.cfg.data_dir / "sightings.db") as db:
+            db.execute("UPDATE thumbnails SET jpeg = ? WHERE id = ?", (jpeg_declaring(crop, 16000, 16000), bomb))
+            db.execute("UPDATE thumbnails SET jpeg = ? WHERE id = ?", (jpeg_of_scans(5000), slow))
+        m.registry.register(new_model)
+        m.registry.promote(NEW)
+        while m.migration.step():
+            pass
+        assert m.migration.progress()["unreadable"] == 2
+        assert m.store.vector(bomb, NEW) is None and m.store.vector(slow, NEW) is None
+        assert m.migration.progress()["migrated"] == sum(s.thumbnail is not None for s in history) - 2
+        assert f"thumbnail of sighting {bomb}" in caplog.text and "16000 x 16000" in caplog.text
+        assert f"thumbnail of sighting {slow}" in caplog.text and "5,000 scans" in caplog.text
+    finally:
+        m.stop()
 
 
 def test_a_matcher_killed_mid_migration_resumes_where_it_stopped_without_duplicates(tmp_path, default_model, new_model,

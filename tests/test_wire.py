@@ -5,6 +5,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from helpers import jpeg_declaring, jpeg_of_scans
 
 from crossview.kernel.wire import (
     MAX_CAMERAS,
@@ -100,6 +101,9 @@ def _raw(**override) -> bytes:
         (_raw(node="DELETE"), "missing field 'node'"),
         (_raw(cam=""), "'cam' must be"),
         (_raw(cam="x" * 65), "'cam' must be"),
+        (_raw(cam=".."), "field 'cam' is only dots: '..'"),  # a harvested crop's folder: it would leave its root
+        (_raw(node="."), "field 'node' is only dots"),
+        (_raw(model="..."), "field 'model' is only dots"),
         (_raw(ts=float("nan")), "'ts' is not finite"),
         (_raw(score=1.5), "outside [0, 1]"),
         (_raw(frame=-1), "must be in [0, 2^63-1]"),
@@ -110,6 +114,8 @@ def _raw(**override) -> bytes:
         (_raw(emb=b""), "'emb' has 0 bytes"),
         (_raw(dt="f8"), "'dt' must be one of"),
         (_raw(thumb=b"GIF89a"), "not a JPEG"),
+        (_raw(thumb=jpeg_declaring(np.zeros((16, 8, 3), np.uint8), 16000, 16000)), "'thumb' is a 16000 x 16000 JPEG"),
+        (_raw(thumb=jpeg_of_scans(101)), "'thumb' is a JPEG of 101 scans; the limit is 100"),
         (_raw(frame=True), "'frame' has type bool"),
         (b"\x00" * (MAX_MESSAGE_BYTES + 1), "exceeds"),
     ],
