@@ -25,7 +25,6 @@ HTTP), as the edges must reach both.
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -33,11 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from crossview.kernel.config import load_edge_config, load_matcher_config
+from crossview.kernel.config import bad_id, load_edge_config, load_matcher_config
 from crossview.kernel.transport import generate_keys
 
 EMBEDDER = "../models/mobilenetv2-imagenet.onnx"
-_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ def parse_camera(text: str) -> Camera:
     """`[EDGE:]ID=SOURCE`; a relative file path is made absolute (the config lives elsewhere)."""
     target, sep, source = text.partition("=")
     edge, _, cam = target.rpartition(":")
-    if not sep or not source or not _ID.match(cam) or (edge and not _ID.match(edge)):
+    if not sep or not source or bad_id(cam) or (edge and bad_id(edge)):
         raise ValueError(f"--camera takes [EDGE:]ID=SOURCE, e.g. gate=rtsp://10.0.0.5/stream; got {text!r}")
     if "://" not in source and not source.startswith("usb:"):
         source = str(Path(source).resolve())
@@ -72,7 +70,7 @@ def init_site(site: Path, edges: list[str], cameras: list[Camera], matcher_host:
 def _check(site: Path, edges: list[str], cameras: list[Camera]) -> None:
     if site.exists() and any(site.iterdir()):
         raise FileExistsError(f"{site}: exists and is not empty; init never overwrites keys (pick a new folder)")
-    bad = [e for e in edges if not _ID.match(e) or e == "matcher"]
+    bad = [e for e in edges if bad_id(e) or e == "matcher"]
     if not edges or bad or len(set(edges)) != len(edges):
         raise ValueError(f"--edges: distinct node ids of letters, digits, '_', '.', '-' (not 'matcher'); got {edges}")
     unknown = sorted({c.edge for c in cameras if c.edge and c.edge not in edges})

@@ -16,10 +16,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -27,6 +28,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from crossview.kernel.wire import MAX_ID_LEN  # a longer id would pass here and have every sighting refused
 
 
 class ConfigError(ValueError):
@@ -84,10 +87,32 @@ class CameraMotionConfig(_Strict):
         return polygons
 
 
+_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def bad_id(value: str) -> str | None:
+    """Why `value` cannot be a node or camera id, or None: an id is what the wire accepts as one and a folder or
+    file name (the harvest's), so letters, digits, '_', '.', '-', and not only dots (`..` leaves the folder)."""
+    if not _ID.fullmatch(value) or not value.strip("."):
+        return f"an id is letters, digits, '_', '.', '-', and not only dots; got {value!r}"
+    if len(value) > MAX_ID_LEN:
+        return f"an id is at most {MAX_ID_LEN} characters (the wire's limit); got {len(value)}"
+    return None
+
+
+def _valid_id(value: str) -> str:
+    if problem := bad_id(value):
+        raise ValueError(problem)
+    return value
+
+
+Ident = Annotated[str, AfterValidator(_valid_id)]
+
+
 class CameraConfig(_Strict):
     """One camera: a video file, an RTSP/HTTP URL or a USB device (`usb:0`)."""
 
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: Ident
     source: str = Field(min_length=1)
     fps: float = Field(5.0, gt=0, le=120, description="target detection frames per second")
     loop: bool = Field(False, description="files only: start again at the end")
@@ -308,7 +333,7 @@ class MetricsConfig(_Strict):
 
 
 class EdgeConfig(_Strict):
-    node_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    node_id: Ident
     cameras: list[CameraConfig] = Field(min_length=1)
     detector: DetectorConfig = DetectorConfig()
     tracker: TrackerConfig = TrackerConfig()

@@ -60,6 +60,10 @@ def test_init_refuses_bad_arguments_and_an_existing_site(tmp_path):
     assert r.returncode == 2 and "no --camera for edge-2" in r.stderr and not (tmp_path / "s").exists()
     r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1", "--camera", "gate")
     assert r.returncode == 2 and "[EDGE:]ID=SOURCE" in r.stderr
+    r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1", "--camera", "..=x.mp4")  # a folder name upwards
+    assert r.returncode == 2 and "[EDGE:]ID=SOURCE" in r.stderr and not (tmp_path / "s").exists()
+    r = crossview("init", str(tmp_path / "s"), "--edges", "..", "--camera", "gate=x.mp4")
+    assert r.returncode == 2 and "--edges: distinct node ids" in r.stderr
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "notes").write_text("mine")
     r = crossview("init", str(tmp_path / "s"), "--edges", "edge-1", "--camera", "gate=x.mp4")
