@@ -142,7 +142,8 @@ def _legend(result) -> str:
         return ("<p class=legend>Scores are cosine similarity: this model has no calibration, so they are not "
                 "probabilities (<code>crossview calibrate</code> adds one).</p>")
     return ("<p class=legend>P = P(same person), from the model's calibration: <b class=high>&ge; 0.9 likely same "
-            "person</b> <b class=mid>&ge; 0.5 possible</b> <b class=low>below: unlikely</b></p>")
+            "person</b> <b class=mid>&ge; 0.5 possible</b> <b class=low>below: unlikely</b>. Tracks one camera saw at "
+            "the same time are different people: they share one person's odds.</p>")
 
 
 def _caption(hit, s) -> str:

@@ -107,7 +107,8 @@ function legend(result) {
   }
   return el("p", { class: "legend" }, "P(same person), from the model's calibration: ",
     el("span", { class: "score high" }, "≥ 0.9 likely same person"), " ", el("span", { class: "score mid" }, "≥ 0.5 possible"),
-    " ", el("span", { class: "score low" }, "below: unlikely"));
+    " ", el("span", { class: "score low" }, "below: unlikely"),
+    ". Tracks one camera saw at the same time are different people: they share one person's odds.");
 }
 
 function showError(message) {
