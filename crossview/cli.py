@@ -146,11 +146,25 @@ def _when(text: str) -> float:
 
 
 def _track_ref(text: str) -> tuple[str, str, int]:
+    from crossview.kernel.wire import MAX_INT
+
     node, sep, rest = text.partition(":")
     camera, sep2, track = rest.rpartition(":")
-    if not (sep and sep2 and node and camera and track.isdigit()):
-        raise argparse.ArgumentTypeError(f"a track is node:camera:track, e.g. edge-1:gate:17; got {text!r}")
+    if not (sep and sep2 and node and camera and track.isdigit() and int(track) <= MAX_INT):
+        raise argparse.ArgumentTypeError(f"a track is node:camera:track, e.g. edge-1:gate:17, the track a number up to "
+                                         f"{MAX_INT}; got {text!r}")
     return node, camera, int(track)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a positive number of seconds; got {text!r}")
+    return value
 
 
 def _camera(text: str):
@@ -509,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = verb("edge", help="run an edge node: cameras -> detection -> tracking -> embeddings -> ZeroMQ")
     e.add_argument("--config", type=Path, default=Path("configs/edge.yaml"), help="edge YAML (default: %(default)s)")
-    e.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    e.add_argument("--max-seconds", type=_seconds, default=None, help="stop after this long (default: run until stopped)")
     e.set_defaults(run=_edge)
 
     d = verb("demo", help="edge node + matcher on the shipped footage, then a cross-camera query")
@@ -546,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = verb("matcher", help="run the matcher: ZeroMQ ingest -> SQLite + FAISS, retention, snapshots")
     m.add_argument("--config", type=Path, default=Path("configs/matcher.yaml"), help="matcher YAML (default: %(default)s)")
-    m.add_argument("--max-seconds", type=float, default=None, help="stop after this long (default: run until stopped)")
+    m.add_argument("--max-seconds", type=_seconds, default=None, help="stop after this long (default: run until stopped)")
     m.set_defaults(run=_matcher)
 
     q = verb("query", help="find where a person was seen, from a matcher's data directory (read-only)",
@@ -601,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     pro = mo_sub.add_parser("promote", parents=[after_verb, local], help="make a version production (edges follow)")
     pro.add_argument("version")
     pro.add_argument("--canary", metavar="EDGE,EDGE", help="these edges first; the rest once they ran it --hold seconds")
-    pro.add_argument("--hold", type=float, default=3600.0, help="canary hold time in seconds (default: %(default)s)")
+    pro.add_argument("--hold", type=_seconds, default=3600.0, help="canary hold time in seconds (default: %(default)s)")
     mo_sub.add_parser("rollback", parents=[after_verb, local],
                       help="stop a canary; else make the production version before this one production")
     mo_sub.add_parser("status", parents=[after_verb, remote], help="which edge runs which version")
@@ -620,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     au = verb("audit", help="export the matcher's audit log (who searched for whom) as JSON lines (matcher host)")
     au_sub = au.add_subparsers(dest="action", required=True, metavar="ACTION")
     ex_ = au_sub.add_parser("export", parents=[after_verb, local], help="every entry, oldest first")
-    ex_.add_argument("--days", type=float, help="only the last N days")
+    ex_.add_argument("--days", type=_seconds, help="only the last N days")
     ex_.add_argument("--out", type=Path, help="file to write (default: standard output)")
     au.set_defaults(run=_audit)
 
@@ -646,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", type=Path, help="ONNX embedder, e.g. models/mobilenetv2-imagenet.onnx")
     c.add_argument("--harvest", type=Path, required=True, help="an edge harvest folder (crops + sidecars)")
     c.add_argument("--out", type=Path, help="calibrated copy to write (default: the model file, replaced atomically)")
-    c.add_argument("--min-gap", type=float, default=2.0, metavar="S",
+    c.add_argument("--min-gap", type=_seconds, default=2.0, metavar="S",
                    help="positives: crops of one track at least this many seconds apart (default: %(default)s)")
     c.add_argument("--method", choices=["isotonic", "platt"], default="isotonic",
                    help="isotonic (monotone, any shape) or Platt (logistic) (default: %(default)s)")

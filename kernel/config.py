@@ -43,13 +43,25 @@ def read_secret(path: Path, key: str, what: str = "secret") -> str:
         secret = Path(path).read_text().strip()
     except OSError as e:
         raise ValueError(f"{key}: {path}: cannot read the {what} ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{key}: {path}: the {what} is not text") from None
     if len(secret) < 16:
         raise ValueError(f"{key}: {path}: the {what} must be at least 16 characters")
     return secret
 
 
+MAX_NUMBER = 1e9  # any number in a config: larger ones are typos, and overflow the C ints of ZeroMQ and OpenCV
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _bounded(cls, value):
+        if type(value) in (int, float) and not abs(value) <= MAX_NUMBER:  # NaN fails too
+            raise ValueError(f"{value!r} is out of range (at most {MAX_NUMBER:g} in size)")
+        return value
 
 
 _URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^:@/]*):(.*)@(.*)$", re.S)
@@ -119,9 +131,9 @@ class CameraConfig(_Strict):
     realtime: bool = Field(False, description="files only: pace reading at the file's own rate, like a live camera")
     start_offset_s: float = Field(0.0, ge=0, le=86400 * 366, description="files only: the clip begins this long into "
                                   "the recording, so its frame times are shifted by it (clips cut from one recording)")
-    stall_timeout_s: float = Field(10.0, gt=0, description="live only: no frame for this long reopens the stream")
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    stall_timeout_s: float = Field(10.0, gt=0, le=3600, description="live only: no frame for this long reopens the stream")
+    reconnect_min_s: float = Field(0.5, gt=0, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
     motion: CameraMotionConfig = Field(CameraMotionConfig(), description="`false` turns motion gating off for this "
                                                                         "camera (PTZ); or {enabled, mask}")
 
@@ -155,7 +167,7 @@ class MotionConfig(_Strict):
     width: int = Field(320, ge=64, le=1920, description="the motion stage works on frames scaled to this width")
     threshold: float = Field(16.0, gt=0, description="MOG2 variance threshold: higher ignores fainter changes")
     min_area: int = Field(300, ge=1, description="moving blobs smaller than this many frame pixels are noise")
-    history: int = Field(200, ge=2, description="MOG2 background history, in detection frames")
+    history: int = Field(200, ge=2, le=100_000, description="MOG2 background history, in detection frames")
     warmup_frames: int = Field(5, ge=1, description="the first frames learn the background; the detector sees them whole")
     full_frame_every: int = Field(25, ge=0, description="a whole-frame pass every N frames, so people standing still "
                                                         "are found again; 0: never")
@@ -256,13 +268,13 @@ class CurveConfig(_Strict):
             raise ValueError(f"security: mode curve needs {wanted}; or say mode: plain")
 
 
-_ENDPOINT = re.compile(r"^(tcp|ipc|inproc)://\S+$")
+_ENDPOINT = re.compile(r"^(tcp://\S+:(?P<port>\d{1,5})|(ipc|inproc)://\S+)$")
 
 
 class PublisherConfig(_Strict):
     endpoint: str | list[str] = Field("tcp://127.0.0.1:5555", description="the matcher's ZeroMQ ingest endpoint, or a "
                                       "list of its replicas' (each sighting goes to one; a dead one's are resent to another)")
-    hwm: int = Field(2000, ge=1, description="sightings in flight (sent, not yet acknowledged) at most; the rest wait "
+    hwm: int = Field(2000, ge=1, le=1_000_000, description="sightings in flight (sent, not yet acknowledged) at most; the rest wait "
                                              "in the spool")
     spool_dir: Path = Field(Path("spool"), description="where unacknowledged sightings are kept (survives restarts)")
     spool_mb: float = Field(500.0, gt=0, description="spool size bound; beyond it the oldest sightings are dropped")
@@ -283,8 +295,8 @@ class PublisherConfig(_Strict):
         if not listed:
             raise ValueError("at least one endpoint")
         for e in listed:
-            if not _ENDPOINT.match(e):
-                raise ValueError(f"{e!r}: not a ZeroMQ endpoint (tcp://host:port)")
+            if not (m := _ENDPOINT.match(e)) or not 1 <= int(m["port"] or 1) <= 65535:
+                raise ValueError(f"{e!r}: not a ZeroMQ endpoint (tcp://host:port, port 1-65535)")
         if len(set(listed)) < len(listed):
             raise ValueError("an endpoint is listed twice")
         return value
@@ -357,7 +369,7 @@ class IngestConfig(_Strict):
     security: CurveConfig = CurveConfig()
     batch_max: int = Field(1000, ge=1, description="sightings committed to disk in one transaction at most")
     batch_wait_ms: float = Field(5.0, ge=0, description="longest a sighting waits for its batch to commit")
-    rcvhwm: int = Field(100000, ge=1)
+    rcvhwm: int = Field(100000, ge=1, le=10_000_000)
 
     @model_validator(mode="after")
     def _curve_keys(self) -> "IngestConfig":
@@ -647,6 +659,9 @@ EDGE_PATH_KEYS = [
 ]
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...]] | None = None,
                 defaults: dict | None = None) -> C:
     """Read a YAML file into `model`; relative paths under `path_keys` are taken from the file's folder, and a
@@ -654,11 +669,16 @@ def load_config(path: str | Path, model: type[C], path_keys: list[tuple[str, ...
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a configuration file is at most {MAX_CONFIG_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _expand_env(yaml.safe_load(path.read_text()), path)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    raw = _expand_env(raw, path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8 YAML)") from None
+    except RecursionError:  # `a: &a [*a]` loads as a list holding itself
+        raise ConfigError(f"{path}: a YAML alias refers to itself, or nesting too deep") from None
     if isinstance(raw, dict):
         _resolve_paths(raw, path.resolve().parent, path_keys or [])
         for cam in raw.get("cameras") or []:

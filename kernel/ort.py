@@ -48,7 +48,8 @@ def select_providers(device: str) -> list[str]:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers() and _gpu_usable()
     if device == "cuda" and not cuda:
-        raise RuntimeError("device 'cuda' requested but ONNX Runtime has no CUDA provider or no GPU is usable")
+        raise ValueError("device 'cuda' requested but ONNX Runtime has no CUDA provider or no GPU is usable: set "
+                         "the device to auto (a GPU when one is usable) or cpu")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
 
 

@@ -25,7 +25,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from crossview.kernel.config import CurveConfig
+from crossview.kernel.config import CurveConfig, bad_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ class KeyFileError(ValueError):
 
 def generate_keys(out: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     """`<out>/<name>.key` and `.key_secret`; an existing pair is kept unless `force`: every peer trusts it."""
+    if problem := bad_id(name):  # the name is a file name in `out`, and the node id the allow-list binds it to
+        raise ValueError(f"key name: {problem}")
     existing = [p for p in (out / f"{name}.key", out / f"{name}.key_secret") if p.exists()]
     if existing and not force:
         raise FileExistsError(f"{existing[0]}: a key pair named {name!r} exists already; replacing it cuts off "

@@ -178,3 +178,20 @@ def test_a_busy_port_names_the_config_key_and_the_address(tmp_path, default_mode
     assert r.returncode == 2, r.stderr
     assert f"metrics.port: 127.0.0.1:{port} is already in use" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_hostile_arguments_get_one_line_and_exit_2(tmp_path):
+    """Wrong files and out-of-range numbers on the command line: a message naming them, never a traceback."""
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    cases = [
+        (("export-detector", str(tmp_path / "text.pt"), "--out", str(tmp_path / "d.onnx")), "not loadable YOLO weights"),
+        (("export-detector", str(CLIP), "--out", str(tmp_path / "d.onnx")), "not a PyTorch checkpoint"),
+        (("keys", "--name", "../../x", "--out", str(tmp_path / "keys")), "key name: an id is letters"),
+        (("query", "--data-dir", str(tmp_path), "--track", "edge-1:gate:99999999999999999999"), "the track a number up to"),
+        (("edge", "--config", "configs/demo.yaml", "--max-seconds", "-1"), "a positive number of seconds"),
+        (("calibrate", str(tmp_path / "m.onnx"), "--harvest", str(tmp_path), "--min-gap", "nan"), "a positive number"),
+    ]
+    for args, needle in cases:
+        r = crossview(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert not (tmp_path.parent / "x.key").exists() and not Path("/tmp/x.key").exists()

@@ -81,6 +81,10 @@ def test_urls_and_usb_are_not_paths(tmp_path):
         (f"node_id: {'n' * 65}\ncameras: [{{id: a, source: x}}]\n" + PLAIN, "node_id: Value error, an id is at most 64"),
         ("node_id: n\ncameras: [{id: a, source: x}]\ndetector: {imgsz: 650}\n" + PLAIN, "detector.imgsz"),
         (CAM + "publisher: {embedding_dtype: int8, security: {mode: plain}}\n", "publisher.embedding_dtype"),
+        (CAM + "publisher: {hwm: 3000000000, security: {mode: plain}}\n", "publisher.hwm"),  # ZeroMQ's C int
+        (CAM + "publisher: {spool_mb: 1.0e+308, security: {mode: plain}}\n", "publisher.spool_mb: Value error, 1e+308 is out"),
+        (CAM + "publisher: {endpoint: 'tcp://127.0.0.1', security: {mode: plain}}\n", "(tcp://host:port, port 1-65535)"),
+        (CAM + "publisher: {endpoint: 'tcp://h:99999', security: {mode: plain}}\n", "publisher.endpoint"),
         ("- just\n- a list\n", "mapping at the top level"),
         (CAM + "publisher: {security: {mode: curve}}\n", "publisher: Value error, security: mode curve needs secret_key"),
         ("node_id: [unclosed\n", "not valid YAML"),
@@ -101,6 +105,19 @@ def test_publisher_is_required(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="configuration file not found"):
         load_edge_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"a: &a [*a]\n", "a YAML alias refers to itself"),
+    (bytes(range(256)) * 4, "not a text file"),
+    (b"# " + b"x" * (1 << 20) + b"\n", "a configuration file is at most"),
+])
+def test_a_hostile_file_is_refused_naming_it(tmp_path, content, needle):
+    path = tmp_path / "edge.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_edge_config(path)
+    assert str(path) in str(e.value)
 
 
 def test_environment_variables_fill_secrets(tmp_path, monkeypatch):
