@@ -72,7 +72,7 @@ def _check(site: Path, edges: list[str], cameras: list[Camera]) -> None:
         raise FileExistsError(f"{site}: exists and is not empty; init never overwrites keys (pick a new folder)")
     bad = [e for e in edges if bad_id(e) or e == "matcher"]
     if not edges or bad or len(set(edges)) != len(edges):
-        raise ValueError(f"--edges: distinct node ids of letters, digits, '_', '.', '-' , not only dots, at most 64 (not 'matcher'); got {edges}")
+        raise ValueError(f"--edges: distinct node ids of letters, digits, '_', '.', '-', not only dots, at most 64 (not 'matcher'); got {edges}")
     unknown = sorted({c.edge for c in cameras if c.edge and c.edge not in edges})
     if unknown:
         raise ValueError(f"--camera names edges that --edges does not: {', '.join(unknown)}")
