@@ -28,6 +28,7 @@ from crossview.kernel.runtime import ultralytics
 log = logging.getLogger(__name__)
 
 PERSON = 0  # COCO class id
+_HOG_PAD = 8  # px around the scanned image; OpenCV rounds it up to a multiple of gcd(win_stride, 8): 8 stays 8
 
 
 class DetectorError(ModelError):
@@ -124,15 +125,29 @@ class HogDetector:
         self.min_region_wh = (round(1.5 * 64 / cfg.upscale), round(1.5 * 128 / cfg.upscale))
         self.hog = cv2.HOGDescriptor()
         self.hog.setSVMDetector(cv2.HOGDescriptor_getDefaultPeopleDetector())
+        self.win_wh = self.hog.winSize  # (64, 128)
+        self._small_logged = False
 
     def __call__(self, frame: np.ndarray) -> Detections:
         c = self.cfg
         # The scan costs its pixels: a large frame is brought down to max_side first (its people are large too).
         f = c.upscale * min(1.0, c.max_side / max(frame.shape[:2]))
+        # OpenCV slides the window over the image plus its padding and reads out of bounds (SIGSEGV, heap
+        # corruption) when that is smaller than the window; the size is resize's (rounded half to even, as round()).
+        h, w = (round(s * f) for s in frame.shape[:2])
+        win_w, win_h = self.win_wh
+        if h + 2 * _HOG_PAD < win_h or w + 2 * _HOG_PAD < win_w:
+            if not self._small_logged:
+                self._small_logged = True
+                log.warning("HOG: a %dx%d image (%dx%d scanned) is smaller than the %dx%d window with %d px padding: "
+                            "no person fits, none searched for (logged once)", frame.shape[1], frame.shape[0], w, h,
+                            win_w, win_h, _HOG_PAD)
+            return Detections.empty()
         img = cv2.resize(frame, None, fx=f, fy=f, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR) \
             if f != 1 else frame
         rects, weights = self.hog.detectMultiScale(
-            img, hitThreshold=c.hit_threshold, winStride=(c.win_stride, c.win_stride), padding=(8, 8), scale=c.scale
+            img, hitThreshold=c.hit_threshold, winStride=(c.win_stride, c.win_stride), padding=(_HOG_PAD, _HOG_PAD),
+            scale=c.scale,
         )
         if len(rects) == 0:
             return Detections.empty()

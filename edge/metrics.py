@@ -12,6 +12,7 @@
 | `crossview_edge_oldest_unacknowledged_seconds` | age of the oldest sighting in the spool |
 | `crossview_edge_matcher_reachable`   | 1 while the CURVE/ZeroMQ connection to the matcher is up |
 | `crossview_edge_harvest_uploaded` / `_refused` / `_pending` | harvested crops the matcher acknowledged since start; refused for good (moved to `.refused/`); waiting (`edge.uploader`) |
+| `crossview_edge_harvest_failed`      | crops that could not be written into `harvest.dir` since start (`edge.harvest`) |
 | `crossview_edge_reconnects_total`    | camera   |
 | `crossview_edge_fps`                 | camera   |
 | `crossview_edge_queue_depth`         | camera   |
@@ -81,6 +82,11 @@ class EdgeMetrics:
             ("harvest_refused", "Harvested crops refused for good since start (moved to .refused/)", lambda: uploader.refused),
             ("harvest_pending", "Harvested crops waiting to be uploaded", lambda: uploader.pending),
         ))
+
+    def watch_harvester(self, harvester) -> None:
+        """Harvest write failures, read from an `edge.harvest.Harvester` at each scrape."""
+        self._gauges((("harvest_failed", "Crops that could not be written into harvest.dir since start",
+                       lambda: harvester.failed),))
 
     def _gauges(self, series) -> None:
         for name, text, read in series:

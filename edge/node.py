@@ -141,6 +141,8 @@ class EdgeNode:
         self.publisher = Publisher(cfg.publisher)
         self.metrics.watch(self.publisher)
         self.harvester = Harvester(cfg.harvest, cfg.node_id) if cfg.harvest.enabled else None
+        if self.harvester:
+            self.metrics.watch_harvester(self.harvester)
         self.uploader = None
         if cfg.harvest.upload.url:  # also without harvesting: what an earlier run harvested still goes
             self.uploader = Uploader(cfg.harvest, self.harvester.release if self.harvester else lambda n: None)

@@ -59,7 +59,10 @@ def _clock(t: float) -> str:
 class Publisher:
     def __init__(self, cfg: PublisherConfig, context: zmq.Context | None = None):
         self.cfg = cfg
-        self.spool = Spool(cfg.spool_dir, int(cfg.spool_mb * 1e6))
+        try:
+            self.spool = Spool(cfg.spool_dir, int(cfg.spool_mb * 1e6))
+        except OSError as e:
+            raise OSError(f"publisher.spool_dir: {e}") from None
         self.acknowledged = 0
         self.refused_sightings = 0  # acknowledged as never to be stored: malformed, or refused by the matcher's checks
         self.unspooled = 0  # sightings the spool could not take (disk full or failing)

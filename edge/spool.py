@@ -14,6 +14,8 @@
 | bound             | `max_bytes`: beyond it the oldest rows are dropped, counted in `dropped`      |
 | unreadable file   | moved aside (`spool.db.unreadable-<time>`, logged) and a new spool started: the node |
 |                   | keeps delivering what it sees from then on                                    |
+| unusable folder   | not a folder this user can write (a file, no permission), or no room to start one: an |
+|                   | `OSError` naming it, and the node does not start                              |
 | resend            | `after(seq, n)`: the oldest rows after `seq`, for a resend pass               |
 
     spool = Spool(Path("var/spool"), max_bytes=500 << 20)
@@ -49,14 +51,31 @@ class Spool:
     """Thread-safe: the node's loop appends while the publisher's thread resends and acknowledges."""
 
     def __init__(self, folder: Path, max_bytes: int):
-        folder.mkdir(parents=True, exist_ok=True)
+        """An `OSError` naming the folder when the spool cannot be kept there (not a writable folder, a full disk)."""
         self.path = folder / "spool.db"
         self.max_bytes = max_bytes
         self.dropped = 0  # oldest rows dropped to stay within max_bytes
         self._closed_oldest: float | None | bool = False  # once closed: the oldest row's time then
         self._lock = threading.Lock()
         try:
-            self._db = self._open()
+            folder.mkdir(parents=True, exist_ok=True)
+            self._db = self._open_or_renew()
+            if self._db.execute("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] == 0:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (int(time.time() * 1e6),))
+            self._next = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] + 1
+            self.count, self.bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
+        except (OSError, sqlite3.Error) as e:  # SQLite's own words ("unable to open database file") name no path
+            raise OSError(f"{folder}: cannot keep the spool there ({e}); it must be a folder this user can write") from None
+        self.bytes += _ROW_OVERHEAD * self.count
+        if self.count:
+            log.info("spool %s: %d unacknowledged sightings from before (%.1f MB), resent first", self.path, self.count,
+                     self.bytes / 1e6)
+
+    def _open_or_renew(self) -> sqlite3.Connection:
+        try:
+            return self._open()
+        except sqlite3.OperationalError:  # cannot open or write it (permissions, a full disk): not the file's fault
+            raise
         except sqlite3.DatabaseError as e:  # its rows cannot be read back: kept for a look, the node spools afresh
             aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
             for part in ("", "-wal", "-shm"):
@@ -64,15 +83,7 @@ class Spool:
                     f.rename(aside.with_name(aside.name + part))
             log.error("spool %s is not a readable SQLite database (%s): moved to %s, spooling into a new one",
                       self.path, e, aside.name)
-            self._db = self._open()
-        if self._db.execute("SELECT COUNT(*) FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] == 0:
-            self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (int(time.time() * 1e6),))
-        self._next = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()[0] + 1
-        self.count, self.bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM spool").fetchone()
-        self.bytes += _ROW_OVERHEAD * self.count
-        if self.count:
-            log.info("spool %s: %d unacknowledged sightings from before (%.1f MB), resent first", self.path, self.count,
-                     self.bytes / 1e6)
+            return self._open()
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

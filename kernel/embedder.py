@@ -9,7 +9,8 @@
 | hot reload    | `maybe_reload()` each loop: a changed file is loaded, validated, then swapped in;   |
 |               | a broken file is logged once and the running model kept                            |
 | providers     | `crossview.kernel.ort.select_providers`: CUDA only when ONNX Runtime has it and a GPU is there  |
-| errors        | `ModelError` naming the file and what is wrong with it                             |
+| errors        | `ModelError` naming the file and what is wrong with it, also for a test inference  |
+|               | that gives NaN, infinite or all-zero vectors (broken weights)                      |
 
     embedder = Embedder("models/mobilenetv2-imagenet.onnx")
     embedder.embed([np.zeros((200, 80, 3), np.uint8)]).shape   # (1, 1280)
@@ -75,14 +76,20 @@ def _load(path: Path, device: str, threads: int) -> _Model:
         scale=1 / (255 * np.asarray(meta.std, np.float32)),
         offset=np.asarray(meta.mean, np.float32) / np.asarray(meta.std, np.float32),
     )
-    # One real run checks what static shapes cannot (dynamic output dims, runtime failures) before
-    # the model is used, and warms the session up.
+    # One real run checks what static shapes cannot (dynamic output dims, runtime failures, broken weights) before
+    # the model is used, and warms the session up. A textured input, not zeros: a bias-free model maps zeros to zeros.
+    probe = np.random.default_rng(0).standard_normal((1, 3, meta.input_h, meta.input_w)).astype(np.float32)
     try:
-        out = _run(model, np.zeros((1, 3, meta.input_h, meta.input_w), np.float32))
+        out = _run(model, probe)
     except Exception as e:
         raise ModelError(f"{path}: test inference failed ({e})") from e
     if out.shape != (1, meta.embedding_dim):
         raise ModelError(f"{path}: output is {list(out.shape)} for one crop, metadata says dim {meta.embedding_dim}")
+    if not np.isfinite(out).all():  # every sighting would be refused by the matcher
+        raise ModelError(f"{path}: test inference gives NaN or infinite values: its weights are broken "
+                         "(a training run that diverged?)")
+    if not out.any():
+        raise ModelError(f"{path}: test inference gives an all-zero embedding: it cannot tell people apart")
     return model
 
 

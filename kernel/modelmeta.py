@@ -21,6 +21,7 @@ No torch or onnx import here: the edge node reads metadata through ONNX Runtime 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from crossview.kernel.calibration import Calibration
@@ -85,7 +86,14 @@ class ModelMeta:
             raise ValueError(f"{origin}: bad model metadata {KEY_PRECISION}={precision!r}, expected one of {PRECISIONS}")
         calibration = Calibration.from_json(props[KEY_CALIBRATION], origin) if KEY_CALIBRATION in props else None
         extra = {k[len(PREFIX):]: v for k, v in props.items() if k.startswith(PREFIX) and k not in TYPED_KEYS}
-        return cls(props[KEY_NAME], props[KEY_VERSION], h, w, tuple(mean), tuple(std), dim, extra, precision, calibration)
+        version = props[KEY_VERSION]
+        if not _VERSION.fullmatch(version) or not version.strip("."):
+            raise ValueError(f"{origin}: bad model metadata {KEY_VERSION}={version[:200]!r}: 1..128 letters, digits, "
+                             "'_', '.', '+', '-', not only dots (it names the model's file in the registry)")
+        return cls(props[KEY_NAME], version, h, w, tuple(mean), tuple(std), dim, extra, precision, calibration)
+
+
+_VERSION = re.compile(r"[A-Za-z0-9_.+-]{1,128}")  # on the wire as `model` (kernel.wire.MAX_MODEL_LEN), and a file name
 
 
 def _floats_str(values) -> str:

@@ -5,6 +5,7 @@
 | `shared_data(name)`    | path under `../shared/data`, or skip the test naming what is missing      |
 | `jpeg_frames(path, n)` | the first `n` frames of a video, JPEG-encoded                              |
 | `raw_export(...)`      | ONNX export without the contract checks, for models that break it           |
+| `filled_model(path, v)` | a tiny embedder with full metadata and every weight `v` (NaN, 0): broken weights |
 | `MjpegServer`          | `multipart/x-mixed-replace` stream on 127.0.0.1 that a test can kill, restart or stall |
 | `edge_config(model, cams)` | an `EdgeConfig` for tests: HOG, plain ZeroMQ, the given embedder, a fresh spool |
 | `matcher_config(dir)`  | a `MatcherConfig` for tests: plain ZeroMQ on a free port, data in `dir`    |
@@ -56,6 +57,7 @@ from crossview.kernel.config import EdgeConfig, MatcherConfig, parse_config
 from crossview.kernel.modelmeta import ModelMeta
 from crossview.kernel.wire import Sighting, encode
 from crossview.trainer.export import IMAGENET_MEAN, IMAGENET_STD
+from crossview.trainer.modeling.backbones import GapEmbedder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -193,6 +195,15 @@ def raw_export(module: nn.Module, example: torch.Tensor, path: Path, meta: Model
 
 # Metadata for tiny contract-breaking models: 32x16 input, 8-d output.
 TINY_META = ModelMeta("bad", "bad-1", 32, 16, IMAGENET_MEAN, IMAGENET_STD, 8)
+
+
+def filled_model(path: Path, value: float) -> Path:
+    """A tiny embedder with full metadata (`TINY_META`) and every weight `value`: NaN is a training run that diverged."""
+    conv = nn.Conv2d(3, 8, 3)
+    for p in conv.parameters():
+        nn.init.constant_(p, value)
+    raw_export(GapEmbedder(conv), torch.zeros(1, 3, 32, 16), path, TINY_META)
+    return path
 
 
 def edge_config(model: Path, cameras: list[dict], endpoint: str = "tcp://127.0.0.1:9", **sections) -> EdgeConfig:

@@ -107,6 +107,10 @@ def test_failed_export_keeps_the_existing_file(tmp_path, make_tiny_model):
     assert wrong_dim.training  # the caller's mode is restored
     with pytest.raises(ValueError, match="differs from PyTorch"):
         export_onnx(GapEmbedder(nn.Conv2d(3, 8, 3)), path, meta, atol=-1.0)  # no diff passes atol < 0
+    broken = GapEmbedder(nn.Conv2d(3, 8, 3))
+    nn.init.constant_(broken.features.weight, float("nan"))
+    with pytest.raises(ValueError, match="differs from PyTorch by nan"):  # NaN weights: no model to roll out
+        export_onnx(broken, path, meta)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temp files left behind
 
@@ -121,7 +125,8 @@ def test_metadata_round_trip_and_errors():
     assert back == replace(meta, extra={"target": "site-a", "metrics": '{"mAP": 0.5}'})
     with pytest.raises(ValueError, match=f"n.onnx: model metadata lacks {KEY_VERSION}"):
         ModelMeta.from_props({k: v for k, v in props.items() if k != KEY_VERSION}, "n.onnx")
-    for key, bad in [(KEY_INPUT_SIZE, "256by128"), ("crossview.std", "0.2,0,0.2"), ("crossview.embedding_dim", "-1")]:
+    for key, bad in [(KEY_INPUT_SIZE, "256by128"), ("crossview.std", "0.2,0,0.2"), ("crossview.embedding_dim", "-1"),
+                     (KEY_VERSION, "../../etc/x y"), (KEY_VERSION, ".."), (KEY_VERSION, "v" * 129)]:  # a registry file name
         with pytest.raises(ValueError, match=f"n.onnx: bad model metadata {key}="):
             ModelMeta.from_props({**props, key: bad}, "n.onnx")
 

@@ -9,6 +9,7 @@
 | resends, in process               | the same v2 sightings three times, a restart | one row each, every one acknowledged  |
 | the spool on its own              | a bound too small, reopening, a wiped spool | oldest dropped, numbers never reused  |
 | its config                        | `publisher.spool_dir` left out, `spool_mb` 0 | beside the config file; the key named |
+| an unusable spool folder          | a file, under a file, `spool.db` a folder   | one line naming `publisher.spool_dir` |
 
 The matcher `kill -9` and resend tests run on both deployments (SQLite + FAISS, PostgreSQL + Milvus).
 `CROSSVIEW_TEST_OUTAGE_S` sets the outage (default 22 s; the issue's 60 s works too, at its cost in time).
@@ -20,6 +21,8 @@ import dataclasses
 import os
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -354,6 +357,32 @@ def test_the_spool_lies_beside_the_config_file_and_its_bound_is_checked(tmp_path
     path.write_text(yaml.safe_dump({**raw, "publisher": {**raw["publisher"], "spool_mb": 0}}))
     with pytest.raises(ConfigError, match=r"edge.yaml: invalid configuration\n  publisher.spool_mb: "):
         load_edge_config(path)
+
+
+@pytest.mark.parametrize("where, error", [
+    ("file", r"\[Errno 17\] File exists"),
+    ("file/spool", r"\[Errno 20\] Not a directory"),
+    ("taken/spool", r"unable to open database file"),  # SQLite's words for a path it cannot open, here a folder
+])
+def test_a_spool_dir_that_cannot_hold_the_spool_is_an_error_naming_the_key(tmp_path, where, error):
+    """Each fails for root too (unlike chmod), as no permission does for anyone else."""
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "taken" / "spool" / "spool.db").mkdir(parents=True)
+    folder = tmp_path / where
+    cfg = PublisherConfig(endpoint="tcp://127.0.0.1:9", security=CurveConfig(mode="plain"), spool_dir=folder)
+    with pytest.raises(OSError, match=rf"^publisher.spool_dir: {re.escape(str(folder))}: cannot keep the spool there "
+                                      rf"\({error}.*\); it must be a folder this user can write$"):
+        Publisher(cfg)
+
+
+def test_the_edge_cli_says_what_is_wrong_with_the_spool_dir_in_one_line(tmp_path, default_model):
+    (tmp_path / "spool").write_text("not a folder")
+    config = edge_yaml(tmp_path, default_model, free_port(), spool_dir=str(tmp_path / "spool"))
+    r = subprocess.run([sys.executable, "-m", "crossview.cli", "edge", "--config", str(config), "--max-seconds", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"ERROR   crossview: publisher.spool_dir: {tmp_path / 'spool'}: cannot keep the spool there ([Errno 17] " \
+           "File exists" in r.stderr.splitlines()[-1]
 
 
 @pytest.mark.timeout(60)

@@ -4,6 +4,9 @@ YOLO weights cannot be downloaded here, so the YOLO tests build YOLO11n from ult
 (random weights): the loading, export and inference code that real weights go through still runs.
 """
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -20,7 +23,7 @@ from crossview.edge.detectors import (
     build_detector,
 )
 from crossview.edge.yolo_export import export_yolo
-from crossview.kernel.config import DetectorConfig
+from crossview.kernel.config import DetectorConfig, HogConfig
 from crossview.kernel.ort import ModelError
 
 
@@ -76,6 +79,46 @@ def test_hog_scans_a_4k_frame_at_its_max_side_and_answers_in_the_frames_pixels(v
     assert len(at_big) == len(at_small) >= 3
     assert np.allclose(np.sort(at_big.xyxy, 0), 4 * np.sort(at_small.xyxy, 0), atol=16)
     assert (at_big.xyxy[:, 2] <= big.shape[1]).all() and (at_big.xyxy[:, 3] <= big.shape[0]).all()
+
+
+def test_frames_smaller_than_the_hog_window_have_no_one_in_them_and_crash_nothing():
+    """OpenCV's HOG reads out of bounds (SIGSEGV, heap corruption) when the scanned image plus its padding is smaller
+    than the 64x128 window. In a subprocess with glibc's heap checks, so a regression is a crash, not a dead runner."""
+    code = """
+import numpy as np
+from crossview.edge.detectors import HogDetector
+from crossview.kernel.config import HogConfig
+small = {1.6: [(60, 300), (69, 300), (300, 29), (1, 1), (3, 5), (9, 17), (17, 9)],
+         1.0: [(60, 640), (111, 300), (300, 47), (96, 480), (1, 1), (3, 5), (9, 17)]}
+for upscale, sizes in small.items():
+    for stride in (4, 5, 8):
+        det = HogDetector(HogConfig(upscale=upscale, win_stride=stride, hit_threshold=-5.0))  # noise would be found
+        for hw in sizes:
+            assert len(det(np.random.default_rng(0).integers(0, 256, (*hw, 3), np.uint8))) == 0, hw
+print("alive")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MALLOC_CHECK_": "3"})
+    assert r.returncode == 0 and r.stdout == "alive\n", r.stderr
+    assert "HOG: a 300x60 image (480x96 scanned) is smaller than the 64x128 window with 8 px padding" in r.stderr
+
+
+@pytest.mark.parametrize("cfg, fits, scanned, too_small", [
+    # 1.6x: 70 px → 112 (+ 2 x 8 padding = 128), 30 → 48 (+ 16 = 64); 69 → 110, 29 → 46
+    (HogConfig(), [(70, 30)], [(112, 48)], [(69, 300), (300, 29)]),
+    # 4000 px down to max_side 256, then 2x: 0.128 per px; 875 → 112, 375 → 48; 871 → 111.49, 371 → 47.49
+    (HogConfig(upscale=2.0, max_side=256), [(875, 4000), (4000, 375)], [(112, 512), (512, 48)], [(871, 4000), (4000, 371)]),
+])
+def test_hog_scans_the_smallest_frames_the_window_fits_and_nothing_smaller(cfg, fits, scanned, too_small, monkeypatch):
+    """The bound counts the padding and the size after the max_side downscale and the upscale, rounded as resize
+    rounds it: what is scanned is exactly the size the check allowed."""
+    det = HogDetector(cfg)
+    seen = []
+    monkeypatch.setattr(det, "hog", type("Spy", (), {"detectMultiScale": lambda self, img, **kw: seen.append(
+        img.shape[:2]) or ((), ())})())
+    for hw in too_small + fits:
+        assert len(det(np.zeros((*hw, 3), np.uint8))) == 0
+    assert seen == scanned
 
 
 def test_auto_falls_back_to_hog_and_says_so(tmp_path, caplog):

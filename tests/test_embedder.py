@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_META, raw_export
+from helpers import TINY_META, filled_model, raw_export
 from torch import nn
 
 from crossview.kernel.embedder import Embedder
@@ -68,6 +68,17 @@ def test_contract_breaking_model_is_rejected(tmp_path, module, example, error):
         Embedder(path)
 
 
+@pytest.mark.parametrize("value, error", [
+    (float("nan"), "test inference gives NaN or infinite values: its weights are broken"),
+    (float("inf"), "test inference gives NaN or infinite values"),
+    (0.0, "test inference gives an all-zero embedding"),
+])
+def test_a_model_with_broken_weights_is_rejected(tmp_path, value, error):
+    """Full metadata, the right shapes: only its output tells, and the matcher would refuse every sighting of it."""
+    with pytest.raises(ModelError, match=f"broken.onnx: {error}"):
+        Embedder(filled_model(tmp_path / "broken.onnx", value))
+
+
 def test_model_without_metadata_is_rejected(tmp_path):
     path = tmp_path / "plain.onnx"
     raw_export(GapEmbedder(nn.Conv2d(3, 8, 3)), torch.zeros(1, 3, 32, 16), path, None)
@@ -105,6 +116,18 @@ def test_hot_reload(tmp_path, make_tiny_model, caplog):
 
     make_tiny_model(path, "tiny-3", seed=3)  # a fixed file is picked up again
     assert embedder.maybe_reload() and embedder.version == "tiny-3"
+
+
+def test_hot_reload_keeps_the_running_model_when_the_new_one_gives_nan(tmp_path, make_tiny_model, caplog):
+    path = tmp_path / "model.onnx"
+    make_tiny_model(path, "tiny-1", seed=1)
+    embedder = Embedder(path, reload_check_s=0)
+    crops = list(np.random.default_rng(0).integers(0, 256, (3, 60, 30, 3), dtype=np.uint8))
+    before = embedder.embed(crops)
+    filled_model(tmp_path / "nan.onnx", float("nan")).replace(path)
+    assert not embedder.maybe_reload() and embedder.version == "tiny-1"
+    assert "embedding model not reloaded, keeping tiny-1: " in caplog.text and "model.onnx: test inference gives NaN" in caplog.text
+    np.testing.assert_allclose(embedder.embed(crops), before, atol=1e-6)
 
 
 def test_reload_checks_are_throttled(tmp_path, make_tiny_model):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from crossview.edge import harvest as edge_harvest
 from crossview.edge.harvest import Harvester
 from crossview.kernel.config import HarvestConfig
 from crossview.kernel.harvest import (
@@ -163,3 +165,21 @@ def test_the_trainer_falls_back_to_folder_and_name_and_says_why(tmp_path, caplog
     assert target.cameras == ("gate",) and [(s.camid, s.frame) for s in target.samples] == [(0, 77)]
     assert f"1 harvested crop(s) without a usable sidecar: camera taken from the folder name, e.g. {sidecar_path(crop)}: " \
            "field 'frame'" in caplog.text
+
+
+def test_a_crop_that_cannot_be_written_pauses_harvesting_until_the_folder_is_usable_again(tmp_path, monkeypatch, caplog):
+    """A file where the folder should be (it fails for root too; no permission or a full disk fail alike): logged with
+    harvest.dir and the OS error, counted, nothing half-written left, and a retry after the pause saves again."""
+    monkeypatch.setattr(edge_harvest, "_PAUSE_S", 0.3)
+    folder = tmp_path / "harvest"
+    folder.write_text("not a folder")
+    h = Harvester(HarvestConfig(enabled=True, dir=folder, every_k=1, min_height=1, min_score=0), "edge-1")
+    crop, box = np.full((120, 50, 3), 128, np.uint8), (10.0, 20.0, 60.0, 140.0)
+    assert h.wants(1, 120, 0.9) and not h.save("gate", 4, 77, 1714000000.0, crop, box, 0.9, "m-1")
+    assert (h.failed, h.saved, h.used) == (1, 0, 0) and not h.wants(1, 120, 0.9)  # paused: no retry at every crop
+    assert f"cannot write crops into harvest.dir {folder} ([Errno 20] Not a directory" in caplog.text
+    folder.unlink()
+    time.sleep(0.3)
+    assert h.wants(1, 120, 0.9) and h.save("gate", 4, 77, 1714000000.0, crop, box, 0.9, "m-1")
+    [jpg] = folder.rglob("*.jpg")
+    assert h.saved == 1 and read_sidecar(jpg).track == 4 and h.used == sum(p.stat().st_size for p in folder.rglob("*.*"))

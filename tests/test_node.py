@@ -21,9 +21,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import TINY_META, MjpegServer, edge_config, free_port, jpeg_frames, raw_export, shared_data, wait_for
 from torch import nn
 
+from crossview.edge import harvest
 from crossview.edge.detections import Detections
 from crossview.edge.node import EdgeNode
 from crossview.kernel.ort import ModelError
@@ -71,6 +73,17 @@ def trimmed(src: Path, dst: Path, frames: int) -> Path:
             break
         out = out or cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), fps, (img.shape[1], img.shape[0]))
         out.write(img)
+    out.release()
+    cap.release()
+    return dst
+
+
+def squeezed(src: Path, dst: Path, w: int, h: int) -> Path:
+    """`src`'s frames resized to w x h (MJPG takes any size, odd ones too): a tiny sensor, or a strip of a scene."""
+    cap = cv2.VideoCapture(str(src))
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"MJPG"), cap.get(cv2.CAP_PROP_FPS), (w, h))
+    while (read := cap.read())[0]:
+        out.write(cv2.resize(read[1], (w, h), interpolation=cv2.INTER_AREA))
     out.release()
     cap.release()
     return dst
@@ -232,6 +245,53 @@ def test_harvest_saves_sampled_crops_within_quota(default_model, clips, tmp_path
         m = json.loads(p.with_suffix(".json").read_text())
         frames_per_track.setdefault(m["track"], []).append(m["frame"])
     assert all(len(set(f)) == len(f) for f in frames_per_track.values())
+
+
+@pytest.mark.timeout(120)
+def test_a_harvest_dir_that_cannot_be_written_pauses_harvesting_not_the_node(default_model, clips, tmp_path, monkeypatch,
+                                                                             caplog):
+    """A file where harvest.dir should be (it fails for root too, unlike chmod; no permission or a full disk fail the
+    same way): each failure is logged and counted, harvesting retries after a pause, every camera runs to its end."""
+    monkeypatch.setattr(harvest, "_PAUSE_S", 0.5)
+    blocked = tmp_path / "harvest"
+    blocked.write_text("a file, not a folder")
+    cams = [{"id": "campus", "source": str(clips["campus"]), "fps": 25}, {"id": "overhead", "source": str(clips["vtest"]), "fps": 5}]
+    cfg = edge_config(default_model, cams, harvest={"enabled": True, "dir": str(blocked), "every_k": 1, "min_height": 1,
+                                                    "min_score": 0})
+    node = EdgeNode(cfg)
+    t0 = time.monotonic()
+    stats = node.run(max_seconds=100)
+    took = time.monotonic() - t0
+    assert {c: (s.status, s.frames) for c, s in stats.items()} == {"campus": ("finished", 71), "overhead": ("finished", 15)}
+    assert all(s.sightings for s in stats.values()) and node.publisher.spooled == sum(s.sightings for s in stats.values())
+    failed = node.harvester.failed
+    errors = [r.getMessage() for r in caplog.records if "harvest.dir" in r.getMessage()]
+    # retried after each pause (not at every crop), and logged once per failure
+    assert 2 <= failed == len(errors) <= took / harvest._PAUSE_S + 1
+    assert f"cannot write crops into harvest.dir {blocked} ([Errno 20] Not a directory" in errors[0]
+    assert node.metrics.value("crossview_edge_harvest_failed") == failed
+    assert node.harvester.saved == 0 and node.harvester.used == 0 and blocked.read_text() == "a file, not a folder"
+
+
+@pytest.mark.timeout(120)
+def test_cameras_with_frames_smaller_than_the_hog_window_harm_no_other(default_model, clips, tmp_path):
+    """OpenCV's HOG killed the whole node on such frames (SIGSEGV or heap corruption, no log line): run as deployed, in
+    its own process, so a regression is a crash here, not a dead test runner."""
+    cams = [{"id": "overhead", "source": str(clips["vtest"]), "fps": 5}]
+    for w, h in ((640, 60), (9, 17), (1, 1)):
+        cams.append({"id": f"tiny{w}x{h}", "source": str(squeezed(clips["vtest"], tmp_path / f"{w}x{h}.avi", w, h)), "fps": 5})
+    config = tmp_path / "edge.yaml"
+    config.write_text(yaml.safe_dump({
+        "node_id": "test-edge", "cameras": cams, "detector": {"kind": "hog"}, "embedder": {"model": str(default_model)},
+        "publisher": {"endpoint": "tcp://127.0.0.1:9", "security": {"mode": "plain"}, "spool_dir": str(tmp_path / "spool")},
+    }))
+    r = subprocess.run([sys.executable, "-m", "crossview.cli", "edge", "--config", str(config)], capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"HOG: a \d+x\d+ image \(\d+x\d+ scanned\) is smaller than the 64x128 window", r.stderr)
+    for cam in cams:
+        assert re.search(rf"camera {cam['id']}: finished, [\d.]+ fps, 15 frames", r.stderr), cam["id"]
+    assert int(re.findall(r"camera overhead: .*sightings (\d+)", r.stderr)[-1]) > 0
 
 
 @pytest.mark.timeout(120)

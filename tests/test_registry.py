@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import requests
-from helpers import edge_config, matcher_config, shared_data, wait_until
+from helpers import edge_config, filled_model, matcher_config, shared_data, wait_until
 
 from crossview.cli import main
 from crossview.kernel.config import StoreConfig
@@ -69,6 +69,16 @@ def test_the_cli_manages_the_registry_on_the_matcher_host(tmp_path, default_mode
     assert main(["models", "promote", "nope", "--data-dir", str(data)]) == 1
     assert main(["models", "list", "--data-dir", str(tmp_path / "empty")]) == 0
     assert "no models registered" in capsys.readouterr().out
+
+
+def test_a_model_that_gives_nan_is_not_registered(tmp_path, caplog):
+    """Its metadata is complete: only the edge's load check, which registration runs, finds it broken."""
+    nan = filled_model(tmp_path / "nan.onnx", float("nan"))
+    with pytest.raises(ModelError, match="nan.onnx: test inference gives NaN or infinite values"):
+        Registry(tmp_path / "matcher").register(nan)
+    assert main(["models", "register", str(nan), "--data-dir", str(tmp_path / "matcher")]) == 2
+    assert "nan.onnx: test inference gives NaN" in caplog.text
+    assert Registry(tmp_path / "matcher", read_only=True).list() == []
 
 
 def test_two_matchers_on_one_postgres_share_the_registry_and_its_files(tmp_path, default_model, pg_server):
