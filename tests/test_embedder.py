@@ -20,6 +20,9 @@ def test_select_providers():
     assert select_providers("auto")[-1] == "CPUExecutionProvider"
     with pytest.raises(ValueError, match="device must be one of"):
         select_providers("gpu")
+    if select_providers("auto")[0] == "CPUExecutionProvider":  # no usable GPU: asking for one is a config error
+        with pytest.raises(ValueError, match="device 'cuda' requested .* set the device to auto"):
+            select_providers("cuda")
 
 
 def test_embeds_tud_crops(default_model, tud_crops):
