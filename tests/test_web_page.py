@@ -134,7 +134,7 @@ def test_search_by_uploaded_crop_and_filter_cameras(visit, served_matcher, tud_f
     page.wait_for_function("document.querySelector('#model').value !== ''")  # the model list loads after the cameras
     assert page.locator("#model").input_value() == served_matcher.model
     page.click("#upload-form button")
-    page.wait_for_selector("#results .row")
+    page.wait_for_selector("#results .row", timeout=60_000)  # Milvus answers an image query slowly on a loaded machine
     visit.wait_thumbs("#timeline img.thumb")
     assert page.locator("#query h2").inner_text() == "Uploaded crop person.jpg"
     assert sorted(page.locator("#timeline .row").evaluate_all("rows => rows.map(r => r.dataset.camera)")) == ["gate", "hall"]
