@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from crossview.kernel.config import bad_id
 from crossview.kernel.wire import MAX_ID_LEN, MAX_INT, MAX_MODEL_LEN, MAX_PIXELS, MAX_TS, id_problem
 
 SCHEMA_VERSION = 1
@@ -52,7 +53,6 @@ SUPPORTED_VERSIONS = (1,)
 LEGACY_VERSION = 1  # what a sidecar without `v` is
 CROP_SUFFIX, SIDECAR_SUFFIX = ".jpg", ".json"
 MAX_SIDECAR_BYTES = 4096  # a v1 sidecar with the longest ids is under 1 KiB
-_ID = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LEN}}}")  # the config's id pattern, at the wire's length limit
 _NAME = re.compile(r"(?P<head>[A-Za-z0-9_.-]+)_t(?P<track>\d{1,18})_f(?P<frame>\d{1,18})" + re.escape(CROP_SUFFIX))
 
 
@@ -113,8 +113,8 @@ def encode(s: Sidecar) -> bytes:
 
 
 def _is_id(v: object) -> bool:
-    """The config's id pattern and the wire's id check: printable, not `.` or `..` (ids name folders and files)."""
-    return type(v) is str and bool(_ID.fullmatch(v)) and not id_problem(v)
+    """The config's id rule (`kernel.config.bad_id`): ids name folders and files."""
+    return type(v) is str and bad_id(v) is None
 
 
 def _number(v: object, bound: float) -> bool:
